@@ -1,0 +1,69 @@
+"""Serving options shared by the launcher and every SGLang worker process.
+
+SGLang spawns its scheduler/TP workers, so options travel in one environment variable
+(`SGLANG_SHPLB_CONFIG`, JSON) that spawned processes inherit. Stock `python -m sglang.launch_server`
+can be used too: set the variable yourself, or rely on the defaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+ENV_VAR = "SGLANG_SHPLB_CONFIG"
+
+
+class ConfigError(ValueError):
+    """Bad serving option; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class ShplbConfig:
+    budget: Optional[float] = None          # uniform decode budget, fraction of context
+    budgets: Optional[str] = None           # budgets artifact (per-head decode budgets)
+    plan: Optional[str] = None              # plan artifact (placement + budgets per rank)
+    page_size: int = 16                     # tokens per logical page used by selection
+    sink_pages: int = 1                     # always-kept pages at the start of the context
+    recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
+    prefill_budget: Optional[float] = None  # reserved for sparse prefill (dense when None)
+    log_stats: bool = False                 # log per-rank KV tokens read per layer
+
+    def __post_init__(self):
+        for name in ("budget", "prefill_budget"):
+            v = getattr(self, name)
+            if v is not None and not (0.0 < v <= 1.0):
+                raise ConfigError(f"--shplb-{name.replace('_', '-')} must be in (0, 1], got {v}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"--shplb-page-size must be a power of two >= 1, got {self.page_size}")
+        if self.sink_pages < 0 or self.recent_pages < 1:
+            raise ConfigError("--shplb-sink-pages must be >= 0 and --shplb-recent-pages >= 1 "
+                              f"(got {self.sink_pages}, {self.recent_pages})")
+        if self.budgets and self.plan:
+            raise ConfigError("give either --shplb-budgets or --shplb-plan (a plan already holds budgets)")
+        for name in ("budgets", "plan"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--shplb-{name} file {path} does not exist")
+
+    @property
+    def sparse(self) -> bool:
+        return any(v is not None for v in (self.budget, self.budgets, self.plan))
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "ShplbConfig":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return cls()
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{ENV_VAR} is not valid JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{ENV_VAR} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,145 @@
+"""`python -m sglang_shplb.launch_server`: stock SGLang's server plus the S-HPLB extensions.
+
+Every SGLang server flag is accepted unchanged; `--shplb-*` flags are ours. Without
+`--model-path` the default model is prepared and served. On a host without CUDA the CPU platform
+is selected with sane defaults; a flag the user gave is never overridden. After validation the
+process becomes `python -m sglang.launch_server` (exec), so signals and exit codes are SGLang's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from .config import ConfigError, ShplbConfig
+
+CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
+
+
+def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sglang_shplb.launch_server", add_help=add_help,
+                                allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("S-HPLB options (everything else is a stock SGLang flag)")
+    g.add_argument("--shplb-budget", type=float, help="uniform decode budget per head, fraction of context in (0, 1]")
+    g.add_argument("--shplb-budgets", help="budgets artifact from `python -m sglang_shplb.budget` (per-head budgets)")
+    g.add_argument("--shplb-plan", help="plan artifact from `python -m sglang_shplb.plan` (placement + budgets)")
+    g.add_argument("--shplb-page-size", type=int, default=16, help="tokens per selection page (default 16)")
+    g.add_argument("--shplb-sink-pages", type=int, default=1, help="pages always kept at the start (default 1)")
+    g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
+    g.add_argument("--shplb-prefill-budget", type=float, help="prefill budget (reserved; prefill is dense today)")
+    g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
+    return p
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _value(argv: list[str], flag: str, default=None):
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def cpu_core_binding(tp: int, cores: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND: one core list per rank, round-robin when ranks > cores."""
+    return "|".join(str(cores[r % len(cores)]) for r in range(tp))
+
+
+def cpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
+    """Flags the CPU platform needs, skipping any the user already gave."""
+    wanted = {
+        "--device": "cpu",
+        "--attention-backend": "shplb" if cfg.sparse else "torch_native",
+        "--max-total-tokens": str(CPU_MAX_TOTAL_TOKENS),
+        "--dtype": "float32",  # fp16/bf16 matmuls are slow and inexact on CPUs without AMX
+    }
+    extra = []
+    for flag, value in wanted.items():
+        if not _given(argv, flag):
+            extra += [flag, value]
+    return extra
+
+
+def _fail(msg: str) -> "NoReturn":  # noqa: F821
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            _fail(f"cannot listen on {host}:{port} ({e.strerror}); pass --port N or stop the process using it")
+
+
+def _check_model_path(path: str) -> None:
+    looks_local = path.startswith(("/", ".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        _fail(f"model path {path} does not exist; give a checkpoint directory, or omit --model-path "
+              "to serve the default model")
+
+
+def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
+    """Validate and return (sglang argv, environment, URL). Exits with one error line on bad input."""
+    if "-h" in argv or "--help" in argv:
+        from sglang.srt.server_args import ServerArgs
+
+        parser = shplb_parser(add_help=True)
+        ServerArgs.add_cli_args(parser.add_argument_group("SGLang server options"))
+        parser.print_help()
+        sys.exit(0)
+    ours, rest = shplb_parser().parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("--shplb")]
+    if unknown:
+        _fail(f"unknown option {unknown[0]}; see --help for the --shplb-* options")
+    try:
+        cfg = ShplbConfig(**{k[len("shplb_"):]: v for k, v in vars(ours).items()})
+    except ConfigError as e:
+        _fail(str(e))
+
+    if not (_given(rest, "--model-path") or _given(rest, "--model")):
+        from .models import PrepareError, prepare_model
+
+        try:
+            rest = ["--model-path", str(prepare_model())] + rest
+        except PrepareError as e:
+            _fail(f"could not prepare the default model: {e}")
+    _check_model_path(_value(rest, "--model-path") or _value(rest, "--model"))
+
+    env = dict(os.environ)
+    env["SGLANG_SHPLB_CONFIG"] = cfg.to_env()
+    import torch
+
+    if not torch.cuda.is_available():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        env.setdefault("OMP_NUM_THREADS", "1")  # 2-core hosts: more threads make decode erratic
+        rest = rest + cpu_defaults(rest, cfg)
+        tp = int(_value(rest, "--tp", None) or _value(rest, "--tp-size", "1"))
+        if tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
+    elif cfg.sparse and not _given(rest, "--attention-backend"):
+        rest = rest + ["--attention-backend", "shplb"]
+
+    host = _value(rest, "--host", "127.0.0.1")
+    port = int(_value(rest, "--port", "30000"))
+    if not _given(rest, "--host"):
+        rest += ["--host", host]
+    _check_port_free(host, port)
+    return rest, env, f"http://{host}:{port}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    sglang_argv, env, url = build(sys.argv[1:] if argv is None else argv)
+    print(f"[sglang-shplb] serving at {url} (OpenAI API: {url}/v1)", flush=True)
+    os.execvpe(sys.executable, [sys.executable, "-m", "sglang.launch_server", *sglang_argv], env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Shared fixtures: the real default model, the corpus, and a real server started through our
+launcher in its own process group (always torn down, even when a test fails)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from sglang_shplb.models import prepare_corpus, prepare_model
+
+STARTUP_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    return prepare_corpus()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m sglang_shplb.launch_server ARGS` on a free port, logging to a file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sglang_shplb.launch_server", "--port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "Server":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log_tail()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+    # --- API helpers (greedy) ---
+    def chat(self, content: str, max_tokens: int = 24, **kw) -> dict:
+        body = {"model": "default", "messages": [{"role": "user", "content": content}],
+                "temperature": 0, "max_tokens": max_tokens, **kw}
+        r = requests.post(f"{self.url}/v1/chat/completions", json=body, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    def generate_ids(self, text: str, max_new_tokens: int) -> list[int]:
+        body = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                                   "ignore_eos": True}}
+        r = requests.post(f"{self.url}/generate", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Factory: start_server(args, env=None) -> ready Server; all are stopped when the module ends."""
+    servers = []
+    logs = tmp_path_factory.mktemp("servers")
+
+    def _start(args: list[str], env: dict | None = None, name: str = "server") -> Server:
+        s = Server(args, logs / f"{name}-{len(servers)}.log", env)
+        servers.append(s)
+        return s.wait_ready()
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+def hf_greedy_ids(model_path: Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 min_new_tokens=max_new_tokens, pad_token_id=tok.eos_token_id)
+            out.append(gen[0, ids.shape[1]:].tolist())
+    return out
