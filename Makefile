@@ -48,4 +48,4 @@ test-slow: install
 lock-cpu:
 	rm -rf /tmp/shplb-lock && $(PYTHON) -m venv /tmp/shplb-lock
 	/tmp/shplb-lock/bin/pip install -q $(TORCH_CPU) && /tmp/shplb-lock/bin/pip install -q -r requirements/cpu-sglang-deps.in -c requirements/torch-cpu.txt
-	(head -2 requirements/cpu.txt; /tmp/shplb-lock/bin/pip freeze | grep -viE '^(torch==|-e )') > requirements/cpu.txt.new && mv requirements/cpu.txt.new requirements/cpu.txt
+	(head -2 requirements/cpu.txt; /tmp/shplb-lock/bin/pip freeze | grep -viE '^(torch==|-e |sglang)') > requirements/cpu.txt.new && mv requirements/cpu.txt.new requirements/cpu.txt
