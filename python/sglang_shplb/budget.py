@@ -1,0 +1,197 @@
+"""Stage 2 — budget: per-head page budgets at a fixed total, from a profile's recovery curves.
+
+    python -m sglang_shplb.budget --profile PROFILE --mean-budget 0.1 --out BUDGETS.json
+        [--method uniform|shift|optimal] [--granularity kv|q] [--selector runtime|oracle]
+        [--floor-pages K] [--report budgets.png]
+
+Budgets are fractions of a head's context. Each unit (a KV group at `kv`, a query head at `q`)
+gets at least `floor_pages` pages (sink + recent) and at most its whole context; the total,
+mean_budget x units, is met exactly.
+  uniform  every unit gets the mean (Quest-style baseline);
+  shift    the paper's max-min shifting: move one page at a time from the highest-recovery unit to
+           the lowest, until the move no longer helps;
+  optimal  ours: the largest worst-case recovery tau whose budgets fit the total (bisection on tau
+           over monotone curves), then what is left goes by marginal recovery gain.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import sys
+
+import torch
+
+from .artifacts import ArtifactError, read_json, write_json
+
+METHODS = ("uniform", "shift", "optimal")
+
+
+# ---------------------------------------------------------------- curves as functions
+def _with_origin(curves: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend (0, 0) and make curves monotone (cummax), so interpolation and inversion agree."""
+    g = torch.cat([grid.new_zeros(1), grid.double()])
+    c = torch.cat([curves.new_zeros(*curves.shape[:-1], 1), curves], -1).double().cummax(-1).values
+    return c, g
+
+
+def eval_curves(curves: torch.Tensor, grid: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Predicted recovery at `budgets` [...] by linear interpolation of curves [..., G]."""
+    c, g = _with_origin(curves, grid)
+    b = budgets.double().clamp(0, float(g[-1]))
+    i = (torch.searchsorted(g, b.contiguous(), right=True) - 1).clamp(0, len(g) - 2)
+    t = (b - g[i]) / (g[i + 1] - g[i])
+    lo, hi = c.gather(-1, i.unsqueeze(-1)).squeeze(-1), c.gather(-1, (i + 1).unsqueeze(-1)).squeeze(-1)
+    return lo + t * (hi - lo)
+
+
+def invert_curves(curves: torch.Tensor, grid: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smallest budget whose interpolated recovery reaches `target` [...] (1.0 if never)."""
+    c, g = _with_origin(curves, grid)
+    tau = target.double().unsqueeze(-1).expand(*c.shape[:-1], 1).contiguous()
+    j = torch.searchsorted(c.contiguous(), tau).squeeze(-1).clamp(1, len(g) - 1)
+    c0, c1 = c.gather(-1, (j - 1).unsqueeze(-1)).squeeze(-1), c.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+    t = ((target.double() - c0) / (c1 - c0).clamp(min=1e-12)).clamp(0, 1)
+    out = g[j - 1] + t * (g[j] - g[j - 1])
+    return torch.where(c[..., -1] < target.double(), torch.ones_like(out), out)
+
+
+# ---------------------------------------------------------------- allocation methods
+def uniform(curves, grid, mean, floor, step):
+    return torch.full(curves.shape[:1], mean, dtype=torch.float64)
+
+
+def shift(curves, grid, mean, floor, step):
+    """Paper: repeatedly move `step` from the sparsest unit (highest recovery) to the least sparse."""
+    b = uniform(curves, grid, mean, floor, step)
+    for _ in range(100_000):
+        r = eval_curves(curves, grid, b)
+        recv = int(r.argmin())
+        donors = r.masked_fill(b - floor < 1e-12, float("-inf"))
+        donor = int(donors.argmax())
+        amount = min(step, 1.0 - float(b[recv]), float(b[donor] - floor[donor]))
+        if donor == recv or amount <= 1e-12:
+            break
+        new = b.clone()
+        new[recv] += amount
+        new[donor] -= amount
+        r_new = eval_curves(curves, grid, new[[recv, donor]])
+        if r_new[1] < r_new[0] or r_new[0] <= r[recv]:
+            break  # moving no longer helps: the donor would drop below the recipient
+        b = new
+    return b
+
+
+def optimal(curves, grid, mean, floor, step):
+    """Max-min exactly (bisection on the target), then leftover by marginal gain."""
+    total = mean * len(curves)
+
+    def cost(tau):
+        return torch.maximum(invert_curves(curves, grid, torch.full(curves.shape[:1], tau)), floor)
+
+    lo, hi = float(eval_curves(curves, grid, floor).min()), 1.0
+    if cost(hi).sum() <= total:
+        lo = hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid).sum() <= total else (lo, mid)
+    b = cost(lo)
+    return _spend_leftover(curves, grid, b, total - float(b.sum()), step)
+
+
+def _spend_leftover(curves, grid, b, leftover, step):
+    """Greedy by marginal recovery per unit budget; the last partial step goes to the best unit."""
+    def gain(i, amount):
+        return float(eval_curves(curves[i], grid, b[i] + amount) - eval_curves(curves[i], grid, b[i])) / amount
+
+    heap = [(-gain(i, step), i) for i in range(len(b)) if b[i] < 1.0]
+    heapq.heapify(heap)
+    while leftover > 1e-12 and heap:
+        _, i = heapq.heappop(heap)
+        amount = min(step, leftover, 1.0 - float(b[i]))
+        b[i] += amount
+        leftover -= amount
+        if b[i] < 1.0 - 1e-12:
+            heapq.heappush(heap, (-gain(i, min(step, 1.0 - float(b[i]))), i))
+    return b
+
+
+def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str, floor_frac: float,
+             step: float) -> torch.Tensor:
+    """curves [units, G] -> budgets [units] (fractions, float64) with sum == mean * units."""
+    if method not in METHODS:
+        raise ArtifactError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not (0.0 < mean <= 1.0):
+        raise ArtifactError(f"--mean-budget must be in (0, 1], got {mean}")
+    if mean < floor_frac:
+        raise ArtifactError(f"--mean-budget {mean} is below the floor of {floor_frac:.4f} (floor pages at the "
+                            "profile's context length); raise it or lower --floor-pages")
+    floor = torch.full(curves.shape[:1], floor_frac, dtype=torch.float64)
+    b = {"uniform": uniform, "shift": shift, "optimal": optimal}[method](curves, grid, mean, floor, step)
+    assert abs(float(b.sum()) - mean * len(b)) < 1e-6 * len(b), "budget total not met"
+    return b
+
+
+# ---------------------------------------------------------------- artifact
+def make_budgets(profile, mean: float, method: str = "optimal", granularity: str = "kv",
+                 selector: str = "runtime", floor_pages: int | None = None) -> dict:
+    meta = profile.meta
+    curves = profile.curves(selector, granularity)                      # [L, U, G]
+    L, U, _ = curves.shape
+    ctx, page = meta["context_lens"][0], meta["page_size"]
+    floor_pages = meta["sink_pages"] + meta["recent_pages"] if floor_pages is None else floor_pages
+    flat = curves.reshape(L * U, -1)
+    b = allocate(flat, profile.grid, mean, method, floor_pages * page / ctx, step=page / ctx)
+    r = eval_curves(flat, profile.grid, b)
+    return {
+        "model_fingerprint": meta["model_fingerprint"], "granularity": granularity, "selector": selector,
+        "method": method, "mean_budget": mean, "page_size": page, "context_len": ctx,
+        "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
+        "num_layers": L, "num_q_heads": meta["num_q_heads"], "num_kv_heads": meta["num_kv_heads"],
+        "budgets": b.view(L, U).tolist(), "predicted_recovery": r.view(L, U).tolist(),
+        "summary": {"mean_recovery": float(r.mean()), "worst_recovery": float(r.min())},
+    }
+
+
+def load_budgets(path, fingerprint: str | None = None) -> dict:
+    body = read_json(path, "budget", fingerprint)
+    b = torch.tensor(body.get("budgets", []), dtype=torch.float64)
+    if b.dim() != 2 or b.shape[0] != body.get("num_layers"):
+        raise ArtifactError(f"budgets file {path} has budgets of shape {tuple(b.shape)}, "
+                            f"expected [num_layers={body.get('num_layers')}, units]")
+    if not bool(((b > 0) & (b <= 1)).all()):
+        raise ArtifactError(f"budgets file {path} has budgets outside (0, 1]; regenerate it")
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .profile import Profile
+
+    p = argparse.ArgumentParser(prog="python -m sglang_shplb.budget", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", required=True)
+    p.add_argument("--mean-budget", type=float, required=True, help="mean fraction of context, in (0, 1]")
+    p.add_argument("--method", choices=METHODS, default="optimal")
+    p.add_argument("--granularity", choices=("kv", "q"), default="kv")
+    p.add_argument("--selector", choices=("runtime", "oracle"), default="runtime")
+    p.add_argument("--floor-pages", type=int, help="minimum pages per unit (default: sink + recent)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--report", help="write a PNG: budget heatmap and recovery curves")
+    args = p.parse_args(argv)
+    try:
+        prof = Profile.load(args.profile)
+        body = make_budgets(prof, args.mean_budget, args.method, args.granularity, args.selector, args.floor_pages)
+        write_json(args.out, "budget", body)
+        if args.report:
+            from .report import budget_report
+            budget_report(prof, body, args.report)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = body["summary"]
+    print(f"wrote {args.out}: {args.method} at mean {args.mean_budget}: predicted recovery mean "
+          f"{s['mean_recovery']:.4f}, worst {s['worst_recovery']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

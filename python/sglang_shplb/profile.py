@@ -1,0 +1,216 @@
+"""Stage 1 — profile: per-head sparsity elasticity of a real model on calibration text.
+
+    python -m sglang_shplb.profile --model PATH --out PROFILE.safetensors
+        [--context-len 4096] [--windows 2] [--queries 32] [--page-size 16] [--corpus canterbury]
+
+Runs the model (HF transformers) over calibration windows. Inside every attention layer, for a
+sample of query positions, it computes the exact softmax and records, on a grid of budgets (fraction
+of the query's context, at page granularity), the recovery ratio (share of softmax mass kept) for:
+  * oracle  — the top pages by true mass;
+  * runtime — our backend's selector: sink + recent pages, then the Quest upper bound;
+per (layer, query head) and per (layer, KV group) (a group shares one page selection). Only the
+sampled queries' scores are formed ([heads, queries, L]), never L x L, so 8k context stays small.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import selection as sel
+from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
+
+BUDGET_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+SELECTORS = ("oracle", "runtime")
+CURVES = tuple(f"{s}_{g}" for s in SELECTORS for g in ("q", "kv"))  # e.g. runtime_kv [L, Hkv, G]
+DENSE_BUDGET90 = 0.25  # a head needing >25% of its context for 90% mass is flagged dense
+
+
+@dataclass
+class Profile:
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def grid(self) -> torch.Tensor:
+        return self.tensors["budget_grid"]
+
+    def curves(self, selector: str = "runtime", granularity: str = "kv") -> torch.Tensor:
+        """Recovery [layers, units, grid] for a selector ('oracle'|'runtime') and unit ('q'|'kv')."""
+        return self.tensors[f"{selector}_{granularity}"]
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"shplb": json.dumps(self.meta)})
+        atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None) -> "Profile":
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"profile file {path} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("shplb", "null"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, ValueError, OSError) as e:
+            raise ArtifactError(f"profile file {path} is corrupt or not safetensors ({e}); regenerate it") from None
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{path} is not a shplb profile (no 'shplb' metadata)")
+        check_schema(meta.get("schema"), "profile", path)
+        check_fingerprint(meta, fingerprint, "profile", path)
+        missing = [k for k in (*CURVES, "budget_grid") if k not in tensors]
+        if missing:
+            raise ArtifactError(f"profile file {path} lacks tensors {missing}; regenerate it")
+        return cls(meta, tensors)
+
+
+@dataclass
+class _Collector:
+    """Accumulates per-layer statistics from inside the attention call."""
+    page_size: int
+    sink: int
+    recent: int
+    n_queries: int
+    grid: torch.Tensor
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.observe(module.layer_idx, query[0], key[0], scaling or module.scaling)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    @torch.no_grad()
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        """q [Hq, L, D], k [Hkv, L, D] (after RoPE)."""
+        Hq, L, D = q.shape
+        Hkv, P = k.shape[0], self.page_size
+        pos = torch.linspace(L // 2, L - 1, self.n_queries).long().unique().to(q.device)
+        qs = q[:, pos].float().view(Hkv, Hq // Hkv, len(pos), D)              # [Hkv, g, S, D]
+        logits = torch.einsum("hgsd,hld->hgsl", qs, k.float()) * scale
+        logits.masked_fill_(torch.arange(L, device=q.device) > pos[:, None], float("-inf"))
+        probs = logits.softmax(-1)
+        n = -(-L // P)
+        page_mass = torch.nn.functional.pad(probs, (0, n * P - L)).unflatten(-1, (n, P)).sum(-1)
+        group_mass = page_mass.mean(1)                                         # [Hkv, S, N]
+        n_pages = pos // P + 1                                                 # [S]
+        k_pages = sel.pages_for_budget(self.grid[None, :], n_pages[:, None].float(), self.sink + self.recent)
+
+        kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
+        ub = sel.quest_upper_bound(qs.flatten(1, 2), kmin, kmax).view(Hkv, -1, len(pos), n)
+        curves = {  # each [Hkv, (g,) S, G] -> mean over sampled queries
+            "oracle_q": sel.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),
+            "oracle_kv": sel.recovery_curve(group_mass, group_mass.argsort(-1, descending=True), k_pages),
+            "runtime_q": sel.recovery_curve(page_mass, sel.rank_pages(ub, n_pages, self.sink, self.recent), k_pages),
+            "runtime_kv": sel.recovery_curve(
+                group_mass, sel.rank_pages(ub.sum(1), n_pages, self.sink, self.recent), k_pages),
+        }
+        stats = {name: v.mean(-2) for name, v in curves.items()}
+        stats["sink_mass_q"] = page_mass[..., : self.sink].sum(-1).mean(-1)
+        stats["sink_mass_kv"] = group_mass[..., : self.sink].sum(-1).mean(-1)
+        for name, v in stats.items():
+            v = v.flatten(0, 1) if name.endswith("_q") else v                  # q heads in model order
+            acc = self.sums.setdefault(name, {})
+            acc[layer] = acc.get(layer, 0) + v.cpu()
+
+
+def token_windows(tokenizer, files: list[Path], context_len: int, windows: int) -> list[torch.Tensor]:
+    ids: list[int] = []
+    for f in files:
+        ids += tokenizer(f.read_text(errors="replace")).input_ids
+    if len(ids) < windows * context_len:
+        raise ArtifactError(f"corpus has {len(ids)} tokens, fewer than --windows {windows} x --context-len "
+                            f"{context_len}; use fewer/shorter windows or a longer corpus")
+    starts = torch.linspace(0, len(ids) - context_len, windows).long().tolist()
+    return [torch.tensor(ids[s: s + context_len]) for s in starts]
+
+
+def budget90(curves: torch.Tensor, grid: torch.Tensor, target: float = 0.9) -> torch.Tensor:
+    """Smallest budget (linear interpolation on the grid) reaching `target` recovery. [..., G] -> [...]"""
+    from .budget import invert_curves
+
+    return invert_curves(curves, grid, torch.full(curves.shape[:-1], target))
+
+
+def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len: int = 4096, windows: int = 2,
+                queries: int = 32, page_size: int = 16, sink_pages: int = 1, recent_pages: int = 2,
+                progress: bool = True) -> Profile:
+    from tqdm import tqdm
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from .models import corpus_files
+
+    files = corpus_files(corpus)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts = token_windows(tokenizer, files, context_len, windows)
+    grid = torch.tensor(BUDGET_GRID)
+    col = _Collector(page_size, sink_pages, recent_pages, queries, grid)
+    AttentionInterface.register("shplb_profile", col)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation="shplb_profile").to(device).eval()
+    with torch.no_grad():
+        for ids in tqdm(texts, desc="profile windows", disable=not progress):
+            model.model(ids[None].to(device), use_cache=False)  # base model: no lm_head logits
+    layers = model.config.num_hidden_layers
+    tensors = {name: torch.stack([acc[i] for i in range(layers)]) / len(texts) for name, acc in col.sums.items()}
+    tensors["budget_grid"] = grid
+    tensors["budget90_q"] = budget90(tensors["oracle_q"], grid)
+    tensors["dense_q"] = (tensors["budget90_q"] >= DENSE_BUDGET90).to(torch.uint8)
+    tensors["budget90_kv"] = budget90(tensors["oracle_kv"], grid)
+    tensors["dense_kv"] = (tensors["budget90_kv"] >= DENSE_BUDGET90).to(torch.uint8)
+    meta = {
+        "schema": f"shplb.profile/v{SCHEMA_VERSION}", "model_fingerprint": model_fingerprint(model_path),
+        "model": Path(model_path).name, "num_layers": layers, "num_q_heads": model.config.num_attention_heads,
+        "num_kv_heads": model.config.num_key_value_heads, "page_size": page_size, "sink_pages": sink_pages,
+        "recent_pages": recent_pages, "context_lens": [context_len], "windows": windows, "queries": queries,
+        "corpus": [f.name for f in files], "selectors": {"oracle": "top pages by true softmax mass",
+                                                         "runtime": "sink+recent pages, then Quest upper bound"},
+        "budget_grid": list(BUDGET_GRID), "budget_rule": "max(ceil(b*pages), sink+recent) pages",
+    }
+    return Profile(meta, tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sglang_shplb.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF checkpoint directory (default: the prepared default model)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--context-len", type=int, default=4096)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--queries", type=int, default=32, help="sampled query positions per window")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--sink-pages", type=int, default=1)
+    p.add_argument("--recent-pages", type=int, default=2)
+    p.add_argument("--corpus", default="canterbury", help="'canterbury', one of its texts, or comma-separated files")
+    args = p.parse_args(argv)
+    for name in ("context_len", "windows", "queries", "page_size", "recent_pages"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        if args.model is None:
+            from .models import prepare_model
+            args.model = str(prepare_model())
+        prof = run_profile(args.model, args.corpus, args.context_len, args.windows, args.queries,
+                           args.page_size, args.sink_pages, args.recent_pages)
+        prof.save(args.out)
+    except (ArtifactError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    b90 = prof.tensors["budget90_kv"]
+    print(f"wrote {args.out}: {prof.meta['num_layers']} layers; KV-group budget for 90% mass "
+          f"median {b90.median():.3f}, max {b90.max():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

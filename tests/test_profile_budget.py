@@ -1,0 +1,145 @@
+"""Profile -> budget on the real model and on the committed profile of the default model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_shplb import selection as sel
+from sglang_shplb.artifacts import ArtifactError, model_fingerprint, write_json
+from sglang_shplb.budget import METHODS, allocate, eval_curves, load_budgets, make_budgets
+from sglang_shplb.profile import Profile, run_profile
+
+COMMITTED = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+
+
+@pytest.fixture(scope="module")
+def two_text_profiles(model_path):
+    kw = dict(context_len=1024, windows=1, queries=16, progress=False)
+    return run_profile(model_path, "alice29", **kw), run_profile(model_path, "lcet10", **kw)
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return Profile.load(COMMITTED)
+
+
+def test_head_ranking_is_stable_across_texts(two_text_profiles):
+    from scipy.stats import spearmanr
+    a, b = (p.tensors["budget90_kv"].flatten() for p in two_text_profiles)
+    rho = spearmanr(a.numpy(), b.numpy()).statistic
+    assert rho >= 0.8, rho
+
+
+def test_curves_are_sane(two_text_profiles):
+    for prof in two_text_profiles:
+        for gran in ("q", "kv"):
+            oracle, runtime = prof.curves("oracle", gran), prof.curves("runtime", gran)
+            assert (runtime <= oracle + 1e-5).all()
+            for c in (oracle, runtime):
+                assert (c.diff(dim=-1) >= -1e-5).all()               # monotone in budget
+                assert torch.allclose(c[..., -1], torch.ones(()), atol=1e-4)  # full budget keeps all mass
+
+
+def test_recovery_matches_brute_force():
+    torch.manual_seed(0)
+    L, D, P, sink, recent = 77, 8, 4, 1, 2
+    q, k = torch.randn(3, D), torch.randn(L, D) * 2
+    probs = (q @ k.T).softmax(-1)                                     # 3 query heads of one group
+    n = -(-L // P)
+    mass = torch.stack([probs[:, j * P:(j + 1) * P].sum(-1) for j in range(n)], -1)
+    kmin, kmax = sel.page_minmax(k, P)
+    ub = sel.quest_upper_bound(q, kmin, kmax).sum(0)
+    for j in range(n):                                                # the bound really bounds
+        assert (q @ k[j * P:(j + 1) * P].T).max(-1).values.sum() <= ub[j] + 1e-4
+    for budget in (0.05, 0.2, 0.5, 1.0):
+        kp = sel.pages_for_budget(torch.tensor(budget), torch.tensor(n), sink + recent)
+        forced = [0] + [n - 2, n - 1]
+        rest = sorted((j for j in range(n) if j not in forced), key=lambda j: -float(ub[j]))
+        chosen = set((forced + rest)[: int(kp)])
+        want = mass[:, sorted(chosen)].sum(-1).mean()
+        mask = sel.select_pages(ub, torch.tensor(n), kp, sink, recent)
+        assert set(mask.nonzero().flatten().tolist()) == chosen
+        got = sel.recovery_curve(mass.mean(0), sel.rank_pages(ub, torch.tensor(n), sink, recent), kp.view(1))
+        assert torch.allclose(got, want.view(1), atol=1e-5)
+
+
+def test_committed_profile_matches_default_model(committed, model_path):
+    assert committed.meta["model_fingerprint"] == model_fingerprint(model_path)
+
+
+@pytest.mark.parametrize("gran", ["kv", "q"])
+@pytest.mark.parametrize("mean", [0.02, 0.05, 0.10, 0.20])
+def test_optimal_beats_shift_beats_uniform(committed, gran, mean):
+    worst = {}
+    for m in METHODS:
+        body = make_budgets(committed, mean, m, gran)
+        b = torch.tensor(body["budgets"], dtype=torch.float64)
+        assert abs(float(b.mean()) - mean) < 1e-9                     # equal totals, exactly
+        assert float(b.max()) <= 1.0 and float(b.min()) > 0
+        worst[m] = body["summary"]["worst_recovery"]
+    assert worst["optimal"] >= worst["shift"] - 1e-9 >= worst["uniform"] - 2e-9, worst
+
+
+def test_optimal_is_max_min():
+    """On synthetic concave curves, no feasible allocation beats optimal's worst case."""
+    grid = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
+    curves = torch.stack([1 - (1 - grid) ** a for a in (1.0, 3.0, 10.0, 30.0)])
+    b = allocate(curves, grid, 0.1, "optimal", 0.01, 0.001)
+    worst = float(eval_curves(curves, grid, b).min())
+    for _ in range(200):
+        alt = torch.rand(4).double() + 0.01
+        alt = alt / alt.sum() * 0.4
+        if float(alt.max()) <= 1:
+            assert float(eval_curves(curves, grid, alt).min()) <= worst + 1e-6
+
+
+def run_cli(module, *args):
+    return subprocess.run([sys.executable, "-m", f"sglang_shplb.{module}", *args], capture_output=True, text=True)
+
+
+def one_error(proc, needle):
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_budget_cli_and_bad_input(tmp_path, committed):
+    out = tmp_path / "b.json"
+    ok = run_cli("budget", "--profile", str(COMMITTED), "--mean-budget", "0.1", "--out", str(out),
+                 "--report", str(tmp_path / "b.png"))
+    assert ok.returncode == 0, ok.stderr
+    body = load_budgets(out, committed.meta["model_fingerprint"])
+    assert body["method"] == "optimal" and (tmp_path / "b.png").stat().st_size > 10_000
+    for bad in ("0", "1.5", "-0.1"):
+        one_error(run_cli("budget", "--profile", str(COMMITTED), "--mean-budget", bad, "--out", str(tmp_path / "x.json")),
+                  "(0, 1]")
+    assert not (tmp_path / "x.json").exists()                          # nothing half-written
+    with pytest.raises(ArtifactError, match="another model"):
+        load_budgets(out, "0" * 32)
+    with pytest.raises(ArtifactError, match="another model"):
+        Profile.load(COMMITTED, fingerprint="0" * 32)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(COMMITTED.read_bytes()[:5000])
+    one_error(run_cli("budget", "--profile", str(corrupt), "--mean-budget", "0.1", "--out", str(out)), "corrupt")
+    edited = json.loads(out.read_text())
+    edited["budgets"][0][0] = 0.9
+    out.write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_budgets(out)
+    bad_range = dict(edited, budgets=[[1.5] * 3] * 30)
+    bad_range.pop("schema"), bad_range.pop("checksum")
+    write_json(out, "budget", bad_range)
+    with pytest.raises(ArtifactError, match=r"outside \(0, 1\]"):
+        load_budgets(out)
+
+
+def test_profile_rejects_short_corpus(tmp_path, model_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here. " * 20)
+    proc = run_cli("profile", "--model", str(model_path), "--corpus", str(short), "--context-len", "1024",
+                   "--windows", "2", "--out", str(tmp_path / "p.safetensors"))
+    one_error(proc, "fewer than --windows")
+    assert not (tmp_path / "p.safetensors").exists()
