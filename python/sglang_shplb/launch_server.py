@@ -86,6 +86,38 @@ def _check_model_path(path: str) -> None:
               "to serve the default model")
 
 
+def _shplb_page_size(argv: list[str], cfg: ShplbConfig) -> list[str]:
+    """SGLang must allocate whole selection pages, so its page size is a multiple of ours."""
+    given = _value(argv, "--page-size")
+    if given is None:
+        return ["--page-size", str(cfg.page_size)]
+    if int(given) % cfg.page_size:
+        _fail(f"--page-size {given} is not a multiple of --shplb-page-size {cfg.page_size}; "
+              f"use --page-size {cfg.page_size} (or a multiple)")
+    return []
+
+
+def _check_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> None:
+    """Refuse to start on budgets/plans made for another model or TP size (never mid-request)."""
+    if not (cfg.budgets or cfg.plan) or not os.path.isdir(os.path.expanduser(model_path)):
+        return
+    from .artifacts import ArtifactError, model_fingerprint, model_shape
+    from .serving import rank_budgets
+
+    tp = int(_value(argv, "--tp", None) or _value(argv, "--tp-size", "1"))
+    shape = model_shape(model_path)
+    try:
+        if cfg.plan:
+            from .plan import check_plan, load_plan
+
+            check_plan(load_plan(cfg.plan), model_path, tp)
+        for rank in range(tp):
+            rank_budgets(cfg, shape["num_hidden_layers"], shape["num_key_value_heads"], tp, rank,
+                         model_fingerprint(model_path) if rank == 0 else None)
+    except ArtifactError as e:
+        _fail(str(e))
+
+
 def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     """Validate and return (sglang argv, environment, URL). Exits with one error line on bad input."""
     if "-h" in argv or "--help" in argv:
@@ -125,7 +157,10 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         if tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
     elif cfg.sparse and not _given(rest, "--attention-backend"):
-        rest = rest + ["--attention-backend", "shplb"]
+        rest = rest + ["--attention-backend", "shplb", "--disable-cuda-graph"]
+    if _value(rest, "--attention-backend") == "shplb":
+        rest = rest + _shplb_page_size(rest, cfg)
+        _check_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 
     host = _value(rest, "--host", "127.0.0.1")
     port = int(_value(rest, "--port", "30000"))

@@ -46,3 +46,29 @@ def budget_report(profile, budgets: dict, path: str) -> None:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plan_report(plan: dict, path: str) -> None:
+    """Rank loads per layer (one bar per rank): SGLang's contiguous order on top, the plan below,
+    with each layer's lower bound. The layer time is the tallest bar."""
+    plt = _figure()
+    layers, tp = plan["layers"], plan["tp_size"]
+    width = 0.8 / tp
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(layers) * 0.35 * max(1, tp / 2)), 7), sharex=True, sharey=True)
+    for ax, key, title in ((axes[0], "contiguous_rank_load", "contiguous (SGLang default)"),
+                           (axes[1], "rank_load", f"{plan['placement']}{' + fill-bubbles' if plan['fill_bubbles'] else ''}")):
+        for r in range(tp):
+            ax.bar([x["layer"] + (r - (tp - 1) / 2) * width for x in layers], [x[key][r] for x in layers],
+                   width, label=f"rank {r}")
+        ax.plot([x["layer"] for x in layers], [x["lower_bound"] for x in layers], "k_", markersize=10,
+                label="lower bound")
+        imb = [max(x[key]) / (sum(x[key]) / tp) for x in layers]
+        ax.set(title=f"{title}: max/mean imbalance worst {max(imb):.3f}, mean {sum(imb) / len(imb):.3f}",
+               ylabel=f"{plan['objective']} load")
+    axes[1].set_xlabel("layer")
+    axes[0].legend(fontsize=7, ncol=min(tp + 1, 8))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

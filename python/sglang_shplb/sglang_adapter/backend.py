@@ -1,5 +1,166 @@
-"""Registers the `shplb` attention backend with SGLang (filled in by the serve stage)."""
+"""The `shplb` attention backend: SGLang's torch-native attention plus per-head sparse decode.
+
+Prefill (extend) is SGLang's own dense path; we only fold the new keys into the page metadata.
+Decode writes K/V, updates the metadata, picks each local KV head's pages (Quest bound, sink +
+recent, top-k by that head's budget) and attends over them. A step where every head covers its
+whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import ConfigError, ShplbConfig
+from ..serving import rank_budgets
+from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
+
+logger = logging.getLogger("sglang_shplb")
+LOG_EVERY_STEPS = 64
 
 
 def register_backend() -> None:
-    pass
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if "shplb" not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices(["shplb"])
+    if "shplb" not in ATTENTION_BACKENDS:
+        register_attention_backend("shplb")(lambda runner: ShplbAttnBackend(runner))
+    _use_torch_last_loc_on_cpu()
+
+
+def _use_torch_last_loc_on_cpu() -> None:
+    """SGLang picks a Triton kernel for paged allocation unless the backend is torch_native; on
+    CPU (no Triton) our backend needs the torch variant too."""
+    from sglang.srt.utils import is_cpu
+
+    if not is_cpu():
+        return
+    from sglang.srt.mem_cache import allocation
+
+    allocation.get_last_loc = allocation.get_last_loc_torch
+
+
+def _parallel():
+    from sglang.srt.runtime_context import get_parallel
+
+    p = get_parallel()
+    return p.tp_size, p.tp_rank
+
+
+def _make_backend_class():
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    class _Shplb(TorchNativeAttnBackend):
+        def __init__(self, model_runner):
+            super().__init__(model_runner)
+            self.cfg = ShplbConfig.from_env()
+            self.page_size = self.cfg.page_size
+            pool_page = model_runner.page_size or 1
+            if pool_page % self.page_size:
+                raise ConfigError(f"--shplb-page-size {self.page_size} does not divide SGLang's --page-size "
+                                  f"{pool_page}; use an SGLang page size that is a multiple of it")
+            mc = model_runner.model_config
+            self.tp_size, self.tp_rank = _parallel()
+            self.budgets = rank_budgets(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(),
+                                        self.tp_size, self.tp_rank)
+            self.meta = {}
+            self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64)
+            self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64)
+            self.steps = 0
+            self.gauge = _metrics_gauge(model_runner)
+            logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, budgets %s",
+                        self.tp_rank, self.page_size, self.cfg.sink_pages, self.cfg.recent_pages,
+                        "dense" if self.budgets is None else
+                        f"mean {float(self.budgets.mean()):.4f} over {tuple(self.budgets.shape)}")
+
+        def _metadata(self, layer_id: int):
+            if layer_id not in self.meta:
+                k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
+                self.meta[layer_id] = new_page_metadata(k_buf.shape[0], k_buf.shape[1], k_buf.shape[2],
+                                                        self.page_size, k_buf.device)
+            return self.meta[layer_id]
+
+        def _fold_keys(self, layer, locs, k):
+            kmin, kmax = self._metadata(layer.layer_id)
+            update_page_minmax(kmin, kmax, locs, k.view(locs.shape[0], layer.tp_k_head_num, -1), self.page_size)
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            if save_kv_cache and k is not None and self.budgets is not None:
+                self._fold_keys(layer, forward_batch.out_cache_loc, k)
+            return o
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            if self.budgets is None or layer.is_cross_attention:
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+                self._fold_keys(layer, forward_batch.out_cache_loc, k)
+            Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+            qg = q.reshape(-1, Hkv, Hq // Hkv, D)
+            kmin, kmax = self._metadata(layer.layer_id)
+            chosen = select_decode_tokens(
+                qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                forward_batch.seq_lens, self.budgets[layer.layer_id].to(q.device), self.page_size,
+                self.cfg.sink_pages, self.cfg.recent_pages)
+            self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
+            if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
+                o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
+                self._run_sdpa_forward_decode(
+                    q.reshape(-1, Hq, D), o.view(-1, Hq, layer.v_head_dim),
+                    self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                    self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                    forward_batch.seq_lens, scaling=layer.scaling, enable_gqa=Hq != Hkv)
+                return o
+            out = attend_selected(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                  self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
+            return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+        def _account(self, layer_id, chosen, seq_lens, Hkv):
+            """KV tokens read per layer on this rank: how users see the balance across ranks."""
+            self.kv_read[layer_id] += float(chosen.valid.sum())
+            self.kv_dense[layer_id] += float(seq_lens.sum()) * Hkv
+            if layer_id != len(self.kv_read) - 1:
+                return
+            self.steps += 1
+            if self.gauge is not None:
+                for i, v in enumerate(self.kv_read.tolist()):
+                    self.gauge.labels(tp_rank=str(self.tp_rank), layer=str(i)).set(v)
+            if self.steps % LOG_EVERY_STEPS == 0 and self.cfg.log_stats:
+                logger.info("[sglang-shplb] tp_rank=%d kv tokens read (all layers, %d steps): %d of %d dense "
+                            "(%.3f); per layer: %s", self.tp_rank, self.steps, self.kv_read.sum(),
+                            self.kv_dense.sum(), self.kv_read.sum() / max(self.kv_dense.sum(), 1),
+                            [int(x) for x in self.kv_read.tolist()])
+
+    return _Shplb
+
+
+def _metrics_gauge(model_runner):
+    """A Prometheus gauge of KV tokens read per layer and rank, when --enable-metrics is on."""
+    from sglang.srt.runtime_context import get_server_args
+
+    try:
+        enabled = bool(get_server_args().enable_metrics)
+    except Exception:  # older/newer runtime context layouts: metrics stay off, serving does not
+        enabled = False
+    if not enabled:
+        return None
+    from prometheus_client import Gauge
+
+    return Gauge("sglang:shplb_kv_tokens_read", "Cumulative KV tokens read by shplb decode, per TP rank and layer",
+                 labelnames=["tp_rank", "layer"], multiprocess_mode="mostrecent")
+
+
+_CLASS = None
+
+
+def ShplbAttnBackend(model_runner):  # noqa: N802 - a factory that reads like the class it builds
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_backend_class()
+    return _CLASS(model_runner)

@@ -1,0 +1,360 @@
+"""Stage 3 — plan: place units (KV groups or query heads) on TP ranks so every rank does the same work.
+
+    python -m sglang_shplb.plan --budgets BUDGETS.json --tp N --out PLAN.json
+        [--placement contiguous|lpt|lpt-card|balanced] [--granularity kv|q] [--objective decode|prefill]
+        [--fill-bubbles --profile PROFILE] [--model PATH | --head-dim D] [--cost-model COST.json]
+        [--kv-memory-limit FACTOR] [--alt-budgets OTHER.json] [--report plan.png]
+
+A layer waits for its slowest rank (all-reduce after o_proj), so per layer we minimize the max rank
+load. Units: `kv` = one KV head with its query group (SGLang's own sharding unit); `q` = one query
+head, after expanding GQA to MHA (each query head gets a copy of its group's K/V: the same model,
+kv_memory_factor = group size times the KV cache). Cost of a unit (one layer, per decoded token):
+  decode   KV bytes read    = budget * context_len * 2 (K,V) * head_dim * kv_bytes
+  prefill  attention FLOPs  = budget * context_len * head_dim * 4 * query heads in the unit
+each times `scale` plus a per-unit `fixed`, from an optional --cost-model JSON (calibration hook):
+  {"kv_bytes": 2, "decode": {"scale": 1.0, "fixed": 0.0}, "prefill": {"scale": 1.0, "fixed": 0.0}}
+
+The backend reads layers[l].rank_budgets[tp_rank][i]: budget (fraction of context) of the i-th
+local head (KV head at `kv`, query head = expanded KV head at `q`) of that rank.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import placement as pl
+from .artifacts import ArtifactError, model_fingerprint, model_shape, read_json, write_json
+
+GRANULARITIES = ("kv", "q")
+OBJECTIVES = ("decode", "prefill")
+DEFAULT_COST = {"kv_bytes": 2, "decode": {"scale": 1.0, "fixed": 0.0}, "prefill": {"scale": 1.0, "fixed": 0.0}}
+
+
+# ---------------------------------------------------------------- units and costs
+def unit_budgets(budgets: dict, granularity: str) -> list[list[float]]:
+    """[layers][units] budgets at `granularity`; a kv file expands to q (each query head gets its
+    group's budget). A q file cannot be folded to kv: a shared selection needs its own budget."""
+    src = budgets["granularity"]
+    rows = budgets["budgets"]
+    if granularity == src:
+        return [list(map(float, r)) for r in rows]
+    if src == "kv" and granularity == "q":
+        g = budgets["num_q_heads"] // budgets["num_kv_heads"]
+        return [[float(r[h // g]) for h in range(budgets["num_q_heads"])] for r in rows]
+    raise ArtifactError("budgets are per query head (granularity q) but --granularity kv was asked; make a "
+                        "kv budgets file with `python -m sglang_shplb.budget --granularity kv`")
+
+
+def load_cost_model(path: str | None) -> dict:
+    if path is None:
+        return json.loads(json.dumps(DEFAULT_COST))
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"cost model {path} cannot be read as JSON ({e}); fix or drop --cost-model") from None
+    cm = json.loads(json.dumps(DEFAULT_COST))
+    unknown = set(raw) - set(cm)
+    if unknown or any(set(raw.get(o, {})) - {"scale", "fixed"} for o in OBJECTIVES):
+        raise ArtifactError(f"cost model {path} has unknown keys; allowed: {json.dumps(DEFAULT_COST)}")
+    for o in OBJECTIVES:
+        cm[o].update(raw.get(o, {}))
+    cm["kv_bytes"] = raw.get("kv_bytes", cm["kv_bytes"])
+    return cm
+
+
+def cost_coefs(budgets: dict, granularity: str, head_dim: int, cost_model: dict) -> dict:
+    """Per objective: (cost per unit of budget, fixed cost per unit); the same for all units."""
+    ctx = budgets["context_len"]
+    q_per_unit = budgets["num_q_heads"] // budgets["num_kv_heads"] if granularity == "kv" else 1
+    base = {"decode": ctx * 2 * head_dim * cost_model["kv_bytes"], "prefill": ctx * head_dim * 4 * q_per_unit}
+    return {o: (cost_model[o]["scale"] * base[o], cost_model[o]["fixed"]) for o in OBJECTIVES}
+
+
+def unit_costs(row: list[float], coef: tuple[float, float]) -> list[float]:
+    return [coef[0] * b + coef[1] for b in row]
+
+
+# ---------------------------------------------------------------- fill bubbles
+def fill_bubbles(row: torch.Tensor, ranks, coef, curves: torch.Tensor, grid: torch.Tensor, step: float) -> torch.Tensor:
+    """Raise budgets on under-loaded ranks, best marginal predicted recovery first (capped at 1.0),
+    until each rank's load reaches the layer max. The max rank is untouched, so latency is too."""
+    from .budget import _spend_leftover
+
+    row = row.clone()
+    loads = [sum(coef[0] * float(row[u]) + coef[1] for u in r) for r in ranks]
+    top = max(loads)
+    for r, load in zip(ranks, loads):
+        slack = (top - load) / coef[0]              # in budget units (cost per budget is uniform)
+        if slack > 1e-12:
+            idx = torch.tensor(r)
+            row[idx] = _spend_leftover(curves[idx], grid, row[idx].clone(), slack, step)
+    return row
+
+
+# ---------------------------------------------------------------- planning
+def _check_divisible(units: int, tp: int, granularity: str, q_heads: int) -> None:
+    if tp < 1 or units % tp:
+        alt = "" if granularity == "q" or q_heads % tp else "; or use --granularity q (query heads as units)"
+        raise ArtifactError(f"{units} {'KV heads' if granularity == 'kv' else 'query heads'} cannot be split "
+                            f"evenly over tp={tp} (SGLang gives every rank the same number of heads); use a "
+                            f"--tp that divides {units}{alt}")
+
+
+def plan_layer(costs: list[float], tp: int, method: str) -> dict:
+    ranks = pl.place(costs, tp, method)
+    return {"rank_units": ranks, "rank_load": pl.rank_loads(costs, ranks), "imbalance": pl.imbalance(costs, ranks),
+            "lower_bound": pl.lower_bound(costs, tp, equal_count=method != "lpt")}
+
+
+def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: str | None = None,
+              objective: str = "decode", head_dim: int | None = None, cost_model: dict | None = None,
+              profile=None, fill: bool = False, kv_memory_limit: float | None = None) -> dict:
+    """Budgets artifact -> plan body (see module doc)."""
+    granularity = granularity or budgets["granularity"]
+    if placement not in pl.METHODS or granularity not in GRANULARITIES or objective not in OBJECTIVES:
+        raise ArtifactError(f"choose --placement from {pl.METHODS}, --granularity from {GRANULARITIES}, "
+                            f"--objective from {OBJECTIVES}")
+    Hq, Hkv = budgets["num_q_heads"], budgets["num_kv_heads"]
+    factor = Hq / Hkv if granularity == "q" else 1.0
+    if kv_memory_limit is not None and factor > kv_memory_limit:
+        raise ArtifactError(f"--granularity q needs {factor:g}x the KV cache (one copy per query head), above "
+                            f"--kv-memory-limit {kv_memory_limit:g}; use --granularity kv or raise the limit")
+    rows = unit_budgets(budgets, granularity)
+    _check_divisible(len(rows[0]), tp, granularity, Hq)
+    cost_model = cost_model or load_cost_model(None)
+    coefs = cost_coefs(budgets, granularity, head_dim or 1, cost_model)
+    curves = profile.curves(budgets["selector"], granularity).double() if profile is not None else None
+    step = budgets["page_size"] / budgets["context_len"]
+    layers, rec_before, rec_after = [], [], []
+    for l, row in enumerate(rows):
+        lay = plan_layer(unit_costs(row, coefs[objective]), tp, placement)
+        b0 = torch.tensor(row, dtype=torch.float64)
+        b = fill_bubbles(b0, lay["rank_units"], coefs[objective], curves[l], profile.grid, step) if fill else b0
+        entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp)
+        if curves is not None:
+            from .budget import eval_curves
+            rec_before.append(eval_curves(curves[l], profile.grid, b0))
+            rec_after.append(eval_curves(curves[l], profile.grid, b))
+            entry["unit_recovery"] = rec_after[-1].tolist()
+        layers.append(entry)
+    body = {
+        "model_fingerprint": budgets["model_fingerprint"], "tp_size": tp, "granularity": granularity,
+        "placement": placement, "objective": objective, "num_layers": len(rows), "num_q_heads": Hq,
+        "num_kv_heads": Hkv, "served_num_kv_heads": Hq if granularity == "q" else Hkv, "head_dim": head_dim,
+        "kv_memory_factor": factor, "units_per_rank": len(rows[0]) // tp,
+        "equal_count": all(pl.is_equal_count(x["rank_units"]) for x in layers),
+        "fill_bubbles": fill, "cost_model": cost_model,
+        "cost_units": {"decode": "bytes read" if head_dim else "bytes read / head_dim",
+                       "prefill": "FLOPs per query token" if head_dim else "FLOPs per query token / head_dim"},
+        **{k: budgets[k] for k in ("page_size", "context_len", "floor_pages", "sink_pages", "recent_pages", "selector")},
+        "budget_method": budgets["method"], "mean_budget": budgets["mean_budget"],
+        "budget_granularity": budgets["granularity"], "layers": layers,
+    }
+    body["summary"] = _summary(layers, rec_before, rec_after)
+    return body
+
+
+def _layer_entry(l, lay, row, unit_b, coefs, objective, tp) -> dict:
+    """`row`: budgets as planned; `unit_b`: after fill-bubbles (the same when not filling).
+    `imbalance`/`lower_bound`/`contiguous_*` describe the placement, i.e. the planned budgets."""
+    ranks = lay["rank_units"]
+    costs = {o: unit_costs(unit_b, coefs[o]) for o in OBJECTIVES}
+    planned = unit_costs(row, coefs[objective])
+    base = pl.contiguous(planned, tp)
+    return {
+        "layer": l, "rank_units": ranks, "unit_budgets": unit_b,
+        "rank_budgets": [[unit_b[u] for u in r] for r in ranks],
+        "rank_load": pl.rank_loads(costs[objective], ranks),
+        "rank_cost": {o: pl.rank_loads(costs[o], ranks) for o in OBJECTIVES},
+        "imbalance": lay["imbalance"], "lower_bound": lay["lower_bound"],
+        "filled_imbalance": pl.imbalance(costs[objective], ranks),
+        "contiguous_rank_load": pl.rank_loads(planned, base),
+        "contiguous_imbalance": pl.imbalance(planned, base),
+    }
+
+
+def _summary(layers, rec_before, rec_after) -> dict:
+    imb = [x["imbalance"] for x in layers]
+    base = [x["contiguous_imbalance"] for x in layers]
+    s = {"max_imbalance": max(imb), "mean_imbalance": sum(imb) / len(imb),
+         "filled_mean_imbalance": sum(x["filled_imbalance"] for x in layers) / len(layers),
+         "contiguous_max_imbalance": max(base), "contiguous_mean_imbalance": sum(base) / len(base),
+         "total_max_rank_load": sum(max(x["rank_load"]) for x in layers),
+         "contiguous_total_max_rank_load": sum(max(x["contiguous_rank_load"]) for x in layers),
+         "total_lower_bound": sum(x["lower_bound"] for x in layers)}
+    if rec_before:
+        before, after = float(torch.stack(rec_before).mean()), float(torch.stack(rec_after).mean())
+        s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before)
+    return s
+
+
+# ---------------------------------------------------------------- loading and checking
+def plan_id(body: dict) -> str:
+    """Short content id of a plan (names it in logs and in permuted checkpoints)."""
+    clean = {k: v for k, v in body.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_plan(path, fingerprint: str | None = None) -> dict:
+    """Read, checksum and structurally validate a plan artifact."""
+    body = read_json(path, "plan", fingerprint)
+    try:
+        tp, U = body["tp_size"], (body["num_q_heads"] if body["granularity"] == "q" else body["num_kv_heads"])
+        layers = body["layers"]
+        ok = len(layers) == body["num_layers"] and all(
+            len(x["rank_units"]) == tp and sorted(u for r in x["rank_units"] for u in r) == list(range(U))
+            and [len(r) for r in x["rank_budgets"]] == [len(r) for r in x["rank_units"]] for x in layers)
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(f"plan file {path} lacks field {e}; regenerate it with `python -m sglang_shplb.plan`") from None
+    if not ok:
+        raise ArtifactError(f"plan file {path} does not place every unit exactly once on {tp} ranks in every "
+                            "layer; regenerate it with `python -m sglang_shplb.plan`")
+    if not body.get("equal_count", False):
+        raise ArtifactError(f"plan file {path} gives ranks different numbers of heads, which SGLang cannot "
+                            "load; regenerate it with --placement balanced")
+    return body
+
+
+def permuted_marker(model_path) -> dict | None:
+    """The `shplb_permuted` entry that `python -m sglang_shplb.permute` writes into config.json."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    return cfg.get("shplb_permuted")
+
+
+def check_plan(plan: dict, model_path, tp_size: int) -> None:
+    """Raise ArtifactError (one sentence) unless `plan` fits this model checkpoint and --tp."""
+    marker = permuted_marker(model_path)
+    if marker is not None:   # an offline-permuted checkpoint: it must be the output of this very plan
+        if marker.get("plan_id") != plan_id(plan):
+            raise ArtifactError(f"{model_path} was permuted for plan {marker.get('plan_id')}, not this plan "
+                                f"{plan_id(plan)}; serve the original checkpoint with this plan or re-run permute")
+        shape = marker["source_shape"]
+    else:
+        fp = model_fingerprint(model_path)
+        if plan["model_fingerprint"] != fp:
+            raise ArtifactError(f"plan was made for another model (fingerprint {plan['model_fingerprint']} != "
+                                f"{fp} of {model_path}); re-run profile/budget/plan for this model")
+        shape = model_shape(model_path)
+    have = (shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"])
+    want = (plan["num_layers"], plan["num_q_heads"], plan["num_kv_heads"])
+    if have != want:
+        raise ArtifactError(f"plan is for (layers, q heads, kv heads) = {want} but {model_path} has {have}; "
+                            "re-run plan for this model")
+    if plan["tp_size"] != tp_size:
+        raise ArtifactError(f"plan was made for tp={plan['tp_size']} but the server uses tp={tp_size}; "
+                            f"re-run `python -m sglang_shplb.plan --tp {tp_size}` or pass --tp {plan['tp_size']}")
+
+
+def rank_budget_table(plan: dict, tp_rank: int) -> list[list[float]]:
+    """[layer][local head] budgets of one rank (the backend's view of the plan)."""
+    return [x["rank_budgets"][tp_rank] for x in plan["layers"]]
+
+
+# ---------------------------------------------------------------- CLI
+def compare_granularities(budgets, alt, tp, placement, objective, head_dim, cost_model, limit) -> list[str]:
+    """One line per granularity: predicted total max-rank load (sum over layers), or why not."""
+    by_gran = {budgets["granularity"]: budgets}
+    if alt is not None:
+        by_gran.setdefault(alt["granularity"], alt)
+    if "kv" in by_gran:
+        by_gran.setdefault("q", by_gran["kv"])      # q by expanding kv budgets
+    lines, totals = [], {}
+    for g in GRANULARITIES:
+        if g not in by_gran:
+            lines.append(f"  {g}: needs a {g} budgets file (--alt-budgets)")
+            continue
+        try:
+            body = make_plan(by_gran[g], tp, placement, g, objective, head_dim, cost_model, kv_memory_limit=limit)
+        except ArtifactError as e:
+            lines.append(f"  {g}: not possible ({e})")
+            continue
+        totals[g] = body["summary"]["total_max_rank_load"]
+        src = "expanded from kv budgets" if g != by_gran[g]["granularity"] else "own budgets"
+        lines.append(f"  {g}: total max-rank {objective} load {totals[g]:.4g} (kv memory x{body['kv_memory_factor']:g}, {src})")
+    if totals:
+        lines.append(f"  -> {min(totals, key=totals.get)} granularity predicts the lower max-rank load")
+    return lines
+
+
+def _lpt_error(body: dict) -> ArtifactError:
+    bad = sum(not pl.is_equal_count(x["rank_units"]) for x in body["layers"])
+    return ArtifactError(f"lpt gives ranks different numbers of heads on {bad}/{body['num_layers']} layers "
+                         f"(max imbalance {body['summary']['max_imbalance']:.3f}), which SGLang cannot load; "
+                         "use --placement lpt-card or balanced")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .budget import load_budgets
+
+    p = argparse.ArgumentParser(prog="python -m sglang_shplb.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", required=True)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--placement", choices=pl.METHODS, default="balanced")
+    p.add_argument("--granularity", choices=GRANULARITIES, help="default: the budgets file's")
+    p.add_argument("--objective", choices=OBJECTIVES, default="decode")
+    p.add_argument("--fill-bubbles", action="store_true", help="raise budgets on under-loaded ranks (needs --profile)")
+    p.add_argument("--profile", help="profile whose curves predict recovery (for --fill-bubbles)")
+    p.add_argument("--model", help="checkpoint: checks the budgets' fingerprint and gives head_dim")
+    p.add_argument("--head-dim", type=int, help="head_dim for absolute costs when --model is not given")
+    p.add_argument("--cost-model", help="JSON calibration of the cost model (see above)")
+    p.add_argument("--kv-memory-limit", type=float, help="max KV memory factor allowed (q granularity = group size)")
+    p.add_argument("--alt-budgets", help="budgets at the other granularity, for the granularity comparison")
+    p.add_argument("--report", help="write a PNG: rank loads per layer, this placement vs contiguous")
+    args = p.parse_args(argv)
+    if args.fill_bubbles and not args.profile:
+        p.error("--fill-bubbles needs --profile PROFILE (the recovery curves it maximizes)")
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
+    try:
+        t0 = time.perf_counter()
+        fp = model_fingerprint(args.model) if args.model else None
+        head_dim = model_shape(args.model)["head_dim"] if args.model else args.head_dim
+        budgets = load_budgets(args.budgets, fp)
+        alt = load_budgets(args.alt_budgets, budgets["model_fingerprint"]) if args.alt_budgets else None
+        profile = None
+        if args.profile:
+            from .profile import Profile
+            profile = Profile.load(args.profile, budgets["model_fingerprint"])
+        cost_model = load_cost_model(args.cost_model)
+        body = make_plan(budgets, args.tp, args.placement, args.granularity, args.objective, head_dim,
+                         cost_model, profile, args.fill_bubbles, args.kv_memory_limit)
+        if not body["equal_count"]:
+            raise _lpt_error(body)
+        write_json(args.out, "plan", body)
+        if args.report:
+            from .report import plan_report
+            plan_report(body, args.report)
+        compare = compare_granularities(budgets, alt, args.tp, args.placement, args.objective, head_dim,
+                                        cost_model, args.kv_memory_limit)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(args, body, compare, time.perf_counter() - t0)
+    return 0
+
+
+def _print_summary(args, body, compare, seconds) -> None:
+    s = body["summary"]
+    print(f"wrote {args.out}: {body['placement']} at {body['granularity']} granularity, tp={body['tp_size']}, "
+          f"{body['objective']} objective ({seconds:.2f}s)")
+    print(f"  imbalance max/mean over layers: {s['max_imbalance']:.4f} / {s['mean_imbalance']:.4f} "
+          f"(contiguous {s['contiguous_max_imbalance']:.4f} / {s['contiguous_mean_imbalance']:.4f}); "
+          f"predicted time vs contiguous {s['total_max_rank_load'] / s['contiguous_total_max_rank_load']:.3f}x, "
+          f"vs lower bound {s['total_max_rank_load'] / s['total_lower_bound']:.3f}x")
+    if "recovery_gain" in s:
+        print(f"  predicted mean recovery {s['mean_recovery_before']:.4f} -> {s['mean_recovery']:.4f} "
+              f"(gain {s['recovery_gain']:+.4f})")
+    print("granularity comparison:")
+    print("\n".join(compare))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Per-head sparse decode attention over a paged KV cache — the CPU serving path, pure PyTorch.
+
+Layout (SGLang's, run with page size P): k/v buffers are [slots, Hkv, D]; request r's token t is
+at slot req_to_token[r, t]; since SGLang allocates whole pages, logical page j of a request is the
+physical page req_to_token[r, j*P] // P. Page metadata (channel-wise key min/max) is kept per
+physical page and KV head, so it is shared by radix-cache prefixes for free.
+
+Everything is batched over requests and heads: no Python loop per request or head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import selection as sel
+
+
+def new_page_metadata(num_slots: int, num_kv_heads: int, head_dim: int, page_size: int,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = math.ceil(num_slots / page_size)
+    shape = (n, num_kv_heads, head_dim)
+    return (torch.full(shape, math.inf, device=device), torch.full(shape, -math.inf, device=device))
+
+
+def update_page_minmax(kmin: torch.Tensor, kmax: torch.Tensor, locs: torch.Tensor, k: torch.Tensor,
+                       page_size: int) -> None:
+    """Fold newly written keys k [n, Hkv, D] at slots `locs` [n] into their pages' min/max.
+    A token at in-page offset 0 opens the page afresh (a freed page may hold stale bounds)."""
+    locs = locs.long()
+    pages = locs // page_size
+    fresh = pages[locs % page_size == 0]
+    kmin[fresh] = math.inf
+    kmax[fresh] = -math.inf
+    kf = k.float()
+    idx = pages.view(-1, 1, 1).expand_as(kf)
+    kmin.scatter_reduce_(0, idx, kf, "amin", include_self=True)
+    kmax.scatter_reduce_(0, idx, kf, "amax", include_self=True)
+
+
+@dataclass
+class DecodeSelection:
+    """Which tokens each (request, KV head) attends to: slots/valid are [bs, Hkv, T]."""
+    slots: torch.Tensor
+    valid: torch.Tensor
+    dense: bool  # every head covers its whole context: caller may run plain dense attention
+
+    @property
+    def tokens_read(self) -> torch.Tensor:
+        """KV tokens read per KV head [Hkv] (summed over requests)."""
+        return self.valid.sum((0, 2))
+
+
+def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
+                         req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
+                         page_size: int, sink: int, recent: int) -> DecodeSelection:
+    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context). Scores pages with the group's
+    queries (Quest bound), keeps sink + recent pages, then each head's top-k pages."""
+    bs, Hkv = q.shape[:2]
+    P = page_size
+    n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
+    k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent)
+    rows = req_pool_indices.long().view(bs, 1)
+    if bool((k_pages >= n_pages.view(bs, 1)).all()):
+        T = int(seq_lens.max())
+        pos = torch.arange(T, device=q.device).view(1, 1, T).expand(bs, Hkv, T)
+        valid = pos < seq_lens.view(bs, 1, 1)
+        slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
+        return DecodeSelection(slots.long(), valid, dense=True)
+
+    max_pages = int(n_pages.max())
+    first_tok = (torch.arange(max_pages, device=q.device) * P).clamp(max=req_to_token.shape[1] - 1)
+    page_ids = (req_to_token[rows, first_tok.view(1, -1)] // P).long()         # [bs, N]
+    page_ids = page_ids.masked_fill(torch.arange(max_pages, device=q.device) >= n_pages.view(bs, 1), 0)
+    lo = kmin[page_ids].permute(0, 2, 1, 3)                                    # [bs, Hkv, N, D]
+    hi = kmax[page_ids].permute(0, 2, 1, 3)
+    scores = sel.quest_upper_bound(q, lo, hi).sum(2)                           # [bs, Hkv, N]
+    order = sel.rank_pages(scores, n_pages.view(bs, 1), sink, recent)
+    K = int(k_pages.max())
+    chosen = order[..., :K]                                                    # [bs, Hkv, K] logical pages
+    pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
+    page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
+    valid = page_ok.repeat_interleave(P, -1) & (pos < seq_lens.view(bs, 1, 1))
+    slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
+    return DecodeSelection(slots.long(), valid, dense=False)
+
+
+def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, chosen: DecodeSelection,
+                    scale: float) -> torch.Tensor:
+    """Attention of q [bs, Hkv, G, D] over each head's selected tokens -> [bs, Hkv, G, Dv]."""
+    Hkv = q.shape[1]
+    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+    keys = k_buf[chosen.slots, heads].to(q.dtype)                              # [bs, Hkv, T, D]
+    values = v_buf[chosen.slots, heads].to(q.dtype)
+    logits = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
+    logits = logits.masked_fill(~chosen.valid.unsqueeze(2), float("-inf"))
+    return torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values)

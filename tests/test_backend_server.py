@@ -1,0 +1,89 @@
+"""The `shplb` backend inside the real SGLang server on the real model (CPU)."""
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from sglang_shplb.artifacts import write_json
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def dense(start_server):
+    return start_server(["--dtype", "float32", "--attention-backend", "torch_native"], name="dense")
+
+
+@pytest.fixture(scope="module")
+def full_budget(start_server):
+    return start_server(["--dtype", "float32", "--shplb-budget", "1.0"], name="shplb-full")
+
+
+@pytest.fixture(scope="module")
+def sparse(start_server):
+    return start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-log-stats",
+                         "--enable-metrics"], name="shplb-10pct")
+
+
+@pytest.fixture(scope="module")
+def shared_prefix_prompts(corpus_dir):
+    prefix = (corpus_dir / "alice29.txt").read_text()[2000:3500]
+    return [prefix + tail for tail in (" Alice said", " The Queen", " Then the Cat", " Suddenly")]
+
+
+def concurrent_ids(server, prompts, n=16):
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: server.generate_ids(p, n), prompts))
+
+
+def test_full_budget_equals_torch_native(dense, full_budget, shared_prefix_prompts):
+    for p in PROMPTS:
+        assert full_budget.generate_ids(p, 16) == dense.generate_ids(p, 16), p
+    want = concurrent_ids(dense, shared_prefix_prompts)
+    assert concurrent_ids(full_budget, shared_prefix_prompts) == want
+    # Second round hits the radix cache (shared prefix pages reused with their metadata).
+    assert concurrent_ids(full_budget, shared_prefix_prompts) == want
+
+
+def test_sparse_answers_capital(sparse):
+    assert "Paris" in sparse.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+
+
+def test_sparse_reads_about_its_budget(sparse, shared_prefix_prompts):
+    """On ~400-token prompts 10% budget plus sink/recent floors reads well under half the KV."""
+    concurrent_ids(sparse, shared_prefix_prompts, n=70)
+    lines = [l for l in sparse.log().splitlines() if "kv tokens read" in l]
+    assert lines, sparse.log_tail()
+    ratio = float(lines[-1].split("dense (")[1].split(")")[0])
+    assert 0.05 < ratio < 0.5, lines[-1]
+    metrics = requests.get(f"{sparse.url}/metrics", timeout=30).text
+    assert "sglang:shplb_kv_tokens_read" in metrics
+
+
+def test_stock_sglang_lists_backend():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "SGLANG_USE_CPU_ENGINE": "1"}, timeout=300)
+    assert "shplb" in out.stdout
+
+
+def launcher_error(*args):
+    proc = subprocess.run([sys.executable, "-m", "sglang_shplb.launch_server", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def test_budgets_for_another_model_refused(tmp_path, model_path):
+    bad = tmp_path / "other.json"
+    write_json(bad, "budget", {"model_fingerprint": "f" * 32, "granularity": "kv", "num_layers": 30,
+                               "budgets": [[0.1] * 3] * 30})
+    assert "another model" in launcher_error("--model-path", str(model_path), "--shplb-budgets", str(bad))
+
+
+def test_page_size_must_divide(model_path):
+    err = launcher_error("--model-path", str(model_path), "--shplb-budget", "0.1", "--page-size", "24")
+    assert "--page-size 24" in err and "multiple" in err

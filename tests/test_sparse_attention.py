@@ -1,0 +1,107 @@
+"""The CPU decode path against brute force: page metadata, selection, attention."""
+import math
+
+import pytest
+import torch
+
+from sglang_shplb import selection as sel
+from sglang_shplb.sparse_attention import (attend_selected, new_page_metadata, select_decode_tokens,
+                                           update_page_minmax)
+
+P, HKV, G, D = 4, 3, 2, 8
+
+
+def paged_cache(seq_lens, page_size=P, seed=0):
+    """A KV pool whose requests own whole pages in scrambled physical order, like SGLang's."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = [math.ceil(s / page_size) for s in seq_lens]
+    total_pages = sum(n_pages) + 3
+    perm = torch.randperm(total_pages, generator=g)
+    req_to_token = torch.zeros(len(seq_lens) + 1, max(n_pages) * page_size + 5, dtype=torch.int32)
+    k_buf = torch.randn(total_pages * page_size, HKV, D, generator=g) * 2
+    v_buf = torch.randn(total_pages * page_size, HKV, D, generator=g)
+    kmin, kmax = new_page_metadata(k_buf.shape[0], HKV, D, page_size, "cpu")
+    used = 0
+    for r, s in enumerate(seq_lens):
+        pages = perm[used: used + n_pages[r]]
+        used += n_pages[r]
+        slots = (pages.view(-1, 1) * page_size + torch.arange(page_size)).flatten()[:s]
+        req_to_token[r + 1, :s] = slots.int()
+        for start in range(0, s, 5):  # written in chunks, as prefill chunks + decode steps would
+            loc = slots[start: start + 5]
+            update_page_minmax(kmin, kmax, loc, k_buf[loc], page_size)
+    return req_to_token, k_buf, v_buf, kmin, kmax
+
+
+def dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, scale):
+    outs = []
+    for b, (r, s) in enumerate(zip(rows.tolist(), seq_lens.tolist())):
+        slots = req_to_token[r, :s].long()
+        keys, vals = k_buf[slots].transpose(0, 1), v_buf[slots].transpose(0, 1)   # [Hkv, s, D]
+        p = (torch.einsum("hgd,hsd->hgs", q[b], keys) * scale).softmax(-1)
+        outs.append(torch.einsum("hgs,hsd->hgd", p, vals))
+    return torch.stack(outs)
+
+
+def test_metadata_matches_pages():
+    seq_lens = [13, 30, 7]
+    req_to_token, k_buf, _, kmin, kmax = paged_cache(seq_lens)
+    for r, s in enumerate(seq_lens):
+        slots = req_to_token[r + 1, :s].long()
+        lo, hi = sel.page_minmax(k_buf[slots].transpose(0, 1), P)                  # [Hkv, pages, D]
+        phys = slots[::P] // P
+        assert torch.equal(kmin[phys], lo.transpose(0, 1)) and torch.equal(kmax[phys], hi.transpose(0, 1))
+
+
+def test_reused_page_forgets_stale_bounds():
+    kmin, kmax = new_page_metadata(8, 1, 2, 4, "cpu")
+    update_page_minmax(kmin, kmax, torch.arange(4), torch.full((4, 1, 2), 100.0), 4)
+    update_page_minmax(kmin, kmax, torch.arange(2), torch.ones(2, 1, 2), 4)         # page freed and reused
+    assert kmax[0].max() == 1.0
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.9])
+def test_covered_heads_equal_dense(budget):
+    """Budget 1: the dense shortcut. Budget 0.9: the sparse path, where the short requests' heads
+    still cover their whole context and must match dense exactly."""
+    seq_lens = torch.tensor([13, 30, 7, 41])
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist())
+    rows = torch.arange(1, 5)
+    q = torch.randn(4, HKV, G, D)
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, torch.full((HKV,), budget), P, 1, 1)
+    assert chosen.dense == (budget == 1.0)
+    got = attend_selected(q, k_buf, v_buf, chosen, 0.3)
+    want = dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, 0.3)
+    covered = (torch.ceil(budget * (seq_lens / P).ceil()) >= (seq_lens / P).ceil())
+    assert covered.any() and (budget < 1.0) == (not covered.all())
+    assert torch.allclose(got[covered], want[covered], atol=1e-5)
+    assert torch.equal(chosen.tokens_read[0] == seq_lens.sum(), torch.tensor(budget == 1.0))
+
+
+def test_variable_budgets_pick_brute_force_pages():
+    seq_lens = torch.tensor([30, 41, 9])
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), seed=3)
+    rows = torch.arange(1, 4)
+    q = torch.randn(3, HKV, G, D)
+    budgets = torch.tensor([0.2, 0.5, 0.05])
+    sink, recent = 1, 1
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, sink, recent)
+    for b, s in enumerate(seq_lens.tolist()):
+        n = math.ceil(s / P)
+        slots = req_to_token[rows[b], :s].long()
+        for h in range(HKV):
+            keys = k_buf[slots, h]
+            ub = []
+            for j in range(n):  # Quest bound from the page's own keys, summed over the group
+                page = keys[j * P:(j + 1) * P]
+                lo, hi = page.min(0).values, page.max(0).values
+                ub.append(float(torch.maximum(q[b, h] * lo, q[b, h] * hi).sum()))
+            k = min(max(math.ceil(float(budgets[h]) * n - 1e-6), sink + recent), n)
+            forced = {0, n - 1}
+            rest = sorted((j for j in range(n) if j not in forced), key=lambda j: (-ub[j], j))
+            pages = sorted(forced | set(rest[: k - len(forced)]))
+            want = {int(slots[t]) for j in pages for t in range(j * P, min((j + 1) * P, s))}
+            got = set(chosen.slots[b, h][chosen.valid[b, h]].tolist())
+            assert got == want, (b, h)
+    out = attend_selected(q, k_buf, v_buf, chosen, 0.3)
+    assert out.shape == (3, HKV, G, D) and torch.isfinite(out).all()
