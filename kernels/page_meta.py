@@ -27,19 +27,12 @@ def _check(k_new, locs, kmin, kmax, page_size):
 
 def update_page_minmax_torch(k_new: torch.Tensor, locs: torch.Tensor, kmin: torch.Tensor,
                              kmax: torch.Tensor, page_size: int) -> None:
-    """Reference (and CPU serving path): same semantics as `update_page_minmax`, in place."""
+    """Reference: the CPU serving path's update (sglang_shplb.sparse_attention), same semantics."""
+    from sglang_shplb.sparse_attention import update_page_minmax as torch_update
+
     _check(k_new, locs, kmin, kmax, page_size)
-    if locs.numel() == 0:
-        return
-    locs = locs.long()
-    pages = locs // page_size
-    fresh = pages[locs % page_size == 0]
-    kmin.index_fill_(0, fresh, float("inf"))
-    kmax.index_fill_(0, fresh, float("-inf"))
-    k = k_new.to(torch.float32)
-    idx = pages.view(-1, 1, 1).expand_as(k)
-    kmin.scatter_reduce_(0, idx, k, "amin")
-    kmax.scatter_reduce_(0, idx, k, "amax")
+    if locs.numel():
+        torch_update(kmin, kmax, locs, k_new, page_size)
 
 
 if triton is not None:

@@ -6,6 +6,7 @@ whatever this pytest process already imported. `python tests/test_kernels.py CHE
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -15,9 +16,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (str(ROOT), str(ROOT / "python")):
-    if p not in sys.path:
-        sys.path.insert(0, p)
 
 from sglang_shplb import selection as S  # noqa: E402
 
@@ -152,33 +150,46 @@ def _grow(table, r, pos, num_pages):
 
 # ---------------------------------------------------------------- torch references (in process)
 def test_torch_select_matches_selection():
-    from kernels.topk_select import select_topk_pages_torch
+    from sglang_shplb_kernels.topk_select import select_topk_pages_torch
     check_selection(select_topk_pages_torch)
 
 
 def test_torch_scores_match_selection():
-    from kernels.page_score import quest_scores_torch
+    from sglang_shplb_kernels.page_score import quest_scores_torch
     check_scores(quest_scores_torch)
 
 
 def test_torch_page_meta_matches_page_minmax():
-    from kernels.page_meta import update_page_minmax_torch
+    from sglang_shplb_kernels.page_meta import update_page_minmax_torch
     check_page_meta(update_page_minmax_torch)
 
 
 def test_page_table_from_req_to_token():
-    from kernels.page_score import page_table_from_req_to_token
+    from sglang_shplb_kernels.page_score import page_table_from_req_to_token
     req_to_token = torch.arange(4 * 32, dtype=torch.int32).view(4, 32).flip(0)  # row r: slots of req 3-r
     t = page_table_from_req_to_token(req_to_token, torch.tensor([2, 0]), 5, 8)
     assert torch.equal(t, torch.tensor([[4, 5, 6, 7, 0], [12, 13, 14, 15, 0]]))
 
 
 # ---------------------------------------------------------------- Triton, interpreted
-CHECKS = {
-    "select": lambda: check_selection(__import__("kernels").select_topk_pages),
-    "scores": lambda: check_scores(__import__("kernels").quest_scores),
-    "page_meta": lambda: check_page_meta(__import__("kernels").update_page_minmax),
-}
+def _triton_select():
+    from sglang_shplb_kernels import select_topk_pages
+    check_selection(select_topk_pages)                                    # whole row in one block
+    check_selection(functools.partial(select_topk_pages, block_n=16))    # rows in chunks: carried counts
+
+
+def _triton_scores():
+    from sglang_shplb_kernels import quest_scores
+    check_scores(quest_scores)
+    check_scores(functools.partial(quest_scores, block_n=4))              # several page blocks per row
+
+
+def _triton_page_meta():
+    from sglang_shplb_kernels import update_page_minmax
+    check_page_meta(update_page_minmax)
+
+
+CHECKS = {"select": _triton_select, "scores": _triton_scores, "page_meta": _triton_page_meta}
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))

@@ -39,19 +39,21 @@ def is_equal_count(ranks) -> bool:
 def lower_bound(loads, tp: int, equal_count: bool = True) -> float:
     """A lower bound on the best possible max rank load.
 
-    Always: mean load, the largest unit, and (pigeonhole) two of the tp+1 largest units share a
-    rank. With equal counts (k units per rank) each such rank also holds k-1 (resp. k-2) other
-    units, so add the smallest ones."""
+    Always: the mean load and the largest unit. Pigeonhole: of the j*tp+1 largest units, some rank
+    holds j+1, so its load is at least the j+1 smallest of them; with equal counts (k units per
+    rank) that rank also holds k-j-1 more units, at least the smallest others. j=0 is the largest
+    unit with its k-1 smallest rank-mates."""
     p = sorted(loads, reverse=True)
     n = len(p)
     lb = max(sum(p) / tp, p[0])
     k = n // tp if equal_count and n % tp == 0 else 1
-    if k > 1:
-        lb = max(lb, p[0] + sum(p[n - (k - 1):]))   # the largest unit's rank-mates
-    if n > tp:
-        rest = p[:tp - 1] + p[tp + 1:]          # units other than the pair p[tp-1], p[tp]
-        small = sum(sorted(rest)[:k - 2]) if k > 2 else 0.0
-        lb = max(lb, p[tp - 1] + p[tp] + small)
+    for j in range(0, k if equal_count else 2):
+        top = j * tp + 1
+        if top > n:
+            break
+        mates = k - j - 1
+        extra = sum(p[n - mates:]) if mates > 0 else 0.0   # smallest units, all outside the top
+        lb = max(lb, sum(p[top - j - 1:top]) + extra)
     return float(lb)
 
 

@@ -65,6 +65,10 @@ def load_cost_model(path: str | None) -> dict:
     for o in OBJECTIVES:
         cm[o].update(raw.get(o, {}))
     cm["kv_bytes"] = raw.get("kv_bytes", cm["kv_bytes"])
+    bad = [f"{o}.scale" for o in OBJECTIVES if not cm[o]["scale"] > 0] + \
+          [f"{o}.fixed" for o in OBJECTIVES if not cm[o]["fixed"] >= 0] + (["kv_bytes"] if not cm["kv_bytes"] > 0 else [])
+    if bad:
+        raise ArtifactError(f"cost model {path}: {', '.join(bad)} out of range (scale and kv_bytes > 0, fixed >= 0)")
     return cm
 
 
@@ -107,9 +111,14 @@ def _check_divisible(units: int, tp: int, granularity: str, q_heads: int) -> Non
 
 
 def plan_layer(costs: list[float], tp: int, method: str) -> dict:
+    """Place one layer. `optimal`: balanced ran the exact search (small layer), so its max load is
+    the optimum and also the tightest lower bound."""
     ranks = pl.place(costs, tp, method)
-    return {"rank_units": ranks, "rank_load": pl.rank_loads(costs, ranks), "imbalance": pl.imbalance(costs, ranks),
-            "lower_bound": pl.lower_bound(costs, tp, equal_count=method != "lpt")}
+    loads = pl.rank_loads(costs, ranks)
+    lb = pl.lower_bound(costs, tp, equal_count=method != "lpt")
+    optimal = (method == "balanced" and len(costs) <= pl.EXACT_MAX_UNITS) or max(loads) <= lb * (1 + 1e-12)
+    return {"rank_units": ranks, "rank_load": loads, "imbalance": pl.imbalance(costs, ranks), "optimal": optimal,
+            "lower_bound": max(loads) if optimal else lb}
 
 
 def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: str | None = None,
@@ -129,7 +138,12 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     _check_divisible(len(rows[0]), tp, granularity, Hq)
     cost_model = cost_model or load_cost_model(None)
     coefs = cost_coefs(budgets, granularity, head_dim or 1, cost_model)
+    if fill and profile is None:
+        raise ArtifactError("fill-bubbles needs a profile (its recovery curves); pass --profile PROFILE")
     curves = profile.curves(budgets["selector"], granularity).double() if profile is not None else None
+    if curves is not None and tuple(curves.shape[:2]) != (len(rows), len(rows[0])):
+        raise ArtifactError(f"profile has {tuple(curves.shape[:2])} (layers, units) at {granularity} granularity "
+                            f"but the budgets give {(len(rows), len(rows[0]))}; use the profile the budgets came from")
     step = budgets["page_size"] / budgets["context_len"]
     layers, rec_before, rec_after = [], [], []
     for l, row in enumerate(rows):
@@ -172,7 +186,7 @@ def _layer_entry(l, lay, row, unit_b, coefs, objective, tp) -> dict:
         "rank_budgets": [[unit_b[u] for u in r] for r in ranks],
         "rank_load": pl.rank_loads(costs[objective], ranks),
         "rank_cost": {o: pl.rank_loads(costs[o], ranks) for o in OBJECTIVES},
-        "imbalance": lay["imbalance"], "lower_bound": lay["lower_bound"],
+        "imbalance": lay["imbalance"], "lower_bound": lay["lower_bound"], "optimal": lay["optimal"],
         "filled_imbalance": pl.imbalance(costs[objective], ranks),
         "contiguous_rank_load": pl.rank_loads(planned, base),
         "contiguous_imbalance": pl.imbalance(planned, base),
@@ -187,7 +201,8 @@ def _summary(layers, rec_before, rec_after) -> dict:
          "contiguous_max_imbalance": max(base), "contiguous_mean_imbalance": sum(base) / len(base),
          "total_max_rank_load": sum(max(x["rank_load"]) for x in layers),
          "contiguous_total_max_rank_load": sum(max(x["contiguous_rank_load"]) for x in layers),
-         "total_lower_bound": sum(x["lower_bound"] for x in layers)}
+         "total_lower_bound": sum(x["lower_bound"] for x in layers),
+         "layers_proven_optimal": sum(x["optimal"] for x in layers)}
     if rec_before:
         before, after = float(torch.stack(rec_before).mean()), float(torch.stack(rec_after).mean())
         s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before)
@@ -349,6 +364,8 @@ def _print_summary(args, body, compare, seconds) -> None:
           f"(contiguous {s['contiguous_max_imbalance']:.4f} / {s['contiguous_mean_imbalance']:.4f}); "
           f"predicted time vs contiguous {s['total_max_rank_load'] / s['contiguous_total_max_rank_load']:.3f}x, "
           f"vs lower bound {s['total_max_rank_load'] / s['total_lower_bound']:.3f}x")
+    if body["units_per_rank"] == 1 and body["tp_size"] > 1:
+        print("  note: each rank holds one unit, so placement cannot balance anything; try --granularity q")
     if "recovery_gain" in s:
         print(f"  predicted mean recovery {s['mean_recovery_before']:.4f} -> {s['mean_recovery']:.4f} "
               f"(gain {s['recovery_gain']:+.4f})")

@@ -54,15 +54,17 @@ def plan_report(plan: dict, path: str) -> None:
     plt = _figure()
     layers, tp = plan["layers"], plan["tp_size"]
     width = 0.8 / tp
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(layers) * 0.35 * max(1, tp / 2)), 7), sharex=True, sharey=True)
-    for ax, key, title in ((axes[0], "contiguous_rank_load", "contiguous (SGLang default)"),
-                           (axes[1], "rank_load", f"{plan['placement']}{' + fill-bubbles' if plan['fill_bubbles'] else ''}")):
+    fig, axes = plt.subplots(2, 1, figsize=(min(24, max(8, len(layers) * 0.15 * tp)), 7), sharex=True, sharey=True)
+    panels = ((axes[0], "contiguous_rank_load", "contiguous_imbalance", "contiguous (SGLang default)"),
+              (axes[1], "rank_load", "imbalance",
+               f"{plan['placement']}{' + fill-bubbles (bars after filling)' if plan['fill_bubbles'] else ''}"))
+    for ax, key, imb_key, title in panels:
         for r in range(tp):
             ax.bar([x["layer"] + (r - (tp - 1) / 2) * width for x in layers], [x[key][r] for x in layers],
                    width, label=f"rank {r}")
         ax.plot([x["layer"] for x in layers], [x["lower_bound"] for x in layers], "k_", markersize=10,
                 label="lower bound")
-        imb = [max(x[key]) / (sum(x[key]) / tp) for x in layers]
+        imb = [x[imb_key] for x in layers]            # of the placement, before any filling
         ax.set(title=f"{title}: max/mean imbalance worst {max(imb):.3f}, mean {sum(imb) / len(imb):.3f}",
                ylabel=f"{plan['objective']} load")
     axes[1].set_xlabel("layer")

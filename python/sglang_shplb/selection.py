@@ -26,9 +26,18 @@ def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
 
 
 def quest_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """q [..., G, D] (a KV group's queries), kmin/kmax [..., N, D] -> [..., G, N] upper bounds."""
-    qe = q.float().unsqueeze(-2)                                    # [..., G, 1, D]
-    return torch.maximum(qe * kmin.unsqueeze(-3), qe * kmax.unsqueeze(-3)).sum(-1)
+    """q [..., G, D] (a KV group's queries), kmin/kmax [..., N, D] -> [..., G, N] upper bounds.
+    max(q*lo, q*hi) picks hi where q > 0 and lo where q < 0, so the bound is two matmuls."""
+    q = q.float()
+    return q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
+
+
+def group_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Sum of the bound over a group's G queries, q [..., G, D] -> [..., N]. The bound is linear in
+    the clamped queries, so summing them first costs one matvec per page instead of G."""
+    q = q.float()
+    pos, neg = q.clamp(min=0).sum(-2, keepdim=True), q.clamp(max=0).sum(-2, keepdim=True)
+    return (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).squeeze(-2)
 
 
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int) -> torch.Tensor:
@@ -51,6 +60,14 @@ def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: i
     s = scores.float().masked_fill(forced_page_mask(n_pages, N, sink, recent), math.inf)
     s = s.masked_fill(torch.arange(N, device=s.device) >= n_pages.unsqueeze(-1), NEG_INF)
     return s.argsort(dim=-1, descending=True, stable=True)
+
+
+def top_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_max: int, sink: int, recent: int) -> torch.Tensor:
+    """The first k_max entries of rank_pages' order, via topk (cheaper than a full sort)."""
+    N = scores.shape[-1]
+    s = scores.float().masked_fill(forced_page_mask(n_pages, N, sink, recent), math.inf)
+    s = s.masked_fill(torch.arange(N, device=s.device) >= n_pages.unsqueeze(-1), NEG_INF)
+    return s.topk(k_max, dim=-1, sorted=True).indices
 
 
 def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torch.Tensor,

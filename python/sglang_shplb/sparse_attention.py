@@ -75,10 +75,9 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     page_ids = page_ids.masked_fill(torch.arange(max_pages, device=q.device) >= n_pages.view(bs, 1), 0)
     lo = kmin[page_ids].permute(0, 2, 1, 3)                                    # [bs, Hkv, N, D]
     hi = kmax[page_ids].permute(0, 2, 1, 3)
-    scores = sel.quest_upper_bound(q, lo, hi).sum(2)                           # [bs, Hkv, N]
-    order = sel.rank_pages(scores, n_pages.view(bs, 1), sink, recent)
+    scores = sel.group_upper_bound(q, lo, hi)                                  # [bs, Hkv, N]
     K = int(k_pages.max())
-    chosen = order[..., :K]                                                    # [bs, Hkv, K] logical pages
+    chosen = sel.top_pages(scores, n_pages.view(bs, 1), K, sink, recent)       # [bs, Hkv, K] logical pages
     pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
     page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
     valid = page_ok.repeat_interleave(P, -1) & (pos < seq_lens.view(bs, 1, 1))

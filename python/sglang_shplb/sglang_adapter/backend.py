@@ -71,6 +71,11 @@ def _make_backend_class():
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64)
             self.steps = 0
             self.gauge = _metrics_gauge(model_runner)
+            self.gpu = None
+            if torch.device(model_runner.device).type == "cuda":
+                from ..gpu_decode import GpuSparseDecode
+
+                self.gpu = GpuSparseDecode(model_runner.device)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, budgets %s",
                         self.tp_rank, self.page_size, self.cfg.sink_pages, self.cfg.recent_pages,
                         "dense" if self.budgets is None else
@@ -85,7 +90,9 @@ def _make_backend_class():
 
         def _fold_keys(self, layer, locs, k):
             kmin, kmax = self._metadata(layer.layer_id)
-            update_page_minmax(kmin, kmax, locs, k.view(locs.shape[0], layer.tp_k_head_num, -1), self.page_size)
+            k = k.view(locs.shape[0], layer.tp_k_head_num, -1)
+            fold = self.gpu.update_metadata if self.gpu else update_page_minmax
+            fold(kmin, kmax, locs, k, self.page_size)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -103,10 +110,16 @@ def _make_backend_class():
             Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
             qg = q.reshape(-1, Hkv, Hq // Hkv, D)
             kmin, kmax = self._metadata(layer.layer_id)
-            chosen = select_decode_tokens(
-                qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                forward_batch.seq_lens, self.budgets[layer.layer_id].to(q.device), self.page_size,
-                self.cfg.sink_pages, self.cfg.recent_pages)
+            budgets = self.budgets[layer.layer_id].to(q.device)
+            args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                    forward_batch.seq_lens)
+            rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
+            if self.gpu is None:
+                chosen = select_decode_tokens(*args, budgets, *rest)
+            elif bool((budgets >= 1.0).all()):
+                chosen = select_decode_tokens(*args, budgets, *rest)  # dense: no selection needed
+            else:
+                chosen = self.gpu.select(*args, forward_batch.seq_lens_cpu, budgets, *rest)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -117,8 +130,9 @@ def _make_backend_class():
                     self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens, scaling=layer.scaling, enable_gqa=Hq != Hkv)
                 return o
-            out = attend_selected(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                  self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
+            attend = self.gpu.attend if self.gpu else attend_selected
+            out = attend(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                         self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
         def _account(self, layer_id, chosen, seq_lens, Hkv):

@@ -1,0 +1,94 @@
+"""Decode attention on CPU: shplb sparse (10% budget) vs SGLang's torch_native dense, side by side.
+
+    OMP_NUM_THREADS=1 python benchmark/attention_cpu.py [--budget 0.1] [--contexts 2048 4096 8192]
+
+SmolLM2 shapes per layer (3 KV heads x 3 query heads, head_dim 64, fp32), a paged KV pool with
+scrambled pages as SGLang's allocator leaves it. Dense is SGLang's own
+TorchNativeAttnBackend._run_sdpa_forward_decode; sparse is our selection (Quest bound over page
+metadata, per-head top-k) plus attention over the selected tokens. Times are medians of
+interleaved repeats; the ratio is what to read (this machine is shared and noisy).
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, write_result  # noqa: E402
+
+from sglang_shplb.sparse_attention import (attend_selected, new_page_metadata, select_decode_tokens,  # noqa: E402
+                                           update_page_minmax)
+
+HKV, G, D, P = 3, 3, 64, 16
+
+
+def build_pool(bs, ctx, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pages_per_req = ctx // P
+    total = bs * pages_per_req
+    perm = torch.randperm(total, generator=g)
+    k_buf = torch.randn(total * P, HKV, D, generator=g)
+    v_buf = torch.randn(total * P, HKV, D, generator=g)
+    req_to_token = (perm.view(bs, pages_per_req, 1) * P + torch.arange(P)).view(bs, ctx).int()
+    kmin, kmax = new_page_metadata(k_buf.shape[0], HKV, D, P, "cpu")
+    update_page_minmax(kmin, kmax, torch.arange(k_buf.shape[0]), k_buf, P)
+    return k_buf, v_buf, req_to_token, kmin, kmax
+
+
+def timed(fn, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_cpu.md"))
+    args = p.parse_args()
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    torch.set_num_threads(1)
+    rows = ["| context | batch | dense ms | shplb ms | speed-up |", "|---|---|---|---|---|"]
+    for ctx in args.contexts:
+        for bs in args.batches:
+            k_buf, v_buf, req_to_token, kmin, kmax = build_pool(bs, ctx)
+            seq_lens, rows_idx = torch.full((bs,), ctx), torch.arange(bs)
+            q = torch.randn(bs, HKV * G, D)
+            out = torch.empty_like(q)
+            budgets = torch.full((HKV,), args.budget)
+
+            def dense():
+                TorchNativeAttnBackend._run_sdpa_forward_decode(
+                    None, q, out, k_buf, v_buf, req_to_token, rows_idx, seq_lens, scaling=D ** -0.5,
+                    enable_gqa=True)
+
+            def sparse():
+                qg = q.view(bs, HKV, G, D)
+                chosen = select_decode_tokens(qg, kmin, kmax, req_to_token, rows_idx, seq_lens, budgets, P, 1, 2)
+                attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
+
+            td, ts = [], []
+            for _ in range(3):  # interleave so drift hits both alike
+                td += timed(dense, args.repeats // 3)
+                ts += timed(sparse, args.repeats // 3)
+            d, s = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
+            rows.append(f"| {ctx} | {bs} | {d:.2f} | {s:.2f} | {d / s:.2f}x |")
+            print(rows[-1], flush=True)
+    write_result(args.out, "Decode attention, CPU: shplb sparse vs torch_native dense",
+                 f"One layer of SmolLM2 shapes, budget {args.budget}, page {P}, sink 1 + recent 2 pages, "
+                 "1 thread. Goal: >= 4x at 8k.", rows, "OMP_NUM_THREADS=1 python benchmark/attention_cpu.py")
+
+
+if __name__ == "__main__":
+    main()
