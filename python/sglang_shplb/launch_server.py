@@ -58,11 +58,12 @@ def cpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
         "--attention-backend": "shplb" if cfg.sparse else "torch_native",
         "--max-total-tokens": str(CPU_MAX_TOTAL_TOKENS),
         "--dtype": "float32",  # fp16/bf16 matmuls are slow and inexact on CPUs without AMX
+        "--sleep-on-idle": None,  # an idle scheduler otherwise busy-polls a whole core
     }
     extra = []
     for flag, value in wanted.items():
         if not _given(argv, flag):
-            extra += [flag, value]
+            extra += [flag] if value is None else [flag, value]
     return extra
 
 
@@ -97,25 +98,47 @@ def _shplb_page_size(argv: list[str], cfg: ShplbConfig) -> list[str]:
     return []
 
 
-def _check_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> None:
-    """Refuse to start on budgets/plans made for another model or TP size (never mid-request)."""
+def _apply_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> list[str]:
+    """Refuse budgets/plans made for another model or TP size (at start-up, never mid-request),
+    and pass the config overrides a plan's weights need (GQA expansion) to SGLang."""
     if not (cfg.budgets or cfg.plan) or not os.path.isdir(os.path.expanduser(model_path)):
-        return
+        return argv
     from .artifacts import ArtifactError, model_fingerprint, model_shape
     from .serving import rank_budgets
 
     tp = int(_value(argv, "--tp", None) or _value(argv, "--tp-size", "1"))
     shape = model_shape(model_path)
+    kv_heads = shape["num_key_value_heads"]
     try:
         if cfg.plan:
+            from .permute import model_overrides
             from .plan import check_plan, load_plan
 
-            check_plan(load_plan(cfg.plan), model_path, tp)
+            plan = load_plan(cfg.plan)
+            check_plan(plan, model_path, tp)
+            kv_heads = plan.get("served_num_kv_heads", kv_heads)
+            argv = _merge_overrides(argv, model_overrides(plan))
+        fingerprint = None if cfg.plan else model_fingerprint(model_path)  # check_plan did it for plans
         for rank in range(tp):
-            rank_budgets(cfg, shape["num_hidden_layers"], shape["num_key_value_heads"], tp, rank,
-                         model_fingerprint(model_path) if rank == 0 else None)
+            rank_budgets(cfg, shape["num_hidden_layers"], kv_heads, tp, rank, fingerprint)
     except ArtifactError as e:
         _fail(str(e))
+    return argv
+
+
+def _merge_overrides(argv: list[str], overrides: dict) -> list[str]:
+    if not overrides:
+        return argv
+    import json
+
+    flag = "--json-model-override-args"
+    user = json.loads(_value(argv, flag, "{}") or "{}")
+    clash = {k for k in overrides if k in user and user[k] != overrides[k]}
+    if clash:
+        _fail(f"{flag} sets {sorted(clash)}, which the plan needs as {overrides}; drop them from {flag}")
+    kept = [a for i, a in enumerate(argv) if not (a == flag or a.startswith(flag + "=")
+                                                  or (i > 0 and argv[i - 1] == flag))]
+    return kept + [flag, json.dumps({**user, **overrides})]
 
 
 def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
@@ -160,7 +183,7 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         rest = rest + ["--attention-backend", "shplb", "--disable-cuda-graph"]
     if _value(rest, "--attention-backend") == "shplb":
         rest = rest + _shplb_page_size(rest, cfg)
-        _check_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
+    rest = _apply_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 
     host = _value(rest, "--host", "127.0.0.1")
     port = int(_value(rest, "--port", "30000"))
