@@ -91,13 +91,15 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--means", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.20])
     p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
     prof = Profile.load(PROFILE)
-    attn = SparseAttention(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"])
+    page = args.page_size or prof.meta["page_size"]
+    attn = SparseAttention(page, prof.meta["sink_pages"], prof.meta["recent_pages"])
     AttentionInterface.register("shplb_quality", attn)
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
@@ -122,7 +124,7 @@ def main():
                 print(rows[-1], f"({time.time() - t:.0f}s)", flush=True)
     write_result(args.out, "Quality under decode-time sparsity (perplexity, top-1 agreement)",
                  f"SmolLM2-135M fp32, {args.windows} window(s) of lcet10.txt per context; every query position "
-                 "attends only to the pages the decode selector picks (page 16, sink 1, recent 2). Budgets per "
+                 f"attends only to the pages the decode selector picks (page {page}, sink 1, recent 2). Budgets per "
                  "KV group from the committed profile. Goals (issue): at 10% perplexity within 1% of dense.",
                  rows, "python benchmark/quality.py")
 
