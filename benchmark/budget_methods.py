@@ -35,7 +35,8 @@ def main() -> int:
     text = "\n".join([
         "# Budget methods: predicted recovery at equal totals", "",
         f"Profile: `{Path(args.profile).name}` (model {prof.meta['model']}, context {prof.meta['context_lens']}, "
-        f"page {prof.meta['page_size']}, corpus {prof.meta['corpus']}). Runtime-selector curves.",
+        f"page {prof.meta['page_size']}, corpus {prof.meta['corpus']}). Runtime-selector curves, "
+        "sinkless recovery (share of the mass outside the always-kept sink pages; see budget.py).",
         f"Generated {time.strftime('%Y-%m-%d')} by `python benchmark/budget_methods.py`.", "", *rows, ""])
     Path(args.out).write_text(text)
     print(text)

@@ -28,14 +28,15 @@ def page_table_from_req_to_token(req_to_token: torch.Tensor, req_pool_indices: t
 def quest_scores_torch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                        page_ids: torch.Tensor, n_pages: torch.Tensor) -> torch.Tensor:
     """Reference: q [bs,Hkv,G,D], kmin/kmax [num_pages,Hkv,D], page_ids [bs,maxN], n_pages [bs]
-    -> [bs,Hkv,maxN] float32. Gathers the pages' metadata, so it costs bs*maxN*Hkv*D memory."""
+    -> [bs,Hkv,maxN] float32 (selection.group_upper_bound on the gathered page metadata)."""
+    from sglang_shplb.selection import group_upper_bound
+
     bs, maxN = page_ids.shape
     valid = torch.arange(maxN, device=q.device) < n_pages.to(q.device).unsqueeze(-1)   # [bs, maxN]
     pid = torch.where(valid, page_ids.long(), 0)
     lo = kmin[pid].transpose(1, 2)                                  # [bs, Hkv, maxN, D]
     hi = kmax[pid].transpose(1, 2)
-    qe = q.float().unsqueeze(-2)                                    # [bs, Hkv, G, 1, D]
-    s = torch.maximum(qe * lo.unsqueeze(2), qe * hi.unsqueeze(2)).sum(-1).sum(2)
+    s = group_upper_bound(q, lo, hi)
     return s.masked_fill(~valid.unsqueeze(1), float("-inf"))
 
 

@@ -43,6 +43,16 @@ def test_curves_are_sane(two_text_profiles):
                 assert torch.allclose(c[..., -1], torch.ones(()), atol=1e-4)  # full budget keeps all mass
 
 
+def test_sinkless_metric_is_a_recovery(two_text_profiles):
+    """Share of the non-sink mass: in [0, 1], monotone, 1 at full budget, never above total."""
+    for prof in two_text_profiles:
+        c, total = prof.curves("runtime", "kv", "sinkless"), prof.curves("runtime", "kv", "total")
+        assert (c >= 0).all() and (c <= total + 1e-6).all() and (c.diff(dim=-1) >= -1e-5).all()
+        assert torch.allclose(c[..., -1], torch.ones(()), atol=1e-3)
+    with pytest.raises(ValueError, match="unknown recovery metric"):
+        prof.curves("runtime", "kv", "bogus")
+
+
 def test_recovery_matches_brute_force():
     torch.manual_seed(0)
     L, D, P, sink, recent = 77, 8, 4, 1, 2

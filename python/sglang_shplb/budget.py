@@ -2,7 +2,7 @@
 
     python -m sglang_shplb.budget --profile PROFILE --mean-budget 0.1 --out BUDGETS.json
         [--method uniform|shift|optimal] [--granularity kv|q] [--selector runtime|oracle]
-        [--floor-pages K] [--report budgets.png]
+        [--floor-pages K] [--metric sinkless|total] [--report budgets.png]
 
 Budgets are fractions of a head's context. Each unit (a KV group at `kv`, a query head at `q`)
 gets at least `floor_pages` pages (sink + recent) and at most its whole context; the total,
@@ -12,6 +12,9 @@ mean_budget x units, is met exactly.
            the lowest, until the move no longer helps;
   optimal  ours: the largest worst-case recovery tau whose budgets fit the total (bisection on tau
            over monotone curves), then what is left goes by marginal recovery gain.
+Recovery is measured on the mass outside the always-kept sink pages by default (`sinkless`):
+with the paper's `total` mass, sink-heavy heads look sparse and get starved, and per-head budgets
+then lose to uniform on perplexity (benchmark/results/quality.md).
 """
 from __future__ import annotations
 
@@ -133,9 +136,9 @@ def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str,
 
 # ---------------------------------------------------------------- artifact
 def make_budgets(profile, mean: float, method: str = "optimal", granularity: str = "kv",
-                 selector: str = "runtime", floor_pages: int | None = None) -> dict:
+                 selector: str = "runtime", floor_pages: int | None = None, metric: str = "sinkless") -> dict:
     meta = profile.meta
-    curves = profile.curves(selector, granularity)                      # [L, U, G]
+    curves = profile.curves(selector, granularity, metric)              # [L, U, G]
     L, U, _ = curves.shape
     ctx, page = meta["context_lens"][0], meta["page_size"]
     floor_pages = meta["sink_pages"] + meta["recent_pages"] if floor_pages is None else floor_pages
@@ -144,7 +147,7 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
     r = eval_curves(flat, profile.grid, b)
     return {
         "model_fingerprint": meta["model_fingerprint"], "granularity": granularity, "selector": selector,
-        "method": method, "mean_budget": mean, "page_size": page, "context_len": ctx,
+        "method": method, "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
         "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
         "num_layers": L, "num_q_heads": meta["num_q_heads"], "num_kv_heads": meta["num_kv_heads"],
         "budgets": b.view(L, U).tolist(), "predicted_recovery": r.view(L, U).tolist(),
@@ -174,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granularity", choices=("kv", "q"), default="kv")
     p.add_argument("--selector", choices=("runtime", "oracle"), default="runtime")
     p.add_argument("--floor-pages", type=int, help="minimum pages per unit (default: sink + recent)")
+    p.add_argument("--metric", choices=("sinkless", "total"), default="sinkless",
+                   help="recovery of the mass outside the sink pages (default) or of all mass (the paper)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="write a PNG: budget heatmap and recovery curves")
     args = p.parse_args(argv)
     try:
         prof = Profile.load(args.profile)
-        body = make_budgets(prof, args.mean_budget, args.method, args.granularity, args.selector, args.floor_pages)
+        body = make_budgets(prof, args.mean_budget, args.method, args.granularity, args.selector, args.floor_pages,
+                            args.metric)
         write_json(args.out, "budget", body)
         if args.report:
             from .report import budget_report

@@ -140,7 +140,8 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     coefs = cost_coefs(budgets, granularity, head_dim or 1, cost_model)
     if fill and profile is None:
         raise ArtifactError("fill-bubbles needs a profile (its recovery curves); pass --profile PROFILE")
-    curves = profile.curves(budgets["selector"], granularity).double() if profile is not None else None
+    metric = budgets.get("metric", "total")
+    curves = profile.curves(budgets["selector"], granularity, metric).double() if profile is not None else None
     if curves is not None and tuple(curves.shape[:2]) != (len(rows), len(rows[0])):
         raise ArtifactError(f"profile has {tuple(curves.shape[:2])} (layers, units) at {granularity} granularity "
                             f"but the budgets give {(len(rows), len(rows[0]))}; use the profile the budgets came from")

@@ -39,9 +39,18 @@ class Profile:
     def grid(self) -> torch.Tensor:
         return self.tensors["budget_grid"]
 
-    def curves(self, selector: str = "runtime", granularity: str = "kv") -> torch.Tensor:
-        """Recovery [layers, units, grid] for a selector ('oracle'|'runtime') and unit ('q'|'kv')."""
-        return self.tensors[f"{selector}_{granularity}"]
+    def curves(self, selector: str = "runtime", granularity: str = "kv", metric: str = "total") -> torch.Tensor:
+        """Recovery [layers, units, grid] for a selector ('oracle'|'runtime') and unit ('q'|'kv').
+        metric 'total' is the paper's share of all softmax mass kept; 'sinkless' is the share of
+        the mass outside the always-kept sink pages. A head that parks 85% of its mass on the sink
+        scores 0.9 'total' while losing most of what it reads; 'sinkless' sees that."""
+        c = self.tensors[f"{selector}_{granularity}"]
+        if metric == "total":
+            return c
+        if metric != "sinkless":
+            raise ValueError(f"unknown recovery metric {metric!r}; use 'total' or 'sinkless'")
+        sink = self.tensors[f"sink_mass_{granularity}"].unsqueeze(-1)
+        return ((c - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save

@@ -24,7 +24,7 @@ def budget_report(profile, budgets: dict, path: str) -> None:
 
     plt = _figure()
     b = torch.tensor(budgets["budgets"])
-    curves = profile.curves(budgets["selector"], budgets["granularity"])
+    curves = profile.curves(budgets["selector"], budgets["granularity"], budgets.get("metric", "total"))
     grid = profile.grid
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     im = ax1.imshow(b.numpy(), aspect="auto", cmap="viridis")
@@ -39,7 +39,7 @@ def budget_report(profile, budgets: dict, path: str) -> None:
         line, = ax2.plot(grid, flat[i], marker=".", label=f"L{i // U} u{i % U}")
         ax2.plot([fb[i]], [float(eval_curves(flat[i:i + 1], grid, fb[i:i + 1]))], "o", color=line.get_color())
     ax2.set(xscale="log", xlabel="budget (fraction of context)", ylabel="recovery",
-            title=f"{budgets['selector']} recovery: sparsest and densest units")
+            title=f"{budgets['selector']} {budgets.get('metric', 'total')} recovery: sparsest and densest units")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
