@@ -57,9 +57,8 @@ class SparseAttention:
         Hkv, L = k.shape[0], k.shape[1]
         P = self.P
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
-        qg = q.view(Hkv, -1, L, q.shape[-1])
-        pos_q, neg_q = qg.clamp(min=0).sum(1), qg.clamp(max=0).sum(1)              # [Hkv, L, D]
-        scores = pos_q @ kmax.transpose(1, 2) + neg_q @ kmin.transpose(1, 2)       # [Hkv, L, N]
+        qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
+        scores = sel.group_upper_bound(qg, kmin.unsqueeze(1), kmax.unsqueeze(1))  # [Hkv, L, N]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),
                                        self.sink + self.recent)                    # [Hkv, L]

@@ -67,8 +67,9 @@ def _make_backend_class():
             self.budgets = rank_budgets(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(),
                                         self.tp_size, self.tp_rank)
             self.meta = {}
-            self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64)
-            self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64)
+            # Kept on the model's device: adding to them never forces a host sync mid-step.
+            self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
+            self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.steps = 0
             self.gauge = _metrics_gauge(model_runner)
             self.gpu = None
@@ -114,10 +115,8 @@ def _make_backend_class():
             args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
-            if self.gpu is None:
+            if self.gpu is None or bool((budgets >= 1.0).all()):
                 chosen = select_decode_tokens(*args, budgets, *rest)
-            elif bool((budgets >= 1.0).all()):
-                chosen = select_decode_tokens(*args, budgets, *rest)  # dense: no selection needed
             else:
                 chosen = self.gpu.select(*args, forward_batch.seq_lens_cpu, budgets, *rest)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
@@ -137,8 +136,8 @@ def _make_backend_class():
 
         def _account(self, layer_id, chosen, seq_lens, Hkv):
             """KV tokens read per layer on this rank: how users see the balance across ranks."""
-            self.kv_read[layer_id] += float(chosen.valid.sum())
-            self.kv_dense[layer_id] += float(seq_lens.sum()) * Hkv
+            self.kv_read[layer_id] += chosen.valid.sum()
+            self.kv_dense[layer_id] += seq_lens.sum() * Hkv
             if layer_id != len(self.kv_read) - 1:
                 return
             self.steps += 1
@@ -147,8 +146,8 @@ def _make_backend_class():
                     self.gauge.labels(tp_rank=str(self.tp_rank), layer=str(i)).set(v)
             if self.steps % LOG_EVERY_STEPS == 0 and self.cfg.log_stats:
                 logger.info("[sglang-shplb] tp_rank=%d kv tokens read (all layers, %d steps): %d of %d dense "
-                            "(%.3f); per layer: %s", self.tp_rank, self.steps, self.kv_read.sum(),
-                            self.kv_dense.sum(), self.kv_read.sum() / max(self.kv_dense.sum(), 1),
+                            "(%.3f); per layer: %s", self.tp_rank, self.steps, float(self.kv_read.sum()),
+                            float(self.kv_dense.sum()), float(self.kv_read.sum() / self.kv_dense.sum().clamp(min=1)),
                             [int(x) for x in self.kv_read.tolist()])
 
     return _Shplb
