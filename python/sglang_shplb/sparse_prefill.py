@@ -1,0 +1,200 @@
+"""Per-head block-sparse prefill attention over SGLang's paged KV cache — CPU path, pure PyTorch.
+
+The extend (prefill) queries of a request are cut into query blocks of B tokens. For every
+(query block, KV head) we keep
+  * the sink pages (start of the context),
+  * the local diagonal window: the pages holding the block's own queries plus the `recent - 1`
+    pages before them (a one-token block keeps exactly what decode keeps),
+  * then the top pages by a cheap estimate, until k = ceil(budget x causal context in pages)
+    pages are kept (k counts the forced pages; a head whose k covers its context runs dense).
+Estimate ("quest_sum"): the Quest upper bound of the block's queries summed over the block and the
+GQA group, against each page's key min/max metadata. The bound is linear in the clamped queries,
+so it costs one matvec per page and block (pooling first), the same metadata decode already keeps.
+Measured on SmolLM2 (`python -m sglang_shplb.profile`, `prefill_kv` curve) against the true block
+mass and the alternatives in `ESTIMATES`; see benchmark/results/prefill_cpu.md.
+
+Chunked prefill and radix reuse come for free: a chunk's queries sit at positions
+prefix_len + i, its keys (prefix + itself) are in req_to_token, and the page metadata of the
+prefix already exists; the caller folds the chunk's own keys into the metadata before selecting.
+Attention is blockwise (a few query blocks at a time, all heads batched through a padded gather),
+never L x L for all heads, and no Python loop per head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import selection as sel
+
+QUERY_BLOCK = 64
+ESTIMATES = ("quest_sum", "quest_max", "centre")
+LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
+
+
+@dataclass
+class BlockSelection:
+    """Pages kept per (query block, KV head). The diagonal window [win_lo, win_hi] is shared by a
+    block's heads (and needs the causal mask); `rest` [nb, Hkv, R] holds each head's other pages
+    (sink + top-k), ascending, -1 padded. Counts include the window."""
+    win_lo: torch.Tensor         # [nb] first window page (>= 0)
+    win_hi: torch.Tensor         # [nb] last window page = the block's last query's page
+    rest: torch.Tensor           # [nb, Hkv, R]
+    count: torch.Tensor          # [nb, Hkv] pages kept in all
+    ctx_pages: torch.Tensor      # [nb] causal context of each block, in pages
+
+    @property
+    def dense(self) -> bool:
+        return bool((self.count >= self.ctx_pages.unsqueeze(-1)).all())
+
+    def page_lists(self) -> torch.Tensor:
+        """All kept pages [nb, Hkv, K] (window then rest), -1 padded: the GPU kernel's input."""
+        W = int((self.win_hi - self.win_lo).max()) + 1
+        win = self.win_lo.view(-1, 1) + torch.arange(W, device=self.win_lo.device)
+        win = torch.where(win <= self.win_hi.view(-1, 1), win, -1)
+        win = win.unsqueeze(1).expand(-1, self.rest.shape[1], -1)
+        return torch.cat([win, self.rest], -1)
+
+
+def block_positions(prefix_len: int, extend_len: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute positions of each query block's first and last query: ([nb], [nb])."""
+    starts = torch.arange(0, extend_len, block)
+    ends = torch.clamp(starts + block, max=extend_len) - 1
+    return starts + prefix_len, ends + prefix_len
+
+
+def block_window(first: torch.Tensor, last: torch.Tensor, page_size: int, recent: int):
+    """Each block's diagonal window in pages: its own pages plus the `recent - 1` before them."""
+    return (first // page_size - (recent - 1)).clamp(min=0), last // page_size
+
+
+def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = "quest_sum"):
+    """q_blocks [nb, Hkv, M, D] (a block's M = B*G queries), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
+    if estimate == "quest_sum":   # selection.group_upper_bound, without broadcasting the metadata
+        q = q_blocks.float()
+        pos = q.clamp(min=0).sum(-2)
+        return torch.einsum("bhd,hnd->bhn", pos, hi) + torch.einsum("bhd,hnd->bhn", q.sum(-2) - pos, lo)
+    if estimate == "quest_max":   # per-query bound, max over the block: sharper, M times the cost
+        return sel.quest_upper_bound(q_blocks, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
+    if estimate == "centre":      # pooled query against the page's box centre (a mean-key proxy)
+        return torch.einsum("bhd,hnd->bhn", q_blocks.float().mean(-2), (lo + hi) / 2)
+    raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
+
+
+def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [n, ...] -> [nb, block, ...], zero-padded at the end."""
+    nb = math.ceil(x.shape[0] / block)
+    pad = nb * block - x.shape[0]
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    return x.unflatten(0, (nb, block))
+
+
+def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
+                         budgets: torch.Tensor, page_size: int, sink: int, recent: int,
+                         block: int = QUERY_BLOCK, estimate: str = "quest_sum") -> BlockSelection:
+    """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
+    N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context."""
+    n, Hkv, G, D = q.shape
+    N = lo.shape[1]
+    first, last = block_positions(prefix_len, n, block)
+    ctx = last // page_size + 1                                                  # [nb]
+    win_lo, win_hi = block_window(first, last, page_size, recent)
+    j = torch.arange(N).view(1, -1)
+    in_win = (j >= win_lo.view(-1, 1)) & (j <= win_hi.view(-1, 1))               # [nb, N]
+    qb = pad_blocks(q, block).permute(0, 2, 1, 3, 4).flatten(2, 3)               # [nb, Hkv, B*G, D]
+    scores = block_scores(qb, lo.float(), hi.float(), estimate)                  # [nb, Hkv, N]
+    sinks = (j < sink) & ~in_win
+    scores = scores.masked_fill(sinks.unsqueeze(1), math.inf)
+    scores = scores.masked_fill((in_win | (j >= ctx.view(-1, 1))).unsqueeze(1), -math.inf)
+    n_win = (win_hi - win_lo + 1).view(-1, 1)
+    floor = n_win + sinks.sum(-1, keepdim=True)                                  # [nb, 1]
+    k = sel.pages_for_budget(budgets.view(1, Hkv).double().cpu(), ctx.view(-1, 1).double(), 0)
+    k = torch.minimum(torch.maximum(k, floor), ctx.view(-1, 1))                  # [nb, Hkv]
+    R = int((k - n_win).max())
+    top = scores.topk(R, dim=-1).indices if R else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
+    keep = torch.arange(R).view(1, 1, R) < (k - n_win).unsqueeze(-1)
+    rest = torch.where(keep, top, N).sort(-1).values
+    return BlockSelection(win_lo, win_hi, torch.where(rest == N, -1, rest), k, ctx)
+
+
+def request_pages(buf: torch.Tensor, slots: torch.Tensor, page_size: int) -> torch.Tensor:
+    """A request's keys (or values) by logical page: buf [slots, Hkv, D], slots [L] -> [Hkv, N, P, D]."""
+    N = math.ceil(slots.shape[0] / page_size)
+    padded = torch.nn.functional.pad(slots.long(), (0, N * page_size - slots.shape[0]))
+    return buf[padded].unflatten(0, (N, page_size)).permute(2, 0, 1, 3).contiguous()
+
+
+def _steps(chosen: BlockSelection, per_page: int):
+    """Consecutive block ranges whose logits ([blocks, heads, queries, keys]) stay cache-sized."""
+    width = (chosen.win_hi - chosen.win_lo + 1) + (chosen.rest >= 0).sum(-1).amax(-1)   # [nb] pages
+    b0, nb = 0, width.shape[0]
+    while b0 < nb:
+        cost = width[b0:].cummax(0).values * torch.arange(1, nb - b0 + 1) * per_page
+        b1 = b0 + max(1, int((cost <= LOGIT_ELEMS_PER_STEP).sum()))
+        yield b0, b1
+        b0 = b1
+
+
+def _window_bias(chosen, b0, b1, W, P, block, prefix_len, L):
+    """Causal mask of the window pages as an additive bias [s, 1, B, 1, W*P] (0 or -inf)."""
+    pages = chosen.win_lo[b0:b1].view(-1, 1) + torch.arange(W)
+    kpos = (pages.unsqueeze(-1) * P + torch.arange(P)).flatten(1)                # [s, W*P]
+    kpos = kpos.masked_fill((pages > chosen.win_hi[b0:b1].view(-1, 1)).repeat_interleave(P, -1), L)
+    qpos = prefix_len + torch.arange(b0 * block, b1 * block).view(-1, block, 1)
+    ok = (kpos.unsqueeze(1) <= qpos) & (kpos.unsqueeze(1) < L)
+    return torch.zeros(ok.shape).masked_fill_(~ok, -math.inf)[:, None, :, None, :], pages
+
+
+def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, chosen: BlockSelection,
+                  prefix_len: int, scale: float, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """q [n, Hkv, G, D]; k/v_pages [Hkv, N, P, D] -> out [n, Hkv, G, Dv]. A few blocks per step
+    (logits stay in cache), each step trimmed to its own widest selection. Only the window pages
+    need the causal mask; the other pages lie wholly before every query of the block."""
+    n, Hkv, G, D = q.shape
+    P = k_pages.shape[2]
+    L = prefix_len + n
+    qb = (pad_blocks(q, block) * scale).permute(0, 2, 1, 3, 4)                   # [nb, Hkv, B, G, D]
+    heads = torch.arange(Hkv).view(1, Hkv, 1)
+    out = q.new_empty(qb.shape[0], Hkv, block, G, v_pages.shape[-1])
+    for b0, b1 in _steps(chosen, Hkv * block * G * P):
+        W = int((chosen.win_hi[b0:b1] - chosen.win_lo[b0:b1]).max()) + 1
+        R = int((chosen.rest[b0:b1] >= 0).sum(-1).max())
+        bias_w, win = _window_bias(chosen, b0, b1, W, P, block, prefix_len, L)
+        rest = chosen.rest[b0:b1, :, :R]
+        idx = torch.cat([win.clamp(max=k_pages.shape[1] - 1).unsqueeze(1).expand(-1, Hkv, -1), rest.clamp(min=0)], -1)
+        keys = k_pages[heads, idx].flatten(2, 3).to(q.dtype)                     # [s, Hkv, (W+R)*P, D]
+        vals = v_pages[heads, idx].flatten(2, 3).to(q.dtype)
+        s = b1 - b0
+        logits = (qb[b0:b1].reshape(s, Hkv, block * G, D) @ keys.transpose(-1, -2)).view(s, Hkv, block, G, -1)
+        logits[..., : W * P] += bias_w
+        if R:
+            logits[..., W * P:] += torch.zeros(rest.shape).masked_fill_(rest < 0, -math.inf) \
+                .repeat_interleave(P, -1)[:, :, None, None, :]
+        probs = logits.softmax(-1).view(s, Hkv, block * G, -1)
+        out[b0:b1] = (probs @ vals).view(s, Hkv, block, G, -1)
+    return out.permute(0, 2, 1, 3, 4).flatten(0, 1)[:n]
+
+
+def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kmin: torch.Tensor,
+                   kmax: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices, prefix_lens: list[int],
+                   extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
+                   scale: float, block: int = QUERY_BLOCK, attend=None) -> torch.Tensor:
+    """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
+    page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
+    `attend(q, k_pages, v_pages, chosen, prefix, scale, block)` may replace attend_blocks."""
+    attend = attend or attend_blocks
+    out = torch.empty(*q.shape[:3], v_buf.shape[-1], dtype=q.dtype, device=q.device)
+    rows = req_pool_indices.tolist()
+    start = 0
+    for r, prefix, n in zip(rows, prefix_lens, extend_lens):
+        slots = req_to_token[r, : prefix + n]
+        phys = slots[::page_size].long() // page_size
+        lo, hi = kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1)          # [Hkv, N, D]
+        qr = q[start: start + n]
+        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block)
+        k_pages, v_pages = request_pages(k_buf, slots, page_size), request_pages(v_buf, slots, page_size)
+        out[start: start + n] = attend(qr, k_pages, v_pages, chosen, prefix, scale, block)
+        start += n
+    return out
