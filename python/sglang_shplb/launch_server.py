@@ -3,7 +3,8 @@
 Every SGLang server flag is accepted unchanged; `--shplb-*` flags are ours. Without
 `--model-path` the default model is prepared and served. On a host without CUDA the CPU platform
 is selected with sane defaults; a flag the user gave is never overridden. After validation the
-process becomes `python -m sglang.launch_server` (exec), so signals and exit codes are SGLang's.
+process becomes a thin supervisor (`supervisor.py`, no torch) running `python -m sglang.launch_server`:
+it forwards stop signals, leaves no orphans and bounds the wait when a TP worker dies.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def _fail(msg: str) -> "NoReturn":  # noqa: F821
 
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # SO_REUSEADDR like SGLang's own listener: connections of a just-stopped server in
+        # TIME_WAIT must not block a restart; a live listener still fails the bind.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
@@ -85,6 +89,29 @@ def _check_model_path(path: str) -> None:
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         _fail(f"model path {path} does not exist; give a checkpoint directory, or omit --model-path "
               "to serve the default model")
+
+
+def _tp_size(argv: list[str]) -> int:
+    raw = _value(argv, "--tp", None) or _value(argv, "--tp-size", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        _fail(f"--tp {raw} is not an integer; pass the number of tensor-parallel ranks, e.g. --tp 3")
+
+
+def _check_tp_divides_heads(argv: list[str], cfg: ShplbConfig, model_path: str) -> None:
+    """S-HPLB budgets and places whole heads per rank. Stock SGLang on CPU pads heads when tp does
+    not divide them (dense serving works), but padded ranks would get other heads' budgets."""
+    if not cfg.sparse or not os.path.isfile(os.path.join(os.path.expanduser(model_path), "config.json")):
+        return
+    from .artifacts import model_shape
+
+    tp, shape = _tp_size(argv), model_shape(os.path.expanduser(model_path))
+    q, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    if tp < 1 or q % tp or (kv % tp and tp % kv):
+        ok = [t for t in range(1, q + 1) if q % t == 0 and (kv % t == 0 or t % kv == 0)]
+        _fail(f"--tp {tp} does not divide the model's {q} query heads / {kv} KV heads, which S-HPLB "
+              f"needs (whole heads per rank); use --tp {' or '.join(map(str, ok))}, or drop the --shplb-* flags")
 
 
 def _shplb_page_size(argv: list[str], cfg: ShplbConfig) -> list[str]:
@@ -106,7 +133,7 @@ def _apply_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> list
     from .artifacts import ArtifactError, model_fingerprint, model_shape
     from .serving import rank_budgets
 
-    tp = int(_value(argv, "--tp", None) or _value(argv, "--tp-size", "1"))
+    tp = _tp_size(argv)
     shape = model_shape(model_path)
     kv_heads = shape["num_key_value_heads"]
     try:
@@ -176,13 +203,14 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")  # 2-core hosts: more threads make decode erratic
         rest = rest + cpu_defaults(rest, cfg)
-        tp = int(_value(rest, "--tp", None) or _value(rest, "--tp-size", "1"))
+        tp = _tp_size(rest)
         if tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
     elif cfg.sparse and not _given(rest, "--attention-backend"):
         rest = rest + ["--attention-backend", "shplb", "--disable-cuda-graph"]
     if _value(rest, "--attention-backend") == "shplb":
         rest = rest + _shplb_page_size(rest, cfg)
+    _check_tp_divides_heads(rest, cfg, _value(rest, "--model-path") or _value(rest, "--model"))
     rest = _apply_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 
     host = _value(rest, "--host", "127.0.0.1")
@@ -196,7 +224,9 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
 def main(argv: list[str] | None = None) -> None:
     sglang_argv, env, url = build(sys.argv[1:] if argv is None else argv)
     print(f"[sglang-shplb] serving at {url} (OpenAI API: {url}/v1)", flush=True)
-    os.execvpe(sys.executable, [sys.executable, "-m", "sglang.launch_server", *sglang_argv], env)
+    server = [sys.executable, "-m", "sglang.launch_server", *sglang_argv]
+    # exec: the supervisor keeps our pid (what the caller signals) and drops torch from memory
+    os.execvpe(sys.executable, [sys.executable, "-m", "sglang_shplb.supervisor", "--", *server], env)
 
 
 if __name__ == "__main__":
