@@ -11,6 +11,8 @@
     Attention: FlashInfer if it imports (sparse: one row per (request, kv head) over the cache viewed
     as [slots*Hkv, 1, 1, D] pages of one token), else torch gather + SDPA for both. At 100% budget
     the sparse output must equal dense (bf16 tolerance).
+(c) Block-sparse prefill (benchmark/gpu_prefill_check.py): Triton kernel vs torch reference, 100% budget
+    vs dense causal SDPA, and per-layer timing dense vs selection + kernel at --budget, 8k/32k.
 Needs torch + triton only (no sglang). Writes markdown to --out and JSON next to it. Exit 1 on a failed check.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 import torch  # noqa: E402
 
 import sglang_shplb_kernels as K  # noqa: E402
+from gpu_prefill_check import prefill_check  # noqa: E402
 from sglang_shplb import selection as S  # noqa: E402
 
 SINK, RECENT = 1, 2
@@ -348,7 +351,7 @@ def main() -> int:
         run.env["triton"] = "not installed"
     run.env.update(torch=torch.__version__, python=sys.version.split()[0],
                    gpu=torch.cuda.get_device_name() if run.dev.type == "cuda" else "none (CPU)")
-    for stage in (kernel_checks, attention_bench):
+    for stage in (kernel_checks, attention_bench, prefill_check):
         try:
             stage(run)
         except Exception as e:  # noqa: BLE001 - record and keep going so the report is written

@@ -2,7 +2,7 @@
 
     python -m sglang_shplb.budget --profile PROFILE --mean-budget 0.1 --out BUDGETS.json
         [--method uniform|shift|optimal] [--granularity kv|q] [--selector runtime|oracle]
-        [--floor-pages K] [--metric sinkless|total] [--report budgets.png]
+        [--floor-pages K] [--metric sinkless|total] [--report budgets.png] [--prefill-mean-budget B]
 
 Budgets are fractions of a head's context. Each unit (a KV group at `kv`, a query head at `q`)
 gets at least `floor_pages` pages (sink + recent) and at most its whole context; the total,
@@ -15,6 +15,8 @@ mean_budget x units, is met exactly.
 Recovery is measured on the mass outside the always-kept sink pages by default (`sinkless`):
 with the paper's `total` mass, sink-heavy heads look sparse and get starved, and per-head budgets
 then lose to uniform on perplexity (benchmark/results/quality.md).
+--prefill-mean-budget adds `prefill_budgets` (per KV group, same method, from the profile's
+`prefill_kv` curves of the block-sparse prefill selector); the server then runs sparse prefill.
 """
 from __future__ import annotations
 
@@ -136,7 +138,8 @@ def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str,
 
 # ---------------------------------------------------------------- artifact
 def make_budgets(profile, mean: float, method: str = "optimal", granularity: str = "kv",
-                 selector: str = "runtime", floor_pages: int | None = None, metric: str = "sinkless") -> dict:
+                 selector: str = "runtime", floor_pages: int | None = None, metric: str = "sinkless",
+                 prefill_mean: float | None = None) -> dict:
     meta = profile.meta
     curves = profile.curves(selector, granularity, metric)              # [L, U, G]
     L, U, _ = curves.shape
@@ -145,7 +148,9 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
     flat = curves.reshape(L * U, -1)
     b = allocate(flat, profile.grid, mean, method, floor_pages * page / ctx, step=page / ctx)
     r = eval_curves(flat, profile.grid, b)
-    return {
+    extra = {} if prefill_mean is None else _prefill_budgets(profile, prefill_mean, method, granularity, metric,
+                                                              floor_pages * page / ctx, page / ctx)
+    return {**extra,
         "model_fingerprint": meta["model_fingerprint"], "granularity": granularity, "selector": selector,
         "method": method, "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
         "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
@@ -155,14 +160,28 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
     }
 
 
+def _prefill_budgets(profile, mean, method, granularity, metric, floor_frac, step) -> dict:
+    """Per-KV-group prefill budgets from the profile's block-selector curves (prefill_kv)."""
+    if granularity != "kv":
+        raise ArtifactError("prefill budgets are per KV group (a query block's pages are shared by the group); "
+                            "use --granularity kv with --prefill-mean-budget")
+    curves = profile.curves("prefill", "kv", metric)
+    L, U, _ = curves.shape
+    b = allocate(curves.reshape(L * U, -1), profile.grid, mean, method, floor_frac, step)
+    r = eval_curves(curves.reshape(L * U, -1), profile.grid, b)
+    return {"prefill_mean_budget": mean, "prefill_budgets": b.view(L, U).tolist(),
+            "prefill_predicted_recovery": r.view(L, U).tolist()}
+
+
 def load_budgets(path, fingerprint: str | None = None) -> dict:
     body = read_json(path, "budget", fingerprint)
-    b = torch.tensor(body.get("budgets", []), dtype=torch.float64)
-    if b.dim() != 2 or b.shape[0] != body.get("num_layers"):
-        raise ArtifactError(f"budgets file {path} has budgets of shape {tuple(b.shape)}, "
-                            f"expected [num_layers={body.get('num_layers')}, units]")
-    if not bool(((b > 0) & (b <= 1)).all()):
-        raise ArtifactError(f"budgets file {path} has budgets outside (0, 1]; regenerate it")
+    for key in ("budgets", "prefill_budgets") if "prefill_budgets" in body else ("budgets",):
+        b = torch.tensor(body.get(key, []), dtype=torch.float64)
+        if b.dim() != 2 or b.shape[0] != body.get("num_layers"):
+            raise ArtifactError(f"budgets file {path} has {key} of shape {tuple(b.shape)}, "
+                                f"expected [num_layers={body.get('num_layers')}, units]")
+        if not bool(((b > 0) & (b <= 1)).all()):
+            raise ArtifactError(f"budgets file {path} has {key} outside (0, 1]; regenerate it")
     return body
 
 
@@ -179,13 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor-pages", type=int, help="minimum pages per unit (default: sink + recent)")
     p.add_argument("--metric", choices=("sinkless", "total"), default="sinkless",
                    help="recovery of the mass outside the sink pages (default) or of all mass (the paper)")
+    p.add_argument("--prefill-mean-budget", type=float, help="also make per-KV-group prefill budgets at this mean "
+                   "(needs a profile with prefill curves)")
     p.add_argument("--out", required=True)
     p.add_argument("--report", help="write a PNG: budget heatmap and recovery curves")
     args = p.parse_args(argv)
     try:
         prof = Profile.load(args.profile)
         body = make_budgets(prof, args.mean_budget, args.method, args.granularity, args.selector, args.floor_pages,
-                            args.metric)
+                            args.metric, args.prefill_mean_budget)
         write_json(args.out, "budget", body)
         if args.report:
             from .report import budget_report

@@ -26,7 +26,7 @@ class ShplbConfig:
     page_size: int = 16                     # tokens per logical page used by selection
     sink_pages: int = 1                     # always-kept pages at the start of the context
     recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
-    prefill_budget: Optional[float] = None  # reserved for sparse prefill (dense when None)
+    prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
     log_stats: bool = False                 # log per-rank KV tokens read per layer
 
     def __post_init__(self):
@@ -48,7 +48,7 @@ class ShplbConfig:
 
     @property
     def sparse(self) -> bool:
-        return any(v is not None for v in (self.budget, self.budgets, self.plan))
+        return any(v is not None for v in (self.budget, self.budgets, self.plan, self.prefill_budget))
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

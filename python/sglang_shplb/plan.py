@@ -11,11 +11,13 @@ head, after expanding GQA to MHA (each query head gets a copy of its group's K/V
 kv_memory_factor = group size times the KV cache). Cost of a unit (one layer, per decoded token):
   decode   KV bytes read    = budget * context_len * 2 (K,V) * head_dim * kv_bytes
   prefill  attention FLOPs  = budget * context_len * head_dim * 4 * query heads in the unit
+           (with the budgets file's `prefill_budgets` when it has them, else its decode budgets)
 each times `scale` plus a per-unit `fixed`, from an optional --cost-model JSON (calibration hook):
   {"kv_bytes": 2, "decode": {"scale": 1.0, "fixed": 0.0}, "prefill": {"scale": 1.0, "fixed": 0.0}}
 
 The backend reads layers[l].rank_budgets[tp_rank][i]: budget (fraction of context) of the i-th
-local head (KV head at `kv`, query head = expanded KV head at `q`) of that rank.
+local head (KV head at `kv`, query head = expanded KV head at `q`) of that rank, and
+layers[l].rank_prefill_budgets (present when the budgets file has prefill budgets) the same way.
 """
 from __future__ import annotations
 
@@ -37,11 +39,12 @@ DEFAULT_COST = {"kv_bytes": 2, "decode": {"scale": 1.0, "fixed": 0.0}, "prefill"
 
 
 # ---------------------------------------------------------------- units and costs
-def unit_budgets(budgets: dict, granularity: str) -> list[list[float]]:
-    """[layers][units] budgets at `granularity`; a kv file expands to q (each query head gets its
-    group's budget). A q file cannot be folded to kv: a shared selection needs its own budget."""
+def unit_budgets(budgets: dict, granularity: str, key: str = "budgets") -> list[list[float]]:
+    """[layers][units] budgets (`key`: decode 'budgets' or 'prefill_budgets') at `granularity`; a kv
+    file expands to q (each query head gets its group's budget). A q file cannot be folded to kv:
+    a shared selection needs its own budget."""
     src = budgets["granularity"]
-    rows = budgets["budgets"]
+    rows = budgets[key]
     if granularity == src:
         return [list(map(float, r)) for r in rows]
     if src == "kv" and granularity == "q":
@@ -135,6 +138,7 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         raise ArtifactError(f"--granularity q needs {factor:g}x the KV cache (one copy per query head), above "
                             f"--kv-memory-limit {kv_memory_limit:g}; use --granularity kv or raise the limit")
     rows = unit_budgets(budgets, granularity)
+    prefill_rows = unit_budgets(budgets, granularity, "prefill_budgets") if "prefill_budgets" in budgets else None
     _check_divisible(len(rows[0]), tp, granularity, Hq)
     cost_model = cost_model or load_cost_model(None)
     coefs = cost_coefs(budgets, granularity, head_dim or 1, cost_model)
@@ -148,10 +152,11 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     step = budgets["page_size"] / budgets["context_len"]
     layers, rec_before, rec_after = [], [], []
     for l, row in enumerate(rows):
-        lay = plan_layer(unit_costs(row, coefs[objective]), tp, placement)
+        pre = prefill_rows[l] if prefill_rows else None
+        lay = plan_layer(unit_costs(pre if objective == "prefill" and pre else row, coefs[objective]), tp, placement)
         b0 = torch.tensor(row, dtype=torch.float64)
         b = fill_bubbles(b0, lay["rank_units"], coefs[objective], curves[l], profile.grid, step) if fill else b0
-        entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp)
+        entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp, pre)
         if curves is not None:
             from .budget import eval_curves
             rec_before.append(eval_curves(curves[l], profile.grid, b0))
@@ -175,14 +180,17 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     return body
 
 
-def _layer_entry(l, lay, row, unit_b, coefs, objective, tp) -> dict:
-    """`row`: budgets as planned; `unit_b`: after fill-bubbles (the same when not filling).
+def _layer_entry(l, lay, row, unit_b, coefs, objective, tp, prefill=None) -> dict:
+    """`row`: budgets as planned; `unit_b`: after fill-bubbles (the same when not filling);
+    `prefill`: the units' prefill budgets, if any (prefill costs then come from them).
     `imbalance`/`lower_bound`/`contiguous_*` describe the placement, i.e. the planned budgets."""
     ranks = lay["rank_units"]
-    costs = {o: unit_costs(unit_b, coefs[o]) for o in OBJECTIVES}
-    planned = unit_costs(row, coefs[objective])
+    costs = {o: unit_costs(prefill if o == "prefill" and prefill else unit_b, coefs[o]) for o in OBJECTIVES}
+    planned = unit_costs(prefill if objective == "prefill" and prefill else row, coefs[objective])
     base = pl.contiguous(planned, tp)
-    return {
+    extra = {} if prefill is None else {"unit_prefill_budgets": prefill,
+                                        "rank_prefill_budgets": [[prefill[u] for u in r] for r in ranks]}
+    return {**extra,
         "layer": l, "rank_units": ranks, "unit_budgets": unit_b,
         "rank_budgets": [[unit_b[u] for u in r] for r in ranks],
         "rank_load": pl.rank_loads(costs[objective], ranks),

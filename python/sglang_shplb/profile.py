@@ -10,6 +10,9 @@ of the query's context, at page granularity), the recovery ratio (share of softm
   * runtime — our backend's selector: sink + recent pages, then the Quest upper bound;
 per (layer, query head) and per (layer, KV group) (a group shares one page selection). Only the
 sampled queries' scores are formed ([heads, queries, L]), never L x L, so 8k context stays small.
+Plus `prefill_kv`: the block-sparse prefill selector (sparse_prefill.py: sink + diagonal window +
+Quest-sum pages per 64-query block and KV group) on a few sampled query blocks, against the
+block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay valid.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import selection as sel
+from .sparse_prefill import QUERY_BLOCK, block_recovery
 from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
 
 BUDGET_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -44,12 +48,16 @@ class Profile:
         metric 'total' is the paper's share of all softmax mass kept; 'sinkless' is the share of
         the mass outside the always-kept sink pages. A head that parks 85% of its mass on the sink
         scores 0.9 'total' while losing most of what it reads; 'sinkless' sees that."""
-        c = self.tensors[f"{selector}_{granularity}"]
+        key = f"{selector}_{granularity}"
+        if key not in self.tensors:
+            raise ArtifactError(f"profile has no {key} curves (prefill curves need a profile made with "
+                                "--prefill-blocks > 0 by this version); re-run `python -m sglang_shplb.profile`")
+        c = self.tensors[key]
         if metric == "total":
             return c
         if metric != "sinkless":
             raise ValueError(f"unknown recovery metric {metric!r}; use 'total' or 'sinkless'")
-        sink = self.tensors[f"sink_mass_{granularity}"].unsqueeze(-1)
+        sink = self.tensors[f"sink_mass_{key}" if selector == "prefill" else f"sink_mass_{granularity}"].unsqueeze(-1)
         return ((c - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:
@@ -89,6 +97,7 @@ class _Collector:
     recent: int
     n_queries: int
     grid: torch.Tensor
+    prefill_blocks: int = 4
     sums: dict = field(default_factory=dict)
     count: int = 0
 
@@ -126,6 +135,10 @@ class _Collector:
         stats = {name: v.mean(-2) for name, v in curves.items()}
         stats["sink_mass_q"] = page_mass[..., : self.sink].sum(-1).mean(-1)
         stats["sink_mass_kv"] = group_mass[..., : self.sink].sum(-1).mean(-1)
+        if self.prefill_blocks and L >= 2 * QUERY_BLOCK:
+            starts = torch.linspace(L // 2, L - QUERY_BLOCK, self.prefill_blocks).long().tolist()
+            stats["prefill_kv"], stats["sink_mass_prefill_kv"] = block_recovery(
+                q, k, scale, self.grid, P, self.sink, self.recent, starts)
         for name, v in stats.items():
             v = v.flatten(0, 1) if name.endswith("_q") else v                  # q heads in model order
             acc = self.sums.setdefault(name, {})
@@ -152,7 +165,7 @@ def budget90(curves: torch.Tensor, grid: torch.Tensor, target: float = 0.9) -> t
 
 def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len: int = 4096, windows: int = 2,
                 queries: int = 32, page_size: int = 16, sink_pages: int = 1, recent_pages: int = 2,
-                progress: bool = True) -> Profile:
+                progress: bool = True, prefill_blocks: int = 4) -> Profile:
     from tqdm import tqdm
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -162,7 +175,7 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     texts = token_windows(tokenizer, files, context_len, windows)
     grid = torch.tensor(BUDGET_GRID)
-    col = _Collector(page_size, sink_pages, recent_pages, queries, grid)
+    col = _Collector(page_size, sink_pages, recent_pages, queries, grid, prefill_blocks)
     AttentionInterface.register("shplb_profile", col)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
@@ -183,7 +196,9 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
         "num_kv_heads": model.config.num_key_value_heads, "page_size": page_size, "sink_pages": sink_pages,
         "recent_pages": recent_pages, "context_lens": [context_len], "windows": windows, "queries": queries,
         "corpus": [f.name for f in files], "selectors": {"oracle": "top pages by true softmax mass",
-                                                         "runtime": "sink+recent pages, then Quest upper bound"},
+                                                         "runtime": "sink+recent pages, then Quest upper bound",
+                                                         "prefill": f"per {QUERY_BLOCK}-query block: sink + window "
+                                                                    "pages, then Quest bound of the summed block"},
         "budget_grid": list(BUDGET_GRID), "budget_rule": "max(ceil(b*pages), sink+recent) pages",
     }
     return Profile(meta, tensors)
@@ -200,17 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--sink-pages", type=int, default=1)
     p.add_argument("--recent-pages", type=int, default=2)
+    p.add_argument("--prefill-blocks", type=int, default=4, help="query blocks sampled per window for the "
+                   "prefill selector curve (0: none)")
     p.add_argument("--corpus", default="canterbury", help="'canterbury', one of its texts, or comma-separated files")
     args = p.parse_args(argv)
     for name in ("context_len", "windows", "queries", "page_size", "recent_pages"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.prefill_blocks < 0:
+        p.error("--prefill-blocks must be >= 0")
     try:
         if args.model is None:
             from .models import prepare_model
             args.model = str(prepare_model())
         prof = run_profile(args.model, args.corpus, args.context_len, args.windows, args.queries,
-                           args.page_size, args.sink_pages, args.recent_pages)
+                           args.page_size, args.sink_pages, args.recent_pages, prefill_blocks=args.prefill_blocks)
         prof.save(args.out)
     except (ArtifactError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

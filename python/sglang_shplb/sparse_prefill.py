@@ -43,6 +43,7 @@ class BlockSelection:
     rest: torch.Tensor           # [nb, Hkv, R]
     count: torch.Tensor          # [nb, Hkv] pages kept in all
     ctx_pages: torch.Tensor      # [nb] causal context of each block, in pages
+    page_size: int
 
     @property
     def dense(self) -> bool:
@@ -97,11 +98,11 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context."""
     n, Hkv, G, D = q.shape
-    N = lo.shape[1]
-    first, last = block_positions(prefix_len, n, block)
+    N, dev = lo.shape[1], q.device
+    first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
     ctx = last // page_size + 1                                                  # [nb]
     win_lo, win_hi = block_window(first, last, page_size, recent)
-    j = torch.arange(N).view(1, -1)
+    j = torch.arange(N, device=dev).view(1, -1)
     in_win = (j >= win_lo.view(-1, 1)) & (j <= win_hi.view(-1, 1))               # [nb, N]
     qb = pad_blocks(q, block).permute(0, 2, 1, 3, 4).flatten(2, 3)               # [nb, Hkv, B*G, D]
     scores = block_scores(qb, lo.float(), hi.float(), estimate)                  # [nb, Hkv, N]
@@ -110,13 +111,13 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     scores = scores.masked_fill((in_win | (j >= ctx.view(-1, 1))).unsqueeze(1), -math.inf)
     n_win = (win_hi - win_lo + 1).view(-1, 1)
     floor = n_win + sinks.sum(-1, keepdim=True)                                  # [nb, 1]
-    k = sel.pages_for_budget(budgets.view(1, Hkv).double().cpu(), ctx.view(-1, 1).double(), 0)
+    k = sel.pages_for_budget(budgets.view(1, Hkv).double().to(dev), ctx.view(-1, 1).double(), 0)
     k = torch.minimum(torch.maximum(k, floor), ctx.view(-1, 1))                  # [nb, Hkv]
     R = int((k - n_win).max())
     top = scores.topk(R, dim=-1).indices if R else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
-    keep = torch.arange(R).view(1, 1, R) < (k - n_win).unsqueeze(-1)
+    keep = torch.arange(R, device=dev).view(1, 1, R) < (k - n_win).unsqueeze(-1)
     rest = torch.where(keep, top, N).sort(-1).values
-    return BlockSelection(win_lo, win_hi, torch.where(rest == N, -1, rest), k, ctx)
+    return BlockSelection(win_lo, win_hi, torch.where(rest == N, -1, rest), k, ctx, page_size)
 
 
 def request_pages(buf: torch.Tensor, slots: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -180,11 +181,11 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
 def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kmin: torch.Tensor,
                    kmax: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices, prefix_lens: list[int],
                    extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
-                   scale: float, block: int = QUERY_BLOCK, attend=None) -> torch.Tensor:
+                   scale: float, block: int = QUERY_BLOCK, attend=None, estimate: str = "quest_sum") -> torch.Tensor:
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
-    `attend(q, k_pages, v_pages, chosen, prefix, scale, block)` may replace attend_blocks."""
-    attend = attend or attend_blocks
+    `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
+    the CPU path, which gathers the request's pages once and runs attend_blocks."""
     out = torch.empty(*q.shape[:3], v_buf.shape[-1], dtype=q.dtype, device=q.device)
     rows = req_pool_indices.tolist()
     start = 0
@@ -193,8 +194,44 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         phys = slots[::page_size].long() // page_size
         lo, hi = kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1)          # [Hkv, N, D]
         qr = q[start: start + n]
-        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block)
-        k_pages, v_pages = request_pages(k_buf, slots, page_size), request_pages(v_buf, slots, page_size)
-        out[start: start + n] = attend(qr, k_pages, v_pages, chosen, prefix, scale, block)
+        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block, estimate)
+        if attend is not None:
+            out[start: start + n] = attend(qr, k_buf, v_buf, slots, chosen, prefix, scale, block)
+        else:
+            k_pages, v_pages = request_pages(k_buf, slots, page_size), request_pages(v_buf, slots, page_size)
+            out[start: start + n] = attend_blocks(qr, k_pages, v_pages, chosen, prefix, scale, block)
         start += n
     return out
+
+
+def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.Tensor, page_size: int, sink: int,
+                   recent: int, block_starts: list[int], block: int = QUERY_BLOCK,
+                   estimate: str = "quest_sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill selector's recovery curve (profiler). q [Hq, L, D], k [Hkv, L, D] of one causal
+    prefill. For each sampled query block: the true page mass (softmax per query, mean over the
+    block's queries and the KV group) and the share of it the selector keeps at each grid budget.
+    Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks."""
+    Hq, L, D = q.shape
+    Hkv, P = k.shape[0], page_size
+    lo, hi = sel.page_minmax(k, P)                                               # [Hkv, N, D]
+    N = lo.shape[1]
+    recs, sinks = [], []
+    for s in block_starts:
+        qb = q[:, s: s + block].float().view(Hkv, Hq // Hkv, -1, D)              # [Hkv, g, B, D]
+        pos = s + torch.arange(qb.shape[2], device=q.device)
+        logits = torch.einsum("hgbd,hld->hgbl", qb, k.float()) * scale
+        logits.masked_fill_(torch.arange(L, device=q.device) > pos.view(-1, 1), -math.inf)
+        probs = torch.nn.functional.pad(logits.softmax(-1), (0, N * P - L))
+        mass = probs.unflatten(-1, (N, P)).sum(-1).mean((1, 2))                  # [Hkv, N]
+        first, last = int(pos[0]), int(pos[-1])
+        win_lo, win_hi = max(0, first // P - (recent - 1)), last // P
+        j = torch.arange(N, device=q.device)
+        forced = ((j >= win_lo) & (j <= win_hi)) | ((j < sink) & (j <= win_hi))
+        scores = block_scores(qb.flatten(1, 2).unsqueeze(0), lo, hi, estimate)[0]   # [Hkv, N]
+        scores = scores.masked_fill(forced, math.inf).masked_fill(j > win_hi, -math.inf)
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        ctx = torch.tensor(float(win_hi + 1))
+        k_pages = sel.pages_for_budget(grid.double(), ctx, int(forced.sum()))
+        recs.append(sel.recovery_curve(mass, order, k_pages.to(q.device).expand(Hkv, -1)))
+        sinks.append(mass[:, :sink].sum(-1))
+    return torch.stack(recs).mean(0), torch.stack(sinks).mean(0)

@@ -1,6 +1,9 @@
-"""The `shplb` attention backend: SGLang's torch-native attention plus per-head sparse decode.
+"""The `shplb` attention backend: SGLang's torch-native attention plus per-head sparse decode and prefill.
 
-Prefill (extend) is SGLang's own dense path; we only fold the new keys into the page metadata.
+Every K/V write (extend or decode) is folded into the page metadata when any phase is sparse.
+Prefill (extend) with prefill budgets: write K/V, fold the chunk's keys (its own pages count),
+then block-sparse attention per (query block, KV head) (sparse_prefill.py; Triton on CUDA).
+A layer whose prefill budgets are all 1.0 runs SGLang's dense extend unchanged.
 Decode writes K/V, updates the metadata, picks each local KV head's pages (Quest bound, sink +
 recent, top-k by that head's budget) and attends over them. A step where every head covers its
 whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
@@ -14,6 +17,7 @@ import torch
 from ..config import ConfigError, ShplbConfig
 from ..serving import rank_budgets
 from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
+from ..sparse_prefill import sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
 LOG_EVERY_STEPS = 64
@@ -51,6 +55,7 @@ def _parallel():
 
 def _make_backend_class():
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
     class _Shplb(TorchNativeAttnBackend):
@@ -64,23 +69,30 @@ def _make_backend_class():
                                   f"{pool_page}; use an SGLang page size that is a multiple of it")
             mc = model_runner.model_config
             self.tp_size, self.tp_rank = _parallel()
-            self.budgets = rank_budgets(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(),
-                                        self.tp_size, self.tp_rank)
+            shape = (mc.num_hidden_layers, mc.get_total_num_kv_heads(), self.tp_size, self.tp_rank)
+            self.budgets = rank_budgets(self.cfg, *shape)
+            self.prefill_budgets = rank_budgets(self.cfg, *shape, phase="prefill")
+            # Host-side per-layer flag: a layer whose heads all have full prefill budget runs SGLang's extend.
+            self.prefill_sparse = [] if self.prefill_budgets is None else \
+                [bool((row < 1.0).any()) for row in self.prefill_budgets]
+            self.keep_metadata = self.budgets is not None or self.prefill_budgets is not None
             self.meta = {}
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.steps = 0
             self.gauge = _metrics_gauge(model_runner)
-            self.gpu = None
+            self.gpu = self.gpu_prefill = None
             if torch.device(model_runner.device).type == "cuda":
+                import sglang_shplb_kernels as kernels
+
                 from ..gpu_decode import GpuSparseDecode
 
                 self.gpu = GpuSparseDecode(model_runner.device)
-            logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, budgets %s",
-                        self.tp_rank, self.page_size, self.cfg.sink_pages, self.cfg.recent_pages,
-                        "dense" if self.budgets is None else
-                        f"mean {float(self.budgets.mean()):.4f} over {tuple(self.budgets.shape)}")
+                self.gpu_prefill = kernels.attend_selection   # Triton block-sparse prefill (untested on GPU)
+            logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
+                        "prefill budgets %s", self.tp_rank, self.page_size, self.cfg.sink_pages,
+                        self.cfg.recent_pages, _describe(self.budgets), _describe(self.prefill_budgets))
 
         def _metadata(self, layer_id: int):
             if layer_id not in self.meta:
@@ -96,14 +108,38 @@ def _make_backend_class():
             fold(kmin, kmax, locs, k, self.page_size)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            if save_kv_cache and k is not None and self.budgets is not None:
-                self._fold_keys(layer, forward_batch.out_cache_loc, k)
-            return o
+            if not self._sparse_prefill_layer(layer):
+                o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+                if save_kv_cache and k is not None and self.keep_metadata:
+                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+                return o
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+                self._fold_keys(layer, forward_batch.out_cache_loc, k)   # before selecting: own pages count
+            Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+            kmin, kmax = self._metadata(layer.layer_id)
+            fb = forward_batch
+            out = sparse_prefill(
+                q.reshape(-1, Hkv, Hq // Hkv, D), self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), kmin, kmax,
+                self.req_to_token_pool.req_to_token, fb.req_pool_indices.cpu(),
+                _host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
+                _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
+                self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill)
+            return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+        def _sparse_prefill_layer(self, layer) -> bool:
+            return (bool(self.prefill_sparse) and self.prefill_sparse[layer.layer_id] and not layer.is_cross_attention
+                    and layer.attn_type != AttentionType.ENCODER_ONLY
+                    and (layer.sliding_window_size is None or layer.sliding_window_size < 0))
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if self.budgets is None or layer.is_cross_attention:
-                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+                o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+                if save_kv_cache and k is not None and self.keep_metadata:   # later chunks select over these pages
+                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+                return o
             if save_kv_cache and k is not None and v is not None:
                 self.token_to_kv_pool.set_kv_buffer(
                     layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
@@ -151,6 +187,15 @@ def _make_backend_class():
                             [int(x) for x in self.kv_read.tolist()])
 
     return _Shplb
+
+
+def _describe(budgets) -> str:
+    return "dense" if budgets is None else f"mean {float(budgets.mean()):.4f} over {tuple(budgets.shape)}"
+
+
+def _host_list(cpu_list, tensor) -> list[int]:
+    """ForwardBatch's host copy of per-request lengths when it has one (no device sync), else the tensor's."""
+    return list(cpu_list) if cpu_list is not None else tensor.tolist()
 
 
 def _metrics_gauge(model_runner):

@@ -1,0 +1,85 @@
+"""The block-sparse prefill stage of benchmark/gpu_check.py (kept apart so each file stays short).
+
+One request on a scattered paged cache (gpu_check's shapes: 32 q / 8 kv heads, head_dim 128, bf16):
+  * kernel == torch reference on a small case (selection at the check's budget, a cached prefix);
+  * at 100% budget the kernel equals dense causal SDPA (bf16 tolerance) at every context;
+  * timing per layer: dense causal SDPA over the gathered K/V vs our selection + kernel at --budget.
+Dry run: tiny sizes on CPU, the torch reference as the kernel unless TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import sglang_shplb_kernels as K
+from sglang_shplb.sparse_prefill import select_prefill_pages
+
+BLOCK = 64
+
+
+class PrefillCase:
+    """A request of ctx tokens on scattered pages; the last n of them are the chunk being prefilled."""
+
+    def __init__(self, run, ctx, n):
+        P, dev = run.args.page_size, run.dev
+        N = math.ceil(ctx / P)
+        perm = torch.randperm(N + 1)[:N] + 1                                      # page 0 unused
+        self.slots = (perm.view(-1, 1) * P + torch.arange(P)).flatten()[:ctx].to(dev)
+        shape = ((N + 2) * P, run.Hkv, run.D)
+        self.k = torch.randn(shape, dtype=torch.bfloat16, device=dev)
+        self.v = torch.randn(shape, dtype=torch.bfloat16, device=dev)
+        self.kmin = torch.full((N + 2, run.Hkv, run.D), math.inf, device=dev)
+        self.kmax = torch.full_like(self.kmin, -math.inf)
+        run.update(self.k[self.slots], self.slots, self.kmin, self.kmax, P)
+        self.prefix, self.n, self.P = ctx - n, n, P
+        self.q = torch.randn(n, run.Hq, run.D, dtype=torch.bfloat16, device=dev)
+
+    def select(self, run, budget):
+        phys = self.slots[:: self.P] // self.P
+        q4 = self.q.view(self.n, run.Hkv, -1, run.D)
+        budgets = torch.full((run.Hkv,), budget) * torch.linspace(0.5, 1.5, run.Hkv) if budget < 1 else \
+            torch.ones(run.Hkv)
+        return select_prefill_pages(q4, self.kmin[phys].transpose(0, 1), self.kmax[phys].transpose(0, 1),
+                                    self.prefix, budgets.clamp(max=1.0), self.P, 1, 2, run.block)
+
+    def sparse(self, run, kernel, budget):
+        chosen = self.select(run, budget)
+        return kernel(self.q, self.k, self.v, self.slots, chosen.page_lists(), self.prefix, run.D ** -0.5,
+                      run.block, self.P)
+
+    def dense(self, run):
+        """Causal SDPA over the request's gathered K/V (what a dense paged prefill computes)."""
+        keys, vals = self.k[self.slots].transpose(0, 1), self.v[self.slots].transpose(0, 1)
+        qf = torch.zeros(run.Hq, self.prefix + self.n, run.D, dtype=self.q.dtype, device=self.q.device)
+        qf[:, self.prefix:] = self.q.transpose(0, 1)
+        o = torch.nn.functional.scaled_dot_product_attention(qf[None], keys[None], vals[None], is_causal=True,
+                                                             enable_gqa=True, scale=run.D ** -0.5)
+        return o[0, :, self.prefix:].transpose(0, 1)
+
+
+def prefill_check(run):
+    gpu = run.dev.type == "cuda"
+    kernel = K.block_sparse_prefill if run.impl == "triton" else K.block_sparse_prefill_torch
+    run.block = BLOCK if gpu else 16
+    small = PrefillCase(run, 2048 if gpu else 200, 1024 if gpu else 120)
+    got, want = small.sparse(run, kernel, run.args.budget), small.sparse(run, K.block_sparse_prefill_torch, run.args.budget)
+    err = float((got.float() - want.float()).abs().max())
+    run.check(f"block_sparse_prefill == torch ref (ctx={small.prefix + small.n}, chunk {small.n})",
+              err < 2e-2, f"max abs err {err:.2e}")
+    for ctx in ((8192, 32768) if gpu else (64, 200)):
+        if run.elapsed() > run.args.time_limit:
+            run.notes.append(f"skipped prefill ctx={ctx}: past --time-limit")
+            continue
+        case = PrefillCase(run, ctx, ctx)
+        dense = case.dense(run)
+        full = case.sparse(run, kernel, 1.0)
+        rel = float((full.float() - dense.float()).abs().max() / dense.float().abs().max())
+        run.check(f"prefill sparse@100% == dense causal SDPA (ctx={ctx})", rel < 2e-2, f"max rel err {rel:.2e}")
+        run.timed(f"prefill dense causal SDPA ctx={ctx} (per layer)", lambda: case.dense(run))
+        run.timed(f"prefill shplb {run.args.budget:.0%} select+{run.impl} ctx={ctx} (per layer)",
+                  lambda: case.sparse(run, kernel, run.args.budget))
+        run.timed(f"prefill select only ctx={ctx}", lambda: case.select(run, run.args.budget))
+        del case
+        if gpu:
+            torch.cuda.empty_cache()
