@@ -57,7 +57,7 @@ class Supervisor:
         self.cmd = cmd
         self.child: subprocess.Popen | None = None
         self.known: dict[int, psutil.Process] = {}  # every descendant seen, to stop even re-parented ones
-        self.workers: set[int] = set()              # those SGLang named `sglang::...` (its workers)
+        self.workers: dict[int, str] = {}           # pid -> name of those SGLang named `sglang::...`
         self.stop_sig: int | None = None
         self.deadline = float("inf")
         self.dead_worker: str | None = None
@@ -86,24 +86,17 @@ class Supervisor:
             try:
                 if p.status() != psutil.STATUS_ZOMBIE:
                     alive.add(p.pid)
-                    if p.name().startswith("sglang::"):
-                        self.workers.add(p.pid)
+                    name = p.name()  # remembered: a dead process has no name to ask for
+                    if name.startswith("sglang::"):
+                        self.workers[p.pid] = name
             except psutil.NoSuchProcess:
                 pass
-        gone = sorted(self.workers - alive)
+        gone = sorted(set(self.workers) - alive)
         if gone and self.dead_worker is None and self.stop_sig is None:
-            p = self.known[gone[0]]
-            self.dead_worker = f"{self._name(p)} (pid {p.pid})"
+            self.dead_worker = f"{self.workers[gone[0]]} (pid {gone[0]})"
             self.deadline = time.monotonic() + WORKER_GRACE_S
             print(f"[sglang-shplb] SGLang worker {self.dead_worker} died; waiting up to "
                   f"{WORKER_GRACE_S:.0f} s for the server to stop", file=sys.stderr, flush=True)
-
-    @staticmethod
-    def _name(p: psutil.Process) -> str:
-        try:
-            return p.name()
-        except psutil.Error:
-            return "worker"
 
     def _leftovers(self) -> list[psutil.Process]:
         mine = psutil.Process().children(recursive=True)  # includes orphans re-parented to us

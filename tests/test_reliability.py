@@ -1,0 +1,158 @@
+"""Bad input against one shared CPU server with a plan applied: every case gets a 400 whose message
+names the problem, and the server stays up. Then stop behaviour at tp 1: SIGTERM stops every
+process, the port is free for an immediate restart, Ctrl-C (SIGINT to the group) stops it too,
+and SIGTERM while the workers still start up leaves no orphans (stock SGLang 0.5.23 did).
+
+Which cases stock SGLang already handled and which our layer fixes: sglang_adapter/api_checks.py."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+import conftest
+
+LONG_TEXT = "hello world " * 6000  # ~12k tokens; SmolLM2's context is 8192
+CHAT = "/v1/chat/completions"
+
+
+def chat_body(**kw) -> dict:
+    return {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **kw}
+
+
+# (id, path, body: dict or raw str, a phrase the error message must contain)
+BAD_REQUESTS = [
+    ("chat-malformed-json", CHAT, '{"model": "default", "messages": [', "JSON decode error"),
+    ("chat-not-json", CHAT, "hello", "JSON decode error"),
+    ("chat-empty-body", CHAT, "", "Field required"),
+    ("chat-body-array", CHAT, "[1, 2]", "must be a JSON object"),              # stock: 500
+    ("chat-body-null", CHAT, "null", "must be a JSON object"),                 # stock: 500
+    ("chat-empty-messages", CHAT, chat_body(messages=[]), "Messages cannot be empty"),
+    ("chat-messages-string", CHAT, chat_body(messages="hi"), "valid list"),
+    ("chat-content-number", CHAT, chat_body(messages=[{"role": "user", "content": 5}]), "valid string"),
+    ("chat-max-tokens-zero", CHAT, chat_body(max_tokens=0), "max_tokens must be at least 1"),  # stock: 200
+    ("chat-max-tokens-negative", CHAT, chat_body(max_tokens=-5), "max_tokens must be at least 1"),
+    ("chat-max-completion-tokens-zero", CHAT, chat_body(max_completion_tokens=0), "max_completion_tokens"),
+    ("chat-max-tokens-string", CHAT, chat_body(max_tokens="ten"), "valid integer"),
+    ("chat-n-zero", CHAT, chat_body(n=0), "n must be at least 1"),             # stock: "range() arg 3..."
+    ("chat-temperature-string", CHAT, chat_body(temperature="hot"), "valid number"),
+    ("chat-stream-max-tokens-zero", CHAT, chat_body(max_tokens=0, stream=True), "max_tokens"),
+    ("chat-prompt-too-long", CHAT, chat_body(messages=[{"role": "user", "content": LONG_TEXT}]),
+     "longer than the model's context length"),
+    ("chat-max-tokens-past-context", CHAT, chat_body(max_tokens=100000), "maximum context length"),
+    ("completions-max-tokens-zero", "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 0},
+     "max_tokens must be positive"),
+    ("completions-empty-prompt", "/v1/completions", {"model": "default", "prompt": ""}, "Prompt cannot be empty"),
+    ("completions-prompt-object", "/v1/completions", {"model": "default", "prompt": {"a": 1}}, "prompt"),
+    ("completions-prompt-too-long", "/v1/completions", {"model": "default", "prompt": LONG_TEXT, "max_tokens": 4},
+     "longer than the model's context length"),
+    ("generate-malformed-json", "/generate", '{"text": ', "JSON decode error"),
+    ("generate-max-new-tokens-negative", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}},
+     "max_new_tokens must be at least 0"),
+    ("generate-max-new-tokens-string", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "x"}},
+     "invalid type"),
+    ("generate-no-text", "/generate", {"sampling_params": {"max_new_tokens": 3}}, "text, input_ids or input_embeds"),
+    ("generate-text-too-long", "/generate", {"text": LONG_TEXT, "sampling_params": {"max_new_tokens": 4}},
+     "longer than the model's context length"),
+]
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def plan1(tmp_path_factory):
+    from test_plan_server import PROFILE
+
+    d = tmp_path_factory.mktemp("plan1")
+    cli("sglang_shplb.budget", "--profile", PROFILE, "--mean-budget", "0.1", "--out", d / "b.json")
+    cli("sglang_shplb.plan", "--budgets", d / "b.json", "--tp", "1", "--out", d / "plan.json")
+    return d / "plan.json"
+
+
+@pytest.fixture(scope="module")
+def server(start_server, plan1):
+    return start_server(["--shplb-plan", str(plan1)], name="reliability")
+
+
+def error_message(r: requests.Response) -> str:
+    """SGLang's three error shapes: OpenAI {"message"}, native {"error": {"message"}} or {"error": str}."""
+    body = r.json()
+    err = body.get("error", body)
+    return err.get("message", "") if isinstance(err, dict) else str(err)
+
+
+def assert_healthy(server) -> None:
+    assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("path,body,needle", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request_refused_server_stays_up(server, path, body, needle):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code == 400, r.text[:500]
+    assert needle in error_message(r), error_message(r)[:500]
+    assert_healthy(server)
+
+
+def test_still_serves_after_bad_input(server):
+    answer = server.chat("What is the capital of France?", max_tokens=16)["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+    assert "Traceback" not in server.log(), "a bad request made SGLang log a traceback"
+
+
+# ------------------------------------------------------------------ stop signals (tp 1)
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.Process]:
+    deadline = time.time() + timeout
+    while alive(procs) and time.time() < deadline:
+        time.sleep(0.5)
+    return alive(procs)
+
+
+def test_sigterm_stops_all_and_port_restarts(server, plan1, start_server, monkeypatch):
+    kids = descendants(server.proc.pid)
+    assert any(p.name().startswith("sglang::scheduler") for p in kids)
+    os.kill(server.proc.pid, signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0
+    assert wait_gone(kids, 10) == []
+    monkeypatch.setattr(conftest, "free_port", lambda: server.port)  # restart on the very same port
+    again = start_server(["--shplb-plan", str(plan1)], name="restart")
+    assert again.port == server.port and "Paris" in again.chat("What is the capital of France?")[
+        "choices"][0]["message"]["content"]
+    kids = descendants(again.proc.pid)
+    os.killpg(again.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole group
+    assert again.proc.wait(timeout=60) in (0, 128 + signal.SIGINT)
+    assert wait_gone(kids, 10) == []
+
+
+def test_sigterm_during_startup_leaves_no_orphans(tmp_path):
+    srv = conftest.Server(["--shplb-budget", "0.1"], tmp_path / "early.log")
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(descendants(srv.proc.pid)) < 4:  # SGLang main, its resource tracker, 2 workers
+            time.sleep(0.2)
+        kids = descendants(srv.proc.pid)
+        assert len(kids) >= 4, srv.log_tail()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        assert srv.proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert wait_gone(kids, 10) == [], srv.log_tail()
+        assert "stopped on SIGTERM" in srv.log()
+    finally:
+        srv.stop()
