@@ -142,7 +142,10 @@ def _apply_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> list
             from .plan import check_plan, load_plan
 
             plan = load_plan(cfg.plan)
-            check_plan(plan, model_path, tp)
+            try:
+                check_plan(plan, model_path, tp)
+            except ArtifactError as e:  # check_plan knows the plan, not its file: name it
+                raise ArtifactError(f"--shplb-plan {cfg.plan}: {e}") from None
             kv_heads = plan.get("served_num_kv_heads", kv_heads)
             argv = _merge_overrides(argv, model_overrides(plan))
         fingerprint = None if cfg.plan else model_fingerprint(model_path)  # check_plan did it for plans
