@@ -164,7 +164,7 @@ def test_block_recovery_is_the_selected_mass():
 
 def test_unknown_estimate_is_refused():
     with pytest.raises(ValueError, match="unknown prefill estimate"):
-        block_scores(torch.zeros(1, 1, 2, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), "magic")
+        block_scores(torch.zeros(1, 2, 1, 1, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), "magic")
 
 
 # ---------------------------------------------------------------- budgets: config, artifacts, planner

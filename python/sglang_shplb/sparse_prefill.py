@@ -71,15 +71,16 @@ def block_window(first: torch.Tensor, last: torch.Tensor, page_size: int, recent
 
 
 def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = "quest_sum"):
-    """q_blocks [nb, Hkv, M, D] (a block's M = B*G queries), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
-    if estimate == "quest_sum":   # selection.group_upper_bound, without broadcasting the metadata
-        q = q_blocks.float()
-        pos = q.clamp(min=0).sum(-2)
-        return torch.einsum("bhd,hnd->bhn", pos, hi) + torch.einsum("bhd,hnd->bhn", q.sum(-2) - pos, lo)
-    if estimate == "quest_max":   # per-query bound, max over the block: sharper, M times the cost
-        return sel.quest_upper_bound(q_blocks, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
+    """q_blocks [nb, B, Hkv, G, D] (the queries of each block), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
+    q = q_blocks.float()
+    if estimate == "quest_sum":   # selection.group_upper_bound over the block's B*G queries, summed first
+        pos = q.clamp(min=0).sum(3).sum(1)                 # G then B: each reduction over adjacent dims
+        return torch.einsum("bhd,hnd->bhn", pos, hi) + torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1) - pos, lo)
+    if estimate == "quest_max":   # per-query bound, max over the block: sharper, B*G times the cost
+        qm = q.permute(0, 2, 1, 3, 4).flatten(2, 3)
+        return sel.quest_upper_bound(qm, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
     if estimate == "centre":      # pooled query against the page's box centre (a mean-key proxy)
-        return torch.einsum("bhd,hnd->bhn", q_blocks.float().mean(-2), (lo + hi) / 2)
+        return torch.einsum("bhd,hnd->bhn", q.mean((1, 3)), (lo + hi) / 2)
     raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
 
 
@@ -104,8 +105,7 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     win_lo, win_hi = block_window(first, last, page_size, recent)
     j = torch.arange(N, device=dev).view(1, -1)
     in_win = (j >= win_lo.view(-1, 1)) & (j <= win_hi.view(-1, 1))               # [nb, N]
-    qb = pad_blocks(q, block).permute(0, 2, 1, 3, 4).flatten(2, 3)               # [nb, Hkv, B*G, D]
-    scores = block_scores(qb, lo.float(), hi.float(), estimate)                  # [nb, Hkv, N]
+    scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
     sinks = (j < sink) & ~in_win
     scores = scores.masked_fill(sinks.unsqueeze(1), math.inf)
     scores = scores.masked_fill((in_win | (j >= ctx.view(-1, 1))).unsqueeze(1), -math.inf)
@@ -156,7 +156,8 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     n, Hkv, G, D = q.shape
     P = k_pages.shape[2]
     L = prefix_len + n
-    qb = (pad_blocks(q, block) * scale).permute(0, 2, 1, 3, 4)                   # [nb, Hkv, B, G, D]
+    qp = pad_blocks(q, block).permute(0, 2, 1, 3, 4)
+    qb = torch.mul(qp, scale, out=torch.empty(qp.shape, dtype=q.dtype))           # [nb, Hkv, B, G, D], one pass
     heads = torch.arange(Hkv).view(1, Hkv, 1)
     out = q.new_empty(qb.shape[0], Hkv, block, G, v_pages.shape[-1])
     for b0, b1 in _steps(chosen, Hkv * block * G * P):
@@ -227,7 +228,7 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
         win_lo, win_hi = max(0, first // P - (recent - 1)), last // P
         j = torch.arange(N, device=q.device)
         forced = ((j >= win_lo) & (j <= win_hi)) | ((j < sink) & (j <= win_hi))
-        scores = block_scores(qb.flatten(1, 2).unsqueeze(0), lo, hi, estimate)[0]   # [Hkv, N]
+        scores = block_scores(qb.permute(2, 0, 1, 3).unsqueeze(0), lo, hi, estimate)[0]   # [Hkv, N]
         scores = scores.masked_fill(forced, math.inf).masked_fill(j > win_hi, -math.inf)
         order = scores.argsort(dim=-1, descending=True, stable=True)
         ctx = torch.tensor(float(win_hi + 1))
