@@ -4,7 +4,8 @@ One request on a scattered paged cache (gpu_check's shapes: 32 q / 8 kv heads, h
   * kernel == torch reference on a small case (selection at the check's budget, a cached prefix);
   * at 100% budget the kernel equals dense causal SDPA (bf16 tolerance) at every context;
   * timing per layer: dense causal SDPA over the gathered K/V vs our selection + kernel at --budget.
-Dry run: tiny sizes on CPU, the torch reference as the kernel unless TRITON_INTERPRET=1.
+Dry run: tiny sizes on CPU in fp16 (the interpreter's numpy has no bf16), the torch reference as
+the kernel unless TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ class PrefillCase:
         perm = torch.randperm(N + 1)[:N] + 1                                      # page 0 unused
         self.slots = (perm.view(-1, 1) * P + torch.arange(P)).flatten()[:ctx].to(dev)
         shape = ((N + 2) * P, run.Hkv, run.D)
-        self.k = torch.randn(shape, dtype=torch.bfloat16, device=dev)
-        self.v = torch.randn(shape, dtype=torch.bfloat16, device=dev)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+        self.k = torch.randn(shape, dtype=dtype, device=dev)
+        self.v = torch.randn(shape, dtype=dtype, device=dev)
         self.kmin = torch.full((N + 2, run.Hkv, run.D), math.inf, device=dev)
         self.kmax = torch.full_like(self.kmin, -math.inf)
         run.update(self.k[self.slots], self.slots, self.kmin, self.kmax, P)
         self.prefix, self.n, self.P = ctx - n, n, P
-        self.q = torch.randn(n, run.Hq, run.D, dtype=torch.bfloat16, device=dev)
+        self.q = torch.randn(n, run.Hq, run.D, dtype=dtype, device=dev)
 
     def select(self, run, budget):
         phys = self.slots[:: self.P] // self.P
