@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     s = body["summary"]
     print(f"wrote {args.out}: {args.method} at mean {args.mean_budget}: predicted recovery mean "
           f"{s['mean_recovery']:.4f}, worst {s['worst_recovery']:.4f}")
+    if "prefill_budgets" in body:
+        r = torch.tensor(body["prefill_predicted_recovery"])
+        print(f"  prefill budgets at mean {args.prefill_mean_budget}: predicted recovery mean {float(r.mean()):.4f}, "
+              f"worst {float(r.min()):.4f}")
     return 0
 
 
