@@ -22,7 +22,8 @@ import time
 
 import psutil
 
-POLL_S = 0.5
+POLL_S = 1.0
+FULL_SCAN_EVERY = 5  # ticks between full process-tree walks (it reads all of /proc)
 STOP_GRACE_S = float(os.environ.get("SGLANG_SHPLB_STOP_GRACE_S", "30"))  # SGLang stops in 5-10 s on 2 cores
 WORKER_GRACE_S = float(os.environ.get("SGLANG_SHPLB_WORKER_GRACE_S", "20"))  # stock reacts in ~5 s
 REAP_GRACE_S = 5.0
@@ -74,29 +75,36 @@ class Supervisor:
             pass
 
     # ------------------------------------------------------------ watching
-    def _scan(self) -> None:
-        """Remember descendants; note the first SGLang worker that disappears."""
+    def _discover(self) -> None:
+        """Remember every descendant and SGLang's named workers (a full /proc walk: not every tick)."""
         try:
             kids = psutil.Process(self.child.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        alive = set()
         for p in kids:
             self.known.setdefault(p.pid, p)
             try:
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    alive.add(p.pid)
-                    name = p.name()  # remembered: a dead process has no name to ask for
-                    if name.startswith("sglang::"):
-                        self.workers[p.pid] = name
+                name = p.name()  # remembered: a dead process has no name to ask for
+                if name.startswith("sglang::") and p.status() != psutil.STATUS_ZOMBIE:
+                    self.workers[p.pid] = name
             except psutil.NoSuchProcess:
                 pass
-        gone = sorted(set(self.workers) - alive)
-        if gone and self.dead_worker is None and self.stop_sig is None:
-            self.dead_worker = f"{self.workers[gone[0]]} (pid {gone[0]})"
+
+    def _check_workers(self) -> None:
+        """Note the first known worker that is gone (dead or a zombie its parent has not reaped)."""
+        if self.dead_worker is not None or self.stop_sig is not None:
+            return
+        for pid, name in sorted(self.workers.items()):
+            try:
+                if self.known[pid].status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.NoSuchProcess:
+                pass
+            self.dead_worker = f"{name} (pid {pid})"
             self.deadline = time.monotonic() + WORKER_GRACE_S
             print(f"[sglang-shplb] SGLang worker {self.dead_worker} died; waiting up to "
                   f"{WORKER_GRACE_S:.0f} s for the server to stop", file=sys.stderr, flush=True)
+            return
 
     def _leftovers(self) -> list[psutil.Process]:
         mine = psutil.Process().children(recursive=True)  # includes orphans re-parented to us
@@ -126,9 +134,12 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         self.child = subprocess.Popen(self.cmd, preexec_fn=_term_on_parent_death)
-        forced = False
+        forced, tick = False, 0
         while self.child.poll() is None:
-            self._scan()
+            if tick % FULL_SCAN_EVERY == 0 or not self.workers:  # workers appear during start-up
+                self._discover()
+            self._check_workers()
+            tick += 1
             if time.monotonic() >= self.deadline:
                 forced = True
                 break
