@@ -18,3 +18,30 @@ def write_result(path, title: str, note: str, rows: list[str], command: str) -> 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     print(text)
+
+
+PROFILE = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+BUDGET_METHODS = ("uniform", "shift", "optimal", "bubbles")
+
+
+def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3) -> dict:
+    """A budgets artifact body [layers][kv groups] from the committed profile. `bubbles` is
+    `optimal` then fill-bubbles of a balanced tp-`tp` plan: under-loaded ranks get extra budget up
+    to the slowest rank's work, so its mean is above `mean` at the same step time."""
+    from sglang_shplb.budget import make_budgets
+    from sglang_shplb.profile import Profile
+
+    prof = Profile.load(PROFILE)
+    body = make_budgets(prof, mean, "optimal" if method == "bubbles" else method, "kv", metric=metric)
+    if method == "bubbles":
+        from sglang_shplb.plan import make_plan
+
+        plan = make_plan(body, tp, "balanced", "kv", profile=prof, fill=True)
+        body = {**body, "method": f"optimal+bubbles(tp{tp})",
+                "budgets": [lay["unit_budgets"] for lay in plan["layers"]]}
+    return body
+
+
+def mean_of(body: dict) -> float:
+    rows = body["budgets"]
+    return sum(map(sum, rows)) / sum(map(len, rows))

@@ -1,0 +1,75 @@
+"""The retrieval task generators: needles really in the prompt, answers unambiguous, seeds fixed,
+lengths on target, scoring exact."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+from ruler_tasks import FAMILIES, Task, make_task, sentences  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="module")
+def pieces(corpus_dir):
+    out = []
+    for f in sorted(corpus_dir.glob("*.txt")):
+        out += sentences(f.read_text(errors="replace"))
+    return out
+
+
+def count(tok):
+    return lambda s: len(tok(s, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("level", [0, 1])
+def test_needles_in_prompt_and_answers_unambiguous(family, level, pieces, tokenizer):
+    for seed in range(3):
+        t = make_task(family, level, pieces, count(tokenizer), 2048, seed)
+        t.check()  # each needle exactly once; no answer/distractor outside its needle
+        for a in t.answers:
+            assert sum(a in n for n in t.needles) >= 1, f"answer {a} is in no needle"
+        assert not set(t.answers) & set(t.decoys)
+        n = count(tokenizer)(t.user_message)
+        assert 0.9 * 2048 <= n <= 2048 + 64, n  # on target length
+
+
+def test_family_shapes(pieces, tokenizer):
+    c = count(tokenizer)
+    assert len(make_task("single_needle", 0, pieces, c, 1024, 0).needles) == 1
+    mk = make_task("multi_key", 1, pieces, c, 1024, 0)
+    assert len(mk.needles) == 3 and len(mk.decoys) == 2
+    assert len(make_task("multi_value", 1, pieces, c, 1024, 0).answers) == 2
+    vt = make_task("variable_track", 1, pieces, c, 1024, 0)
+    # chains keep their order in the text: VAR B = VAR A comes after VAR A = value
+    a, b = vt.answers
+    assert vt.context.index(f"VAR {a} =") < vt.context.index(f"VAR {b} = VAR {a}")
+
+
+def test_seeded(pieces, tokenizer):
+    c = count(tokenizer)
+    assert make_task("multi_key", 1, pieces, c, 1024, 3) == make_task("multi_key", 1, pieces, c, 1024, 3)
+    assert make_task("multi_key", 1, pieces, c, 1024, 3) != make_task("multi_key", 1, pieces, c, 1024, 4)
+
+
+def test_scoring_exact():
+    t = Task("multi_value", 1, 0, "ctx", "q?", "prefix", ("123456", "654321"), decoys=("111111",))
+    assert t.score("123456 and 654321") == 1.0
+    assert t.score("1234567 and 654321") == 0.5        # a longer number is not the answer
+    assert t.score("123456, 654321, 111111") == 0.0    # naming a distractor is not retrieval
+    assert t.score("nothing") == 0.0
+
+
+def test_malformed_task_is_refused():
+    t = Task("single_needle", 0, 0, "The number is: 5. Also 5.", "q?", "p", ("5",), needles=("The number is: 5.",))
+    with pytest.raises(ValueError, match="outside the needles"):
+        t.check()
+    with pytest.raises(ValueError, match="unknown task family"):
+        make_task("needle", 0, ["A sentence."], len, 100, 0)
