@@ -36,8 +36,16 @@ def paged_pool(seq_lens, seed=0):
     return req_to_token, k_buf, v_buf, kmin, kmax
 
 
-def brute_force_pages(q, keys, prefix, budgets, sink, recent):
-    """{(block, head): set of pages} from the definition: window + sink + top Quest-sum pages."""
+def page_score(qs, page, estimate):
+    """One page's estimate for a block's queries qs [M, D], from the page's own keys [P, D]."""
+    lo, hi = page.min(0).values, page.max(0).values
+    if estimate == "centre":
+        return float(qs.mean(0) @ ((lo + hi) / 2))
+    return float(torch.maximum(qs * lo, qs * hi).sum())          # quest_sum: the Quest bound summed
+
+
+def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre"):
+    """{(block, head): set of pages} from the definition: window + sink + top pages by the estimate."""
     n, L = q.shape[0], prefix + q.shape[0]
     out = {}
     for b in range(math.ceil(n / B)):
@@ -47,11 +55,7 @@ def brute_force_pages(q, keys, prefix, budgets, sink, recent):
         forced = window | set(range(min(sink, ctx)))
         for h in range(HKV):
             qs = q[b * B: (b + 1) * B, h].reshape(-1, D)
-            ub = []
-            for j in range(ctx):
-                page = keys[j * P: min((j + 1) * P, L), h]
-                lo, hi = page.min(0).values, page.max(0).values
-                ub.append(float(torch.maximum(qs * lo, qs * hi).sum()))
+            ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate) for j in range(ctx)]
             k = min(max(math.ceil(float(budgets[h]) * ctx - 1e-6), len(forced)), ctx)
             rest = sorted((j for j in range(ctx) if j not in forced), key=lambda j: -ub[j])
             out[b, h] = forced | set(rest[: k - len(forced)])
@@ -70,13 +74,13 @@ def masked_reference(q, keys, vals, prefix, pages, scale):
     return out
 
 
-def one_request(L, prefix, budgets, sink=1, recent=2, seed=0):
+def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre"):
     req_to_token, k_buf, v_buf, kmin, kmax = paged_pool([L], seed)
     slots = req_to_token[1, :L]
     phys = slots[::P] // P
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
-                                  budgets, P, sink, recent, B)
+                                  budgets, P, sink, recent, B, estimate)
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -86,11 +90,12 @@ def as_sets(chosen):
             for b in range(lists.shape[0]) for h in range(lists.shape[1])}
 
 
+@pytest.mark.parametrize("estimate", ["centre", "quest_sum"])
 @pytest.mark.parametrize("L,prefix,sink,recent", [(150, 0, 1, 2), (150, 67, 1, 2), (101, 20, 2, 1), (60, 0, 0, 3)])
-def test_selector_matches_brute_force(L, prefix, sink, recent):
+def test_selector_matches_brute_force(L, prefix, sink, recent, estimate):
     budgets = torch.tensor([0.3, 0.6, 0.05])
-    q, keys, _, chosen, _ = one_request(L, prefix, budgets, sink, recent)
-    want = brute_force_pages(q, keys, prefix, budgets, sink, recent)
+    q, keys, _, chosen, _ = one_request(L, prefix, budgets, sink, recent, estimate=estimate)
+    want = brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate)
     assert as_sets(chosen) == want
     assert bool((chosen.rest >= sink).any()), "the case must exercise ranked (non-forced) pages"
     assert torch.equal(chosen.count, torch.tensor([[len(want[b, h]) for h in range(HKV)]

@@ -27,6 +27,7 @@ class ShplbConfig:
     sink_pages: int = 1                     # always-kept pages at the start of the context
     recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
     prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
+    prefill_estimate: str = "centre"        # page estimate of the prefill selector (sparse_prefill.ESTIMATES)
     log_stats: bool = False                 # log per-rank KV tokens read per layer
 
     def __post_init__(self):
@@ -39,6 +40,10 @@ class ShplbConfig:
         if self.sink_pages < 0 or self.recent_pages < 1:
             raise ConfigError("--shplb-sink-pages must be >= 0 and --shplb-recent-pages >= 1 "
                               f"(got {self.sink_pages}, {self.recent_pages})")
+        from .sparse_prefill import ESTIMATES
+
+        if self.prefill_estimate not in ESTIMATES:
+            raise ConfigError(f"prefill_estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
         if self.budgets and self.plan:
             raise ConfigError("give either --shplb-budgets or --shplb-plan (a plan already holds budgets)")
         for name in ("budgets", "plan"):

@@ -11,7 +11,7 @@ of the query's context, at page granularity), the recovery ratio (share of softm
 per (layer, query head) and per (layer, KV group) (a group shares one page selection). Only the
 sampled queries' scores are formed ([heads, queries, L]), never L x L, so 8k context stays small.
 Plus `prefill_kv`: the block-sparse prefill selector (sparse_prefill.py: sink + diagonal window +
-Quest-sum pages per 64-query block and KV group) on a few sampled query blocks, against the
+top pages by the default page estimate, per 64-query block and KV group) on a few sampled query blocks, against the
 block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay valid.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import selection as sel
-from .sparse_prefill import QUERY_BLOCK, block_recovery
+from .sparse_prefill import DEFAULT_ESTIMATE, QUERY_BLOCK, block_recovery
 from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
 
 BUDGET_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -198,7 +198,7 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
         "corpus": [f.name for f in files], "selectors": {"oracle": "top pages by true softmax mass",
                                                          "runtime": "sink+recent pages, then Quest upper bound",
                                                          "prefill": f"per {QUERY_BLOCK}-query block: sink + window "
-                                                                    "pages, then Quest bound of the summed block"},
+                                                                    f"pages, then by the {DEFAULT_ESTIMATE} estimate"},
         "budget_grid": list(BUDGET_GRID), "budget_rule": "max(ceil(b*pages), sink+recent) pages",
     }
     return Profile(meta, tensors)

@@ -126,7 +126,8 @@ def _make_backend_class():
                 self.req_to_token_pool.req_to_token, fb.req_pool_indices.cpu(),
                 _host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
                 _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
-                self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill)
+                self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
+                estimate=self.cfg.prefill_estimate)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
         def _sparse_prefill_layer(self, layer) -> bool:
