@@ -1,11 +1,12 @@
 """`python -m sglang_shplb.supervisor -- CMD...`: a thin parent that runs the SGLang server CMD.
 
 Why it exists (measured on stock SGLang 0.5.23, CPU, --tp 3):
-- SIGTERM/SIGINT to the server while its workers are still importing kills only the main process;
-  the scheduler/detokenizer workers arm PR_SET_PDEATHSIG only once their imports are done, so they
-  stay behind as orphans, forever (and hold memory and cores).
-- When a worker dies, SGLang usually notices and SIGKILLs its own tree within seconds; if it does
-  not (a rank blocked outside a collective), nothing bounds the wait.
+- SIGTERM to the server while its workers are still importing kills only the main process (exit
+  -15); the scheduler/detokenizer workers arm PR_SET_PDEATHSIG only once their imports are done, so
+  they stay behind as orphans, still running a minute later (holding memory and cores).
+- When a worker is killed, SGLang noticed (gloo "Connection closed by peer" on the other ranks,
+  SIGQUIT) and SIGKILLed its own tree in ~5 s, exiting -9 with tracebacks but no line naming the
+  dead worker. If it does not notice (a rank blocked outside a collective), nothing bounds the wait.
 
 So this parent: forwards stop signals to SGLang, becomes the child subreaper (orphans of SGLang are
 re-parented to it), remembers every descendant, and when SGLang exits it stops whatever is left.
