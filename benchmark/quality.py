@@ -1,6 +1,8 @@
 """Quality under sparsity: perplexity and top-1 agreement with dense, per budget method.
 
     python benchmark/quality.py [--contexts 2048 4096] [--means 0.02 0.05 0.1 0.2] [--windows 1]
+    python benchmark/quality.py --selector prefill --contexts 4096 8192 --means 0.1 0.2 \
+        --methods uniform optimal --out benchmark/results/quality_prefill.md
 
 Runs the real model (HF transformers, fp32) over corpus windows where every query position
 attends only to the pages our decode selector would pick for it: per KV group, Quest upper bound
@@ -9,9 +11,11 @@ pages with k from its budget (sglang_shplb.selection, the same code the server r
 uniform (Quest-style), shift (the paper), optimal (ours) from the committed profile, at equal
 mean. The windows are taken from lcet10.txt at offsets the committed profile did not use... as far
 as one text allows: the profile used all four texts, so this measures in-distribution transfer.
-Reports next-token perplexity and top-1 agreement with dense.
-
-The retrieval (RULER-style) half of the quality benchmark is not written yet.
+Reports next-token perplexity and top-1 agreement with dense, and a PNG (ratio vs mean budget).
+`bubbles` is optimal plus fill-bubbles of a tp-3 plan (its real mean, above the nominal one, is
+in the table). `--selector prefill` applies the sparse-prefill selector instead (query blocks of
+64 against the sink, the diagonal window and top-k pages; `sglang_shplb.sparse_prefill`): what a
+server with `--shplb-prefill-budget` computes for a prompt. The retrieval half is retrieval.py.
 """
 import argparse
 import math
@@ -23,25 +27,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from common import write_result  # noqa: E402
+from common import BUDGET_METHODS, PROFILE, kv_budgets, mean_of, write_result  # noqa: E402
+from plots import line_plot  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
-from sglang_shplb.budget import METHODS, make_budgets  # noqa: E402
+from sglang_shplb import sparse_prefill as sp  # noqa: E402
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 
-PROFILE = ROOT / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-# Budget methods compared; optimal also with the paper's total-mass recovery, to show what the
-# sinkless metric buys.
-VARIANTS = [(m, "sinkless") for m in METHODS] + [("optimal", "total")]
+# `optimal-total`: optimal on the paper's total-mass recovery, to show what the sinkless metric buys.
+METHODS = (*BUDGET_METHODS, "optimal-total")
 Q_CHUNK = 512  # queries per attention chunk: bounds memory at [Hq, chunk, L]
 
 
 class SparseAttention:
     """An HF attention function that applies per-KV-group page selection at every query."""
 
-    def __init__(self, page_size, sink, recent):
-        self.P, self.sink, self.recent = page_size, sink, recent
+    def __init__(self, page_size, sink, recent, selector="decode"):
+        self.P, self.sink, self.recent, self.selector = page_size, sink, recent, selector
         self.budgets = None  # [layers, Hkv] or None for dense
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -49,8 +52,21 @@ class SparseAttention:
 
         if self.budgets is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-        out = self.attend(query[0], key[0], value[0], self.budgets[module.layer_idx], scaling or module.scaling)
+        attend = self.attend if self.selector == "decode" else self.attend_prefill
+        out = attend(query[0], key[0], value[0], self.budgets[module.layer_idx], scaling or module.scaling)
         return out.transpose(0, 1).unsqueeze(0), None  # HF wants [B, L, H, D]
+
+    def attend_prefill(self, q, k, v, budgets, scale):
+        """The server's sparse-prefill path on one whole prompt (prefix 0)."""
+        Hq, L, D = q.shape
+        Hkv, P = k.shape[0], self.P
+        qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
+        lo, hi = sel.page_minmax(k, P)
+        chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent)
+        pad = lo.shape[1] * P - L
+        pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
+        out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
+        return out.permute(1, 2, 0, 3).reshape(Hq, L, -1)
 
     def page_mask(self, q, k, budgets):
         """[Hkv, L, N]: pages selected for each query position (causal)."""
@@ -94,6 +110,8 @@ def main():
     p.add_argument("--means", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.20])
     p.add_argument("--windows", type=int, default=1)
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -101,35 +119,43 @@ def main():
     torch.set_num_threads(2)
     prof = Profile.load(PROFILE)
     page = args.page_size or prof.meta["page_size"]
-    attn = SparseAttention(page, prof.meta["sink_pages"], prof.meta["recent_pages"])
+    attn = SparseAttention(page, prof.meta["sink_pages"], prof.meta["recent_pages"], args.selector)
     AttentionInterface.register("shplb_quality", attn)
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_quality").eval()
     text_ids = AutoTokenizer.from_pretrained(model_dir)((prepare_corpus() / "lcet10.txt").read_text()).input_ids
-    rows = ["| context | mean budget | method | perplexity | vs dense | top-1 agreement |", "|---|---|---|---|---|---|"]
+    rows = ["| context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
+            "|---|---|---|---|---|---|---|"]
+    series = {}
     for ctx in args.contexts:
         windows = [torch.tensor(text_ids[o: o + ctx]) for o in range(20000, 20000 + args.windows * ctx, ctx)]
         attn.budgets = None
         dense = [evaluate(model, w) for w in windows]
         dense_ppl = math.exp(torch.cat([n for n, _ in dense]).mean())
-        rows.append(f"| {ctx} | 1.00 | dense | {dense_ppl:.3f} | 1.000 | 1.000 |")
+        rows.append(f"| {ctx} | 1.00 | dense | 1.000 | {dense_ppl:.3f} | 1.000 | 1.000 |")
         print(rows[-1], flush=True)
         for mean in args.means:
-            for method, metric in VARIANTS:
-                attn.budgets = torch.tensor(make_budgets(prof, mean, method, "kv", metric=metric)["budgets"])
-                method = method if metric == "sinkless" else f"{method} (total-mass recovery)"
+            for method in args.methods:
+                body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless")
+                attn.budgets = torch.tensor(body["budgets"])
                 t = time.time()
                 res = [evaluate(model, w) for w in windows]
                 ppl = math.exp(torch.cat([n for n, _ in res]).mean())
                 agree = float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())
-                rows.append(f"| {ctx} | {mean:.2f} | {method} | {ppl:.3f} | {ppl / dense_ppl:.3f} | {agree:.3f} |")
+                rows.append(f"| {ctx} | {mean:.2f} | {method} | {mean_of(body):.3f} | {ppl:.3f} | "
+                            f"{ppl / dense_ppl:.3f} | {agree:.3f} |")
+                series.setdefault(f"{method} ({ctx})", []).append((mean, ppl / dense_ppl))
                 print(rows[-1], f"({time.time() - t:.0f}s)", flush=True)
-    write_result(args.out, "Quality under decode-time sparsity (perplexity, top-1 agreement)",
+    line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "perplexity / dense",
+              f"SmolLM2-135M, {args.selector} selector, page {page}", hline=1.0)
+    what = ("the pages the decode selector picks" if args.selector == "decode" else
+            "the pages the sparse-prefill selector picks for its 64-query block")
+    write_result(args.out, f"Quality under {args.selector}-selector sparsity (perplexity, top-1 agreement)",
                  f"SmolLM2-135M fp32, {args.windows} window(s) of lcet10.txt per context; every query position "
-                 f"attends only to the pages the decode selector picks (page {page}, sink 1, recent 2). Budgets per "
-                 "KV group from the committed profile. Goals (issue): at 10% perplexity within 1% of dense.",
-                 rows, "python benchmark/quality.py")
+                 f"attends only to {what} (page {page}, sink 1, recent 2). Budgets per KV group from the committed "
+                 "profile (`real mean`: bubbles adds budget). Goal (issue): at 10% perplexity within 1% of dense.",
+                 rows, "python benchmark/quality.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

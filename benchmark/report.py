@@ -5,7 +5,7 @@
 Each benchmark runs as its own process with small sizes, writing its table under
 `results/short/`; SUMMARY.md collects those tables with the machine, date and commit, and links
 the full runs committed beside it. Ratios are measured side by side within each script, so they
-hold on a noisy machine; absolute times do not. Takes ~40 min on the 2-core CPU machine.
+hold on a noisy machine; absolute times do not. Takes ~20 min on the 2-core CPU machine.
 """
 import argparse
 import subprocess
@@ -23,19 +23,19 @@ SHORT = RESULTS / "short"
 BENCHMARKS = {
     "budget_methods": ("budget_methods.py", [], "predicted worst-head recovery per budget method"),
     "placement": ("placement.py", [], "max/mean rank load per placement method (1.00 = perfectly balanced)"),
-    "attention_cpu": ("attention_cpu.py", ["--contexts", "4096", "8192", "--batches", "1", "--repeats", "5"],
+    "attention_cpu": ("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "5"],
                       "decode attention per layer, shplb 10% vs torch_native dense"),
     "prefill_cpu": ("prefill_cpu.py", ["--contexts", "8192", "--repeats", "2", "--ttft-contexts", "8000",
                                        "--ttft-repeats", "1"],
                     "prefill attention and time to first token, sparse prefill 10% vs dense"),
     "serve_cpu": ("serve_cpu.py", ["--contexts", "8000", "--new-tokens", "32"],
                   "server decode tok/s, shplb 10% vs dense"),
-    "quality": ("quality.py", ["--contexts", "2048", "--means", "0.05", "0.1"],
+    "quality": ("quality.py", ["--contexts", "1024", "--means", "0.1", "--methods", "uniform", "optimal", "bubbles"],
                 "perplexity and top-1 agreement vs dense under decode-time page selection"),
-    "retrieval": ("retrieval.py", ["--contexts", "2048", "--seeds", "2", "--variants", "dense", "uniform@0.1",
-                                   "optimal@0.1", "bubbles@0.1"],
+    "retrieval": ("retrieval.py", ["--contexts", "1024", "--seeds", "2", "--parallel", "2", "--variants", "dense",
+                                   "uniform@0.1", "optimal@0.1"],
                   "RULER-style retrieval via the server, score vs dense"),
-    "load": ("load.py", ["--requests", "64", "--concurrency", "8", "--rounds", "2", "--max-prompt-tokens", "2000"],
+    "load": ("load.py", ["--requests", "48", "--concurrency", "8", "--rounds", "2", "--max-prompt-tokens", "2000"],
              "requests under load: failures, latency, memory"),
 }
 

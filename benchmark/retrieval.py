@@ -18,7 +18,9 @@ interrupted run resumes and new variants can be added later without re-running o
 import argparse
 import json
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -33,6 +35,7 @@ from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 
 LEVELS = {"single_needle": 0, "multi_key": 1, "multi_value": 1, "variable_track": 0}
 MAX_TOKENS = 32
+SAVE_LOCK = threading.Lock()  # variants may run side by side (--parallel); one writer at a time
 RESULTS = ROOT / "benchmark" / "results"
 
 
@@ -81,7 +84,8 @@ def ask(server: Server, task) -> str:
 
 
 def run_variant(name: str, tasks: dict, raw: dict, raw_path: Path, tmp: Path) -> None:
-    todo = [k for k in tasks if k not in raw.setdefault(name, {})]
+    with SAVE_LOCK:
+        todo = [k for k in tasks if k not in raw.setdefault(name, {})]
     if not todo:
         return
     flags, _, _ = variant_flags(name, tmp)
@@ -90,8 +94,9 @@ def run_variant(name: str, tasks: dict, raw: dict, raw_path: Path, tmp: Path) ->
         t0 = time.time()
         for i, key in enumerate(todo):
             out = ask(server, tasks[key])
-            raw[name][key] = {"output": out, "score": tasks[key].score(out)}
-            raw_path.write_text(json.dumps(raw, indent=1))  # resumable: nothing lost on a crash
+            with SAVE_LOCK:
+                raw[name][key] = {"output": out, "score": tasks[key].score(out)}
+                raw_path.write_text(json.dumps(raw, indent=1))  # resumable: nothing lost on a crash
             print(f"  {name} {i + 1}/{len(todo)} {key}: {raw[name][key]['score']:.2f} "
                   f"({time.time() - t0:.0f}s) {out[:50]!r}", flush=True)
     finally:
@@ -116,6 +121,8 @@ def main():
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--variants", nargs="+", default=["dense", "uniform@0.05", "optimal@0.05", "uniform@0.1",
                                                      "shift@0.1", "optimal@0.1", "bubbles@0.1"])
+    p.add_argument("--parallel", type=int, default=1, help="variant servers run side by side (scores do not "
+                   "depend on it; use 2 on a 2-core machine)")
     p.add_argument("--keep", type=float, default=50.0, help="dense score (%%) a task form needs to be run sparse")
     p.add_argument("--raw", default=str(RESULTS / "retrieval_raw.json"))
     p.add_argument("--out", default=str(RESULTS / "retrieval.md"))
@@ -129,8 +136,9 @@ def main():
     run_variant("dense", tasks, raw, raw_path, tmp)
     dense = scores_by_form(raw, "dense", tasks)
     kept = {k: t for k, t in tasks.items() if dense[form(k)] >= args.keep}
-    for name in names[1:]:
-        run_variant(name, kept, raw, raw_path, tmp)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for f in [pool.submit(run_variant, name, kept, raw, raw_path, tmp) for name in names[1:]]:
+            f.result()
     write_tables(args, names, tasks, raw, dense)
 
 
