@@ -17,6 +17,7 @@ block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class Profile:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
 
-        data = save({k: v.contiguous() for k, v in self.tensors.items()}, metadata={"shplb": json.dumps(self.meta)})
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        data = save(tensors, metadata={"shplb": json.dumps(self.meta), "shplb_sha256": tensors_sha256(tensors)})
         atomic_write_bytes(path, data)
 
     @classmethod
@@ -75,18 +77,31 @@ class Profile:
             raise ArtifactError(f"profile file {path} does not exist")
         try:
             with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get("shplb", "null"))
+                header = f.metadata() or {}
+                meta = json.loads(header.get("shplb", "null"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, ValueError, OSError) as e:
             raise ArtifactError(f"profile file {path} is corrupt or not safetensors ({e}); regenerate it") from None
         if not isinstance(meta, dict):
             raise ArtifactError(f"{path} is not a shplb profile (no 'shplb' metadata)")
+        if header.get("shplb_sha256") != tensors_sha256(tensors):
+            raise ArtifactError(f"profile file {path} fails its checksum (edited, damaged or written by an older "
+                                "version); regenerate it with `python -m sglang_shplb.profile`")
         check_schema(meta.get("schema"), "profile", path)
         check_fingerprint(meta, fingerprint, "profile", path)
         missing = [k for k in (*CURVES, "budget_grid") if k not in tensors]
         if missing:
             raise ArtifactError(f"profile file {path} lacks tensors {missing}; regenerate it")
         return cls(meta, tensors)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum over names and bytes (safetensors has none of its own): a flipped byte is refused."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
