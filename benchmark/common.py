@@ -24,14 +24,20 @@ PROFILE = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm
 BUDGET_METHODS = ("uniform", "shift", "optimal", "bubbles")
 
 
-def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3) -> dict:
+def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, phase: str = "decode") -> dict:
     """A budgets artifact body [layers][kv groups] from the committed profile. `bubbles` is
     `optimal` then fill-bubbles of a balanced tp-`tp` plan: under-loaded ranks get extra budget up
-    to the slowest rank's work, so its mean is above `mean` at the same step time."""
+    to the slowest rank's work, so its mean is above `mean` at the same step time. With
+    phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves)."""
     from sglang_shplb.budget import make_budgets
     from sglang_shplb.profile import Profile
 
     prof = Profile.load(PROFILE)
+    if phase == "prefill":
+        if method == "bubbles":
+            raise ValueError("bubble filling plans decode budgets; use uniform/shift/optimal for prefill")
+        body = make_budgets(prof, mean, method, "kv", metric=metric, prefill_mean=mean)
+        return {**body, "budgets": body["prefill_budgets"]}
     body = make_budgets(prof, mean, "optimal" if method == "bubbles" else method, "kv", metric=metric)
     if method == "bubbles":
         from sglang_shplb.plan import make_plan

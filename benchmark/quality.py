@@ -137,7 +137,8 @@ def main():
         print(rows[-1], flush=True)
         for mean in args.means:
             for method in args.methods:
-                body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless")
+                body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless",
+                                  phase=args.selector)
                 attn.budgets = torch.tensor(body["budgets"])
                 t = time.time()
                 res = [evaluate(model, w) for w in windows]
