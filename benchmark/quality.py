@@ -18,6 +18,7 @@ in the table). `--selector prefill` applies the sparse-prefill selector instead 
 server with `--shplb-prefill-budget` computes for a prompt. The retrieval half is retrieval.py.
 """
 import argparse
+import json
 import math
 import sys
 import time
@@ -113,6 +114,8 @@ def main():
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
+    p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
+                   "accumulate; the table shows every row of this selector/page/windows in it")
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -125,29 +128,45 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_quality").eval()
     text_ids = AutoTokenizer.from_pretrained(model_dir)((prepare_corpus() / "lcet10.txt").read_text()).input_ids
-    rows = ["| context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
-            "|---|---|---|---|---|---|---|"]
-    series = {}
+    raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    tag = f"{args.selector}/page{page}/windows{args.windows}"
     for ctx in args.contexts:
+        todo = [(m, meth) for m in args.means for meth in args.methods if f"{tag}/{ctx}/{m}/{meth}" not in raw]
+        if not todo:
+            continue
         windows = [torch.tensor(text_ids[o: o + ctx]) for o in range(20000, 20000 + args.windows * ctx, ctx)]
         attn.budgets = None
         dense = [evaluate(model, w) for w in windows]
-        dense_ppl = math.exp(torch.cat([n for n, _ in dense]).mean())
-        rows.append(f"| {ctx} | 1.00 | dense | 1.000 | {dense_ppl:.3f} | 1.000 | 1.000 |")
-        print(rows[-1], flush=True)
-        for mean in args.means:
-            for method in args.methods:
-                body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless",
-                                  phase=args.selector)
-                attn.budgets = torch.tensor(body["budgets"])
-                t = time.time()
-                res = [evaluate(model, w) for w in windows]
-                ppl = math.exp(torch.cat([n for n, _ in res]).mean())
-                agree = float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())
-                rows.append(f"| {ctx} | {mean:.2f} | {method} | {mean_of(body):.3f} | {ppl:.3f} | "
-                            f"{ppl / dense_ppl:.3f} | {agree:.3f} |")
-                series.setdefault(f"{method} ({ctx})", []).append((mean, ppl / dense_ppl))
-                print(rows[-1], f"({time.time() - t:.0f}s)", flush=True)
+        raw[f"{tag}/{ctx}/1.0/dense"] = {"ppl": math.exp(torch.cat([n for n, _ in dense]).mean()),
+                                         "agree": 1.0, "real_mean": 1.0}
+        for mean, method in todo:
+            body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless",
+                              phase=args.selector)
+            attn.budgets = torch.tensor(body["budgets"])
+            t = time.time()
+            res = [evaluate(model, w) for w in windows]
+            raw[f"{tag}/{ctx}/{mean}/{method}"] = {
+                "ppl": math.exp(torch.cat([n for n, _ in res]).mean()), "real_mean": mean_of(body),
+                "agree": float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())}
+            raw_path.write_text(json.dumps(raw, indent=1))  # resumable: a killed run loses one row at most
+            print(ctx, mean, method, raw[f"{tag}/{ctx}/{mean}/{method}"], f"({time.time() - t:.0f}s)", flush=True)
+    write_table(args, raw, tag, page)
+
+
+def write_table(args, raw: dict, tag: str, page: int) -> None:
+    rows = ["| context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
+            "|---|---|---|---|---|---|---|"]
+    series = {}
+    keys = sorted((k.split("/")[3:] for k in raw if k.startswith(tag + "/")),
+                  key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
+                                 if x[2] in METHODS else -1))
+    for ctx, mean, method in keys:
+        r, d = raw[f"{tag}/{ctx}/{mean}/{method}"], raw[f"{tag}/{ctx}/1.0/dense"]
+        rows.append(f"| {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
+                    f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
+        if method != "dense":
+            series.setdefault(f"{method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
     line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "perplexity / dense",
               f"SmolLM2-135M, {args.selector} selector, page {page}", hline=1.0)
     what = ("the pages the decode selector picks" if args.selector == "decode" else
@@ -155,7 +174,8 @@ def main():
     write_result(args.out, f"Quality under {args.selector}-selector sparsity (perplexity, top-1 agreement)",
                  f"SmolLM2-135M fp32, {args.windows} window(s) of lcet10.txt per context; every query position "
                  f"attends only to {what} (page {page}, sink 1, recent 2). Budgets per KV group from the committed "
-                 "profile (`real mean`: bubbles adds budget). Goal (issue): at 10% perplexity within 1% of dense.",
+                 "profile (`real mean`: bubbles adds budget). Goal (issue): at 10% perplexity within 1% of dense. "
+                 f"Rows accumulate over runs in {Path(args.raw or Path(args.out).with_suffix('.json')).name}.",
                  rows, "python benchmark/quality.py " + " ".join(sys.argv[1:]))
 
 
