@@ -146,7 +146,7 @@ def main():
         rows += ["", "## Time to first token, real servers", ""] + ttft_rows(args)
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
-                 "64-query blocks, sink 1 page, window = own pages + 1; Quest-sum page estimate). "
+                 "64-query blocks, sink 1 page, window = own pages + 1; key-box-centre page estimate, the default). "
                  "Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py")
 
