@@ -8,6 +8,7 @@ the full runs committed beside it. Ratios are measured side by side within each 
 hold on a noisy machine; absolute times do not. Takes ~20 min on the 2-core CPU machine.
 """
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -71,13 +72,16 @@ def main():
     args = p.parse_args()
     SHORT.mkdir(parents=True, exist_ok=True)
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
-    body = []
+    body, load = [], [os.getloadavg()[0]]
     for name in names:
         body += section(name, *run_one(name))
+        load.append(os.getloadavg()[0])
     text = ["# Benchmark summary (short runs)", "",
             "Every ratio below was measured side by side in one run of its script on this machine "
             "(shared and noisy: absolute times mean little). No GPU was available to these runs; "
-            "`benchmark/gpu_check.py` holds the GPU checks.", "", machine_line(), "",
+            "`benchmark/gpu_check.py` holds the GPU checks.", "", machine_line(),
+            f"1-min load average during the runs: {min(load):.1f}–{max(load):.1f} (2 cores; above 2 means other "
+            "processes shared the machine and the timing ratios are noisier).", "",
             f"Reproduce: `python benchmark/report.py{' --only ' + ' '.join(names) if args.only else ''}`", "", *body]
     Path(args.out).write_text("\n".join(text))
     print("\n".join(text))
