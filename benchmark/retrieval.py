@@ -148,7 +148,7 @@ def write_tables(args, names, tasks, raw, dense):
     table = {n: scores_by_form(raw, n, tasks) for n in names}
     meta = {n: variant_flags(n, Path("/tmp"))[1:] for n in names}
     head = "| task form (family/level/context) | " + " | ".join(
-        f"{n} (mean {meta[n][0]:.3f})" if n != "dense" else n for n in names) + " |"
+        n if n == "dense" else f"{n} (decode {meta[n][0]:.3f}, prefill {meta[n][1]:.2f})" for n in names) + " |"
     rows = [head, "|" + "---|" * (len(names) + 1)]
     for f in sorted(dense, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
         cells = [f"{table[n][f]:.0f}" if f in table[n] else ("dropped" if dense[f] < args.keep else "—")
