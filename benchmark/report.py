@@ -3,7 +3,7 @@
     python benchmark/report.py [--only placement quality ...] [--skip retrieval ...]
 
 Each benchmark runs as its own process with small sizes, writing its table under
-`results/short/`; SUMMARY.md collects those tables with the machine, date and commit, and links
+`results/short/` (not committed); SUMMARY.md collects those tables with the machine, date and commit, and links
 the full runs committed beside it. Ratios are measured side by side within each script, so they
 hold on a noisy machine; absolute times do not. Takes ~20 min on the 2-core CPU machine.
 """
@@ -71,6 +71,8 @@ def main():
     p.add_argument("--out", default=str(RESULTS / "SUMMARY.md"))
     args = p.parse_args()
     SHORT.mkdir(parents=True, exist_ok=True)
+    for cache in SHORT.glob("*.json"):  # quality/retrieval resume from these: a report measures afresh
+        cache.unlink()
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
     body, load = [], [os.getloadavg()[0]]
     for name in names:
