@@ -29,7 +29,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-page-size", type=int, default=16, help="tokens per selection page (default 16)")
     g.add_argument("--shplb-sink-pages", type=int, default=1, help="pages always kept at the start (default 1)")
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
-    g.add_argument("--shplb-prefill-budget", type=float, help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
+    g.add_argument("--shplb-prefill-budget", type=float,
+                   help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
     return p
 
