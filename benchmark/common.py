@@ -1,4 +1,5 @@
 """Shared bits of the benchmark scripts: machine/commit stamp and result files."""
+import functools
 import os
 import platform
 import subprocess
@@ -24,15 +25,22 @@ PROFILE = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm
 BUDGET_METHODS = ("uniform", "shift", "optimal", "bubbles")
 
 
+@functools.lru_cache(maxsize=1)
+def _profile():
+    """The committed profile, read once per process (benchmarks ask for many budget variants)."""
+    from sglang_shplb.profile import Profile
+
+    return Profile.load(PROFILE)
+
+
 def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, phase: str = "decode") -> dict:
     """A budgets artifact body [layers][kv groups] from the committed profile. `bubbles` is
     `optimal` then fill-bubbles of a balanced tp-`tp` plan: under-loaded ranks get extra budget up
     to the slowest rank's work, so its mean is above `mean` at the same step time. With
     phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves)."""
     from sglang_shplb.budget import make_budgets
-    from sglang_shplb.profile import Profile
 
-    prof = Profile.load(PROFILE)
+    prof = _profile()
     if phase == "prefill":
         if method == "bubbles":
             raise ValueError("bubble filling plans decode budgets; use uniform/shift/optimal for prefill")

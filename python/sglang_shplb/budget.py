@@ -145,9 +145,7 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
     L, U, _ = curves.shape
     ctx, page = meta["context_lens"][0], meta["page_size"]
     floor_pages = meta["sink_pages"] + meta["recent_pages"] if floor_pages is None else floor_pages
-    flat = curves.reshape(L * U, -1)
-    b = allocate(flat, profile.grid, mean, method, floor_pages * page / ctx, step=page / ctx)
-    r = eval_curves(flat, profile.grid, b)
+    b, r = _allocate_units(curves, profile.grid, mean, method, floor_pages * page / ctx, page / ctx)
     extra = {} if prefill_mean is None else _prefill_budgets(profile, prefill_mean, method, granularity, metric,
                                                               floor_pages * page / ctx, page / ctx)
     return {**extra,
@@ -155,7 +153,7 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
         "method": method, "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
         "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
         "num_layers": L, "num_q_heads": meta["num_q_heads"], "num_kv_heads": meta["num_kv_heads"],
-        "budgets": b.view(L, U).tolist(), "predicted_recovery": r.view(L, U).tolist(),
+        "budgets": b.tolist(), "predicted_recovery": r.tolist(),
         "summary": {"mean_recovery": float(r.mean()), "worst_recovery": float(r.min())},
     }
 
@@ -165,12 +163,17 @@ def _prefill_budgets(profile, mean, method, granularity, metric, floor_frac, ste
     if granularity != "kv":
         raise ArtifactError("prefill budgets are per KV group (a query block's pages are shared by the group); "
                             "use --granularity kv with --prefill-mean-budget")
-    curves = profile.curves("prefill", "kv", metric)
+    b, r = _allocate_units(profile.curves("prefill", "kv", metric), profile.grid, mean, method, floor_frac, step)
+    return {"prefill_mean_budget": mean, "prefill_budgets": b.tolist(), "prefill_predicted_recovery": r.tolist()}
+
+
+def _allocate_units(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str, floor_frac: float,
+                    step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """curves [L, U, G] -> (budgets, predicted recovery), each [L, U], allocated over all units at once."""
     L, U, _ = curves.shape
-    b = allocate(curves.reshape(L * U, -1), profile.grid, mean, method, floor_frac, step)
-    r = eval_curves(curves.reshape(L * U, -1), profile.grid, b)
-    return {"prefill_mean_budget": mean, "prefill_budgets": b.view(L, U).tolist(),
-            "prefill_predicted_recovery": r.view(L, U).tolist()}
+    flat = curves.reshape(L * U, -1)
+    b = allocate(flat, grid, mean, method, floor_frac, step=step)
+    return b.view(L, U), eval_curves(flat, grid, b).view(L, U)
 
 
 def load_budgets(path, fingerprint: str | None = None) -> dict:
