@@ -1,4 +1,11 @@
-"""Request checks stock SGLang 0.5.23 lacks: hooks on its OpenAI chat endpoint (HTTP process only).
+"""Request checks stock SGLang 0.5.23 lacks: hooks on its API edge (HTTP process only).
+
+Request limits and vocabulary checks (request_limits.py) run at three places, all before a
+request is tokenized or batched, so a refusal is a 400 even for a streamed request:
+- the OpenAI validators of `/v1/chat/completions` and `/v1/completions` (fields as the client sent them);
+- the `/generate` contract check (the raw native body, single or batched);
+- `TokenizerManager._validate_one_request`, which every generating or embedding endpoint passes
+  (`/v1/responses`, `/v1/embeddings`, Ollama routes...): the catch-all, native field names.
 
 Measured on stock 0.5.23 (`/v1/completions` and `/generate` already refuse all of these with 400):
 - `max_tokens: 0` (or `max_completion_tokens: 0`) returns 200 with an empty answer; a negative value
@@ -12,11 +19,19 @@ from __future__ import annotations
 
 import json
 
+from ..config import ShplbConfig
+from .request_limits import (RequestLimits, first, generate_problem, range_problem, sampling_problem,
+                             token_ids_problem, fan_out_problem)
+
 CHAT_PATH = "/v1/chat/completions"
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
+VALIDATE_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request"
+GENERATE_CONTRACT = "sglang.srt.entrypoints.api_contract.generate_contract_error"
+VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 HTTP_SETUP = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 _registered = False
+LIMITS = RequestLimits.from_config(ShplbConfig())  # resolved from the environment at registration
 
 
 def check_sampling(request) -> str | None:
@@ -27,11 +42,59 @@ def check_sampling(request) -> str | None:
     return None
 
 
-def validate_after(result, _serving, request, *args, **kwargs):
-    """AFTER hook: keep SGLang's own error; otherwise add ours (None keeps the original result)."""
+def _model(serving_or_manager) -> tuple[int, int]:
+    """(vocab size, context length) of the served model, from a serving object or the tokenizer manager."""
+    tm = getattr(serving_or_manager, "tokenizer_manager", serving_or_manager)
+    return tm.model_config.vocab_size, tm.context_len
+
+
+def validate_after(result, serving, request, *args, **kwargs):
+    """AFTER hook on the chat validator: keep SGLang's own error; otherwise add ours (None keeps it)."""
     if result:
         return None
-    return check_sampling(request)
+    vocab, context = _model(serving)
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    return first(
+        check_sampling(request),
+        range_problem("top_logprobs", request.top_logprobs, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
+        fan_out_problem(request.n, max_tokens, "n", tokens_field, context, LIMITS),
+        token_ids_problem("stop_token_ids", request.stop_token_ids, vocab))
+
+
+def validate_completion_after(result, serving, request, *args, **kwargs):
+    """AFTER hook on the completions validator (stock already refuses max_tokens <= 0 there)."""
+    if result:
+        return None
+    vocab, context = _model(serving)
+    return first(
+        token_ids_problem("prompt", request.prompt, vocab),
+        range_problem("logprobs", request.logprobs, LIMITS.max_logprobs, "--shplb-max-logprobs"),
+        fan_out_problem(request.n, request.max_tokens, "n", "max_tokens", context, LIMITS),
+        token_ids_problem("stop_token_ids", request.stop_token_ids, vocab))
+
+
+def generate_contract_after(result, body, *args, **kwargs):
+    """AFTER hook on /generate's contract check: stock's schema error first, then ours."""
+    if result:
+        return None
+    from sglang.srt.entrypoints.http_server import _global_state
+
+    return generate_problem(body, *_model(_global_state.tokenizer_manager), LIMITS)
+
+
+def validate_one_before(manager, obj, input_ids, *args, **kwargs):
+    """BEFORE hook on the tokenizer manager's per-request check (every endpoint, after tokenizing,
+    before parallel-sampling fan-out): raising ValueError is how SGLang refuses a request there."""
+    vocab, context = _model(manager)
+    top = getattr(obj, "top_logprobs_num", None) if getattr(obj, "return_logprob", False) else None
+    problem = first(
+        token_ids_problem("input_ids", input_ids, vocab),
+        range_problem("top_logprobs_num", top, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
+        sampling_problem(getattr(obj, "sampling_params", None), vocab, context, LIMITS))
+    if problem:
+        raise ValueError(problem)
+    return None
 
 
 def body_problem(body: bytes) -> str | None:
@@ -93,15 +156,19 @@ def add_middleware_before(*args, **kwargs):
 
 def register_api_checks() -> None:
     """Idempotent. Only the process that serves HTTP needs it: spawned workers skip the imports."""
-    global _registered
+    global _registered, LIMITS
     import multiprocessing
 
     if _registered or multiprocessing.parent_process() is not None:
         return
     _registered = True
+    LIMITS = RequestLimits.from_config(ShplbConfig.from_env())
     try:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     except ImportError:  # an SGLang without hooks: stock behaviour, nothing else breaks
         return
     HookRegistry.register(VALIDATE, validate_after, HookType.AFTER)
+    HookRegistry.register(VALIDATE_COMPLETION, validate_completion_after, HookType.AFTER)
+    HookRegistry.register(GENERATE_CONTRACT, generate_contract_after, HookType.AFTER)
+    HookRegistry.register(VALIDATE_ONE, validate_one_before, HookType.BEFORE)
     HookRegistry.register(HTTP_SETUP, add_middleware_before, HookType.BEFORE)

@@ -1,0 +1,181 @@
+"""Property-based fuzzing of the server's API with hypothesis: no request may take the server down.
+
+    python benchmark/fuzz.py [--cases 2000] [--seed 0] [--url URL] [--out benchmark/results/fuzz.md]
+
+Generates valid-but-extreme and invalid bodies for `/v1/chat/completions`, `/v1/completions` and
+`/generate` (every field SGLang reads, each drawn from its valid range, its edges, far outside it,
+or the wrong JSON type; unknown fields; bodies that are not JSON objects; streamed and not).
+Each request must come back within REQUEST_TIMEOUT_S, never as a 5xx, every non-2xx as a 4xx with
+a JSON error; after it `/health` must answer 200 and the server process must still run. Lengths
+are kept small (max_tokens is always sent) so a case costs well under a second of CPU.
+Starts our launcher with per-head decode + prefill budgets (or uses --url); writes --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import requests
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+
+REQUEST_TIMEOUT_S = 120
+VOCAB = 49152
+SERVER_ARGS = ["--shplb-budget", "0.1", "--shplb-prefill-budget", "0.1"]
+
+# ---------------------------------------------------------------- field values
+EDGE_INTS = st.sampled_from([-2**63, -2**31, -100, -1, 0, 1, 2, 5, 6, 20, 21, 128, 129, VOCAB - 1, VOCAB,
+                             10**5, 10**9, 2**31, 2**63 - 1])
+JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=6), st.floats(allow_nan=False, width=32),
+                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def value(valid: st.SearchStrategy) -> st.SearchStrategy:
+    """Mostly valid, else an edge integer or the wrong type."""
+    return st.one_of(valid, valid, valid, EDGE_INTS, JUNK)
+
+
+TOKEN = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), EDGE_INTS)
+TOKEN_IDS = st.lists(TOKEN, min_size=0, max_size=12)
+TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "hi", "The capital of France is", "\x00", "😀" * 5]))
+FLOAT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, 1e-9, 1.0, 2.0, 1e30, -1e30]))
+MAX_TOKENS = st.one_of(st.integers(1, 8), st.sampled_from([-1, 0, 10**9, 2**63 - 1]), JUNK)
+N = st.sampled_from([1, 1, 1, 2, 3, 0, -1, 128, 129, 100000, 2**63 - 1])
+STOP = st.one_of(TEXT, st.lists(TEXT, max_size=5))
+LOGIT_BIAS = st.dictionaries(st.one_of(st.integers(-5, VOCAB + 5).map(str), EDGE_INTS.map(str), st.text(max_size=3)),
+                             FLOAT, max_size=3)
+
+SAMPLING = {  # OpenAI-style names shared by chat and completions
+    "temperature": value(FLOAT), "top_p": value(FLOAT), "top_k": value(st.integers(-1, 50)),
+    "min_p": value(FLOAT), "frequency_penalty": value(FLOAT), "presence_penalty": value(FLOAT),
+    "repetition_penalty": value(FLOAT), "n": st.one_of(N, JUNK), "stop": value(STOP),
+    "stop_token_ids": value(TOKEN_IDS), "min_tokens": value(st.integers(0, 10)), "seed": value(st.integers()),
+    "logit_bias": value(LOGIT_BIAS), "stream": value(st.booleans()), "ignore_eos": value(st.booleans()),
+    "skip_special_tokens": value(st.booleans()), "regex": value(st.sampled_from(["[0-9]+", "((", "a{1,3}"])),
+    "user": value(TEXT),
+}
+MESSAGE = st.fixed_dictionaries({"role": value(st.sampled_from(["user", "system", "assistant", "tool", "bogus"])),
+                                 "content": value(TEXT)})
+
+
+def body(required: dict, optional: dict) -> st.SearchStrategy:
+    objects = st.fixed_dictionaries(required, optional={**optional, "unknown_field": JUNK})
+    not_objects = st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.none(), st.text(max_size=5))
+    return st.one_of(*[objects] * 9, not_objects)
+
+
+CHAT = body({"messages": value(st.lists(MESSAGE, min_size=1, max_size=3)), "max_tokens": MAX_TOKENS},
+            {"model": value(st.just("default")), "max_completion_tokens": MAX_TOKENS, "logprobs": value(st.booleans()),
+             "top_logprobs": value(st.integers(0, 20)), "response_format": value(st.sampled_from(
+                 [{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"}])), **SAMPLING})
+COMPLETIONS = body({"prompt": value(st.one_of(TEXT, TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3),
+                                              st.lists(TEXT, min_size=1, max_size=3))), "max_tokens": MAX_TOKENS},
+                   {"model": value(st.just("default")), "logprobs": value(st.integers(0, 5)),
+                    "echo": value(st.booleans()), "suffix": value(TEXT), **SAMPLING})
+NATIVE_SAMPLING = st.fixed_dictionaries({"max_new_tokens": MAX_TOKENS}, optional={
+    "min_new_tokens": value(st.integers(0, 10)), "stop_token_ids": value(TOKEN_IDS), "n": st.one_of(N, JUNK),
+    "temperature": value(FLOAT), "top_k": value(st.integers(-1, 50)), "logit_bias": value(LOGIT_BIAS),
+    "json_schema": value(st.sampled_from(['{"type": "object"}', "{not json"])), "ignore_eos": value(st.booleans()),
+    "sampling_seed": value(st.integers())})
+GENERATE = body({"sampling_params": st.one_of(NATIVE_SAMPLING, NATIVE_SAMPLING, JUNK)},
+                {"text": value(st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))),
+                 "input_ids": value(st.one_of(TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3))),
+                 "return_logprob": value(st.booleans()), "top_logprobs_num": value(st.integers(0, 20)),
+                 "logprob_start_len": value(st.integers(-1, 10)), "token_ids_logprob": value(TOKEN_IDS),
+                 "stream": value(st.booleans()), "return_text_in_logprobs": value(st.booleans())})
+CASES = st.one_of(st.tuples(st.just("/v1/chat/completions"), CHAT),
+                  st.tuples(st.just("/v1/completions"), COMPLETIONS),
+                  st.tuples(st.just("/generate"), GENERATE))
+
+
+# ---------------------------------------------------------------- one case
+def send(url: str, path: str, payload) -> str:
+    """POST one case; return its outcome class ('2xx', '4xx') or raise AssertionError naming the breach."""
+    data = json.dumps(payload)
+    try:
+        r = requests.post(url + path, data=data, headers={"Content-Type": "application/json"},
+                          timeout=REQUEST_TIMEOUT_S, stream=True)
+        content = r.raw.read(decode_content=True) if r.status_code < 300 else r.content
+    except requests.Timeout:
+        raise AssertionError(f"hang: no answer in {REQUEST_TIMEOUT_S}s to {path} {data[:300]}") from None
+    except requests.ConnectionError as e:
+        raise AssertionError(f"server died on {path} {data[:300]}: {e}") from None
+    assert r.status_code < 500, f"{r.status_code} on {path} {data[:300]}: {content[:300]!r}"
+    if r.status_code >= 300:
+        assert 400 <= r.status_code < 500, f"{r.status_code} on {path}"
+        json.loads(content)  # every refusal is a JSON error
+    try:
+        health = requests.get(url + "/health", timeout=60).status_code
+    except requests.RequestException as e:
+        raise AssertionError(f"/health gone after {path} {data[:300]}: {e}") from None
+    assert health == 200, f"/health {health} after {path} {data[:300]}"
+    return "2xx" if r.status_code < 300 else "4xx"
+
+
+def run(url: str, cases: int, seed_value: int, server_alive=lambda: True) -> Counter:
+    """Run `cases` generated cases (no shrinking: the first breach is reported as found)."""
+    counts: Counter = Counter()
+
+    @seed(seed_value)
+    @settings(max_examples=cases, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=CASES)
+    def one(case):
+        path, payload = case
+        outcome = send(url, path, payload)
+        assert server_alive(), f"server process exited after {path} {json.dumps(payload)[:300]}"
+        counts[(path, outcome)] += 1
+
+    one()
+    return counts
+
+
+def report(counts: Counter, out: Path, seed_value: int) -> str:
+    from common import write_result
+
+    paths = sorted({p for p, _ in counts})
+    rows = ["| endpoint | cases | 2xx | 4xx | 5xx | hangs | server deaths |", "|---|---|---|---|---|---|---|"]
+    for p in paths:
+        ok, bad = counts[(p, "2xx")], counts[(p, "4xx")]
+        rows.append(f"| `{p}` | {ok + bad} | {ok} | {bad} | 0 | 0 | 0 |")
+    total = sum(counts.values())
+    rows += ["", f"**{total} cases, 0 server deaths, 0 5xx, 0 hangs** (a breach stops the run and fails it)."]
+    write_result(out, "API fuzzing (hypothesis)",
+                 "Valid-but-extreme and invalid bodies for the three generation endpoints against the S-HPLB "
+                 f"server ({' '.join(SERVER_ARGS)}); after every request `/health` must answer 200. "
+                 "Strategies: benchmark/fuzz.py.",
+                 rows, f"python benchmark/fuzz.py --cases {total} --seed {seed_value}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", help="an already running server (default: start one)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmark/results/fuzz.md")
+    args = ap.parse_args()
+    srv = None
+    if args.url is None:
+        import tempfile
+
+        from conftest import Server
+
+        srv = Server(SERVER_ARGS, Path(tempfile.mkdtemp()) / "fuzz-server.log").wait_ready()
+    try:
+        counts = run(args.url or srv.url, args.cases, args.seed,
+                     (lambda: srv.proc.poll() is None) if srv else (lambda: True))
+        report(counts, args.out, args.seed)
+    finally:
+        if srv:
+            srv.stop()
+
+
+if __name__ == "__main__":
+    main()
