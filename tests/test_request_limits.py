@@ -63,3 +63,14 @@ def test_generate_body_single_and_batched():
 def test_bad_limits_refused_at_start_up(field, value):
     with pytest.raises(ConfigError, match=f"--shplb-{field.replace('_', '-')}"):
         ShplbConfig(**{field: value})
+
+
+def test_input_embeds_must_be_hidden_size_vectors():
+    from sglang_shplb.sglang_adapter.request_limits import embeds_problem
+
+    assert embeds_problem([[0.0] * 4, [1.0] * 4], 4) is None
+    assert embeds_problem([[[0.0] * 4], [[1.0] * 4]], 4) is None  # batched
+    assert "vector of 2 numbers" in embeds_problem([[0.1, 0.2]], 4)
+    assert "has 4" not in embeds_problem([[[0.0] * 4], [[1.0] * 3]], 4)
+    assert "vector of 0 numbers" in embeds_problem([[]], 4)
+    assert "vector of 1 numbers" in embeds_problem([0.5, 0.5], 4)

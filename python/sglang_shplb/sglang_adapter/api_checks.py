@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 
 from ..config import ShplbConfig
-from .request_limits import (RequestLimits, first, generate_problem, range_problem, sampling_problem,
-                             token_ids_problem, fan_out_problem)
+from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
+                             range_problem, sampling_problem, token_ids_problem)
 
 CHAT_PATH = "/v1/chat/completions"
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
@@ -90,6 +90,7 @@ def validate_one_before(manager, obj, input_ids, *args, **kwargs):
     top = getattr(obj, "top_logprobs_num", None) if getattr(obj, "return_logprob", False) else None
     problem = first(
         token_ids_problem("input_ids", input_ids, vocab),
+        embeds_problem(getattr(obj, "input_embeds", None), manager.model_config.hidden_size),
         range_problem("top_logprobs_num", top, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
         sampling_problem(getattr(obj, "sampling_params", None), vocab, context, LIMITS))
     if problem:

@@ -7,6 +7,7 @@ is checked before the request reaches the scheduler:
 - prompt token ids (`prompt` as ids, `input_ids`) index the embedding table;
 - `stop_token_ids` index a vocab-sized tensor when `min_new_tokens` > 0 (min-tokens penalizer);
 - `logprobs` / `top_logprobs` / `top_logprobs_num` are the k of a top-k over the vocabulary;
+- `input_embeds` rows replace the embedding lookup, so they must be hidden-size vectors;
 - `n` fans one request out into n scheduler requests, each up to `max_tokens` long.
 Already checked by stock (kept): `logit_bias` keys, `token_ids_logprob`, sampling ranges
 (temperature, top_p, top_k, min_p, penalties, min/max_new_tokens), the context length.
@@ -54,6 +55,21 @@ def token_ids_problem(field: str, ids, vocab_size: int) -> Optional[str]:
         return None
     return (f"{field} contains token id {bad!r}, outside the model's vocabulary [0, {vocab_size}); "
             f"send token ids from 0 to {vocab_size - 1}, or text")
+
+
+def embeds_problem(embeds, hidden_size: int) -> Optional[str]:
+    """`input_embeds` (only served with --disable-radix-cache) replace the embedding lookup: every
+    row must be one hidden-size vector, or the first layer's matmul fails inside the batch."""
+    if not embeds:
+        return None
+    batched = isinstance(embeds[0], (list, tuple)) and embeds[0] and isinstance(embeds[0][0], (list, tuple))
+    rows = embeds if batched else [embeds]
+    bad = next((len(v) if isinstance(v, (list, tuple)) else 1 for prompt in rows for v in prompt
+                if not isinstance(v, (list, tuple)) or len(v) != hidden_size), None)
+    if bad is None:
+        return None
+    return (f"input_embeds holds a vector of {bad} numbers; this model's embeddings have {hidden_size} "
+            "(one vector per prompt position)")
 
 
 def range_problem(field: str, value, limit: int, flag: str) -> Optional[str]:
