@@ -3,7 +3,8 @@ names the problem, and the server stays up. Then stop behaviour at tp 1: SIGTERM
 process, the port is free for an immediate restart, Ctrl-C (SIGINT to the group) stops it too,
 and SIGTERM while the workers still start up leaves no orphans (stock SGLang 0.5.23 did).
 
-Which cases stock SGLang already handled and which our layer fixes: sglang_adapter/api_checks.py."""
+Which cases stock SGLang already handled and which our layer fixes: sglang_adapter/api_checks.py,
+body_guard.py and request_limits.py."""
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ BAD_REQUESTS = [
     ("chat-empty-body", CHAT, "", "Field required"),
     ("chat-body-array", CHAT, "[1, 2]", "must be a JSON object"),              # stock: 500
     ("chat-body-null", CHAT, "null", "must be a JSON object"),                 # stock: 500
+    ("chat-response-format-number", CHAT, chat_body(response_format=5), "does not fit the ChatCompletionRequest"),  # stock: 500
+    ("completions-body-array", "/v1/completions", "[1]", "must be a JSON object with 'prompt'"),
     ("chat-empty-messages", CHAT, chat_body(messages=[]), "Messages cannot be empty"),
     ("chat-messages-string", CHAT, chat_body(messages="hi"), "valid list"),
     ("chat-content-number", CHAT, chat_body(messages=[{"role": "user", "content": 5}]), "valid string"),

@@ -11,25 +11,22 @@ Measured on stock 0.5.23 (`/v1/completions` and `/generate` already refuse all o
 - `max_tokens: 0` (or `max_completion_tokens: 0`) returns 200 with an empty answer; a negative value
   is refused as "max_new_tokens must be at least 0", naming a field the client never sent.
 - `n: 0` is refused as "range() arg 3 must not be zero".
-- A JSON body that is not an object (`[]`, `1`, `null`) is a 500 with a traceback in the log: a
-  pydantic before-validator calls `.get` on it.
+- A JSON body that is not an object (`[]`, `1`, `null`), or a field of the wrong JSON type that a
+  pydantic before-validator reads (`"response_format": 5`), is a 500 with a traceback: body_guard.py.
 Native `/generate` keeps `max_new_tokens: 0` (a prefill-only request is legitimate there).
 """
 from __future__ import annotations
 
-import json
-
 from ..config import ShplbConfig
+from .body_guard import BodyGuard
 from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
                              range_problem, sampling_problem, token_ids_problem)
 
-CHAT_PATH = "/v1/chat/completions"
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
 VALIDATE_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request"
 GENERATE_CONTRACT = "sglang.srt.entrypoints.api_contract.generate_contract_error"
 VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 HTTP_SETUP = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
-JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 _registered = False
 LIMITS = RequestLimits.from_config(ShplbConfig())  # resolved from the environment at registration
 
@@ -98,60 +95,13 @@ def validate_one_before(manager, obj, input_ids, *args, **kwargs):
     return None
 
 
-def body_problem(body: bytes) -> str | None:
-    """Why a chat body is not a JSON object, or None (then SGLang parses and validates it)."""
-    if body.lstrip()[:1] == b"{":
-        return None  # the common case costs one byte look
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None  # SGLang answers malformed JSON with a clear 400 itself
-    kind = JSON_TYPES.get(type(value), type(value).__name__)
-    return f"the request body must be a JSON object with 'messages', got a JSON {kind}"
-
-
-class ChatBodyIsObject:
-    """ASGI middleware: a 400 naming the problem instead of stock's 500 for non-object bodies."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
-            return await self.app(scope, receive, send)
-        messages, body = [], b""
-        while True:  # buffer the chat body (KBs) so it can be looked at and replayed
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        problem = None if dict(scope["headers"]).get(b"content-encoding") else body_problem(body)
-        if problem:
-            return await _send_400(send, problem)
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        return await self.app(scope, replay, send)
-
-
-async def _send_400(send, message: str) -> None:
-    payload = json.dumps({"object": "error", "message": message, "type": "BadRequestError",
-                          "param": None, "code": 400}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
-
-
 def add_middleware_before(*args, **kwargs):
     """BEFORE hook on the HTTP set-up: the app has not started, so middleware may still be added."""
     from sglang.srt.entrypoints.http_server import app
 
     if not getattr(app.state, "shplb_chat_checks", False):
         app.state.shplb_chat_checks = True
-        app.add_middleware(ChatBodyIsObject)
+        app.add_middleware(BodyGuard)
     return None
 
 
