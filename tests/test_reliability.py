@@ -83,6 +83,9 @@ LIMIT_REQUESTS = [
     ("completions-oov-id", CMPL, cmpl(prompt=[OOV, 5]), "prompt contains token id 999999999"),
     ("completions-negative-id", CMPL, cmpl(prompt=[5, -3]), "prompt contains token id -3"),
     ("completions-batched-oov-id", CMPL, cmpl(prompt=[[1, 2], [3, 99999999]]), "token id 99999999"),
+    ("completions-batched-empty-prompt", CMPL, cmpl(prompt=[[1001, 206], []]), "prompt[1] is empty"),  # killed it
+    ("generate-batched-empty-ids", "/generate", {"input_ids": [[1, 2], []], "sampling_params": {"max_new_tokens": 4}},
+     "input_ids[1] is empty"),
     ("completions-stream-oov-id", CMPL, cmpl(prompt=[OOV], stream=True), "token id 999999999"),
     ("completions-vocab-size-id", CMPL, cmpl(prompt=[49152]), "outside the model's vocabulary [0, 49152)"),
     ("generate-oov-id", "/generate", {"input_ids": [OOV], "sampling_params": {"max_new_tokens": 4}},

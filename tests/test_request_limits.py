@@ -22,6 +22,11 @@ def test_token_ids_outside_vocabulary_named(ids, bad):
     assert msg.startswith("prompt contains token id " + bad) and "[0, 49152)" in msg
 
 
+def test_empty_prompt_in_a_batch_named():
+    assert token_ids_problem("prompt", [[1001, 206], []], VOCAB) == \
+        "prompt[1] is empty; every prompt of a batch needs at least one token"
+
+
 def test_range_names_field_value_limit_and_flag():
     assert range_problem("logprobs", 5, 5, "--shplb-max-logprobs") is None
     assert range_problem("logprobs", None, 5, "--shplb-max-logprobs") is None

@@ -4,7 +4,8 @@ Stock SGLang 0.5.23 runs every request of a batch in one scheduler loop, and any
 kills the scheduler (`run_scheduler_process` catches it and SIGQUITs the server): there is no
 per-request failure path once a request is batched. So every request field that indexes a tensor
 is checked before the request reaches the scheduler:
-- prompt token ids (`prompt` as ids, `input_ids`) index the embedding table;
+- prompt token ids (`prompt` as ids, `input_ids`) index the embedding table (and an empty prompt
+  inside a batch reaches prefill with no tokens);
 - `stop_token_ids` index a vocab-sized tensor when `min_new_tokens` > 0 (min-tokens penalizer);
 - `logprobs` / `top_logprobs` / `top_logprobs_num` are the k of a top-k over the vocabulary;
 - `input_embeds` rows replace the embedding lookup, so they must be hidden-size vectors;
@@ -49,6 +50,10 @@ def token_ids_problem(field: str, ids, vocab_size: int) -> Optional[str]:
     """Ids outside [0, vocab_size) would index past the embedding (or a vocab-sized tensor)."""
     if not ids or isinstance(ids, str) or isinstance(ids[0], str):
         return None  # text (one prompt or a batch): tokenized by the server itself
+    if isinstance(ids[0], (list, tuple)):  # a batch: an empty prompt reaches prefill with no tokens
+        empty = next((i for i, row in enumerate(ids) if not row), None)
+        if empty is not None:
+            return f"{field}[{empty}] is empty; every prompt of a batch needs at least one token"
     bad = next((t for t in _flat_ids(ids) if not isinstance(t, int) or isinstance(t, bool)
                 or not 0 <= t < vocab_size), None)
     if bad is None:
