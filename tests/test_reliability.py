@@ -86,6 +86,7 @@ LIMIT_REQUESTS = [
     ("completions-batched-empty-prompt", CMPL, cmpl(prompt=[[1001, 206], []]), "prompt[1] is empty"),  # killed it
     ("generate-batched-empty-ids", "/generate", {"input_ids": [[1, 2], []], "sampling_params": {"max_new_tokens": 4}},
      "input_ids[1] is empty"),
+    ("completions-batched-empty-text", CMPL, cmpl(prompt=["hi", ""]), "a prompt is empty"),
     ("completions-stream-oov-id", CMPL, cmpl(prompt=[OOV], stream=True), "token id 999999999"),
     ("completions-vocab-size-id", CMPL, cmpl(prompt=[49152]), "outside the model's vocabulary [0, 49152)"),
     ("generate-oov-id", "/generate", {"input_ids": [OOV], "sampling_params": {"max_new_tokens": 4}},

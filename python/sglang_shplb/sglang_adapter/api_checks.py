@@ -85,7 +85,9 @@ def validate_one_before(manager, obj, input_ids, *args, **kwargs):
     before parallel-sampling fan-out): raising ValueError is how SGLang refuses a request there."""
     vocab, context = _model(manager)
     top = getattr(obj, "top_logprobs_num", None) if getattr(obj, "return_logprob", False) else None
+    empty = input_ids is not None and len(input_ids) == 0  # e.g. "" inside a batch of texts
     problem = first(
+        "a prompt is empty (no tokens); every prompt needs at least one token" if empty else None,
         token_ids_problem("input_ids", input_ids, vocab),
         embeds_problem(getattr(obj, "input_embeds", None), manager.model_config.hidden_size),
         range_problem("top_logprobs_num", top, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
