@@ -3,8 +3,10 @@
     python benchmark/fuzz.py [--cases 2000] [--seed 0] [--url URL] [--out benchmark/results/fuzz.md]
 
 Generates valid-but-extreme and invalid bodies for `/v1/chat/completions`, `/v1/completions` and
-`/generate` (every field SGLang reads, each drawn from its valid range, its edges, far outside it,
-or the wrong JSON type; unknown fields; bodies that are not JSON objects; streamed and not).
+`/generate`: legal bodies (every field SGLang reads, drawn from its valid range with its edges),
+the same with one or two fields replaced by an edge integer, a far-out number or the wrong JSON
+type (unknown fields included; nested native sampling params too), and bodies that are not JSON
+objects; streamed and not.
 Each request must come back within REQUEST_TIMEOUT_S, never as a 5xx, every non-2xx as a 4xx with
 a JSON error; after it `/health` must answer 200 and the server process must still run. Lengths
 are kept small (max_tokens is always sent) so a case costs well under a second of CPU.
@@ -30,65 +32,67 @@ VOCAB = 49152
 SERVER_ARGS = ["--shplb-budget", "0.1", "--shplb-prefill-budget", "0.1"]
 
 # ---------------------------------------------------------------- field values
+# A body is valid with extreme-but-legal values, or that with one or two fields replaced by an edge
+# integer or a value of the wrong JSON type, or not a JSON object at all.
 EDGE_INTS = st.sampled_from([-2**63, -2**31, -100, -1, 0, 1, 2, 5, 6, 20, 21, 128, 129, VOCAB - 1, VOCAB,
                              10**5, 10**9, 2**31, 2**63 - 1])
 JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=6), st.floats(allow_nan=False, width=32),
                  st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+BAD = st.one_of(EDGE_INTS, JUNK, st.sampled_from([-1e30, 1e30, -0.5, 2.5]))
 
+TOKEN = st.integers(0, VOCAB - 1)
+TOKEN_IDS = st.lists(TOKEN, min_size=1, max_size=12)
+TEXT = st.one_of(st.text(min_size=1, max_size=40),
+                 st.sampled_from([" ", "hi", "The capital of France is", "\x00", "😀" * 5, "<|im_start|>"]))
+MAX_TOKENS = st.integers(1, 8)
+LOGIT_BIAS = st.dictionaries(TOKEN.map(str), st.floats(-100, 100), max_size=3)
 
-def value(valid: st.SearchStrategy) -> st.SearchStrategy:
-    """Mostly valid, else an edge integer or the wrong type."""
-    return st.one_of(valid, valid, valid, EDGE_INTS, JUNK)
-
-
-TOKEN = st.one_of(st.integers(0, VOCAB - 1), st.integers(0, VOCAB - 1), EDGE_INTS)
-TOKEN_IDS = st.lists(TOKEN, min_size=0, max_size=12)
-TEXT = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "hi", "The capital of France is", "\x00", "😀" * 5]))
-FLOAT = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from([0.0, 1e-9, 1.0, 2.0, 1e30, -1e30]))
-MAX_TOKENS = st.one_of(st.integers(1, 8), st.sampled_from([-1, 0, 10**9, 2**63 - 1]), JUNK)
-N = st.sampled_from([1, 1, 1, 2, 3, 0, -1, 128, 129, 100000, 2**63 - 1])
-STOP = st.one_of(TEXT, st.lists(TEXT, max_size=5))
-LOGIT_BIAS = st.dictionaries(st.one_of(st.integers(-5, VOCAB + 5).map(str), EDGE_INTS.map(str), st.text(max_size=3)),
-                             FLOAT, max_size=3)
-
-SAMPLING = {  # OpenAI-style names shared by chat and completions
-    "temperature": value(FLOAT), "top_p": value(FLOAT), "top_k": value(st.integers(-1, 50)),
-    "min_p": value(FLOAT), "frequency_penalty": value(FLOAT), "presence_penalty": value(FLOAT),
-    "repetition_penalty": value(FLOAT), "n": st.one_of(N, JUNK), "stop": value(STOP),
-    "stop_token_ids": value(TOKEN_IDS), "min_tokens": value(st.integers(0, 10)), "seed": value(st.integers()),
-    "logit_bias": value(LOGIT_BIAS), "stream": value(st.booleans()), "ignore_eos": value(st.booleans()),
-    "skip_special_tokens": value(st.booleans()), "regex": value(st.sampled_from(["[0-9]+", "((", "a{1,3}"])),
-    "user": value(TEXT),
+SAMPLING = {  # OpenAI-style names shared by chat and completions, legal values (edges included)
+    "temperature": st.floats(0, 2), "top_p": st.floats(1e-3, 1), "top_k": st.sampled_from([-1, 1, 2, 50, VOCAB]),
+    "min_p": st.floats(0, 1), "frequency_penalty": st.floats(-2, 2), "presence_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(1e-3, 2), "n": st.sampled_from([1, 1, 2, 3]),
+    "stop": st.one_of(TEXT, st.lists(TEXT, max_size=4)), "stop_token_ids": st.lists(TOKEN, max_size=4),
+    "min_tokens": st.integers(0, 4), "seed": st.integers(0, 2**31), "logit_bias": LOGIT_BIAS,
+    "stream": st.booleans(), "ignore_eos": st.booleans(), "skip_special_tokens": st.booleans(),
+    "regex": st.sampled_from(["[0-9]+", "a{1,3}", "(yes|no)"]), "user": TEXT,
 }
-MESSAGE = st.fixed_dictionaries({"role": value(st.sampled_from(["user", "system", "assistant", "tool", "bogus"])),
-                                 "content": value(TEXT)})
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]), "content": TEXT})
+
+
+def mutate(valid: st.SearchStrategy, fields: list[str]) -> st.SearchStrategy:
+    """valid bodies with one field (known or not) replaced by a bad value."""
+    keys = st.sampled_from(fields + ["unknown_field"])
+    return st.tuples(valid, keys, BAD).map(lambda t: {**t[0], t[1]: t[2]})
 
 
 def body(required: dict, optional: dict) -> st.SearchStrategy:
-    objects = st.fixed_dictionaries(required, optional={**optional, "unknown_field": JUNK})
+    valid = st.fixed_dictionaries(required, optional=optional)
+    fields = sorted({*required, *optional})
+    once = mutate(valid, fields)
     not_objects = st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.none(), st.text(max_size=5))
-    return st.one_of(*[objects] * 9, not_objects)
+    return st.one_of(valid, valid, valid, once, once, mutate(once, fields), not_objects)
 
 
-CHAT = body({"messages": value(st.lists(MESSAGE, min_size=1, max_size=3)), "max_tokens": MAX_TOKENS},
-            {"model": value(st.just("default")), "max_completion_tokens": MAX_TOKENS, "logprobs": value(st.booleans()),
-             "top_logprobs": value(st.integers(0, 20)), "response_format": value(st.sampled_from(
-                 [{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"}])), **SAMPLING})
-COMPLETIONS = body({"prompt": value(st.one_of(TEXT, TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3),
-                                              st.lists(TEXT, min_size=1, max_size=3))), "max_tokens": MAX_TOKENS},
-                   {"model": value(st.just("default")), "logprobs": value(st.integers(0, 5)),
-                    "echo": value(st.booleans()), "suffix": value(TEXT), **SAMPLING})
-NATIVE_SAMPLING = st.fixed_dictionaries({"max_new_tokens": MAX_TOKENS}, optional={
-    "min_new_tokens": value(st.integers(0, 10)), "stop_token_ids": value(TOKEN_IDS), "n": st.one_of(N, JUNK),
-    "temperature": value(FLOAT), "top_k": value(st.integers(-1, 50)), "logit_bias": value(LOGIT_BIAS),
-    "json_schema": value(st.sampled_from(['{"type": "object"}', "{not json"])), "ignore_eos": value(st.booleans()),
-    "sampling_seed": value(st.integers())})
-GENERATE = body({"sampling_params": st.one_of(NATIVE_SAMPLING, NATIVE_SAMPLING, JUNK)},
-                {"text": value(st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))),
-                 "input_ids": value(st.one_of(TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3))),
-                 "return_logprob": value(st.booleans()), "top_logprobs_num": value(st.integers(0, 20)),
-                 "logprob_start_len": value(st.integers(-1, 10)), "token_ids_logprob": value(TOKEN_IDS),
-                 "stream": value(st.booleans()), "return_text_in_logprobs": value(st.booleans())})
+CHAT = body({"messages": st.lists(MESSAGE, min_size=1, max_size=3), "max_tokens": MAX_TOKENS},
+            {"model": st.just("default"), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20),
+             "response_format": st.sampled_from([{"type": "json_object"}, {"type": "text"}]), **SAMPLING})
+COMPLETIONS = body({"prompt": st.one_of(TEXT, TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3),
+                                        st.lists(TEXT, min_size=1, max_size=3)), "max_tokens": MAX_TOKENS},
+                   {"model": st.just("default"), "logprobs": st.integers(0, 5), "echo": st.booleans(),
+                    **SAMPLING})
+NATIVE_SAMPLING = body({"max_new_tokens": MAX_TOKENS}, {
+    "min_new_tokens": st.integers(0, 4), "stop_token_ids": st.lists(TOKEN, max_size=4),
+    "n": st.sampled_from([1, 2, 3]), "temperature": st.floats(0, 2), "top_k": st.sampled_from([-1, 1, 50, VOCAB]),
+    "logit_bias": LOGIT_BIAS, "json_schema": st.just('{"type": "object"}'), "ignore_eos": st.booleans(),
+    "sampling_seed": st.integers(0, 2**31)})
+GENERATE_OPTIONAL = {"return_logprob": st.booleans(), "top_logprobs_num": st.integers(0, 20),
+                     "logprob_start_len": st.integers(-1, 2), "token_ids_logprob": st.lists(TOKEN, max_size=4),
+                     "stream": st.booleans(), "return_text_in_logprobs": st.booleans()}
+GENERATE = st.one_of(  # text or ids: both, or neither, only through a mutation
+    body({"sampling_params": NATIVE_SAMPLING, "text": st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=3))},
+         GENERATE_OPTIONAL),
+    body({"sampling_params": NATIVE_SAMPLING,
+          "input_ids": st.one_of(TOKEN_IDS, st.lists(TOKEN_IDS, min_size=1, max_size=3))}, GENERATE_OPTIONAL))
 CASES = st.one_of(st.tuples(st.just("/v1/chat/completions"), CHAT),
                   st.tuples(st.just("/v1/completions"), COMPLETIONS),
                   st.tuples(st.just("/generate"), GENERATE))
