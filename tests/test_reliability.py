@@ -59,6 +59,7 @@ BAD_REQUESTS = [
      "max_new_tokens must be at least 0"),
     ("generate-max-new-tokens-string", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "x"}},
      "invalid type"),
+    ("generate-empty-sampling-list", "/generate", {"text": "hi", "sampling_params": []}, "cannot be batched"),  # stock: 500
     ("generate-no-text", "/generate", {"sampling_params": {"max_new_tokens": 3}}, "text, input_ids or input_embeds"),
     ("generate-text-too-long", "/generate", {"text": LONG_TEXT, "sampling_params": {"max_new_tokens": 4}},
      "longer than the model's context length"),

@@ -18,7 +18,7 @@ Native `/generate` keeps `max_new_tokens: 0` (a prefill-only request is legitima
 from __future__ import annotations
 
 from ..config import ShplbConfig
-from .body_guard import BodyGuard
+from .body_guard import BodyGuard, generate_body_problem
 from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
                              range_problem, sampling_problem, token_ids_problem)
 
@@ -77,7 +77,7 @@ def generate_contract_after(result, body, *args, **kwargs):
         return None
     from sglang.srt.entrypoints.http_server import _global_state
 
-    return generate_problem(body, *_model(_global_state.tokenizer_manager), LIMITS)
+    return generate_problem(body, *_model(_global_state.tokenizer_manager), LIMITS) or generate_body_problem(body)
 
 
 def validate_one_before(manager, obj, input_ids, *args, **kwargs):

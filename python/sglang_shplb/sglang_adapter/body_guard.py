@@ -5,6 +5,7 @@ Stock's OpenAI request models have pydantic before-validators that assume the JS
 which pydantic does not turn into a validation error, so FastAPI answers 500 with a traceback. The
 guard validates the body with the endpoint's own model first: a pydantic ValidationError is left to
 stock (it already answers 400 naming the field); any other exception is the client's wrong type.
+Native `/generate` bodies get the same treatment from its contract hook (generate_body_problem).
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def body_problem(path: str, body: bytes) -> str | None:
     except Exception as e:  # noqa: BLE001 - a before-validator met a type it did not expect
         return (f"the request body does not fit the {name} schema ({type(e).__name__}: {e}); "
                 "check the JSON types of its fields against the OpenAI API")
+    return None
+
+
+def generate_body_problem(body: dict) -> str | None:
+    """A native /generate body that stock's batch normalization cannot take (`"sampling_params": []`
+    raises IndexError there: a 500, or a broken stream), or None. Runs that normalization on a copy."""
+    import copy
+
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    try:
+        GenerateReqInput(**copy.deepcopy(body)).normalize_batch_and_arguments()
+    except ValueError as e:
+        return str(e)  # stock's own message, but now before a stream starts
+    except Exception as e:  # noqa: BLE001 - a field shape normalization did not expect
+        return (f"the /generate body cannot be batched ({type(e).__name__}: {e}); check that list fields "
+                "(text, input_ids, sampling_params, ...) have one entry per prompt")
     return None
 
 
