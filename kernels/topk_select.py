@@ -154,6 +154,7 @@ def select_topk_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torc
 
 
 SELECT_BLOCK_N = 4096   # rows up to 4096 pages (64k tokens at P=16) are ranked on chip
+SELECT_WARPS = 8        # 4096 int64 keys over 256 threads: no spills (compile_check)
 
 
 def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, recent, bs):
@@ -165,5 +166,5 @@ def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, rec
         return sel_idx, sel_cnt
     block_n = min(SELECT_BLOCK_N, max(16, triton.next_power_of_2(scores.shape[2])))
     _select_kernel[(bs, H)](scores, n_pages, k_pages, sel_idx, sel_cnt, *scores.stride(), *k_pages.stride(),
-                            sel_idx.shape[2], sink, recent, H=H, BLOCK_N=block_n, PAD=False)
+                            sel_idx.shape[2], sink, recent, H=H, BLOCK_N=block_n, PAD=False, num_warps=SELECT_WARPS)
     return sel_idx, sel_cnt
