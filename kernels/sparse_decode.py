@@ -228,8 +228,8 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=om)
 
 
-SCORE_BLOCK_N = 16       # pages per scoring program: [16, 64] min/max tiles stay in registers
-SCORE_BLOCK_D = 64
+SCORE_BLOCK_N = 16       # pages per scoring program: [16, 32] min/max tiles stay in registers
+SCORE_BLOCK_D = 32        # 40-64 registers, no spills for D 128/256, G 1-8, sum|max (compile_check)
 
 
 def page_scores(q, kmin, kmax, req_to_token, req_pool_indices, n_pages, page_size, out, agg="sum",
