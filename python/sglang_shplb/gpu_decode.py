@@ -65,7 +65,7 @@ class GpuSparseDecode:
                 if self.device.type == "cuda" else 4
         self.num_sms = num_sms
         self.meta = None
-        if num_slots is not None and not all(self.dense_layer):
+        if num_slots is not None:     # metadata kept (sparse decode or sparse prefill): allocated now, once
             self.meta = [K.new_page_metadata(math.ceil(num_slots / shape.page_size), H, shape.head_dim,
                                              meta_dtype, self.device) for _ in range(L)]
         self._sets: list[_Buffers] = []
