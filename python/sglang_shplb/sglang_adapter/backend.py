@@ -138,7 +138,7 @@ def _make_backend_class():
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if self.gpu is not None and layer.layer_id not in self.torch_dense_layers:
                 return self._forward_decode_cuda(q, k, v, layer, forward_batch, save_kv_cache)
-            if self.budgets is None or layer.is_cross_attention:
+            if self.budgets is None or layer.is_cross_attention or layer.layer_id in self.torch_dense_layers:
                 o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
                 if save_kv_cache and k is not None and self.keep_metadata:   # later chunks select over these pages
                     self._fold_keys(layer, forward_batch.out_cache_loc, k)
@@ -184,7 +184,6 @@ def _make_backend_class():
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots)
-            self.gpu.reserve(1)
             self.gpu_prefill = kernels.attend_selection
             logger.info("[sglang-shplb] tp_rank=%d CUDA decode: fused split-KV Triton kernel, page metadata %.2f GiB "
                         "(bf16, allocated at start-up), pages per head up to %d", self.tp_rank,
