@@ -38,50 +38,62 @@ class PagedCache:
     def __init__(self, seq_lens: list[int], num_layers: int, kv_heads: int, head_dim: int, page_size: int,
                  max_context: int, dtype=torch.float32, device="cpu", seed: int = 0, spare_pages: int = 8):
         g = torch.Generator().manual_seed(seed)
-        self.gen, self.P, self.dtype, self.device = g, page_size, dtype, torch.device(device)
+        self.device = torch.device(device)
+        self.dgen = torch.Generator(self.device).manual_seed(seed)       # K/V/q drawn where they live
+        self.gen, self.P, self.dtype = g, page_size, dtype
         self.bs, self.L, self.H, self.D = len(seq_lens), num_layers, kv_heads, head_dim
         need = sum(math.ceil((s + 64) / page_size) for s in seq_lens) + spare_pages + 1
         self.num_pages = need
-        self.free = [int(p) for p in torch.randperm(need - 1, generator=g) + 1]   # page 0: SGLang's dummy page
+        self.free = (torch.randperm(need - 1, generator=g) + 1).tolist()   # page 0: SGLang's dummy page
         rows = self.bs + 2
         self.req_to_token = torch.zeros(rows, max_context, dtype=torch.int32)
         self.req_pool_indices = (torch.randperm(rows - 1, generator=g)[: self.bs] + 1).long()
         self.seq_lens = torch.zeros(self.bs, dtype=torch.int64)
-        slots = need * page_size
-        self.k = [(torch.randn(slots, kv_heads, head_dim, generator=g)).to(dtype) for _ in range(num_layers)]
-        self.v = [(torch.randn(slots, kv_heads, head_dim, generator=g)).to(dtype) for _ in range(num_layers)]
+        shape = (need * page_size, kv_heads, head_dim)
+        self.k_dev = [self._randn(shape) for _ in range(num_layers)]
+        self.v_dev = [self._randn(shape) for _ in range(num_layers)]
         self.prefill_locs = self._append([int(s) for s in seq_lens])
         self._to_device()
+
+    def _randn(self, shape):
+        return torch.randn(shape, generator=self.dgen, device=self.device, dtype=self.dtype)
+
+    @property
+    def k(self):      # host views (the same tensors on a CPU run)
+        return [t.cpu() for t in self.k_dev]
+
+    @property
+    def v(self):
+        return [t.cpu() for t in self.v_dev]
 
     def _to_device(self):
         for name in ("req_to_token", "req_pool_indices", "seq_lens"):
             setattr(self, name + "_dev", getattr(self, name).to(self.device))
-        self.k_dev = [t.to(self.device) for t in self.k]
-        self.v_dev = [t.to(self.device) for t in self.v]
 
     def _append(self, counts: list[int]) -> torch.Tensor:
-        """Give request r counts[r] more positions; returns their slots, request by request (contiguous)."""
-        locs = []
+        """Give request r counts[r] more positions (fresh pages where they cross a boundary); returns
+        their slots, request by request (contiguous, as SGLang's out_cache_loc)."""
+        locs, P = [], self.P
         for r, c in enumerate(counts):
-            row = int(self.req_pool_indices[r])
-            for pos in range(int(self.seq_lens[r]), int(self.seq_lens[r]) + c):
-                if pos % self.P == 0:
-                    self.req_to_token[row, pos: pos + self.P] = self.free.pop() * self.P + torch.arange(self.P)
-                locs.append(int(self.req_to_token[row, pos]))
+            row, old = int(self.req_pool_indices[r]), int(self.seq_lens[r])
+            first, last = -(-old // P), -(-(old + c) // P)                 # logical pages to allocate
+            if last > first:
+                pages = torch.tensor([self.free.pop() for _ in range(last - first)], dtype=torch.int32)
+                self.req_to_token[row, first * P: last * P] = (pages[:, None] * P + torch.arange(P)).flatten()
+            locs.append(self.req_to_token[row, old: old + c].long())
             self.seq_lens[r] += c
-        return torch.tensor(locs, dtype=torch.int64)
+        return torch.cat(locs)
 
     def step(self):
         """One decode token per request: new random K/V written at fresh slots -> (locs, [k_new per layer])."""
-        locs = self._append([1] * self.bs)
+        locs = self._append([1] * self.bs).to(self.device)
         k_new = []
         for layer in range(self.L):
-            k = torch.randn(self.bs, self.H, self.D, generator=self.gen).to(self.dtype)
-            v = torch.randn(self.bs, self.H, self.D, generator=self.gen).to(self.dtype)
-            self.k[layer][locs], self.v[layer][locs] = k, v
+            k, v = self._randn((self.bs, self.H, self.D)), self._randn((self.bs, self.H, self.D))
+            self.k_dev[layer][locs], self.v_dev[layer][locs] = k, v
             k_new.append(k)
         self._to_device()
-        return locs.to(self.device), [k.to(self.device) for k in k_new]
+        return locs, k_new
 
     def query(self, q_heads: int):
-        return torch.randn(self.bs, q_heads * self.D, generator=self.gen).to(self.dtype).to(self.device)
+        return self._randn((self.bs, q_heads * self.D))
