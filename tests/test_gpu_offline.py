@@ -83,3 +83,15 @@ def test_kernels_compile_full_matrix():
     rows = _compile(shapes)
     spilled = [r for r in rows if r["spill_bytes"] and r["head_dim"] <= 128]
     assert not spilled, spilled
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmark/gpu_check.py --dry-run: the device script's own code path (same objects) under the interpreter."""
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu_check.md"
+    env = _env(True)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmark" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = out.read_text()
+    assert "FAIL" not in text and "decode 10% == CPU serving path" in text and "| 256 | 2 |" in text
