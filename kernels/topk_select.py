@@ -153,8 +153,8 @@ def select_topk_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torc
     return sel_idx, sel_cnt
 
 
-SELECT_BLOCK_N = 4096   # rows up to 4096 pages (64k tokens at P=16) are ranked on chip
-SELECT_WARPS = 8        # 4096 int64 keys over 256 threads: no spills (compile_check)
+SELECT_BLOCK_N = 8192   # rows up to 8192 pages (128k tokens at P=16) are ranked on chip
+SELECT_WARPS = 16       # 8192 int64 keys over 512 threads: 90 registers, no spills on sm_90 (compile_check)
 
 
 def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, recent, bs):
