@@ -26,6 +26,15 @@ def metadata_memory_scale(page_size: int) -> float:
 
 
 def _after_attention_compat(result, server_args, *args, **kwargs):
+    try:
+        _declare_gpu_settings(server_args)
+    except Exception as e:  # noqa: BLE001 - a resolution layout we do not know must not stop the server
+        logger.warning("[sglang-shplb] could not declare the CUDA settings (%s); pass --cuda-graph-backend-prefill "
+                       "disabled and a lower --mem-fraction-static yourself", e)
+    return None
+
+
+def _declare_gpu_settings(server_args) -> None:
     from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
@@ -33,7 +42,7 @@ def _after_attention_compat(result, server_args, *args, **kwargs):
     names = {getattr(cfg, f, None) for f in ("attention_backend", "prefill_attention_backend",
                                               "decode_attention_backend")}
     if "shplb" not in names or str(getattr(cfg, "device", "cuda") or "cuda") not in ("cuda",):
-        return None
+        return
     graphs = cfg.cuda_graph_config
     if graphs is not None and graphs.prefill.backend != Backend.DISABLED:
         logger.warning("[sglang-shplb] prefill CUDA graphs off (--cuda-graph-backend-prefill disabled): the shplb "
@@ -47,7 +56,6 @@ def _after_attention_compat(result, server_args, *args, **kwargs):
         logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (1/%d of the KV "
                        "pool) is allocated at start-up", cfg.mem_fraction_static, frac, shplb.page_size)
         declare_resolution(server_args, "sglang_shplb", mem_fraction_static=frac)
-    return None
 
 
 def register_server_args_hook() -> None:
