@@ -95,3 +95,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = out.read_text()
     assert "FAIL" not in text and "decode 10% == CPU serving path" in text and "| 256 | 2 |" in text
+
+
+def test_launcher_gpu_defaults(capsys):
+    """On CUDA the launcher keeps decode graphs, turns prefill graphs off with 0.5.23's flag (one line),
+    respects the user's own graph flags and refuses pages the GPU kernels cannot take."""
+    from sglang_shplb.config import ShplbConfig
+    from sglang_shplb.launch_server import gpu_defaults
+
+    assert gpu_defaults([], ShplbConfig(budget=0.1)) == ["--cuda-graph-backend-prefill", "disabled"]
+    assert "prefill CUDA graphs off" in capsys.readouterr().out
+    assert gpu_defaults(["--cuda-graph-backend-prefill", "breakable"], ShplbConfig(budget=0.1)) == []
+    assert gpu_defaults(["--disable-cuda-graph"], ShplbConfig(budget=0.1)) == []
+    with pytest.raises(SystemExit):
+        gpu_defaults([], ShplbConfig(budget=0.1, page_size=8))
+    assert "--shplb-page-size 8 is below 16" in capsys.readouterr().err
