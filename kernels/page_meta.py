@@ -144,7 +144,7 @@ if triton is not None:
             mx = tl.full([BLOCK_D], float("-inf"), tl.float32)
             alive = tl.full([BLOCK_D], 1, tl.int1)     # vectors: scalar booleans do not mix with masks everywhere
             fresh = tl.full([BLOCK_D], 0, tl.int1)
-            for t in tl.static_range(P):
+            for t in range(P):                         # not unrolled: no spills at P = 32
                 idx = i + t
                 lt = tl.load(locs_ptr + idx, mask=idx < n, other=0).to(tl.int64)
                 alive = alive & ((idx < n) & (lt // P == page))
