@@ -7,6 +7,9 @@ A layer whose prefill budgets are all 1.0 runs SGLang's dense extend unchanged.
 Decode writes K/V, updates the metadata, picks each local KV head's pages (Quest bound, sink +
 recent, top-k by that head's budget) and attends over them. A step where every head covers its
 whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
+On CUDA (`_init_cuda` and the methods after it) decode is planned once per step and every layer runs
+gpu_decode.GpuSparseDecode's kernels, dense layers included, so decode CUDA graphs can be captured;
+extend stays torch_native (dense) or the Triton block-sparse prefill kernel.
 """
 from __future__ import annotations
 
