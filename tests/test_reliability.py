@@ -60,6 +60,9 @@ BAD_REQUESTS = [
     ("generate-max-new-tokens-string", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "x"}},
      "invalid type"),
     ("generate-empty-sampling-list", "/generate", {"text": "hi", "sampling_params": []}, "cannot be batched"),  # stock: 500
+    ("generate-logprob-start-list", "/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": [],
+                                                  "sampling_params": {"max_new_tokens": 2}},
+     "logprob_start_len must be an integer for each prompt"),  # stock: scheduler died (fuzzer)
     ("generate-no-text", "/generate", {"sampling_params": {"max_new_tokens": 3}}, "text, input_ids or input_embeds"),
     ("generate-text-too-long", "/generate", {"text": LONG_TEXT, "sampling_params": {"max_new_tokens": 4}},
      "longer than the model's context length"),

@@ -79,3 +79,13 @@ def test_input_embeds_must_be_hidden_size_vectors():
     assert "has 4" not in embeds_problem([[[0.0] * 4], [[1.0] * 3]], 4)
     assert "vector of 0 numbers" in embeds_problem([[]], 4)
     assert "vector of 1 numbers" in embeds_problem([0.5, 0.5], 4)
+
+
+def test_per_prompt_fields_must_be_scalars():
+    from types import SimpleNamespace
+
+    from sglang_shplb.sglang_adapter.request_limits import per_prompt_problem
+
+    assert per_prompt_problem(SimpleNamespace(return_logprob=True, logprob_start_len=-1, top_logprobs_num=3)) is None
+    msg = per_prompt_problem(SimpleNamespace(return_logprob=True, logprob_start_len=[], top_logprobs_num=3))
+    assert msg.startswith("logprob_start_len must be an integer for each prompt, got []")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from ..config import ShplbConfig
 from .body_guard import BodyGuard, generate_body_problem
 from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
-                             range_problem, sampling_problem, token_ids_problem)
+                             per_prompt_problem, range_problem, sampling_problem, token_ids_problem)
 
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
 VALIDATE_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request"
@@ -89,6 +89,7 @@ def validate_one_before(manager, obj, input_ids, *args, **kwargs):
     problem = first(
         "a prompt is empty (no tokens); every prompt needs at least one token" if empty else None,
         token_ids_problem("input_ids", input_ids, vocab),
+        per_prompt_problem(obj),
         embeds_problem(getattr(obj, "input_embeds", None), manager.model_config.hidden_size),
         range_problem("top_logprobs_num", top, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
         sampling_problem(getattr(obj, "sampling_params", None), vocab, context, LIMITS))

@@ -46,8 +46,13 @@ def generate_body_problem(body: dict) -> str | None:
 
     from sglang.srt.managers.io_struct import GenerateReqInput
 
+    from .request_limits import per_prompt_problem
+
     try:
-        GenerateReqInput(**copy.deepcopy(body)).normalize_batch_and_arguments()
+        obj = GenerateReqInput(**copy.deepcopy(body))
+        obj.normalize_batch_and_arguments()
+        prompts = [obj] if obj.is_single else [obj[i] for i in range(obj.batch_size)]
+        return next((p for p in map(per_prompt_problem, prompts) if p), None)
     except ValueError as e:
         return str(e)  # stock's own message, but now before a stream starts
     except Exception as e:  # noqa: BLE001 - a field shape normalization did not expect

@@ -9,6 +9,7 @@ is checked before the request reaches the scheduler:
 - `stop_token_ids` index a vocab-sized tensor when `min_new_tokens` > 0 (min-tokens penalizer);
 - `logprobs` / `top_logprobs` / `top_logprobs_num` are the k of a top-k over the vocabulary;
 - `input_embeds` rows replace the embedding lookup, so they must be hidden-size vectors;
+- per-prompt fields of a native request (`logprob_start_len`, ...) must be scalars per prompt;
 - `n` fans one request out into n scheduler requests, each up to `max_tokens` long.
 Already checked by stock (kept): `logit_bias` keys, `token_ids_logprob`, sampling ranges
 (temperature, top_p, top_k, min_p, penalties, min/max_new_tokens), the context length.
@@ -75,6 +76,20 @@ def embeds_problem(embeds, hidden_size: int) -> Optional[str]:
         return None
     return (f"input_embeds holds a vector of {bad} numbers; this model's embeddings have {hidden_size} "
             "(one vector per prompt position)")
+
+
+PER_PROMPT_SCALARS = (("return_logprob", bool, "true or false"), ("logprob_start_len", int, "an integer"),
+                      ("top_logprobs_num", int, "an integer"))
+
+
+def per_prompt_problem(obj) -> Optional[str]:
+    """A native request's per-prompt fields may be lists (one entry per prompt of a batch); for one
+    prompt they must be scalars, or the scheduler compares a list with an int and dies."""
+    for name, kind, words in PER_PROMPT_SCALARS:
+        v = getattr(obj, name, None)
+        if v is not None and not isinstance(v, kind):
+            return f"{name} must be {words} for each prompt, got {v!r}; a list needs one entry per prompt of a batch"
+    return None
 
 
 def range_problem(field: str, value, limit: int, flag: str) -> Optional[str]:
