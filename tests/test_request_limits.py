@@ -89,3 +89,13 @@ def test_per_prompt_fields_must_be_scalars():
     assert per_prompt_problem(SimpleNamespace(return_logprob=True, logprob_start_len=-1, top_logprobs_num=3)) is None
     msg = per_prompt_problem(SimpleNamespace(return_logprob=True, logprob_start_len=[], top_logprobs_num=3))
     assert msg.startswith("logprob_start_len must be an integer for each prompt, got []")
+
+
+def test_grammar_with_min_tokens_or_ignore_eos_refused():
+    from sglang_shplb.sglang_adapter.request_limits import grammar_problem
+
+    assert grammar_problem({"regex": "(yes|no)", "min_new_tokens": 0}) is None
+    assert grammar_problem({"min_new_tokens": 4, "ignore_eos": True}) is None  # no grammar: fine
+    assert "min_new_tokens=4 cannot be combined with sampling_params.regex" in grammar_problem(
+        {"regex": "(yes|no)", "min_new_tokens": 4})
+    assert "ignore_eos" in grammar_problem({"json_schema": "{}", "ignore_eos": True})

@@ -10,6 +10,8 @@ is checked before the request reaches the scheduler:
 - `logprobs` / `top_logprobs` / `top_logprobs_num` are the k of a top-k over the vocabulary;
 - `input_embeds` rows replace the embedding lookup, so they must be hidden-size vectors;
 - per-prompt fields of a native request (`logprob_start_len`, ...) must be scalars per prompt;
+- a grammar (`regex`, `json_schema`, ...) with `min_new_tokens` > 0 or `ignore_eos` can mask every
+  token once the grammar is complete (NaN probabilities in the sampler);
 - `n` fans one request out into n scheduler requests, each up to `max_tokens` long.
 Already checked by stock (kept): `logit_bias` keys, `token_ids_logprob`, sampling ranges
 (temperature, top_p, top_k, min_p, penalties, min/max_new_tokens), the context length.
@@ -123,12 +125,33 @@ def fan_out_problem(n, max_tokens, n_field: str, tokens_field: str, context_len:
     return None
 
 
+GRAMMARS = ("regex", "json_schema", "ebnf", "structural_tag")
+
+
+def grammar_problem(params: dict, prefix: str = "sampling_params.") -> Optional[str]:
+    """Once a grammar is complete only end-of-sequence is allowed; min_new_tokens > 0 or ignore_eos
+    forbids it, leaving no token to sample (stock 0.5.23: a 500, or NaN probabilities that kill
+    the scheduler under min_p)."""
+    grammar = next((g for g in GRAMMARS if params.get(g) is not None), None)
+    if grammar is None:
+        return None
+    min_new = params.get("min_new_tokens")
+    if isinstance(min_new, int) and not isinstance(min_new, bool) and min_new > 0:
+        return (f"{prefix}min_new_tokens={min_new} cannot be combined with {prefix}{grammar}: a completed "
+                "grammar allows only end-of-sequence; drop one of them")
+    if params.get("ignore_eos") is True:
+        return (f"{prefix}ignore_eos cannot be combined with {prefix}{grammar}: a completed grammar "
+                "allows only end-of-sequence; drop one of them")
+    return None
+
+
 def sampling_problem(params: dict, vocab_size: int, context_len: int, limits: RequestLimits,
                      prefix: str = "sampling_params.") -> Optional[str]:
     """Native sampling parameters (a dict, as /generate takes them)."""
     if not isinstance(params, dict):
         return None
     return first(
+        grammar_problem(params, prefix),
         fan_out_problem(params.get("n", 1), params.get("max_new_tokens", 128), f"{prefix}n",
                         f"{prefix}max_new_tokens", context_len, limits),
         token_ids_problem(f"{prefix}stop_token_ids", params.get("stop_token_ids"), vocab_size))
