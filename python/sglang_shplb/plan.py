@@ -113,10 +113,10 @@ def _check_divisible(units: int, tp: int, granularity: str, q_heads: int) -> Non
                             f"--tp that divides {units}{alt}")
 
 
-def plan_layer(costs: list[float], tp: int, method: str) -> dict:
-    """Place one layer. `optimal`: balanced ran the exact search (small layer), so its max load is
-    the optimum and also the tightest lower bound."""
-    ranks = pl.place(costs, tp, method)
+def plan_layer(costs: list[float], tp: int, method: str, ranks=None) -> dict:
+    """Place one layer (or take `ranks` as given). `optimal`: balanced ran the exact search (small
+    layer), so its max load is the optimum and also the tightest lower bound."""
+    ranks = pl.place(costs, tp, method) if ranks is None else [sorted(r) for r in ranks]
     loads = pl.rank_loads(costs, ranks)
     lb = pl.lower_bound(costs, tp, equal_count=method != "lpt")
     optimal = (method == "balanced" and len(costs) <= pl.EXACT_MAX_UNITS) or max(loads) <= lb * (1 + 1e-12)
@@ -126,8 +126,10 @@ def plan_layer(costs: list[float], tp: int, method: str) -> dict:
 
 def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: str | None = None,
               objective: str = "decode", head_dim: int | None = None, cost_model: dict | None = None,
-              profile=None, fill: bool = False, kv_memory_limit: float | None = None) -> dict:
-    """Budgets artifact -> plan body (see module doc)."""
+              profile=None, fill: bool = False, kv_memory_limit: float | None = None,
+              placements: list | None = None) -> dict:
+    """Budgets artifact -> plan body (see module doc). `placements` [layer][rank] fixes the
+    placement (the joint solver's) instead of running `placement`."""
     granularity = granularity or budgets["granularity"]
     if placement not in pl.METHODS or granularity not in GRANULARITIES or objective not in OBJECTIVES:
         raise ArtifactError(f"choose --placement from {pl.METHODS}, --granularity from {GRANULARITIES}, "
@@ -153,7 +155,8 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     layers, rec_before, rec_after = [], [], []
     for l, row in enumerate(rows):
         pre = prefill_rows[l] if prefill_rows else None
-        lay = plan_layer(unit_costs(pre if objective == "prefill" and pre else row, coefs[objective]), tp, placement)
+        lay = plan_layer(unit_costs(pre if objective == "prefill" and pre else row, coefs[objective]), tp, placement,
+                         None if placements is None else placements[l])
         b0 = torch.tensor(row, dtype=torch.float64)
         b = fill_bubbles(b0, lay["rank_units"], coefs[objective], curves[l], profile.grid, step) if fill else b0
         entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp, pre)
@@ -177,7 +180,23 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         "budget_granularity": budgets["granularity"], "layers": layers,
     }
     body["summary"] = _summary(layers, rec_before, rec_after)
+    mean = sum(map(sum, rows)) / sum(map(len, rows))
+    body["summary"].update(step_times(body, uniform_step_time(len(rows), len(rows[0]), tp, mean, coefs[objective]),
+                                      granularity))
     return body
+
+
+def uniform_step_time(layers: int, units: int, tp: int, mean: float, coef) -> float:
+    """Sum over layers of the max rank load when every unit has budget `mean`."""
+    return layers * (units // tp) * (coef[0] * mean + coef[1])
+
+
+def step_times(body: dict, uniform: float, uniform_granularity: str) -> dict:
+    """The plan's predicted step time (sum over layers of the max rank load, after any filling)
+    next to uniform's at the same mean: what the unequal budgets cost the hardware."""
+    t = sum(max(x["rank_load"]) for x in body["layers"])
+    return {"predicted_step_time": t, "uniform_step_time": uniform, "uniform_granularity": uniform_granularity,
+            "step_time_ratio": t / uniform}
 
 
 def _layer_entry(l, lay, row, unit_b, coefs, objective, tp, prefill=None) -> dict:
@@ -214,7 +233,8 @@ def _summary(layers, rec_before, rec_after) -> dict:
          "layers_proven_optimal": sum(x["optimal"] for x in layers)}
     if rec_before:
         before, after = float(torch.stack(rec_before).mean()), float(torch.stack(rec_after).mean())
-        s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before)
+        s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before,
+                 worst_recovery=float(torch.stack(rec_after).min()))
     return s
 
 
@@ -318,46 +338,69 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m sglang_shplb.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", required=True)
+    p.add_argument("--budgets", help="budgets file to place; without it, --profile and --mean-budget run the "
+                   "joint solver (budgets and placement together, held to uniform-B's step time)")
+    p.add_argument("--mean-budget", type=float, help="joint solver: the uniform budget B whose step time is matched")
+    p.add_argument("--prefill-mean-budget", type=float, help="joint solver: also prefill budgets at this mean")
     p.add_argument("--tp", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--placement", choices=pl.METHODS, default="balanced")
-    p.add_argument("--granularity", choices=GRANULARITIES, help="default: the budgets file's")
+    p.add_argument("--granularity", choices=GRANULARITIES + ("auto",),
+                   help="default: the budgets file's; joint solver: kv ('auto': q too where --kv-memory-limit allows)")
     p.add_argument("--objective", choices=OBJECTIVES, default="decode")
     p.add_argument("--fill-bubbles", action="store_true", help="raise budgets on under-loaded ranks (needs --profile)")
-    p.add_argument("--profile", help="profile whose curves predict recovery (for --fill-bubbles)")
-    p.add_argument("--model", help="checkpoint: checks the budgets' fingerprint and gives head_dim")
+    p.add_argument("--profile", help="profile whose curves predict recovery (--fill-bubbles, joint solver)")
+    p.add_argument("--model", help="checkpoint: checks the artifacts' fingerprint and gives head_dim")
     p.add_argument("--head-dim", type=int, help="head_dim for absolute costs when --model is not given")
     p.add_argument("--cost-model", help="JSON calibration of the cost model (see above)")
     p.add_argument("--kv-memory-limit", type=float, help="max KV memory factor allowed (q granularity = group size)")
     p.add_argument("--alt-budgets", help="budgets at the other granularity, for the granularity comparison")
     p.add_argument("--report", help="write a PNG: rank loads per layer, this placement vs contiguous")
     args = p.parse_args(argv)
+    joint = args.budgets is None
+    if joint and (args.profile is None or args.mean_budget is None):
+        p.error("give --budgets BUDGETS.json, or --profile PROFILE --mean-budget B for the joint solver")
+    if not joint and (args.mean_budget is not None or args.prefill_mean_budget is not None):
+        p.error("--mean-budget/--prefill-mean-budget are for the joint solver; a budgets file has its own mean")
+    if joint and (args.fill_bubbles or args.objective != "decode" or args.alt_budgets):
+        p.error("the joint solver fills bubbles itself and plans decode placement (prefill budgets follow it); "
+                "drop --fill-bubbles/--objective/--alt-budgets")
     if args.fill_bubbles and not args.profile:
         p.error("--fill-bubbles needs --profile PROFILE (the recovery curves it maximizes)")
+    if args.granularity == "auto" and not joint:
+        p.error("--granularity auto is for the joint solver; a budgets file has its own granularity")
     if args.tp < 1:
         p.error("--tp must be >= 1")
     try:
         t0 = time.perf_counter()
         fp = model_fingerprint(args.model) if args.model else None
         head_dim = model_shape(args.model)["head_dim"] if args.model else args.head_dim
-        budgets = load_budgets(args.budgets, fp)
-        alt = load_budgets(args.alt_budgets, budgets["model_fingerprint"]) if args.alt_budgets else None
+        cost_model = load_cost_model(args.cost_model)
         profile = None
         if args.profile:
             from .profile import Profile
-            profile = Profile.load(args.profile, budgets["model_fingerprint"])
-        cost_model = load_cost_model(args.cost_model)
-        body = make_plan(budgets, args.tp, args.placement, args.granularity, args.objective, head_dim,
-                         cost_model, profile, args.fill_bubbles, args.kv_memory_limit)
+            profile = Profile.load(args.profile, fp)
+        if joint:
+            from .joint import make_joint_plan
+            body = make_joint_plan(profile, args.mean_budget, args.tp, args.granularity or "kv", head_dim,
+                                   cost_model, args.kv_memory_limit, args.prefill_mean_budget)
+            compare = []
+        else:
+            budgets = load_budgets(args.budgets, fp)
+            alt = load_budgets(args.alt_budgets, budgets["model_fingerprint"]) if args.alt_budgets else None
+            if profile is not None and profile.meta["model_fingerprint"] != budgets["model_fingerprint"]:
+                raise ArtifactError(f"profile {args.profile} is for another model than budgets {args.budgets}; "
+                                    "use the profile the budgets came from")
+            body = make_plan(budgets, args.tp, args.placement, args.granularity, args.objective, head_dim,
+                             cost_model, profile, args.fill_bubbles, args.kv_memory_limit)
+            compare = compare_granularities(budgets, alt, args.tp, args.placement, args.objective, head_dim,
+                                            cost_model, args.kv_memory_limit)
         if not body["equal_count"]:
             raise _lpt_error(body)
         write_json(args.out, "plan", body)
         if args.report:
             from .report import plan_report
             plan_report(body, args.report)
-        compare = compare_granularities(budgets, alt, args.tp, args.placement, args.objective, head_dim,
-                                        cost_model, args.kv_memory_limit)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -373,13 +416,18 @@ def _print_summary(args, body, compare, seconds) -> None:
           f"(contiguous {s['contiguous_max_imbalance']:.4f} / {s['contiguous_mean_imbalance']:.4f}); "
           f"predicted time vs contiguous {s['total_max_rank_load'] / s['contiguous_total_max_rank_load']:.3f}x, "
           f"vs lower bound {s['total_max_rank_load'] / s['total_lower_bound']:.3f}x")
-    if body["units_per_rank"] == 1 and body["tp_size"] > 1:
+    print(f"  predicted step time {s['predicted_step_time']:.4g} = {s['step_time_ratio']:.3f}x uniform at the same "
+          f"mean ({s['uniform_granularity']} granularity, {s['uniform_step_time']:.4g})")
+    if body["units_per_rank"] == 1 and body["tp_size"] > 1 and body["placement"] != "joint":
         print("  note: each rank holds one unit, so placement cannot balance anything; try --granularity q")
     if "recovery_gain" in s:
         print(f"  predicted mean recovery {s['mean_recovery_before']:.4f} -> {s['mean_recovery']:.4f} "
               f"(gain {s['recovery_gain']:+.4f})")
-    print("granularity comparison:")
-    print("\n".join(compare))
+    if "worst_recovery" in s:
+        print(f"  predicted worst recovery {s['worst_recovery']:.4f}")
+    if compare:
+        print("granularity comparison:")
+        print("\n".join(compare))
 
 
 if __name__ == "__main__":
