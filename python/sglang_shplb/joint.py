@@ -107,7 +107,11 @@ def _fill_layer(row, curves, grid, ranks, cap, coef, step) -> None:
         idx = torch.tensor(r)
         load = float((coef[0] * row[idx] + coef[1]).sum())
         slack = (cap - load) / coef[0]
-        if slack > 1e-12:
+        if slack <= 1e-12:
+            continue
+        if len(r) == 1:          # one unit: it takes the whole slack (recovery is monotone)
+            row[r[0]] = min(1.0, float(row[r[0]]) + slack)
+        else:
             row[idx] = _spend_leftover(curves[idx], grid, row[idx].clone(), slack, step)
 
 
