@@ -246,23 +246,10 @@ def plan_id(body: dict) -> str:
 
 
 def load_plan(path, fingerprint: str | None = None) -> dict:
-    """Read, checksum and structurally validate a plan artifact."""
-    body = read_json(path, "plan", fingerprint)
-    try:
-        tp, U = body["tp_size"], (body["num_q_heads"] if body["granularity"] == "q" else body["num_kv_heads"])
-        layers = body["layers"]
-        ok = len(layers) == body["num_layers"] and all(
-            len(x["rank_units"]) == tp and sorted(u for r in x["rank_units"] for u in r) == list(range(U))
-            and [len(r) for r in x["rank_budgets"]] == [len(r) for r in x["rank_units"]] for x in layers)
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"plan file {path} lacks field {e}; regenerate it with `python -m sglang_shplb.plan`") from None
-    if not ok:
-        raise ArtifactError(f"plan file {path} does not place every unit exactly once on {tp} ranks in every "
-                            "layer; regenerate it with `python -m sglang_shplb.plan`")
-    if not body.get("equal_count", False):
-        raise ArtifactError(f"plan file {path} gives ranks different numbers of heads, which SGLang cannot "
-                            "load; regenerate it with --placement balanced")
-    return body
+    """Read, checksum and structurally validate a plan artifact (schema.Plan); returns its body."""
+    from .schema import Plan
+
+    return Plan.load(path, fingerprint).to_json()
 
 
 def permuted_marker(model_path) -> dict | None:

@@ -123,10 +123,13 @@ def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, c
     if len(groups) == 1:
         t = groups[0][1]
         heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-        return _attend(q, k_buf, v_buf, chosen.slots[..., :t], chosen.valid[..., :t], heads, scale)
+        if t == chosen.valid.shape[-1]:   # nothing to trim: index with the contiguous tensors as they are
+            return _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, scale)
+        return _attend(q, k_buf, v_buf, chosen.slots[..., :t].contiguous(), chosen.valid[..., :t].contiguous(),
+                       heads, scale)
     out = q.new_empty(*q.shape[:3], v_buf.shape[-1])
     for heads, t in groups:   # one batch per budget bucket (<= distinct budgets), never per request
         h = torch.tensor(heads, device=q.device)
-        out[:, h] = _attend(q[:, h], k_buf, v_buf, chosen.slots[:, h, :t], chosen.valid[:, h, :t], h.view(1, -1, 1),
-                            scale)
+        out[:, h] = _attend(q[:, h], k_buf, v_buf, chosen.slots[:, h, :t].contiguous(),
+                            chosen.valid[:, h, :t].contiguous(), h.view(1, -1, 1), scale)
     return out
