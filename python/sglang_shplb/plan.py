@@ -387,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out, "plan", body)
         if args.report:
             from .report import plan_report
-            plan_report(body, args.report)
+            before = None
+            if joint:   # today's pipeline at the same mean, for the before/after picture
+                from .budget import make_budgets
+                before = make_plan(make_budgets(profile, args.mean_budget, "optimal", body["granularity"]), args.tp,
+                                   "balanced", body["granularity"], "decode", head_dim, cost_model)
+            plan_report(body, args.report, before)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
