@@ -10,9 +10,9 @@ Steps (all shipping code): `plan --profile P --mean-budget B --tp 3 --model M` (
 Predicted tokens per (rank, layer) = sum over decode steps of the rank's budgets x context (the
 plan's linear cost model, what rank_load is proportional to); 'page rule' adds the runtime's
 rounding (ceil to whole pages, sink+recent floor), the only thing the plan leaves out. Errors are
-|measured - predicted| / predicted; 'share' compares each rank's share of its layer's reads.
-The number of decode steps is taken from the measurement's total over a rank at full layer
-(every step reads every layer), checked against --new-tokens.
+|measured - predicted| / predicted; 'share' compares each rank's share of its layer's reads;
+'step time' is the sum over layers of the most-read rank, measured vs predicted. Decode steps:
+--new-tokens - 1 (the first token comes from prefill), at context prompt + 1, prompt + 2, ...
 """
 import argparse
 import json
@@ -122,6 +122,8 @@ def main() -> int:
             f"| predicted by the plan's linear model (budget x context) | {lin.sum():.0f} |",
             f"| max error per (rank, layer), linear model | {err(lin):.2%} |",
             f"| max error per (rank, layer), plan + page rounding rule | {err(rule):.2%} |",
+            f"| step time (sum over layers of the max rank reads): measured / linear prediction - 1 | "
+            f"{float(measured.max(0).values.sum() / lin.max(0).values.sum()) - 1:+.2%} |",
             f"| max error of a rank's share of its layer's reads vs rank_load share | "
             f"{float((share_m - share_p).abs().max()):.4f} |",
             f"| measured max/mean rank reads per layer: worst, mean | {float(imb.max()):.4f}, {float(imb.mean()):.4f} |",
@@ -139,6 +141,8 @@ def main() -> int:
                       f"Reproduce: `OMP_NUM_THREADS=1 python benchmark/balance_server.py`", "", machine_line(), "",
                       *rows, "", *per_layer, ""])
     Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(
+        {"measured": measured.tolist(), "linear": lin.tolist(), "page_rule": rule.tolist(), "seq_lens": seq}))
     print(text)
     return 0
 
