@@ -217,3 +217,17 @@ def test_cli_profile_of_another_model(profile, model_path, tmp_path):
             "--out", out)
     assert r.returncode == 2 and "another model" in r.stderr and r.stderr.count("error:") == 1, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("layers,means", [(32, (0.05, 0.1, 0.2)), (80, (0.1,))])
+def test_resampled_shapes_hold_the_step_time(profile, layers, means):
+    """Llama-3.1-8B / Qwen2.5-72B shapes (8 KV groups; curves drawn from SmolLM2's, as in
+    benchmark/balance.py) at tp 2/4/8: never above uniform's step time, worst never below."""
+    real = profile.curves("runtime", "kv", "sinkless").reshape(-1, len(profile.grid))
+    curves = real[torch.randint(len(real), (layers, 8), generator=torch.Generator().manual_seed(layers))]
+    for tp in (2, 4, 8):
+        for mean in means:
+            s = solve(curves, profile.grid, tp, mean, FLOOR, STEP)
+            assert s.step_time <= layers * (8 // tp) * mean * (1 + 1e-9)
+            uni = eval_curves(curves, profile.grid, torch.full((layers, 8), mean))
+            assert float(s.recovery.min()) >= float(uni.min()) - 1e-9
