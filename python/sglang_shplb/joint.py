@@ -93,7 +93,8 @@ def solve(curves: torch.Tensor, grid: torch.Tensor, tp: int, mean: float, floor:
     b = need(lo)
     total, caps, ranks = _caps(b, tp, coef, fixed_ranks)
     if total > T * (1 + 1e-9):   # only when even the floor does not fit (a budget_time below the floor's)
-        raise ArtifactError(f"the floor budgets alone need step time {total:.4g} > {T:.4g}; raise the budget")
+        raise ArtifactError(f"the floor budgets alone ({floor:.4f} of context per unit) need step time {total:.4g} "
+                            f"> {T:.4g} allowed; raise --mean-budget or use fewer units (--granularity kv)")
     # 2. bubbles, 3. slack
     for l in range(L):
         _fill_layer(b[l], curves[l], grid, ranks[l], caps[l], coef, step)
@@ -178,8 +179,10 @@ def make_joint_plan(profile, mean: float, tp: int, granularity: str = "kv", head
     allowed = [g for g in allowed if factors[g] <= limit]
     if prefill_mean is not None and allowed == ["q"]:
         raise ArtifactError("prefill budgets are per KV group; use --granularity kv with --prefill-mean-budget")
-    for g in allowed:
-        _check_divisible(Hkv if g == "kv" else Hq, tp, g, Hq)
+    fits = [g for g in allowed if (Hkv if g == "kv" else Hq) % tp == 0]
+    if not fits:
+        _check_divisible(Hkv if allowed[0] == "kv" else Hq, tp, allowed[0], Hq)   # raises, naming the fix
+    allowed = fits
     ctx, page = meta["context_lens"][0], meta["page_size"]
     floor_pages = meta["sink_pages"] + meta["recent_pages"] if floor_pages is None else floor_pages
     floor, step = floor_pages * page / ctx, page / ctx
@@ -188,13 +191,20 @@ def make_joint_plan(profile, mean: float, tp: int, granularity: str = "kv", head
     ref_gran = "kv" if Hkv % tp == 0 else allowed[0]
     ref = uniform_step_time(meta["num_layers"], Hkv if ref_gran == "kv" else Hq, tp, mean,
                             cost_coefs(shape, ref_gran, head_dim or 1, cost_model)["decode"])
-    best = None
+    best, why = None, None
     for g in allowed:
         coef = cost_coefs(shape, g, head_dim or 1, cost_model)["decode"]
-        sol = solve(profile.curves(selector, g, metric), profile.grid, tp, mean, floor, step, coef, budget_time=ref)
+        try:
+            sol = solve(profile.curves(selector, g, metric), profile.grid, tp, mean, floor, step, coef,
+                        budget_time=ref)
+        except ArtifactError as e:      # e.g. q: every query head's floor pages cost more than uniform-B
+            why = f"{g} granularity: {e}"
+            continue
         key = (round(float(sol.recovery.min()), 9), float(sol.recovery.mean()))
         if best is None or key > best[0]:
             best = (key, g, sol)
+    if best is None:
+        raise ArtifactError(why)
     _, g, sol = best
     body = {"model_fingerprint": meta["model_fingerprint"], "granularity": g, "selector": selector,
             "method": "joint", "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
