@@ -57,6 +57,8 @@ def main() -> int:
     p.add_argument("--mean-budget", type=float, default=0.1)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--only", nargs="+", help="measure only variants whose name starts with one of these (e.g. joint "
+                   "uniform@0.1); rows measured before stay in the table (raw JSON beside --out)")
     p.add_argument("--out", default=str(ROOT / "benchmark/results/balance_quality.md"))
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -76,12 +78,16 @@ def main() -> int:
             "| top-1 agreement |", "|---|---|---|---|---|---|---|"]
     for ctx in args.contexts:
         windows = [torch.tensor(ids[o: o + ctx]) for o in range(20000, 20000 + args.windows * ctx, ctx)]
-        attn.budgets = None
-        dense = [evaluate(model, w) for w in windows]
-        d_ppl = math.exp(torch.cat([n for n, _ in dense]).mean())
+        todo = [n for n in sets if f"{ctx}/{args.windows}/{n}" not in raw
+                and (not args.only or any(n.startswith(o) for o in args.only))]
+        dense = None
+        if todo:
+            attn.budgets = None
+            dense = [evaluate(model, w) for w in windows]
         for name, (budgets, ratio, worst) in sets.items():
             key = f"{ctx}/{args.windows}/{name}"
-            if key not in raw:
+            if name in todo:
+                d_ppl = math.exp(torch.cat([n for n, _ in dense]).mean())
                 t = time.time()
                 attn.budgets = torch.tensor(budgets)
                 res = [evaluate(model, w) for w in windows]
@@ -89,13 +95,17 @@ def main() -> int:
                             "agree": float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())}
                 raw_path.write_text(json.dumps(raw, indent=1))
                 print(ctx, name, raw[key], f"({time.time() - t:.0f}s)", flush=True)
+            if key not in raw:
+                continue
             r = raw[key]
+            d_ppl = r["dense_ppl"]
             rows.append(f"| {ctx} | {name} | {ratio:.3f} | {worst:.3f} | {r['ppl']:.3f} | {r['ppl'] / d_ppl:.4f} | "
                         f"{r['agree']:.3f} |")
     write_result(args.out, "Quality at equal step time (tp 3): uniform vs optimal vs joint",
                  __doc__.split("\n\n", 2)[2].strip() + f"\n\n{args.windows} window(s) of lcet10.txt per context "
                  "(in the profile's calibration corpus: in-distribution).", rows,
-                 "python benchmark/balance_quality.py " + " ".join(sys.argv[1:]))
+                 f"python benchmark/balance_quality.py --mean-budget {args.mean_budget} --contexts "
+                 f"{' '.join(map(str, args.contexts))} --windows {args.windows}  # rows missing below were not run yet")
     return 0
 
 
