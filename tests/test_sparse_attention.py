@@ -107,9 +107,11 @@ def test_variable_budgets_pick_brute_force_pages():
     assert out.shape == (3, HKV, G, D) and torch.isfinite(out).all()
 
 
-def test_unequal_budgets_run_in_width_buckets_and_match_padded():
+def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     """Ragged decode: heads with very different budgets are batched apart (no padding to the
-    largest k) and give exactly the padded computation's output."""
+    largest k) and give exactly the padded computation's output; a split saving too few reads
+    stays one batch."""
+    from sglang_shplb import sparse_attention as sa
     from sglang_shplb.sparse_attention import _attend, head_buckets
 
     seq_lens = torch.tensor([400, 333, 512])
@@ -118,6 +120,8 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded():
     q = torch.randn(3, HKV, G, D)
     budgets = torch.tensor([0.05, 0.5, 0.06][:HKV])
     chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1)
+    assert head_buckets(chosen) == [([0, 1, 2], chosen.valid.shape[-1])]     # saves < MIN_SAVED_TOKENS
+    monkeypatch.setattr(sa, "MIN_SAVED_TOKENS", 0)
     groups = head_buckets(chosen)
     assert len(groups) == 2 and sorted(h for g, _ in groups for h in g) == list(range(HKV))
     wide = next(t for g, t in groups if 1 in g)

@@ -86,12 +86,14 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
 
 
 BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
+MIN_SAVED_TOKENS = 8192  # split into buckets only when that skips at least this many padded K/V reads
 
 
 def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
     """Ragged decode: group KV heads by how many token columns they use, widest first, so a head
     with a small budget is not padded to the largest head's k. Returns [(heads, width)], at most
-    one group per distinct budget; a head's selected tokens sit in its first `width` columns."""
+    one group per distinct budget; a head's selected tokens sit in its first `width` columns. One
+    group (all heads, full width) when splitting would save fewer than MIN_SAVED_TOKENS reads."""
     T = chosen.valid.shape[-1]
     cols = chosen.valid.any(0)                                                 # [Hkv, T]
     width = (cols * torch.arange(1, T + 1, device=cols.device)).amax(-1).tolist()
@@ -102,7 +104,11 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
             groups[-1].append(h)
         else:
             groups.append([h])
-    return [(g, max(1, width[g[0]])) for g in groups]
+    groups = [(g, max(1, width[g[0]])) for g in groups]
+    saved = chosen.valid.shape[0] * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:])
+    if saved < MIN_SAVED_TOKENS:      # small batches: one call beats several (per-call overhead dominates)
+        return [(list(range(len(width))), T)]
+    return groups
 
 
 def _attend(q, k_buf, v_buf, slots, valid, heads, scale):
@@ -121,12 +127,8 @@ def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, c
     Hkv = q.shape[1]
     groups = head_buckets(chosen)
     if len(groups) == 1:
-        t = groups[0][1]
         heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-        if t == chosen.valid.shape[-1]:   # nothing to trim: index with the contiguous tensors as they are
-            return _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, scale)
-        return _attend(q, k_buf, v_buf, chosen.slots[..., :t].contiguous(), chosen.valid[..., :t].contiguous(),
-                       heads, scale)
+        return _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, scale)
     out = q.new_empty(*q.shape[:3], v_buf.shape[-1])
     for heads, t in groups:   # one batch per budget bucket (<= distinct budgets), never per request
         h = torch.tensor(heads, device=q.device)
