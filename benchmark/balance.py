@@ -72,7 +72,7 @@ def row(name, curves, grid, tp, mean, floor, step):
             f"{float(sol.recovery.min()) / float(uni.min()):.2f}x | {secs:.2f} |")
 
 
-def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=3) -> list[str]:
+def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=5) -> list[str]:
     """Ragged (attend_selected) vs padded attention over the same selections, summed over layers."""
     from attention_cpu import D, G, HKV, P, build_pool
 

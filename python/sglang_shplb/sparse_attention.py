@@ -94,7 +94,9 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
     with a small budget is not padded to the largest head's k. Returns [(heads, width)], at most
     one group per distinct budget; a head's selected tokens sit in its first `width` columns. One
     group (all heads, full width) when splitting would save fewer than MIN_SAVED_TOKENS reads."""
-    T = chosen.valid.shape[-1]
+    bs, Hkv, T = chosen.valid.shape
+    if bs * (Hkv - 1) * T < MIN_SAVED_TOKENS:   # no split could pay: decided from shapes, no tensor work
+        return [(list(range(Hkv)), T)]
     cols = chosen.valid.any(0)                                                 # [Hkv, T]
     width = (cols * torch.arange(1, T + 1, device=cols.device)).amax(-1).tolist()
     order = sorted(range(len(width)), key=lambda h: -width[h])
@@ -105,7 +107,7 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
         else:
             groups.append([h])
     groups = [(g, max(1, width[g[0]])) for g in groups]
-    saved = chosen.valid.shape[0] * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:])
+    saved = bs * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:])
     if saved < MIN_SAVED_TOKENS:      # small batches: one call beats several (per-call overhead dominates)
         return [(list(range(len(width))), T)]
     return groups
