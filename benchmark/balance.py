@@ -21,6 +21,7 @@ the largest head (the previous layout), for uniform and optimal budgets at tp 1.
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from common import PROFILE, machine_line  # noqa: E402
 from sglang_shplb import placement as pl  # noqa: E402
 from sglang_shplb.budget import allocate, eval_curves  # noqa: E402
 from sglang_shplb.joint import solve, step_time  # noqa: E402
+from sglang_shplb.plan import main as plan_main  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.2)
@@ -130,6 +132,10 @@ def main() -> int:
             for mean in BUDGETS:
                 rows.append(row(name, curves, prof.grid, tp, mean, floor, step))
                 print(rows[-1], flush=True)
+    png = Path(args.out).with_name("balance_plan_tp3.png")
+    with tempfile.TemporaryDirectory() as tmp:   # the plan report of SmolLM2 tp 3 at 10%, through the CLI
+        plan_main(["--profile", args.profile, "--mean-budget", "0.1", "--tp", "3", "--out", f"{tmp}/plan.json",
+                   "--report", str(png)])
     timing = [] if args.no_timing else ["", "## Ragged vs padded CPU decode attention (measured)", "",
                                         "Same selections, one SmolLM2 layer shape per layer budget row, all 30 layers, "
                                         "1 thread, medians of interleaved repeats. A layer not split into buckets "
@@ -140,7 +146,9 @@ def main() -> int:
         "# Budgets at equal step time: uniform vs budget-then-place vs joint", "", __doc__.split("\n\n", 2)[2].strip(),
         "", f"Profile `{Path(args.profile).name}` (model {meta['model']}, context {meta['context_lens']}); "
         f"seed {args.seed}.", "", "Reproduce: `OMP_NUM_THREADS=1 python benchmark/balance.py`", "", machine_line(), "",
-        "## Predicted (step time as a ratio to uniform-B at the same tp)", "", *rows, *timing, ""])
+        "## Predicted (step time as a ratio to uniform-B at the same tp)", "", *rows, "",
+        f"Plan report, SmolLM2 tp 3 at 10% (before: optimal + balanced; after: joint): [{png.name}]({png.name})",
+        *timing, ""])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     return 0
