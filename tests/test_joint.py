@@ -109,7 +109,7 @@ def brute_tau(curves, grid, tp, mean):
 
     lo = float(eval_curves(curves, grid, torch.full((L, U), mean)).min())
     hi = 1.0
-    for _ in range(60):
+    for _ in range(45):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if time_at(mid) <= T * (1 + 1e-12) else (lo, mid)
     return lo
