@@ -16,6 +16,9 @@ import sys
 from .config import ConfigError, ShplbConfig
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
+# Beyond this many waiting requests SGLang answers 503 "The request queue is full." at once;
+# unbounded (stock), a CPU server under a burst queues work it takes hours to reach.
+CPU_MAX_QUEUED_REQUESTS = 64
 
 
 def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -32,6 +35,15 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-prefill-budget", type=float,
                    help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
+    r = p.add_argument_group("request limits (a request over a limit gets a 400 naming the field and the limit)")
+    r.add_argument("--shplb-max-n", type=int, default=128, help="most completions per request, `n` (default 128)")
+    r.add_argument("--shplb-max-n-tokens", type=int, default=131072,
+                   help="most n x max_tokens per request; max_tokens absent counts as the context length "
+                        "(default 131072)")
+    r.add_argument("--shplb-max-logprobs", type=int, default=5,
+                   help="most `logprobs` in /v1/completions (default 5, as OpenAI)")
+    r.add_argument("--shplb-max-top-logprobs", type=int, default=20,
+                   help="most chat `top_logprobs` and /generate `top_logprobs_num` (default 20, as OpenAI)")
     return p
 
 
@@ -61,6 +73,7 @@ def cpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
         "--max-total-tokens": str(CPU_MAX_TOTAL_TOKENS),
         "--dtype": "float32",  # fp16/bf16 matmuls are slow and inexact on CPUs without AMX
         "--sleep-on-idle": None,  # an idle scheduler otherwise busy-polls a whole core
+        "--max-queued-requests": str(CPU_MAX_QUEUED_REQUESTS),
     }
     extra = []
     for flag, value in wanted.items():
