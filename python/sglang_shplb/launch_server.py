@@ -82,6 +82,23 @@ def cpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
     return extra
 
 
+def gpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
+    """CUDA with the shplb backend (SGLang 0.5.23 flags): decode CUDA graphs stay on (the backend captures
+    them over fixed buffers); prefill graphs, on by default in 0.5.23, are turned off because our extend
+    runs eagerly. The memory fraction for the page metadata is lowered by the plugin's server-args hook
+    (it knows SGLang's resolved default)."""
+    from .sglang_adapter.gpu_startup import MIN_GPU_PAGE
+
+    if cfg.page_size < MIN_GPU_PAGE:
+        _fail(f"--shplb-page-size {cfg.page_size} is below {MIN_GPU_PAGE}, the smallest page the GPU kernels take; "
+              f"use --shplb-page-size {MIN_GPU_PAGE}")
+    if _given(argv, "--cuda-graph-backend-prefill") or _given(argv, "--disable-cuda-graph"):
+        return []
+    print("[sglang-shplb] CUDA: decode CUDA graphs on; prefill CUDA graphs off (--cuda-graph-backend-prefill "
+          "disabled): the shplb extend runs eagerly", flush=True)
+    return ["--cuda-graph-backend-prefill", "disabled"]
+
+
 def _fail(msg: str) -> "NoReturn":  # noqa: F821
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -224,9 +241,11 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         if tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
     elif cfg.sparse and not _given(rest, "--attention-backend"):
-        rest = rest + ["--attention-backend", "shplb", "--disable-cuda-graph"]
+        rest = rest + ["--attention-backend", "shplb"]
     if _value(rest, "--attention-backend") == "shplb":
         rest = rest + _shplb_page_size(rest, cfg)
+        if torch.cuda.is_available():
+            rest = rest + gpu_defaults(rest, cfg)
     _check_tp_divides_heads(rest, cfg, _value(rest, "--model-path") or _value(rest, "--model"))
     rest = _apply_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 
