@@ -24,6 +24,8 @@ SHORT = RESULTS / "short"
 BENCHMARKS = {
     "budget_methods": ("budget_methods.py", [], "predicted worst-head recovery per budget method"),
     "placement": ("placement.py", [], "max/mean rank load per placement method (1.00 = perfectly balanced)"),
+    "balance": ("balance.py", ["--no-timing"], "budgets at equal step time: step time vs uniform and predicted "
+                "worst / mean recovery of uniform, optimal+place (today) and the joint solver"),
     "attention_cpu": ("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "5"],
                       "decode attention per layer, shplb 10% vs torch_native dense"),
     "prefill_cpu": ("prefill_cpu.py", ["--contexts", "8192", "--repeats", "2", "--ttft-contexts", "8000",

@@ -105,3 +105,30 @@ def test_variable_budgets_pick_brute_force_pages():
             assert got == want, (b, h)
     out = attend_selected(q, k_buf, v_buf, chosen, 0.3)
     assert out.shape == (3, HKV, G, D) and torch.isfinite(out).all()
+
+
+def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
+    """Ragged decode: heads with very different budgets are batched apart (no padding to the
+    largest k) and give exactly the padded computation's output; a split saving too few reads
+    stays one batch."""
+    from sglang_shplb import sparse_attention as sa
+    from sglang_shplb.sparse_attention import _attend, head_buckets
+
+    seq_lens = torch.tensor([400, 333, 512])
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), seed=5)
+    rows = torch.arange(1, 4)
+    q = torch.randn(3, HKV, G, D)
+    budgets = torch.tensor([0.05, 0.5, 0.06][:HKV])
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1)
+    assert head_buckets(chosen) == [([0, 1, 2], chosen.valid.shape[-1])]     # saves < MIN_SAVED_TOKENS
+    monkeypatch.setattr(sa, "MIN_SAVED_TOKENS", 0)
+    groups = head_buckets(chosen)
+    assert len(groups) == 2 and sorted(h for g, _ in groups for h in g) == list(range(HKV))
+    wide = next(t for g, t in groups if 1 in g)
+    narrow = next(t for g, t in groups if 0 in g)
+    assert narrow * 4 < wide                                    # the small-budget heads are not padded
+    for g, t in groups:                                         # nothing selected lies past a bucket's width
+        assert not chosen.valid[:, g, t:].any()
+    heads = torch.arange(HKV).view(1, HKV, 1)
+    padded = _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, 0.3)
+    assert torch.allclose(attend_selected(q, k_buf, v_buf, chosen, 0.3), padded, atol=1e-6)

@@ -177,15 +177,10 @@ def _allocate_units(curves: torch.Tensor, grid: torch.Tensor, mean: float, metho
 
 
 def load_budgets(path, fingerprint: str | None = None) -> dict:
-    body = read_json(path, "budget", fingerprint)
-    for key in ("budgets", "prefill_budgets") if "prefill_budgets" in body else ("budgets",):
-        b = torch.tensor(body.get(key, []), dtype=torch.float64)
-        if b.dim() != 2 or b.shape[0] != body.get("num_layers"):
-            raise ArtifactError(f"budgets file {path} has {key} of shape {tuple(b.shape)}, "
-                                f"expected [num_layers={body.get('num_layers')}, units]")
-        if not bool(((b > 0) & (b <= 1)).all()):
-            raise ArtifactError(f"budgets file {path} has {key} outside (0, 1]; regenerate it")
-    return body
+    """Read, checksum and validate a budgets artifact (schema.Budgets); returns its body."""
+    from .schema import Budgets
+
+    return Budgets.load(path, fingerprint).to_json()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -69,7 +70,11 @@ class ShplbConfig:
 
     @classmethod
     def from_env(cls) -> "ShplbConfig":
-        raw = os.environ.get(ENV_VAR)
+        """The process's config, parsed once per distinct value of the variable."""
+        return _from_env(cls, os.environ.get(ENV_VAR) or "")
+
+    @classmethod
+    def _parse(cls, raw: str) -> "ShplbConfig":
         if not raw:
             return cls()
         try:
@@ -81,3 +86,8 @@ class ShplbConfig:
         if unknown:
             raise ConfigError(f"{ENV_VAR} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+@functools.lru_cache(maxsize=8)
+def _from_env(cls, raw: str) -> ShplbConfig:
+    return cls._parse(raw)

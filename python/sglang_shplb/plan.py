@@ -1,9 +1,16 @@
 """Stage 3 — plan: place units (KV groups or query heads) on TP ranks so every rank does the same work.
 
+    python -m sglang_shplb.plan --profile PROFILE --mean-budget B --tp N --out PLAN.json
+        [--granularity kv|q|auto] [--kv-memory-limit FACTOR] [--prefill-mean-budget B2] [--model PATH]
+        [--report plan.png]                        joint solver (joint.py): budgets and placement together
     python -m sglang_shplb.plan --budgets BUDGETS.json --tp N --out PLAN.json
         [--placement contiguous|lpt|lpt-card|balanced] [--granularity kv|q] [--objective decode|prefill]
         [--fill-bubbles --profile PROFILE] [--model PATH | --head-dim D] [--cost-model COST.json]
         [--kv-memory-limit FACTOR] [--alt-budgets OTHER.json] [--report plan.png]
+
+Step time = sum over layers of the max rank load. Every plan's summary holds its
+`predicted_step_time`, the `uniform_step_time` of uniform budgets at the same mean (for the joint
+solver: uniform-B at kv granularity, the time it was held to) and their `step_time_ratio`.
 
 A layer waits for its slowest rank (all-reduce after o_proj), so per layer we minimize the max rank
 load. Units: `kv` = one KV head with its query group (SGLang's own sharding unit); `q` = one query
@@ -21,17 +28,15 @@ layers[l].rank_prefill_budgets (present when the budgets file has prefill budget
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import placement as pl
-from .artifacts import ArtifactError, model_fingerprint, model_shape, read_json, write_json
+from .artifacts import ArtifactError, model_fingerprint, model_shape
 
 GRANULARITIES = ("kv", "q")
 OBJECTIVES = ("decode", "prefill")
@@ -113,10 +118,10 @@ def _check_divisible(units: int, tp: int, granularity: str, q_heads: int) -> Non
                             f"--tp that divides {units}{alt}")
 
 
-def plan_layer(costs: list[float], tp: int, method: str) -> dict:
-    """Place one layer. `optimal`: balanced ran the exact search (small layer), so its max load is
-    the optimum and also the tightest lower bound."""
-    ranks = pl.place(costs, tp, method)
+def plan_layer(costs: list[float], tp: int, method: str, ranks=None) -> dict:
+    """Place one layer (or take `ranks` as given). `optimal`: balanced ran the exact search (small
+    layer), so its max load is the optimum and also the tightest lower bound."""
+    ranks = pl.place(costs, tp, method) if ranks is None else [sorted(r) for r in ranks]
     loads = pl.rank_loads(costs, ranks)
     lb = pl.lower_bound(costs, tp, equal_count=method != "lpt")
     optimal = (method == "balanced" and len(costs) <= pl.EXACT_MAX_UNITS) or max(loads) <= lb * (1 + 1e-12)
@@ -126,8 +131,10 @@ def plan_layer(costs: list[float], tp: int, method: str) -> dict:
 
 def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: str | None = None,
               objective: str = "decode", head_dim: int | None = None, cost_model: dict | None = None,
-              profile=None, fill: bool = False, kv_memory_limit: float | None = None) -> dict:
-    """Budgets artifact -> plan body (see module doc)."""
+              profile=None, fill: bool = False, kv_memory_limit: float | None = None,
+              placements: list | None = None) -> dict:
+    """Budgets artifact -> plan body (see module doc). `placements` [layer][rank] fixes the
+    placement (the joint solver's) instead of running `placement`."""
     granularity = granularity or budgets["granularity"]
     if placement not in pl.METHODS or granularity not in GRANULARITIES or objective not in OBJECTIVES:
         raise ArtifactError(f"choose --placement from {pl.METHODS}, --granularity from {GRANULARITIES}, "
@@ -153,7 +160,8 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
     layers, rec_before, rec_after = [], [], []
     for l, row in enumerate(rows):
         pre = prefill_rows[l] if prefill_rows else None
-        lay = plan_layer(unit_costs(pre if objective == "prefill" and pre else row, coefs[objective]), tp, placement)
+        lay = plan_layer(unit_costs(pre if objective == "prefill" and pre else row, coefs[objective]), tp, placement,
+                         None if placements is None else placements[l])
         b0 = torch.tensor(row, dtype=torch.float64)
         b = fill_bubbles(b0, lay["rank_units"], coefs[objective], curves[l], profile.grid, step) if fill else b0
         entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp, pre)
@@ -177,7 +185,23 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         "budget_granularity": budgets["granularity"], "layers": layers,
     }
     body["summary"] = _summary(layers, rec_before, rec_after)
+    mean = sum(map(sum, rows)) / sum(map(len, rows))
+    body["summary"].update(step_times(body, uniform_step_time(len(rows), len(rows[0]), tp, mean, coefs[objective]),
+                                      granularity))
     return body
+
+
+def uniform_step_time(layers: int, units: int, tp: int, mean: float, coef) -> float:
+    """Sum over layers of the max rank load when every unit has budget `mean`."""
+    return layers * (units // tp) * (coef[0] * mean + coef[1])
+
+
+def step_times(body: dict, uniform: float, uniform_granularity: str) -> dict:
+    """The plan's predicted step time (sum over layers of the max rank load, after any filling)
+    next to uniform's at the same mean: what the unequal budgets cost the hardware."""
+    t = sum(max(x["rank_load"]) for x in body["layers"])
+    return {"predicted_step_time": t, "uniform_step_time": uniform, "uniform_granularity": uniform_granularity,
+            "step_time_ratio": t / uniform}
 
 
 def _layer_entry(l, lay, row, unit_b, coefs, objective, tp, prefill=None) -> dict:
@@ -214,7 +238,8 @@ def _summary(layers, rec_before, rec_after) -> dict:
          "layers_proven_optimal": sum(x["optimal"] for x in layers)}
     if rec_before:
         before, after = float(torch.stack(rec_before).mean()), float(torch.stack(rec_after).mean())
-        s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before)
+        s.update(mean_recovery_before=before, mean_recovery=after, recovery_gain=after - before,
+                 worst_recovery=float(torch.stack(rec_after).min()))
     return s
 
 
@@ -226,23 +251,10 @@ def plan_id(body: dict) -> str:
 
 
 def load_plan(path, fingerprint: str | None = None) -> dict:
-    """Read, checksum and structurally validate a plan artifact."""
-    body = read_json(path, "plan", fingerprint)
-    try:
-        tp, U = body["tp_size"], (body["num_q_heads"] if body["granularity"] == "q" else body["num_kv_heads"])
-        layers = body["layers"]
-        ok = len(layers) == body["num_layers"] and all(
-            len(x["rank_units"]) == tp and sorted(u for r in x["rank_units"] for u in r) == list(range(U))
-            and [len(r) for r in x["rank_budgets"]] == [len(r) for r in x["rank_units"]] for x in layers)
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(f"plan file {path} lacks field {e}; regenerate it with `python -m sglang_shplb.plan`") from None
-    if not ok:
-        raise ArtifactError(f"plan file {path} does not place every unit exactly once on {tp} ranks in every "
-                            "layer; regenerate it with `python -m sglang_shplb.plan`")
-    if not body.get("equal_count", False):
-        raise ArtifactError(f"plan file {path} gives ranks different numbers of heads, which SGLang cannot "
-                            "load; regenerate it with --placement balanced")
-    return body
+    """Read, checksum and structurally validate a plan artifact (schema.Plan); returns its body."""
+    from .schema import Plan
+
+    return Plan.load(path, fingerprint).to_json()
 
 
 def permuted_marker(model_path) -> dict | None:
@@ -280,106 +292,11 @@ def rank_budget_table(plan: dict, tp_rank: int) -> list[list[float]]:
     return [x["rank_budgets"][tp_rank] for x in plan["layers"]]
 
 
-# ---------------------------------------------------------------- CLI
-def compare_granularities(budgets, alt, tp, placement, objective, head_dim, cost_model, limit) -> list[str]:
-    """One line per granularity: predicted total max-rank load (sum over layers), or why not."""
-    by_gran = {budgets["granularity"]: budgets}
-    if alt is not None:
-        by_gran.setdefault(alt["granularity"], alt)
-    if "kv" in by_gran:
-        by_gran.setdefault("q", by_gran["kv"])      # q by expanding kv budgets
-    lines, totals = [], {}
-    for g in GRANULARITIES:
-        if g not in by_gran:
-            lines.append(f"  {g}: needs a {g} budgets file (--alt-budgets)")
-            continue
-        try:
-            body = make_plan(by_gran[g], tp, placement, g, objective, head_dim, cost_model, kv_memory_limit=limit)
-        except ArtifactError as e:
-            lines.append(f"  {g}: not possible ({e})")
-            continue
-        totals[g] = body["summary"]["total_max_rank_load"]
-        src = "expanded from kv budgets" if g != by_gran[g]["granularity"] else "own budgets"
-        lines.append(f"  {g}: total max-rank {objective} load {totals[g]:.4g} (kv memory x{body['kv_memory_factor']:g}, {src})")
-    if totals:
-        lines.append(f"  -> {min(totals, key=totals.get)} granularity predicts the lower max-rank load")
-    return lines
-
-
-def _lpt_error(body: dict) -> ArtifactError:
-    bad = sum(not pl.is_equal_count(x["rank_units"]) for x in body["layers"])
-    return ArtifactError(f"lpt gives ranks different numbers of heads on {bad}/{body['num_layers']} layers "
-                         f"(max imbalance {body['summary']['max_imbalance']:.3f}), which SGLang cannot load; "
-                         "use --placement lpt-card or balanced")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .budget import load_budgets
+    """The CLI (plan_cli.py)."""
+    from .plan_cli import main as cli_main
 
-    p = argparse.ArgumentParser(prog="python -m sglang_shplb.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budgets", required=True)
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--placement", choices=pl.METHODS, default="balanced")
-    p.add_argument("--granularity", choices=GRANULARITIES, help="default: the budgets file's")
-    p.add_argument("--objective", choices=OBJECTIVES, default="decode")
-    p.add_argument("--fill-bubbles", action="store_true", help="raise budgets on under-loaded ranks (needs --profile)")
-    p.add_argument("--profile", help="profile whose curves predict recovery (for --fill-bubbles)")
-    p.add_argument("--model", help="checkpoint: checks the budgets' fingerprint and gives head_dim")
-    p.add_argument("--head-dim", type=int, help="head_dim for absolute costs when --model is not given")
-    p.add_argument("--cost-model", help="JSON calibration of the cost model (see above)")
-    p.add_argument("--kv-memory-limit", type=float, help="max KV memory factor allowed (q granularity = group size)")
-    p.add_argument("--alt-budgets", help="budgets at the other granularity, for the granularity comparison")
-    p.add_argument("--report", help="write a PNG: rank loads per layer, this placement vs contiguous")
-    args = p.parse_args(argv)
-    if args.fill_bubbles and not args.profile:
-        p.error("--fill-bubbles needs --profile PROFILE (the recovery curves it maximizes)")
-    if args.tp < 1:
-        p.error("--tp must be >= 1")
-    try:
-        t0 = time.perf_counter()
-        fp = model_fingerprint(args.model) if args.model else None
-        head_dim = model_shape(args.model)["head_dim"] if args.model else args.head_dim
-        budgets = load_budgets(args.budgets, fp)
-        alt = load_budgets(args.alt_budgets, budgets["model_fingerprint"]) if args.alt_budgets else None
-        profile = None
-        if args.profile:
-            from .profile import Profile
-            profile = Profile.load(args.profile, budgets["model_fingerprint"])
-        cost_model = load_cost_model(args.cost_model)
-        body = make_plan(budgets, args.tp, args.placement, args.granularity, args.objective, head_dim,
-                         cost_model, profile, args.fill_bubbles, args.kv_memory_limit)
-        if not body["equal_count"]:
-            raise _lpt_error(body)
-        write_json(args.out, "plan", body)
-        if args.report:
-            from .report import plan_report
-            plan_report(body, args.report)
-        compare = compare_granularities(budgets, alt, args.tp, args.placement, args.objective, head_dim,
-                                        cost_model, args.kv_memory_limit)
-    except ArtifactError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    _print_summary(args, body, compare, time.perf_counter() - t0)
-    return 0
-
-
-def _print_summary(args, body, compare, seconds) -> None:
-    s = body["summary"]
-    print(f"wrote {args.out}: {body['placement']} at {body['granularity']} granularity, tp={body['tp_size']}, "
-          f"{body['objective']} objective ({seconds:.2f}s)")
-    print(f"  imbalance max/mean over layers: {s['max_imbalance']:.4f} / {s['mean_imbalance']:.4f} "
-          f"(contiguous {s['contiguous_max_imbalance']:.4f} / {s['contiguous_mean_imbalance']:.4f}); "
-          f"predicted time vs contiguous {s['total_max_rank_load'] / s['contiguous_total_max_rank_load']:.3f}x, "
-          f"vs lower bound {s['total_max_rank_load'] / s['total_lower_bound']:.3f}x")
-    if body["units_per_rank"] == 1 and body["tp_size"] > 1:
-        print("  note: each rank holds one unit, so placement cannot balance anything; try --granularity q")
-    if "recovery_gain" in s:
-        print(f"  predicted mean recovery {s['mean_recovery_before']:.4f} -> {s['mean_recovery']:.4f} "
-              f"(gain {s['recovery_gain']:+.4f})")
-    print("granularity comparison:")
-    print("\n".join(compare))
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -48,27 +48,39 @@ def budget_report(profile, budgets: dict, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plan_report(plan: dict, path: str) -> None:
-    """Rank loads per layer (one bar per rank): SGLang's contiguous order on top, the plan below,
-    with each layer's lower bound. The layer time is the tallest bar."""
+def plan_report(plan: dict, path: str, before: dict | None = None) -> None:
+    """Rank loads per layer (one bar per rank): `before` (default: SGLang's contiguous order of the
+    same budgets) on top, the plan below, each layer's lower bound, and the step-time budget line:
+    uniform's per-layer max load (a plan at ratio 1.0 spends exactly that on average)."""
     plt = _figure()
     layers, tp = plan["layers"], plan["tp_size"]
     width = 0.8 / tp
     fig, axes = plt.subplots(2, 1, figsize=(min(24, max(8, len(layers) * 0.15 * tp)), 7), sharex=True, sharey=True)
-    panels = ((axes[0], "contiguous_rank_load", "contiguous_imbalance", "contiguous (SGLang default)"),
-              (axes[1], "rank_load", "imbalance",
-               f"{plan['placement']}{' + fill-bubbles (bars after filling)' if plan['fill_bubbles'] else ''}"))
-    for ax, key, imb_key, title in panels:
+    s = plan["summary"]
+    if before is None:
+        top = (layers, "contiguous_rank_load", "contiguous_imbalance", "contiguous (SGLang default)", None)
+    else:
+        top = (before["layers"], "rank_load", "imbalance", f"before: {before['budget_method']} budgets + "
+               f"{before['placement']} placement", before["summary"].get("step_time_ratio"))
+    panels = ((axes[0], *top),
+              (axes[1], layers, "rank_load", "imbalance",
+               f"{plan['placement']}{' + fill-bubbles (bars after filling)' if plan['fill_bubbles'] else ''}",
+               s.get("step_time_ratio")))
+    uniform_line = s.get("uniform_step_time", 0) / len(layers)
+    for ax, rows, key, imb_key, title, ratio in panels:
         for r in range(tp):
-            ax.bar([x["layer"] + (r - (tp - 1) / 2) * width for x in layers], [x[key][r] for x in layers],
+            ax.bar([x["layer"] + (r - (tp - 1) / 2) * width for x in rows], [x[key][r] for x in rows],
                    width, label=f"rank {r}")
-        ax.plot([x["layer"] for x in layers], [x["lower_bound"] for x in layers], "k_", markersize=10,
+        ax.plot([x["layer"] for x in rows], [x["lower_bound"] for x in rows], "k_", markersize=10,
                 label="lower bound")
-        imb = [x[imb_key] for x in layers]            # of the placement, before any filling
-        ax.set(title=f"{title}: max/mean imbalance worst {max(imb):.3f}, mean {sum(imb) / len(imb):.3f}",
+        if uniform_line:
+            ax.axhline(uniform_line, color="r", ls="--", lw=1, label=f"uniform {plan['mean_budget']} per-layer max load")
+        imb = [x[imb_key] for x in rows]            # of the placement, before any filling
+        step = "" if ratio is None else f"; step time {ratio:.3f}x uniform"
+        ax.set(title=f"{title}: max/mean imbalance worst {max(imb):.3f}, mean {sum(imb) / len(imb):.3f}{step}",
                ylabel=f"{plan['objective']} load")
     axes[1].set_xlabel("layer")
-    axes[0].legend(fontsize=7, ncol=min(tp + 1, 8))
+    axes[0].legend(fontsize=7, ncol=min(tp + 2, 8))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)

@@ -1,17 +1,61 @@
-"""What a serving worker needs from the artifacts: the decode and prefill budget of each local KV head.
+"""What a serving worker needs from the artifacts, resolved once per process: the decode and prefill
+budget of each local KV head, and the plan (shared by the backend and the load-time weight hook).
 
 SGLang's TP rank r holds a contiguous block of KV heads (after our load-time permutation, the
-block the plan assigned). Decode budgets come from, in order: a plan (`rank_budgets` per rank), a
-budgets file (contiguous slice of its per-KV-group budgets), or one uniform fraction. Prefill
-budgets: the uniform --shplb-prefill-budget if given, else the artifact's optional
-`rank_prefill_budgets` (plan) / `prefill_budgets` (budgets file), else dense prefill.
+block the plan assigned). Decode budgets come from, in order: a plan (its rank's table), a budgets
+file (contiguous slice of its per-KV-group budgets), or one uniform fraction. Prefill budgets: the
+uniform --shplb-prefill-budget if given, else the artifact's optional prefill table, else dense.
+Each artifact file is read and checksummed once per process (`artifact`), whoever asks first.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .artifacts import ArtifactError
 from .config import ShplbConfig
+from .schema import Budgets, Plan
+
+_artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan
+_resolved: dict = {}      # (config, shape) -> RankBudgets
+
+
+def _stamp(path: str | None):
+    """A file's identity for the caches: a rewritten file is read again."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ArtifactError(f"artifact file {path} does not exist") from None
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
+def artifact(kind: str, path: str, fingerprint: str | None = None):
+    """The typed artifact at `path` ('plan' | 'budget'), loaded and validated once per process."""
+    key = (kind, _stamp(path), fingerprint)
+    if key not in _artifacts:
+        _artifacts[key] = (Plan if kind == "plan" else Budgets).load(path, fingerprint)
+    return _artifacts[key]
+
+
+@dataclass(frozen=True)
+class RankBudgets:
+    """One TP worker's budgets: decode/prefill [num_layers, local KV heads] (None: that phase runs
+    dense), and the plan they came from (None without one)."""
+    tp_rank: int
+    tp_size: int
+    decode: Optional[torch.Tensor]
+    prefill: Optional[torch.Tensor]
+    plan: Optional[Plan]
+
+    def table(self, phase: str) -> Optional[torch.Tensor]:
+        if phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+        return self.decode if phase == "decode" else self.prefill
 
 
 def local_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
@@ -22,21 +66,39 @@ def local_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
     return [tp_rank * num_kv_heads // tp_size]
 
 
+def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, tp_rank: int,
+            fingerprint: str | None = None) -> RankBudgets:
+    """This rank's budgets for both phases (cached: the backend, the weight hook and the launcher's
+    checks share one object per process and configuration)."""
+    key = (cfg, _stamp(cfg.plan), _stamp(cfg.budgets), num_layers, num_kv_heads, tp_size, tp_rank, fingerprint)
+    if key not in _resolved:
+        plan = artifact("plan", cfg.plan, fingerprint) if cfg.plan else None
+        if plan is not None and plan.tp_size != tp_size:
+            raise ArtifactError(f"plan {cfg.plan} was made for tp={plan.tp_size} but this server runs tp={tp_size}; "
+                                f"re-run `python -m sglang_shplb.plan --tp {tp_size}`")
+        tables = {ph: _phase_table(cfg, plan, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint, ph)
+                  for ph in ("decode", "prefill")}
+        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan)
+    return _resolved[key]
+
+
 def rank_budgets(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, tp_rank: int,
                  fingerprint: str | None = None, phase: str = "decode") -> torch.Tensor | None:
-    """Budgets [num_layers, local kv heads] of `phase` ('decode'|'prefill') as fractions of
-    context, or None when that phase runs dense."""
+    """Budgets [num_layers, local kv heads] of `phase` ('decode'|'prefill'), or None (dense)."""
     if phase not in ("decode", "prefill"):
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
+    return resolve(cfg, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint).table(phase)
+
+
+def _phase_table(cfg, plan, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint, phase) -> torch.Tensor | None:
     heads = local_kv_heads(num_kv_heads, tp_size, tp_rank)
     uniform = cfg.budget if phase == "decode" else cfg.prefill_budget
-    prefix = "" if phase == "decode" else "prefill_"
     if uniform is not None and (phase == "prefill" or not (cfg.plan or cfg.budgets)):
         out = torch.full((num_layers, len(heads)), uniform, dtype=torch.float64)
-    elif cfg.plan:
-        out = _plan_budgets(cfg, fingerprint, tp_rank, f"rank_{prefix}budgets")
+    elif plan is not None:
+        out = plan.rank_table(tp_rank, phase)
     elif cfg.budgets:
-        out = _file_budgets(cfg, fingerprint, num_kv_heads, f"{prefix}budgets")
+        out = _file_table(cfg, fingerprint, num_kv_heads, phase)
         out = None if out is None else out[:, heads]
     else:
         return None
@@ -48,25 +110,14 @@ def rank_budgets(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: 
     return out
 
 
-def _plan_budgets(cfg: ShplbConfig, fingerprint, tp_rank: int, key: str) -> torch.Tensor | None:
-    from .plan import load_plan
-
-    plan = load_plan(cfg.plan, fingerprint)
-    if key not in plan["layers"][0]:
-        return None               # a plan without prefill budgets: dense prefill
-    return torch.tensor([layer[key][tp_rank] for layer in plan["layers"]], dtype=torch.float64)
-
-
-def _file_budgets(cfg: ShplbConfig, fingerprint, num_kv_heads: int, key: str) -> torch.Tensor | None:
-    from .budget import load_budgets
-
-    body = load_budgets(cfg.budgets, fingerprint)
-    if key not in body:
+def _file_table(cfg: ShplbConfig, fingerprint, num_kv_heads: int, phase: str) -> torch.Tensor | None:
+    body = artifact("budget", cfg.budgets, fingerprint)
+    out = body.table(phase)
+    if out is None:
         return None               # budgets made before prefill budgets existed: dense prefill
-    if body["granularity"] != "kv":
+    if body.granularity != "kv":
         raise ArtifactError(f"budgets file {cfg.budgets} is per query head (granularity q); without GQA "
                             "expansion a KV group shares one selection: make kv budgets, or a q plan")
-    out = torch.tensor(body[key], dtype=torch.float64)
     if out.shape[1] != num_kv_heads:
         raise ArtifactError(f"budgets file {cfg.budgets} has {out.shape[1]} KV groups per layer, the model "
                             f"has {num_kv_heads}; make budgets for this model")

@@ -85,13 +85,55 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     return DecodeSelection(slots.long(), valid, dense=False)
 
 
+BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
+MIN_SAVED_TOKENS = 8192  # split into buckets only when that skips at least this many padded K/V reads
+
+
+def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
+    """Ragged decode: group KV heads by how many token columns they use, widest first, so a head
+    with a small budget is not padded to the largest head's k. Returns [(heads, width)], at most
+    one group per distinct budget; a head's selected tokens sit in its first `width` columns. One
+    group (all heads, full width) when splitting would save fewer than MIN_SAVED_TOKENS reads."""
+    bs, Hkv, T = chosen.valid.shape
+    if bs * (Hkv - 1) * T < MIN_SAVED_TOKENS:   # no split could pay: decided from shapes, no tensor work
+        return [(list(range(Hkv)), T)]
+    cols = chosen.valid.any(0)                                                 # [Hkv, T]
+    width = (cols * torch.arange(1, T + 1, device=cols.device)).amax(-1).tolist()
+    order = sorted(range(len(width)), key=lambda h: -width[h])
+    groups = [[order[0]]]
+    for h in order[1:]:
+        if width[h] * BUCKET_SPREAD >= width[groups[-1][0]]:
+            groups[-1].append(h)
+        else:
+            groups.append([h])
+    groups = [(g, max(1, width[g[0]])) for g in groups]
+    saved = bs * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:])
+    if saved < MIN_SAVED_TOKENS:      # small batches: one call beats several (per-call overhead dominates)
+        return [(list(range(len(width))), T)]
+    return groups
+
+
+def _attend(q, k_buf, v_buf, slots, valid, heads, scale):
+    keys = k_buf[slots, heads].to(q.dtype)                                     # [bs, h, T, D]
+    values = v_buf[slots, heads].to(q.dtype)
+    logits = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
+    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    return torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values)
+
+
 def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, chosen: DecodeSelection,
                     scale: float) -> torch.Tensor:
-    """Attention of q [bs, Hkv, G, D] over each head's selected tokens -> [bs, Hkv, G, Dv]."""
+    """Attention of q [bs, Hkv, G, D] over each head's selected tokens -> [bs, Hkv, G, Dv].
+    Heads run in width buckets (head_buckets): a head reads and multiplies only about its own
+    budget's tokens, so unequal budgets cost what their pages cost (one batch when they are equal)."""
     Hkv = q.shape[1]
-    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-    keys = k_buf[chosen.slots, heads].to(q.dtype)                              # [bs, Hkv, T, D]
-    values = v_buf[chosen.slots, heads].to(q.dtype)
-    logits = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
-    logits = logits.masked_fill(~chosen.valid.unsqueeze(2), float("-inf"))
-    return torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values)
+    groups = head_buckets(chosen)
+    if len(groups) == 1:
+        heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+        return _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, scale)
+    out = q.new_empty(*q.shape[:3], v_buf.shape[-1])
+    for heads, t in groups:   # one batch per budget bucket (<= distinct budgets), never per request
+        h = torch.tensor(heads, device=q.device)
+        out[:, h] = _attend(q[:, h], k_buf, v_buf, chosen.slots[:, h, :t].contiguous(),
+                            chosen.valid[:, h, :t].contiguous(), h.view(1, -1, 1), scale)
+    return out

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..config import ConfigError, ShplbConfig
-from ..serving import rank_budgets
+from ..serving import resolve
 from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
 from ..sparse_prefill import sparse_prefill
 
@@ -72,9 +72,9 @@ def _make_backend_class():
                                   f"{pool_page}; use an SGLang page size that is a multiple of it")
             mc = model_runner.model_config
             self.tp_size, self.tp_rank = _parallel()
-            shape = (mc.num_hidden_layers, mc.get_total_num_kv_heads(), self.tp_size, self.tp_rank)
-            self.budgets = rank_budgets(self.cfg, *shape)
-            self.prefill_budgets = rank_budgets(self.cfg, *shape, phase="prefill")
+            # resolved once per process; the weight hook shares the same plan object
+            rank = resolve(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(), self.tp_size, self.tp_rank)
+            self.budgets, self.prefill_budgets = rank.decode, rank.prefill
             # Host-side per-layer flag: a layer whose heads all have full prefill budget runs SGLang's extend.
             self.prefill_sparse = [] if self.prefill_budgets is None else \
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]

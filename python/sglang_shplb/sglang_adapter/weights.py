@@ -25,7 +25,6 @@ from ..permute import HeadPermuter, model_overrides, rank_heads
 TARGETS = ("sglang.srt.models.llama.LlamaForCausalLM.load_weights",
            "sglang.srt.models.qwen2.Qwen2ForCausalLM.load_weights")
 _registered = False
-_plans: dict[str, dict] = {}   # path -> plan, loaded once per process
 
 
 def plan_model_overrides(plan) -> dict:
@@ -38,10 +37,10 @@ def plan_model_overrides(plan) -> dict:
 
 
 def _plan(path: str) -> dict:
-    if path not in _plans:
-        from ..plan import load_plan
-        _plans[path] = load_plan(path)
-    return _plans[path]
+    """The plan body, from the per-process artifact cache the backend's budget resolution uses."""
+    from ..serving import artifact
+
+    return artifact("plan", path).to_json()
 
 
 def _log(msg: str) -> None:

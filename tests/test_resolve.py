@@ -1,0 +1,78 @@
+"""Typed artifacts (schema.py) and once-per-process resolution of a worker's budgets (serving.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_shplb import artifacts
+from sglang_shplb.artifacts import ArtifactError, write_json
+from sglang_shplb.config import ENV_VAR, ShplbConfig
+from sglang_shplb.joint import make_joint_plan
+from sglang_shplb.profile import Profile
+from sglang_shplb.schema import Budgets, Plan
+from sglang_shplb.serving import resolve
+
+PROFILE = Path(__file__).parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    prof = Profile.load(PROFILE)
+    body = make_joint_plan(prof, 0.1, 3, "kv", prefill_mean=0.2)
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    write_json(path, "plan", body)
+    return path, body
+
+
+def test_plan_is_read_once_and_shared_with_the_weight_hook(plan_file, monkeypatch):
+    from sglang_shplb.sglang_adapter import weights
+
+    path, body = plan_file
+    reads = []
+    real = artifacts.read_json
+    monkeypatch.setattr(artifacts, "read_json", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    monkeypatch.setenv(ENV_VAR, ShplbConfig(plan=str(path)).to_env())
+    cfg = ShplbConfig.from_env()
+    assert ShplbConfig.from_env() is cfg                                       # parsed once
+    ranks = [resolve(cfg, 30, 3, 3, r) for r in range(3)]
+    assert resolve(cfg, 30, 3, 3, 1) is ranks[1]
+    assert weights._plan(str(path)) is ranks[0].plan.body                       # the hook's plan: same object
+    assert len(reads) == 1
+    for r, rb in enumerate(ranks):
+        want = torch.tensor([x["rank_budgets"][r] for x in body["layers"]], dtype=torch.float64)
+        torch.testing.assert_close(rb.decode, want)
+        want = torch.tensor([x["rank_prefill_budgets"][r] for x in body["layers"]], dtype=torch.float64)
+        torch.testing.assert_close(rb.table("prefill"), want)
+    with pytest.raises(ArtifactError, match="tp=3 but this server runs tp=1"):
+        resolve(cfg, 30, 3, 1, 0)
+
+
+def test_rewritten_artifact_is_read_again(plan_file, tmp_path):
+    path, body = plan_file
+    p = tmp_path / "p.json"
+    write_json(p, "plan", body)
+    a = resolve(ShplbConfig(plan=str(p)), 30, 3, 3, 0)
+    layers = [dict(x, rank_budgets=[[0.5] for _ in x["rank_budgets"]]) for x in body["layers"]]
+    write_json(p, "plan", {**body, "layers": layers, "note": "rewritten"})
+    b = resolve(ShplbConfig(plan=str(p)), 30, 3, 3, 0)
+    assert b is not a and bool((b.decode == 0.5).all())
+
+
+def test_typed_artifacts_refuse_bad_bodies(plan_file):
+    _, body = plan_file
+    plan = Plan.from_json(body)
+    assert plan.decode.shape == (30, 3, 1) and plan.to_json() is body
+    with pytest.raises(ArtifactError, match="lacks field 'layers'"):
+        Plan.from_json({k: v for k, v in body.items() if k != "layers"})
+    bad = json.loads(json.dumps(body))
+    bad["layers"][0]["rank_budgets"][0] = [1.5]
+    with pytest.raises(ArtifactError, match=r"outside \(0, 1\]"):
+        Plan.from_json(bad)
+    bad["layers"][0]["rank_units"] = [[0], [0], [2]]
+    with pytest.raises(ArtifactError, match="exactly once"):
+        Plan.from_json(bad)
+    with pytest.raises(ArtifactError, match="lacks field"):
+        Budgets.from_json({"num_layers": 1, "budgets": [[0.1]]})
