@@ -97,23 +97,30 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent):
         return float(torch.maximum(qg * lo, qg * hi).sum())
 
     pages = [keys[j * P:(j + 1) * P] for j in range(n)]
-    per_head = [[bound(qg, pg) for pg in pages] for qg in q]                       # [G][n]
-    if rule.aggregate == "sum":
-        coarse = [sum(col) for col in zip(*per_head)]
-    elif rule.aggregate == "norm":
-        normed = [torch.tensor(r).mul(q.shape[-1] ** -0.5).log_softmax(0).tolist() for r in per_head]
-        coarse = [max(col) for col in zip(*normed)]
-    else:
-        coarse = [max(col) for col in zip(*per_head)]
+
+    def agg(per_head, among):  # per_head [G][n] -> {page: score} over the candidate pages
+        rows = [torch.tensor([r[j] for j in among]) * q.shape[-1] ** -0.5 for r in per_head]
+        if rule.aggregate == "sum":
+            col = torch.stack(rows).sum(0)
+        elif rule.aggregate == "max":
+            col = torch.stack(rows).amax(0)
+        elif rule.aggregate == "norm":
+            col = torch.stack([r.log_softmax(0) for r in rows]).amax(0)
+        else:
+            col = torch.stack([r.softmax(0) for r in rows]).sum(0)
+        return dict(zip(among, col.tolist()))
+
     forced = {j for j in range(n) if j < sink or j >= n - recent}
 
-    def ranked(score, among):
-        return sorted(forced & set(among)) + sorted(set(among) - forced, key=lambda j: (-score[j], j))
+    def ranked(score):
+        return sorted(forced & set(score)) + sorted(set(score) - forced, key=lambda j: (-score[j], j))
+    coarse = agg([[bound(qg, pg) for pg in pages] for qg in q], list(range(n)))
     if rule.sub is None:
-        return set(ranked(coarse, range(n))[:k])
-    fine = [max(bound(qg, pg[i: i + rule.sub]) for qg in q for i in range(0, len(pg), rule.sub)) for pg in pages]
-    among = ranked(coarse, range(n))[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else range(n)
-    return set(ranked(fine, among)[:k])
+        return set(ranked(coarse)[:k])
+    among = ranked(coarse)[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else list(range(n))
+    fine = agg([[max(bound(qg, pg[i: i + rule.sub]) for i in range(0, len(pg), rule.sub)) for pg in pages]
+                for qg in q], sorted(among))
+    return set(ranked(fine)[:k])
 
 
 @pytest.mark.parametrize("selector", list(sel.SELECTORS))

@@ -31,6 +31,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
     g.add_argument("--shplb-prefill-budget", type=float,
                    help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
+    g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
+                   "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR)")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
     return p
 

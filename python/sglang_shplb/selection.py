@@ -9,6 +9,7 @@ KV group's G query heads are combined and how tight the box is:
     dominates and a page only one retrieval head needs is diluted);
   * aggregate "max": each query head's own bound, max over the group (G matvecs per page);
     "norm": each head's bounds log-softmax-normalised over the pages first (ShadowKV), then max;
+    "psum": each head's softmax over the pages summed over the group (an estimate of the group mass);
   * sub: min/max also per sub-page of `sub` tokens; a page scores the max over its sub-pages
     (a tighter box, P/sub times the metadata);
   * shortlist c: two stages — the coarse page bound ranks all pages, then only the c*k best are
@@ -30,7 +31,7 @@ NEG_INF = float("-inf")
 @dataclass(frozen=True)
 class Selector:
     name: str
-    aggregate: str = "max"        # "sum" | "max" | "norm" (log-softmax per head, then max) over the group
+    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum"
     sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
 
@@ -46,6 +47,8 @@ SELECTORS = {s.name: s for s in (
     Selector("quest_sum", "sum"),
     Selector("quest_max", "max"),
     Selector("quest_norm", "norm"),
+    Selector("quest_psum", "psum"),
+    Selector("two_stage4_psum", "psum", 4, 3.0),
     Selector("sub8_max", "max", 8),
     Selector("sub4_max", "max", 4),
     Selector("two_stage8", "max", 8, 3.0),
@@ -100,25 +103,39 @@ def group_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
     return (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).squeeze(-2)
 
 
+def aggregate(selector: Selector, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-head page scores b [..., G, N] -> one score per page [..., N]; valid [..., N] marks the
+    candidates a per-head normalisation runs over (others come out -inf)."""
+    if selector.aggregate == "sum":
+        return b.sum(-2)
+    if selector.aggregate == "max":
+        return b.amax(-2)
+    z = b.masked_fill(~valid.unsqueeze(-2), NEG_INF)
+    if selector.aggregate == "norm":    # ShadowKV: each head's scores as a log-softmax over its candidates
+        return z.log_softmax(-1).amax(-2)
+    if selector.aggregate == "psum":    # estimated group mass: per-head softmax over candidates, summed
+        return z.softmax(-1).sum(-2).masked_fill(~valid, NEG_INF)
+    raise ValueError(f"unknown aggregate {selector.aggregate!r}")
+
+
 def coarse_scores(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                   n_pages: torch.Tensor) -> torch.Tensor:
     """Page scores from page min/max: q [..., G, D], kmin/kmax [..., N, D], n_pages [...] -> [..., N]."""
-    if selector.aggregate == "sum":
+    if selector.aggregate == "sum":   # linear in the clamped queries: one matvec per page, not G
         return group_upper_bound(q, kmin, kmax)
-    b = quest_upper_bound(q, kmin, kmax)
-    if selector.aggregate == "norm":  # ShadowKV-style: each head's bounds as a softmax over its pages
-        past = torch.arange(b.shape[-1], device=b.device) >= n_pages.unsqueeze(-1).unsqueeze(-1)
-        b = (b * q.shape[-1] ** -0.5).masked_fill(past, NEG_INF).log_softmax(-1)
-    return b.amax(-2)
+    b = quest_upper_bound(q, kmin, kmax) * q.shape[-1] ** -0.5               # logit scale for normalisations
+    return aggregate(selector, b, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
 
 
-def fine_scores(q: torch.Tensor, fmin: torch.Tensor, fmax: torch.Tensor) -> torch.Tensor:
-    """Page scores from sub-page min/max: q [..., G, D], fmin/fmax [..., C, S, D] -> [..., C]: each query
-    head's bound per sub-page, max over sub-pages and the group. Empty sub-pages score -inf."""
+def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    """Page scores from sub-page min/max: q [..., G, D], fmin/fmax [..., C, S, D], valid [..., C] ->
+    [..., C]: each query head's bound per sub-page, max over the page's sub-pages, then aggregated
+    over the group. Empty sub-pages score -inf."""
     C, S, D = fmin.shape[-3:]
     b = quest_upper_bound(q, fmin.flatten(-3, -2), fmax.flatten(-3, -2))       # [..., G, C*S]
     b = torch.where(b.isnan(), NEG_INF, b)                                     # 0 * inf of an empty sub-page
-    return b.unflatten(-1, (C, S)).amax(-1).amax(-2)
+    return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
 
 
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int) -> torch.Tensor:
@@ -161,14 +178,16 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
-        return top_pages(fine_scores(q, *fine_meta(idx)), n_pages, K, sink, recent)
+        fine = fine_scores(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
+        return top_pages(fine, n_pages, K, sink, recent)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
-    fine = fine_scores(q, *fine_meta(short))
+    listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
+    fine = fine_scores(selector, q, *fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
     fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
-    fine = fine.masked_fill(torch.arange(C, device=q.device) >= c_row.unsqueeze(-1), NEG_INF)
+    fine = fine.masked_fill(~listed, NEG_INF)
     by_page = short.argsort(-1)                               # stable order needs ascending page index first
     order = fine.gather(-1, by_page).argsort(dim=-1, descending=True, stable=True)
     return short.gather(-1, by_page.gather(-1, order))[..., :K]

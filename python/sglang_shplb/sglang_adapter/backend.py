@@ -4,8 +4,8 @@ Every K/V write (extend or decode) is folded into the page metadata when any pha
 Prefill (extend) with prefill budgets: write K/V, fold the chunk's keys (its own pages count),
 then block-sparse attention per (query block, KV head) (sparse_prefill.py; Triton on CUDA).
 A layer whose prefill budgets are all 1.0 runs SGLang's dense extend unchanged.
-Decode writes K/V, updates the metadata, picks each local KV head's pages (Quest bound, sink +
-recent, top-k by that head's budget) and attends over them. A step where every head covers its
+Decode writes K/V, updates the metadata, picks each local KV head's pages (`selection.choose_pages`
+with the configured selector: sink + recent, top-k by that head's budget) and attends over them. A step where every head covers its
 whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError, ShplbConfig
 from ..serving import rank_budgets
+from ..selection import get_selector
 from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
 from ..sparse_prefill import sparse_prefill
 
@@ -77,6 +78,9 @@ def _make_backend_class():
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]
             self.keep_metadata = self.budgets is not None or self.prefill_budgets is not None
             self.meta = {}
+            # Sub-page metadata (page metadata at the selector's sub-page size) only for a decode selector that reads it.
+            self.sub = get_selector(self.cfg.selector).sub if self.budgets is not None else None
+            self.fine = {}
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -101,11 +105,20 @@ def _make_backend_class():
                                                         self.page_size, k_buf.device)
             return self.meta[layer_id]
 
+        def _fine(self, layer_id: int):
+            if layer_id not in self.fine:
+                k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
+                self.fine[layer_id] = new_page_metadata(k_buf.shape[0], k_buf.shape[1], k_buf.shape[2], self.sub,
+                                                        k_buf.device)
+            return self.fine[layer_id]
+
         def _fold_keys(self, layer, locs, k):
             kmin, kmax = self._metadata(layer.layer_id)
             k = k.view(locs.shape[0], layer.tp_k_head_num, -1)
             fold = self.gpu.update_metadata if self.gpu else update_page_minmax
             fold(kmin, kmax, locs, k, self.page_size)
+            if self.sub:
+                fold(*self._fine(layer.layer_id), locs, k, self.sub)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if not self._sparse_prefill_layer(layer):
@@ -153,7 +166,8 @@ def _make_backend_class():
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
             if self.gpu is None or bool((budgets >= 1.0).all()):
-                chosen = select_decode_tokens(*args, budgets, *rest)
+                chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
+                                              self._fine(layer.layer_id) if self.sub else None)
             else:
                 chosen = self.gpu.select(*args, forward_batch.seq_lens_cpu, budgets, *rest)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
