@@ -10,10 +10,11 @@ the rule the server, the profiler and the GPU kernels' reference use) on the cap
     mass (mean over its query heads; sink page excluded: `sinkless`) in the pages each selector keeps,
     at equal pages per head (uniform budget b -> ceil(b * pages), >= sink + recent). `oracle` keeps the
     pages with the most true mass.
-  * needle: RULER-style prompts (`ruler_tasks.py`, single answer). The prompt runs dense (as prefill
-    does without a prefill budget), then the gold answer is teacher-forced with every answer step
-    sparse in every layer (decode), per-KV-group budgets from the committed profile (`optimal` or
-    `uniform` at a mean). Exact match: every answer token is the argmax. Needle hit: on the KV groups
+  * needle: RULER-style prompts (`ruler_tasks.py`, single answer, the server's completion form). The
+    prompt runs dense (as prefill does without a prefill budget); dense greedy decoding up to the
+    answer is the gold, teacher-forced with every answer step sparse in every layer (decode),
+    per-KV-group budgets from the committed profile (`optimal` or `uniform` at a mean). Exact match:
+    every gold token is the argmax. Needle hit: on the KV groups
     that put >= 30% of their first-step mass on the needle's pages, the share where a needle page is
     selected. Dense must answer the task, else it is dropped.
   * cost: page-metadata bytes one (request, KV head) reads per decode step (fp32, D=64, P=16) and the
@@ -174,17 +175,28 @@ def needle_tasks(tok, ctx, seeds):
 
 
 def encode(tok, task, P):
-    """(prompt ids, answer ids, needle pages) with the answer teacher-forced after the prefix."""
+    """(prompt ids, pages holding the asked needle) of a task in the server's completion form."""
     msgs = [{"role": "user", "content": task.user_message}, {"role": "assistant", "content": task.answer_prefix}]
     prompt = tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
-    full = prompt + " " + task.answers[0] + "."
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
-    ids = torch.tensor(enc.input_ids)
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
     needle = [n for n in task.needles if task.answers[0] in n][0]
     a = prompt.index(needle)
     toks = [i for i, (s, e) in enumerate(enc.offset_mapping) if s < a + len(needle) and e > a]
-    return ids[:n_prompt], ids[n_prompt:], sorted({t // P for t in toks})
+    return torch.tensor(enc.input_ids), sorted({t // P for t in toks})
+
+
+def dense_answer(model, tok, task, prompt, cache, max_new=16):
+    """Dense greedy continuation up to the token completing the answer (the teacher-forced gold), or
+    None when dense does not answer. Leaves the prompt in `cache`."""
+    with torch.no_grad():
+        nxt = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+        out = [int(nxt)]
+        while task.answers[0] not in tok.decode(out) and len(out) < max_new:
+            nxt = model(torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax()
+            out.append(int(nxt))
+    cache.crop(prompt.shape[0])
+    text = tok.decode(out)
+    return torch.tensor(out) if task.answers[0] in text and task.score(text) == 1 else None
 
 
 def run_needle(model, tok, probe, args, raw):
@@ -201,12 +213,16 @@ def run_needle(model, tok, probe, args, raw):
             todo = [(m, b, s) for m, b in configs for s in args.selectors + ["oracle"] if f"{s}/{m}@{b}" not in rows]
             if not todo and "dense" in rows:
                 continue
-            prompt, answer, needle_pages = encode(tok, task, probe.P)
+            prompt, needle_pages = encode(tok, task, probe.P)
             probe.mode, probe.selector = "needle", None
             cache = DynamicCache()
-            with torch.no_grad():
-                first = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax()
             L0 = prompt.shape[0]
+            answer = dense_answer(model, tok, task, prompt, cache)
+            if answer is None:
+                rows["dense"] = False
+                print(f"needle {ctx} {ti + 1}/{len(tasks)} {tkey}: dense misses the answer", flush=True)
+                continue
+            first = answer[0]
 
             def answer_run():
                 with torch.no_grad():
