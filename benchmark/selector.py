@@ -284,6 +284,15 @@ def write_tables(args, raw):
                 rows.append(f"| {ctx} ({len(kept)}/{len(d)} dense-solved) | {m}@{b} | " + " | ".join(cells) + " |")
     rows += ["", "## Cost per decode step and KV head at 8k (fp32 metadata; page 16, D 64)", "",
              *cost_rows(args.selectors, args.budgets)]
+    from plots import line_plot
+
+    ctx = max((c for c in args.contexts if f"recall/{c}/{args.texts}/{args.queries}" in raw), default=None)
+    if ctx:
+        d = raw[f"recall/{ctx}/{args.texts}/{args.queries}"]
+        line_plot(Path(args.out).with_suffix(".png"),
+                  {n: [(b, d[f"{n}@{b}"]["mean"]) for b in args.budgets if f"{n}@{b}" in d] for n in names},
+                  "budget (fraction of pages per head)", "sinkless recall of the group's attention mass",
+                  f"SmolLM2-135M, {ctx} tokens, page {args.page_size}", hline=None)
     write_result(args.out, "Selector recall, needle retrieval and cost at equal pages read",
                  "SmolLM2-135M fp32 (HF transformers), shipping `selection.choose_pages`. See the script's "
                  "docstring for the definitions. Raw: " + Path(args.raw).name + ".", rows,

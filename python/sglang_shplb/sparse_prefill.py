@@ -34,7 +34,7 @@ import torch
 from . import selection as sel
 
 QUERY_BLOCK = 64
-ESTIMATES = ("centre", "quest_sum", "quest_max")
+ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")
 DEFAULT_ESTIMATE = "centre"
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
@@ -87,6 +87,8 @@ def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, est
         return sel.quest_upper_bound(qm, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
     if estimate == "centre":      # pooled query against the page's box centre (a mean-key proxy)
         return torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1), (lo + hi) / 2)  # a sum ranks like the mean
+    if estimate == "centre_max":  # each query head's block-mean query against the centre, max over the group
+        return torch.einsum("bhgd,hnd->bhgn", q.mean(1), (lo + hi) / 2).amax(2)
     raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
 
 
