@@ -14,7 +14,7 @@ the rule the server, the profiler and the GPU kernels' reference use) on the cap
     prompt runs dense (as prefill does without a prefill budget); dense greedy decoding up to the
     answer is the gold, teacher-forced with every answer step sparse in every layer (decode),
     per-KV-group budgets from the committed profile (`optimal` or `uniform` at a mean). Exact match:
-    every gold token is the argmax. Needle hit: on the KV groups
+    every gold token that spells the answer is the argmax (filler such as " the number" is not scored). Needle hit: on the KV groups
     that put >= 30% of their first-step mass on the needle's pages, the share where a needle page is
     selected. Dense must answer the task, else it is dropped.
   * cost: page-metadata bytes one (request, KV head) reads per decode step (fp32, D=64, P=16) and the
@@ -186,8 +186,9 @@ def encode(tok, task, P):
 
 
 def dense_answer(model, tok, task, prompt, cache, max_new=16):
-    """Dense greedy continuation up to the token completing the answer (the teacher-forced gold), or
-    None when dense does not answer. Leaves the prompt in `cache`."""
+    """Dense greedy continuation up to the token completing the answer (the teacher-forced gold) and
+    the indices of its tokens that spell the answer (the ones exact match checks), or None when dense
+    does not answer. Leaves the prompt in `cache`."""
     with torch.no_grad():
         nxt = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax()
         out = [int(nxt)]
@@ -196,7 +197,13 @@ def dense_answer(model, tok, task, prompt, cache, max_new=16):
             out.append(int(nxt))
     cache.crop(prompt.shape[0])
     text = tok.decode(out)
-    return torch.tensor(out) if task.answers[0] in text and task.score(text) == 1 else None
+    if task.answers[0] not in text or task.score(text) != 1:
+        return None
+    a = text.index(task.answers[0])
+    ends = [len(tok.decode(out[: i + 1])) for i in range(len(out))]
+    starts = [0] + ends[:-1]
+    spell = [i for i in range(len(out)) if starts[i] < a + len(task.answers[0]) and ends[i] > a]
+    return torch.tensor(out), torch.tensor(spell)
 
 
 def run_needle(model, tok, probe, args, raw):
@@ -217,18 +224,19 @@ def run_needle(model, tok, probe, args, raw):
             probe.mode, probe.selector = "needle", None
             cache = DynamicCache()
             L0 = prompt.shape[0]
-            answer = dense_answer(model, tok, task, prompt, cache)
-            if answer is None:
+            gold = dense_answer(model, tok, task, prompt, cache)
+            if gold is None:
                 rows["dense"] = False
                 print(f"needle {ctx} {ti + 1}/{len(tasks)} {tkey}: dense misses the answer", flush=True)
                 continue
-            first = answer[0]
+            answer, spell = gold
 
-            def answer_run():
+            def answer_run():  # the answer's tokens: the first comes from the (dense) prompt pass
                 with torch.no_grad():
                     out = model(answer[None, :-1], past_key_values=cache, use_cache=True).logits[0].argmax(-1)
                 cache.crop(L0)
-                return bool(first == answer[0]) and bool((out == answer[1:]).all())
+                pred = torch.cat([answer[:1], out])
+                return bool((pred[spell] == answer[spell]).all())
             rows["dense"] = answer_run()
             for m, b, s in todo:
                 if not rows["dense"]:
