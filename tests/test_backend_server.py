@@ -66,9 +66,10 @@ def test_sparse_retrieves_where_selection_decides(sparse, model_path):
     tok = AutoTokenizer.from_pretrained(model_path)
     task = make_task("single_needle", 0, corpus_pieces(), lambda t: len(tok(t, add_special_tokens=False).input_ids),
                      1536, seed=0)
-    ids = tok.apply_chat_template([{"role": "user", "content": task.user_message},
-                                   {"role": "assistant", "content": task.answer_prefix}], continue_final_message=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    prompt = tok.apply_chat_template([{"role": "user", "content": task.user_message},
+                                      {"role": "assistant", "content": task.answer_prefix}],
+                                     tokenize=False, continue_final_message=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
     needle_at = len(tok(task.user_message[: task.user_message.index(task.needles[0])]).input_ids)
     assert 16 * 4 < needle_at < len(ids) - 16 * 4, "needle inside the always-kept pages: the test would not test"
     before = kv_tokens_read(sparse)
