@@ -181,18 +181,24 @@ def main():
 
 
 def write_table(args, raw: dict, tag: str, page: int) -> None:
-    rows = ["| context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
-            "|---|---|---|---|---|---|---|"]
+    """One table over every row of this phase/page/windows in the raw file; decode rows of every
+    decode selector side by side (the selector is part of the row's tag)."""
+    rows = ["| selector | context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
+            "|---|---|---|---|---|---|---|---|"]
     series = {}
-    keys = sorted((k.split("/")[3:] for k in raw if k.startswith(tag + "/")),
-                  key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
-                                 if x[2] in METHODS else -1))
-    for ctx, mean, method in keys:
-        r, d = raw[f"{tag}/{ctx}/{mean}/{method}"], raw[f"{tag}/{ctx}/1.0/dense"]
-        rows.append(f"| {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
-                    f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
-        if method != "dense":
-            series.setdefault(f"{method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
+    suffix = "/" + tag.split("/", 1)[1]
+    tags = sorted({k.split("/")[0] for k in raw if k.split("/")[0].startswith(args.selector)
+                   and k.startswith(k.split("/")[0] + suffix + "/")}) or [tag.split("/")[0]]
+    for t in tags:
+        keys = sorted((k.split("/")[3:] for k in raw if k.startswith(t + suffix + "/")),
+                      key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
+                                     if x[2] in METHODS else -1))
+        for ctx, mean, method in keys:
+            r, d = raw[f"{t}{suffix}/{ctx}/{mean}/{method}"], raw[f"{t}{suffix}/{ctx}/1.0/dense"]
+            rows.append(f"| {t} | {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
+                        f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
+            if method != "dense":
+                series.setdefault(f"{t} {method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
     line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "perplexity / dense",
               f"SmolLM2-135M, {args.selector} selector, page {page}", hline=1.0)
     what = ("the pages the decode selector picks" if args.selector == "decode" else

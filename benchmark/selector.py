@@ -39,6 +39,17 @@ from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 
 SINK, RECENT = 1, 2
 NEEDLE_MASS = 0.3
+DECISION = """Decision (issue 12): default `two_stage4` — per-query-head Quest bound on the 16-token pages, max over
+the KV group, over all pages; the 3k best re-scored by per-head 4-token sub-page bounds (page = max over its
+sub-pages and the group); top k. On long prose it keeps as much of the oracle's mass as a full 4-token scan
+(identical to 3 decimals) and slightly more than the old summed bound (`quest_sum`); per-head max alone
+(`quest_max`) is ~1.5 pt below `quest_sum` on prose, so the sub-page stage is what recovers it. On needle
+prompts it is the clear winner at equal pages (tables below). Cost: +45% metadata bytes over `quest_sum` at
+8k/10% (0.24 vs 0.16 of the dense KV bytes, fp32 metadata; 16-bit metadata would halve the metadata part).
+`two_stage4_psum` (per-head softmax of the bounds summed over the group) ties on optimal budgets and loses on
+uniform ones. Needle rows at 2k with `optimal` budgets fail for every selector including the oracle: 26 of
+90 KV groups get k = sink + recent (no free page) at 2k from the 4k profile's floor (a budget issue, not a
+ranking one)."""
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
@@ -303,7 +314,7 @@ def write_tables(args, raw):
                   f"SmolLM2-135M, {ctx} tokens, page {args.page_size}", hline=None)
     write_result(args.out, "Selector recall, needle retrieval and cost at equal pages read",
                  "SmolLM2-135M fp32 (HF transformers), shipping `selection.choose_pages`. See the script's "
-                 "docstring for the definitions. Raw: " + Path(args.raw).name + ".", rows,
+                 "docstring for the definitions. Raw: " + Path(args.raw).name + ".\n\n" + DECISION, rows,
                  "python benchmark/selector.py " + " ".join(sys.argv[1:]))
 
 
@@ -322,12 +333,15 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmark/results/selector.md"))
     p.add_argument("--raw", default=str(ROOT / "benchmark/results/selector.json"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tables-only", action="store_true", help="rewrite --out from --raw without measuring")
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     raw = json.loads(Path(args.raw).read_text()) if Path(args.raw).exists() else {}
     raw = raw if raw.get("page_size") == args.page_size else {"page_size": args.page_size}
+    if args.tables_only:
+        return write_tables(args, raw)
     probe = Probe(args.page_size, args.selectors, args.budgets, args.queries)
     AttentionInterface.register("shplb_selector", probe)
     model_dir = prepare_model()
