@@ -46,8 +46,11 @@ sub-pages and the group); top k. On long prose it keeps as much of the oracle's 
 (`quest_max`) is ~1.5 pt below `quest_sum` on prose, so the sub-page stage is what recovers it. On needle
 prompts it is the clear winner at equal pages (tables below). Cost: +45% metadata bytes over `quest_sum` at
 8k/10% (0.24 vs 0.16 of the dense KV bytes, fp32 metadata; 16-bit metadata would halve the metadata part).
-`two_stage4_psum` (per-head softmax of the bounds summed over the group) ties on optimal budgets and loses on
-uniform ones. Needle rows at 2k with `optimal` budgets fail for every selector including the oracle: 26 of
+`two_stage4_psum` (per-head softmax of the bounds over the shortlist, summed over the group) has the best
+prose recall (+1.3-1.7 pt over two_stage4 at 10%) and 9/12 vs 8/12 on 4k optimal, but 6/12 vs 9/12 on 4k
+uniform: the normalisation dilutes a page only one retrieval head needs, the failure this issue is about, so
+it stays an option (the needle sets are small: 12 prompts at 4k, 9 at 2k; single_needle and multi_key forms).
+Needle rows at 2k with `optimal` budgets fail for every selector including the oracle: 26 of
 90 KV groups get k = sink + recent (no free page) at 2k from the 4k profile's floor (a budget issue, not a
 ranking one)."""
 
