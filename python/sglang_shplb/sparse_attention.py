@@ -78,20 +78,22 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     first_tok = (torch.arange(max_pages, device=q.device) * P).clamp(max=req_to_token.shape[1] - 1)
     page_ids = (req_to_token[rows, first_tok.view(1, -1)] // P).long()         # [bs, N]
     page_ids = page_ids.masked_fill(torch.arange(max_pages, device=q.device) >= n_pages.view(bs, 1), 0)
-    # index_select, not kmin[page_ids]: advanced indexing is ~20x slower on CPU for this gather
-    lo = kmin.index_select(0, page_ids.flatten()).view(bs, max_pages, Hkv, -1).transpose(1, 2)   # [bs, Hkv, N, D]
-    hi = kmax.index_select(0, page_ids.flatten()).view(bs, max_pages, Hkv, -1).transpose(1, 2)
+    # One index_select per tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids]) is
+    # ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
+    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+    meta_rows = (page_ids.unsqueeze(1) * Hkv + heads).flatten()
+    lo = kmin.view(-1, kmin.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
+    hi = kmax.view(-1, kmax.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
     fine_meta = None
     if rule.sub:
         if fine is None:
             raise ValueError(f"selector {selector!r} needs sub-page metadata at page size {rule.sub} (fine=)")
         S = P // rule.sub
-        heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
         flat_lo, flat_hi = fine[0].view(-1, fine[0].shape[-1]), fine[1].view(-1, fine[1].shape[-1])
 
         def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
             phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)          # physical pages
-            rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads).flatten()
+            rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads.unsqueeze(-1)).flatten()
             shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
             return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
