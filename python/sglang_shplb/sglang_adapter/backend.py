@@ -4,9 +4,10 @@ Every K/V write (extend or decode) is folded into the page metadata when any pha
 Prefill (extend) with prefill budgets: write K/V, fold the chunk's keys (its own pages count),
 then block-sparse attention per (query block, KV head) (sparse_prefill.py; Triton on CUDA).
 A layer whose prefill budgets are all 1.0 runs SGLang's dense extend unchanged.
-Decode writes K/V, updates the metadata, picks each local KV head's pages (`selection.choose_pages`
-with the configured selector: sink + recent, top-k by that head's budget) and attends over them. A step where every head covers its
-whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
+Decode writes K/V, updates the metadata (and, for a sub-page selector, the same metadata at the
+sub-page size), picks each local KV head's pages (`selection.choose_pages` with the configured
+selector: sink + recent, top-k by that head's budget) and attends over them. A step where every
+head covers its whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
 """
 from __future__ import annotations
 
