@@ -1,7 +1,8 @@
 """The block-sparse prefill stage of benchmark/gpu_check.py (kept apart so each file stays short).
 
-One request on a scattered paged cache (gpu_check's shapes: 32 q / 8 kv heads, head_dim 128, bf16):
-  * kernel == torch reference on a small case (selection at the check's budget, a cached prefix);
+One request on a scattered paged cache (gpu_check's shapes: 32 q / 8 kv heads, head_dim 128, bf16), bf16
+page metadata folded by the served kernel, through the server's own extend function (sparse_prefill):
+  * attend with the Triton kernel (as the backend on CUDA) == the CPU path, small case with a cached prefix;
   * at 100% budget the kernel equals dense causal SDPA (bf16 tolerance) at every context;
   * timing per layer: dense causal SDPA over the gathered K/V vs our selection + kernel at --budget.
 Dry run: tiny sizes on CPU in fp16 (the interpreter's numpy has no bf16), the torch reference as
@@ -14,7 +15,7 @@ import math
 import torch
 
 import sglang_shplb_kernels as K
-from sglang_shplb.sparse_prefill import select_prefill_pages
+from sglang_shplb.sparse_prefill import select_prefill_pages, sparse_prefill
 
 BLOCK = 64
 
@@ -31,8 +32,7 @@ class PrefillCase:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
         self.k = torch.randn(shape, dtype=dtype, device=dev)
         self.v = torch.randn(shape, dtype=dtype, device=dev)
-        self.kmin = torch.full((N + 2, run.Hkv, run.D), math.inf, device=dev)
-        self.kmax = torch.full_like(self.kmin, -math.inf)
+        self.kmin, self.kmax = K.new_page_metadata(N + 2, run.Hkv, run.D, torch.bfloat16, dev)   # as served
         run.update(self.k[self.slots], self.slots, self.kmin, self.kmax, P)
         self.prefix, self.n, self.P = ctx - n, n, P
         self.q = torch.randn(n, run.Hq, run.D, dtype=dtype, device=dev)
@@ -40,15 +40,23 @@ class PrefillCase:
     def select(self, run, budget):
         phys = self.slots[:: self.P] // self.P
         q4 = self.q.view(self.n, run.Hkv, -1, run.D)
-        budgets = torch.full((run.Hkv,), budget) * torch.linspace(0.5, 1.5, run.Hkv) if budget < 1 else \
-            torch.ones(run.Hkv)
-        return select_prefill_pages(q4, self.kmin[phys].transpose(0, 1), self.kmax[phys].transpose(0, 1),
-                                    self.prefix, budgets.clamp(max=1.0), self.P, 1, 2, run.block)
+        return select_prefill_pages(q4, self.kmin[phys].float().transpose(0, 1),
+                                    self.kmax[phys].float().transpose(0, 1), self.prefix,
+                                    self._budgets(run, budget), self.P, 1, 2, run.block)
+
+    @staticmethod
+    def _budgets(run, budget):
+        b = torch.full((run.Hkv,), budget) * torch.linspace(0.5, 1.5, run.Hkv) if budget < 1 else torch.ones(run.Hkv)
+        return b.clamp(max=1.0)
 
     def sparse(self, run, kernel, budget):
-        chosen = self.select(run, budget)
-        return kernel(self.q, self.k, self.v, self.slots, chosen.page_lists(), self.prefix, run.D ** -0.5,
-                      run.block, self.P)
+        """The server's own extend path (sparse_prefill.sparse_prefill), attending with the Triton kernel
+        (kernel=K.block_sparse_prefill, what the backend passes on CUDA) or the CPU path (the torch reference)."""
+        attend = K.attend_selection if kernel is K.block_sparse_prefill else None
+        out = sparse_prefill(self.q.view(self.n, run.Hkv, -1, run.D), self.k, self.v, self.kmin, self.kmax,
+                             self.slots.view(1, -1), torch.zeros(1, dtype=torch.int64), [self.prefix], [self.n],
+                             self._budgets(run, budget), self.P, 1, 2, run.D ** -0.5, block=run.block, attend=attend)
+        return out.reshape(self.n, run.Hq, -1)
 
     def dense(self, run):
         """Causal SDPA over the request's gathered K/V (what a dense paged prefill computes)."""
@@ -67,7 +75,7 @@ def prefill_check(run):
     small = PrefillCase(run, 2048 if gpu else 200, 1024 if gpu else 120)
     got, want = small.sparse(run, kernel, run.args.budget), small.sparse(run, K.block_sparse_prefill_torch, run.args.budget)
     err = float((got.float() - want.float()).abs().max())
-    run.check(f"block_sparse_prefill == torch ref (ctx={small.prefix + small.n}, chunk {small.n})",
+    run.check(f"sparse_prefill: Triton kernel == CPU path (ctx={small.prefix + small.n}, chunk {small.n})",
               err < 2e-2, f"max abs err {err:.2e}")
     for ctx in ((8192, 32768) if gpu else (64, 200)):
         if run.elapsed() > run.args.time_limit:

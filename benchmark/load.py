@@ -265,13 +265,13 @@ def section(args, rounds: list[Round], s: dict, server_args: str, prompt_tokens:
     return rows + [f"<!-- /load:tp{args.tp} -->"]
 
 
-def write_section(path: Path, rows: list[str], tp: int) -> None:
-    """Replace this tp's section of the results file, keeping the others."""
+def write_section(path: Path, rows: list[str], key: str) -> None:
+    """Replace section `key` (e.g. tp1, overload) of the results file, keeping the others."""
     head = ["# Load: S-HPLB CPU server (plan applied)", "",
             "Written by `benchmark/load.py`; one section per --tp. RSS is the sum over the server's "
             "process tree (launcher supervisor, SGLang main, scheduler(s), detokenizer).", ""]
     old = path.read_text() if path.exists() else "\n".join(head)
-    start, end = f"<!-- load:tp{tp} -->", f"<!-- /load:tp{tp} -->"
+    start, end = f"<!-- load:{key} -->", f"<!-- /load:{key} -->"
     if start in old and end in old:
         new = old[:old.index(start)] + "\n".join(rows) + old[old.index(end) + len(end):]
     else:
@@ -309,7 +309,7 @@ def run(args, url: str, pid: int | None, server_args: str) -> dict:
         print(f"round {i + 1}/{args.rounds}: {len(rd.results)} requests, {len(rd.errors)} failures, "
               f"{rd.wall:.0f} s, tree RSS {rd.rss_end:.0f} MB (peak {rd.rss_peak:.0f})", flush=True)
     s = summarize(rounds)
-    write_section(args.out, section(args, rounds, s, server_args, [j.prompt_tokens for j in jobs]), args.tp)
+    write_section(args.out, section(args, rounds, s, server_args, [j.prompt_tokens for j in jobs]), f"tp{args.tp}")
     print(f"wrote {args.out}: {s['failures']}/{s['requests']} failures, p50 {s['p50']:.2f} s, "
           f"p99 {s['p99']:.2f} s, {s['tok_s']:.1f} tok/s, RSS {100 * s['rss_growth']:+.1f}%")
     return {**s, "rounds": rounds}

@@ -8,7 +8,9 @@ with -1, and sel_count [bs, Hkv] int32.
 
 The Triton kernel avoids sorting: per row it finds the k-th largest key by a 32-step bitwise
 search on an order-preserving integer image of the float score, then compacts the pages above
-it (plus the lowest-index ties) with a prefix sum. Cost: ~34 passes over the row's n pages.
+it (plus the lowest-index ties) with a prefix sum. A row of up to BLOCK_N pages is read from
+global memory once for the search (kept on chip) and twice more for the compaction; longer rows
+fall back to re-reading chunks per bit.
 """
 from __future__ import annotations
 
@@ -66,9 +68,13 @@ if triton is not None:
         return key.to(tl.int64) + 2147483648, valid
 
     @triton.jit
+    def _count_ge(key, valid, cand):
+        return tl.sum(((key >= cand) & valid).to(tl.int32), axis=0)
+
+    @triton.jit(do_not_specialize=["max_k", "sink", "recent"])
     def _select_kernel(scores_ptr, npages_ptr, k_ptr, idx_ptr, cnt_ptr,
                        stride_sb, stride_sh, stride_sj, stride_kb, stride_kh, max_k, sink, recent,
-                       H: tl.constexpr, BLOCK_N: tl.constexpr):
+                       H: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr):
         r = tl.program_id(0)
         h = tl.program_id(1)
         n = tl.load(npages_ptr + r).to(tl.int32)
@@ -78,16 +84,25 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_N)
 
         # T = k-th largest key: the largest T with #{key >= T} >= k, built bit by bit from the top.
+        # A row that fits one block is loaded once and searched on chip (the serving case up to
+        # BLOCK_N pages); longer rows re-read their chunks per bit (L2-resident).
         T = tl.zeros([], dtype=tl.int64)
         bit = tl.full([], 2147483648, dtype=tl.int64)
-        for _ in range(32):
-            cand = T | bit
-            cnt = tl.zeros([], dtype=tl.int32)
-            for c in range(0, n, BLOCK_N):
-                key, valid = _row_keys(row, stride_sj, c + offs, n, sink, recent)
-                cnt += tl.sum(((key >= cand) & valid).to(tl.int32), axis=0)
-            T = tl.where(cnt >= k, cand, T)
-            bit = bit >> 1
+        if n <= BLOCK_N:
+            key0, valid0 = _row_keys(row, stride_sj, offs, n, sink, recent)
+            for _ in range(32):
+                cand = T | bit
+                T = tl.where(_count_ge(key0, valid0, cand) >= k, cand, T)
+                bit = bit >> 1
+        else:
+            for _ in range(32):
+                cand = T | bit
+                cnt = tl.zeros([], dtype=tl.int32)
+                for c in range(0, n, BLOCK_N):
+                    key, valid = _row_keys(row, stride_sj, c + offs, n, sink, recent)
+                    cnt += _count_ge(key, valid, cand)
+                T = tl.where(cnt >= k, cand, T)
+                bit = bit >> 1
 
         # Keep every key > T, and among keys == T the lowest-index ones until k are kept.
         n_gt = tl.zeros([], dtype=tl.int32)
@@ -108,9 +123,10 @@ if triton is not None:
             tl.store(out + pos, j, mask=(sel == 1) & (pos < max_k))
             base_eq += tl.sum(eq, axis=0)
             base_sel += tl.sum(sel, axis=0)
-        for c in range(k, max_k, BLOCK_N):
-            p = c + offs
-            tl.store(out + p, tl.full([BLOCK_N], -1, tl.int32), mask=p < max_k)
+        if PAD:
+            for c in range(k, max_k, BLOCK_N):
+                p = c + offs
+                tl.store(out + p, tl.full([BLOCK_N], -1, tl.int32), mask=p < max_k)
         tl.store(cnt_ptr + r * H + h, k)
 
 
@@ -133,5 +149,22 @@ def select_topk_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torc
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
     _select_kernel[(bs, H)](scores, n_pages.contiguous(), k_pages, sel_idx, sel_cnt,
                             *scores.stride(), *k_pages.stride(), max_k, sink, recent,
-                            H=H, BLOCK_N=block_n)
+                            H=H, BLOCK_N=block_n, PAD=True)
+    return sel_idx, sel_cnt
+
+
+SELECT_BLOCK_N = 8192   # rows up to 8192 pages (128k tokens at P=16) are ranked on chip
+SELECT_WARPS = 16       # 8192 int64 keys over 512 threads: 90 registers, no spills on sm_90 (compile_check)
+
+
+def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, recent, bs):
+    """Serving variant, graph-safe: rows r < bs of scores [>=bs,Hkv,width] (float32 contiguous), n_pages [>=bs]
+    int32, k_pages [>=bs,Hkv] int32 -> the first sel_cnt[r,h] entries of sel_idx[r,h] ([>=bs,Hkv,kcap] int32,
+    ascending; the rest untouched). One compiled variant per (Hkv, block): widths and k never recompile."""
+    H = scores.shape[1]
+    if bs == 0:
+        return sel_idx, sel_cnt
+    block_n = min(SELECT_BLOCK_N, max(16, triton.next_power_of_2(scores.shape[2])))
+    _select_kernel[(bs, H)](scores, n_pages, k_pages, sel_idx, sel_cnt, *scores.stride(), *k_pages.stride(),
+                            sel_idx.shape[2], sink, recent, H=H, BLOCK_N=block_n, PAD=False, num_warps=SELECT_WARPS)
     return sel_idx, sel_cnt

@@ -42,8 +42,8 @@ def test_workload_is_seeded_and_mixed(model_path):
 
 def test_results_file_keeps_other_sections(tmp_path):
     path = tmp_path / "load.md"
-    load.write_section(path, ["<!-- load:tp1 -->", "one", "<!-- /load:tp1 -->"], 1)
-    load.write_section(path, ["<!-- load:tp3 -->", "three", "<!-- /load:tp3 -->"], 3)
-    load.write_section(path, ["<!-- load:tp1 -->", "one again", "<!-- /load:tp1 -->"], 1)
+    load.write_section(path, ["<!-- load:tp1 -->", "one", "<!-- /load:tp1 -->"], "tp1")
+    load.write_section(path, ["<!-- load:tp3 -->", "three", "<!-- /load:tp3 -->"], "tp3")
+    load.write_section(path, ["<!-- load:tp1 -->", "one again", "<!-- /load:tp1 -->"], "tp1")
     text = path.read_text()
     assert "one again" in text and "three" in text and "\none\n" not in text

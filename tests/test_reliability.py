@@ -3,7 +3,8 @@ names the problem, and the server stays up. Then stop behaviour at tp 1: SIGTERM
 process, the port is free for an immediate restart, Ctrl-C (SIGINT to the group) stops it too,
 and SIGTERM while the workers still start up leaves no orphans (stock SGLang 0.5.23 did).
 
-Which cases stock SGLang already handled and which our layer fixes: sglang_adapter/api_checks.py."""
+Which cases stock SGLang already handled and which our layer fixes: sglang_adapter/api_checks.py,
+body_guard.py and request_limits.py."""
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ BAD_REQUESTS = [
     ("chat-empty-body", CHAT, "", "Field required"),
     ("chat-body-array", CHAT, "[1, 2]", "must be a JSON object"),              # stock: 500
     ("chat-body-null", CHAT, "null", "must be a JSON object"),                 # stock: 500
+    ("chat-response-format-number", CHAT, chat_body(response_format=5), "does not fit the ChatCompletionRequest"),  # stock: 500
+    ("completions-body-array", "/v1/completions", "[1]", "must be a JSON object with 'prompt'"),
     ("chat-empty-messages", CHAT, chat_body(messages=[]), "Messages cannot be empty"),
     ("chat-messages-string", CHAT, chat_body(messages="hi"), "valid list"),
     ("chat-content-number", CHAT, chat_body(messages=[{"role": "user", "content": 5}]), "valid string"),
@@ -56,9 +59,66 @@ BAD_REQUESTS = [
      "max_new_tokens must be at least 0"),
     ("generate-max-new-tokens-string", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "x"}},
      "invalid type"),
+    ("generate-empty-sampling-list", "/generate", {"text": "hi", "sampling_params": []}, "cannot be batched"),  # stock: 500
     ("generate-no-text", "/generate", {"sampling_params": {"max_new_tokens": 3}}, "text, input_ids or input_embeds"),
     ("generate-text-too-long", "/generate", {"text": LONG_TEXT, "sampling_params": {"max_new_tokens": 4}},
      "longer than the model's context length"),
+]
+
+# Requests that reach tensors (sglang_adapter/request_limits.py). Stock 0.5.23 let each of these kill
+# the scheduler (out-of-range ids index the embedding or a vocab-sized tensor; a huge top-k) or hang
+# the server (n fans out into that many requests). Every endpoint and form: single, batched, streamed.
+CMPL = "/v1/completions"
+OOV = 999999999
+
+
+def cmpl(**kw) -> dict:
+    return {"model": "default", "prompt": "hi", "max_tokens": 4, **kw}
+
+
+def gen(**kw) -> dict:
+    return {"text": "hi", "sampling_params": {"max_new_tokens": 4}, **kw}
+
+
+LIMIT_REQUESTS = [
+    ("completions-oov-id", CMPL, cmpl(prompt=[OOV, 5]), "prompt contains token id 999999999"),
+    ("completions-negative-id", CMPL, cmpl(prompt=[5, -3]), "prompt contains token id -3"),
+    ("completions-batched-oov-id", CMPL, cmpl(prompt=[[1, 2], [3, 99999999]]), "token id 99999999"),
+    ("completions-batched-empty-prompt", CMPL, cmpl(prompt=[[1001, 206], []]), "prompt[1] is empty"),  # killed it
+    ("generate-batched-empty-ids", "/generate", {"input_ids": [[1, 2], []], "sampling_params": {"max_new_tokens": 4}},
+     "input_ids[1] is empty"),
+    ("completions-batched-empty-text", CMPL, cmpl(prompt=["hi", ""]), "a prompt is empty"),
+    ("completions-stream-oov-id", CMPL, cmpl(prompt=[OOV], stream=True), "token id 999999999"),
+    ("completions-vocab-size-id", CMPL, cmpl(prompt=[49152]), "outside the model's vocabulary [0, 49152)"),
+    ("generate-oov-id", "/generate", {"input_ids": [OOV], "sampling_params": {"max_new_tokens": 4}},
+     "input_ids contains token id 999999999"),
+    ("generate-negative-id", "/generate", {"input_ids": [1, -1], "sampling_params": {"max_new_tokens": 4}},
+     "token id -1"),
+    ("generate-batched-oov-id", "/generate", {"input_ids": [[1, 2], [3, 99999999]],
+                                              "sampling_params": {"max_new_tokens": 4}}, "token id 99999999"),
+    ("generate-stream-oov-id", "/generate", {"input_ids": [OOV], "stream": True,
+                                             "sampling_params": {"max_new_tokens": 4}}, "token id 999999999"),
+    ("chat-stop-token-oov", CHAT, chat_body(stop_token_ids=[OOV], min_tokens=2), "stop_token_ids contains"),
+    ("completions-stop-token-negative", CMPL, cmpl(stop_token_ids=[-5], min_tokens=2), "stop_token_ids contains"),
+    ("generate-stop-token-oov", "/generate", gen(sampling_params={"max_new_tokens": 4, "min_new_tokens": 2,
+                                                                  "stop_token_ids": [OOV]}),
+     "sampling_params.stop_token_ids contains token id 999999999"),
+    ("completions-logprobs-huge", CMPL, cmpl(logprobs=100000), "logprobs=100000 is above this server's limit of 5"),
+    ("completions-logprobs-6", CMPL, cmpl(logprobs=6), "--shplb-max-logprobs"),
+    ("completions-logprobs-negative", CMPL, cmpl(logprobs=-1), "logprobs must be at least 0"),
+    ("chat-top-logprobs-huge", CHAT, chat_body(logprobs=True, top_logprobs=100000),
+     "top_logprobs=100000 is above this server's limit of 20"),
+    ("chat-stream-top-logprobs-huge", CHAT, chat_body(logprobs=True, top_logprobs=21, stream=True), "limit of 20"),
+    ("generate-top-logprobs-huge", "/generate", gen(return_logprob=True, top_logprobs_num=100000),
+     "top_logprobs_num=100000 is above this server's limit of 20"),
+    ("generate-stream-top-logprobs-huge", "/generate", gen(return_logprob=True, top_logprobs_num=100000,
+                                                          stream=True), "--shplb-max-top-logprobs"),
+    ("completions-n-huge", CMPL, cmpl(n=100000), "n=100000 is above this server's limit of 128"),
+    ("chat-n-times-tokens", CHAT, chat_body(n=64, max_tokens=4096), "n=64 x max_tokens=4096 = 262144 tokens"),
+    ("chat-n-no-max-tokens", CHAT, {"model": "default", "messages": [{"role": "user", "content": "hi"}], "n": 100},
+     "max_tokens unset"),
+    ("generate-n-huge", "/generate", gen(sampling_params={"n": 100000, "max_new_tokens": 4}),
+     "sampling_params.n=100000 is above this server's limit of 128"),
 ]
 
 
@@ -95,6 +155,13 @@ def assert_healthy(server) -> None:
     assert server.proc.poll() is None
 
 
+def assert_answers(server) -> None:
+    """The next request is served, and served right (greedy)."""
+    body = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 3}}
+    r = requests.post(f"{server.url}/generate", json=body, timeout=120)
+    assert r.status_code == 200 and "Paris" in r.json()["text"], r.text[:300]
+
+
 @pytest.mark.parametrize("path,body,needle", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_request_refused_server_stays_up(server, path, body, needle):
     data = body if isinstance(body, str) else json.dumps(body)
@@ -102,6 +169,26 @@ def test_bad_request_refused_server_stays_up(server, path, body, needle):
     assert r.status_code == 400, r.text[:500]
     assert needle in error_message(r), error_message(r)[:500]
     assert_healthy(server)
+
+
+@pytest.mark.parametrize("path,body,needle", [c[1:] for c in LIMIT_REQUESTS], ids=[c[0] for c in LIMIT_REQUESTS])
+def test_request_over_limits_refused_next_answered(server, path, body, needle):
+    r = requests.post(server.url + path, json=body, timeout=120)
+    assert r.status_code == 400, r.text[:500]
+    assert needle in error_message(r), error_message(r)[:500]
+    assert_healthy(server)
+    assert_answers(server)
+
+
+def test_requests_at_the_limits_served(server):
+    """The limits refuse only what is over them: OpenAI's own maxima are served."""
+    r = requests.post(server.url + CMPL, json=cmpl(prompt=[504, 3575, 282], logprobs=5, n=2, temperature=1.0),
+                      timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    body = r.json()
+    assert len(body["choices"]) == 2 and len(body["choices"][0]["logprobs"]["top_logprobs"][0]) == 5
+    r = requests.post(server.url + CHAT, json=chat_body(logprobs=True, top_logprobs=20), timeout=300)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
 
 
 def test_still_serves_after_bad_input(server):

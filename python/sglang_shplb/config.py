@@ -30,6 +30,11 @@ class ShplbConfig:
     prefill_estimate: str = "centre"        # page estimate of the prefill selector (sparse_prefill.ESTIMATES)
     selector: str = ""                      # decode page selector (selection.SELECTORS); "" = the default
     log_stats: bool = False                 # log per-rank KV tokens read per layer
+    # Request limits at the API edge (sglang_adapter/request_limits.py); OpenAI's own caps by default.
+    max_n: int = 128                        # completions per request (`n`, `sampling_params.n`)
+    max_n_tokens: int = 131072              # n x max_tokens per request (the work one request may ask for)
+    max_logprobs: int = 5                   # /v1/completions `logprobs`
+    max_top_logprobs: int = 20              # chat `top_logprobs`, /generate `top_logprobs_num`
 
     def __post_init__(self):
         for name in ("budget", "prefill_budget"):
@@ -41,6 +46,10 @@ class ShplbConfig:
         if self.sink_pages < 0 or self.recent_pages < 1:
             raise ConfigError("--shplb-sink-pages must be >= 0 and --shplb-recent-pages >= 1 "
                               f"(got {self.sink_pages}, {self.recent_pages})")
+        for name, low in (("max_n", 1), ("max_n_tokens", 1), ("max_logprobs", 0), ("max_top_logprobs", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"--shplb-{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         from .sparse_prefill import ESTIMATES
 
         if self.prefill_estimate not in ESTIMATES:

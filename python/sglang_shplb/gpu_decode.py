@@ -1,69 +1,174 @@
-"""GPU decode path: Triton selection kernels + FlashInfer attention over each head's selected pages.
+"""GPU decode path: plan once per step on the host, only kernels per layer (CUDA-graph capturable).
 
-Same contract as the CPU path in sparse_attention.py (plan on the host, run on the device):
-  * page metadata update, Quest page scores and per-(request, head) variable top-k are Triton
-    kernels (`sglang_shplb_kernels`);
-  * attention runs FlashInfer's BatchDecodeWithPagedKVCacheWrapper with one row per
-    (request, KV head) over SGLang's [slots, Hkv, D] buffer viewed as [slots*Hkv, 1, 1, D], so
-    every (slot, head) is its own page (id slot*Hkv + h) and each row lists only its selection.
-Without FlashInfer the selected tokens are gathered and attended in PyTorch.
-Not yet run on a GPU in CI; `benchmark/gpu_check.py` is the prepared check.
+Per step (`plan`, from SGLang's host `seq_lens_cpu` and the host budgets): every layer's per-head
+page count k[l, r, h] = selection.pages_for_budget(budget[l, h], n_pages[r]) — the CPU path's rule —
+copied once into a static device buffer, the KV split count, and the KV tokens each layer reads
+(host accounting, no device counter). `prepare` (graph-recordable) derives n_pages from the device
+seq_lens. Per layer (`decode`): fold the new key into the page min/max, score pages (per-head
+Quest bound aggregated over the KV group), pick each head's top-k, attend with the fused split-KV
+kernel — fixed buffers, no host sync, no plan(). Dense layers (every head at budget 1.0) skip
+scoring and attend over all pages with the same kernel.
+
+All buffers are sized at start-up from the largest batch and context (`reserve`), so a CUDA
+graph captured for batch size b replays for any lengths up to the model's context.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from . import selection as sel
-from .sparse_attention import DecodeSelection, attend_selected
 
-WORKSPACE_BYTES = 128 << 20
+# How a KV group's per-query-head Quest bounds become one page score: "sum" is
+# selection.group_upper_bound (the selector's current rule), "max" the max of quest_upper_bound.
+GROUP_AGGREGATION = "sum"
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    num_layers: int
+    kv_heads: int        # on this rank
+    group: int           # query heads per KV head
+    head_dim: int
+    v_head_dim: int
+    page_size: int
+    sink: int
+    recent: int
+    max_context: int     # tokens: sizes the static buffers
+
+    @property
+    def max_pages(self) -> int:
+        return math.ceil(self.max_context / self.page_size)
 
 
 class GpuSparseDecode:
-    def __init__(self, device):
+    """The decode objects the `shplb` backend runs on CUDA (and gpu_check.py / the tests run as is)."""
+
+    def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
+                 num_slots: int | None = None, agg: str = GROUP_AGGREGATION, num_sms: int | None = None):
         import sglang_shplb_kernels as K
 
-        self.K = K
-        self.wrapper = None
-        try:
-            import flashinfer
+        self.K, self.shape, self.device, self.agg = K, shape, torch.device(device), agg
+        L, H = shape.num_layers, shape.kv_heads
+        b = torch.ones(L, H, dtype=torch.float64) if budgets is None else budgets.detach().double().cpu()
+        assert b.shape == (L, H), (b.shape, L, H)
+        self.budgets = b
+        self.floor = shape.sink + shape.recent
+        self.dense_layer = [bool((row >= 1.0).all()) for row in b]             # host, fixed: no per-step branch
+        sparse_b = b[[not d for d in self.dense_layer]]
+        full = torch.tensor(float(shape.max_pages), dtype=torch.float64)
+        self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor)) if sparse_b.numel() else 1
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+                if self.device.type == "cuda" else 4
+        self.num_sms = num_sms
+        self.meta = None
+        if num_slots is not None:     # metadata kept (sparse decode or sparse prefill): allocated now, once
+            self.meta = [K.new_page_metadata(math.ceil(num_slots / shape.page_size), H, shape.head_dim,
+                                             meta_dtype, self.device) for _ in range(L)]
+        self._sets: list[_Buffers] = []
+        self.buf: _Buffers | None = None
+        self.tokens_read = torch.zeros(L, dtype=torch.float64)   # host: KV tokens read per layer
+        self.tokens_dense = torch.zeros(L, dtype=torch.float64)
+        self.bs = 0
 
-            ws = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-            self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=True)
-        except Exception:  # noqa: BLE001 - no FlashInfer (or its JIT failed): torch attention instead
-            self.wrapper = None
+    # ------------------------------------------------------------------ per process / per graph set
+    def nsplit(self, bs: int) -> int:
+        """KV splits per (request, head); a function of bs only, so capture and replay agree."""
+        return self.K.split_count(bs, self.shape.kv_heads, self.shape.max_pages, self.num_sms)
 
-    def update_metadata(self, kmin, kmax, locs, k, page_size):
-        self.K.update_page_minmax(k, locs, kmin, kmax, page_size)
+    def reserve(self, max_bs: int) -> "_Buffers":
+        """The per-step buffers for batches up to max_bs: the smallest existing set that fits, else a new
+        one. Sets are never freed or resized, so a CUDA graph keeps reading the set it was captured with."""
+        fits = [b for b in self._sets if b.capacity >= max_bs]
+        if fits:
+            return min(fits, key=lambda b: b.capacity)
+        cap = max(max_bs, 2 * max((b.capacity for b in self._sets), default=0))
+        self._sets.append(_Buffers(self, cap))
+        return self._sets[-1]
 
-    def select(self, q, kmin, kmax, req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, budgets,
-               page_size, sink, recent) -> DecodeSelection:
-        """q [bs, Hkv, G, D] -> slots/valid [bs, Hkv, T] of the selected tokens."""
-        bs, Hkv = q.shape[:2]
-        P = page_size
-        n_pages = (seq_lens.long() + P - 1) // P
-        n_cpu = (seq_lens_cpu.long() + P - 1) // P
-        k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent)
-        # Host-side bound on k (no device sync): budgets live on the host too.
-        k_max = int(sel.pages_for_budget(budgets.cpu().max().double(), n_cpu.max().double(), sink + recent))
-        page_ids = self.K.page_table_from_req_to_token(req_to_token, req_pool_indices, int(n_cpu.max()), P)
-        scores = self.K.quest_scores(q, kmin, kmax, page_ids, n_pages)
-        sel_idx, _ = self.K.select_topk_pages(scores, n_pages, k_pages, sink, recent, max_k=k_max)
-        pos = (sel_idx.long().unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)
-        valid = (pos >= 0) & (pos < seq_lens.view(bs, 1, 1))
-        rows = req_pool_indices.long().view(bs, 1, 1)
-        slots = req_to_token[rows, pos.clamp(min=0, max=req_to_token.shape[1] - 1)].long()
-        return DecodeSelection(slots, valid, dense=False)
+    def metadata_bytes(self) -> int:
+        return 0 if self.meta is None else sum(t.numel() * t.element_size() for pair in self.meta for t in pair)
 
-    def attend(self, q, k_buf, v_buf, chosen: DecodeSelection, scale: float) -> torch.Tensor:
-        if self.wrapper is None:
-            return attend_selected(q, k_buf, v_buf, chosen, scale)
-        bs, Hkv, G, D = q.shape
-        ids = (chosen.slots * Hkv + torch.arange(Hkv, device=q.device).view(1, Hkv, 1)).flatten(0, 1)
-        valid = chosen.valid.flatten(0, 1)
-        indptr = torch.nn.functional.pad(valid.sum(-1).cumsum(0), (1, 0)).int().cpu()  # plan() wants host indptr
-        last = torch.ones(bs * Hkv, dtype=torch.int32)
-        self.wrapper.plan(indptr, ids[valid].int(), last, G, 1, D, 1, sm_scale=scale,
-                          q_data_type=q.dtype, kv_data_type=k_buf.dtype)
-        kv = (k_buf.view(-1, 1, 1, D), v_buf.view(-1, 1, 1, D))
-        return self.wrapper.run(q.reshape(bs * Hkv, G, D), kv).view(bs, Hkv, G, D)
+    # ------------------------------------------------------------------ per step
+    def plan(self, bs: int, seq_lens_cpu: torch.Tensor | None, seq_lens: torch.Tensor, real_bs: int | None = None,
+             static: bool = False) -> None:
+        """Host work of a step, before any layer (outside a CUDA graph): per-head page counts for every
+        layer into the static k buffer, grid bounds, accounting. real_bs < bs: padded graph rows."""
+        self.buf = buf = self.reserve(bs)
+        s = self.shape
+        b = self.budgets.view(s.num_layers, 1, s.kv_heads)
+        if seq_lens_cpu is not None:
+            seq = seq_lens_cpu[:bs].long()
+            n = (seq + s.page_size - 1) // s.page_size
+            k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor)            # [L, bs, Hkv] host
+            buf.k_pages[:, :bs].copy_(k.to(torch.int32), non_blocking=True)
+            self.grid_pages = s.max_pages if static else max(1, int(n.max()) if bs else 1)
+            rb = bs if real_bs is None else real_bs
+            # the last page (partial) is always kept, so tokens read = k*P minus the last page's gap
+            gap = (n[:rb] * s.page_size - seq[:rb]).view(1, rb, 1)
+            self.tokens_read += (k[:, :rb] * s.page_size - gap).clamp(min=0).sum((1, 2)).double()
+            self.tokens_dense += float(seq[:rb].sum()) * s.kv_heads
+        else:   # no host lengths: the same rule on the device, no sync (and no accounting)
+            n = (seq_lens[:bs].long() + s.page_size - 1) // s.page_size
+            k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor)
+            buf.k_pages[:, :bs].copy_(k.to(torch.int32))
+            self.grid_pages = s.max_pages
+        self.bs = bs
+
+    def prepare(self, seq_lens: torch.Tensor) -> None:
+        """Device part of a step's metadata (graph-recordable: fixed shapes, no host values)."""
+        P = self.shape.page_size
+        self.buf.n_pages[: seq_lens.shape[0]].copy_(torch.div(seq_lens + (P - 1), P, rounding_mode="floor"))
+
+    # ------------------------------------------------------------------ per layer
+    def fold(self, layer_id: int, k: torch.Tensor, locs: torch.Tensor) -> None:
+        """Fold keys k [n, Hkv, D] just written at slots locs into the layer's page min/max."""
+        kmin, kmax = self.meta[layer_id]
+        self.K.fold_page_minmax(k, locs, kmin, kmax, self.shape.page_size)
+
+    def select(self, layer_id: int, q: torch.Tensor, req_to_token, req_pool_indices) -> None:
+        """Scores and top-k pages of one layer into the static sel_idx / sel_cnt."""
+        bs = q.shape[0]
+        kmin, kmax = self.meta[layer_id]
+        b = self.buf
+        self.K.page_scores(q, kmin, kmax, req_to_token, req_pool_indices, b.n_pages, self.shape.page_size,
+                           b.scores, self.agg, grid_pages=self.grid_pages)
+        self.K.select_topk_pages_into(b.scores, b.n_pages, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
+                                      self.shape.sink, self.shape.recent, bs)
+
+    def decode(self, layer_id: int, q: torch.Tensor, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
+               scale: float) -> torch.Tensor:
+        """q [bs, Hq*D] (or [bs, Hq, D]) -> [bs, Hq*Dv] in q's dtype. Assumes plan() and prepare() ran."""
+        s = self.shape
+        bs = seq_lens.shape[0]
+        qg = q.view(bs, s.kv_heads, s.group, s.head_dim)
+        out = torch.empty(bs, s.kv_heads * s.group * s.v_head_dim, dtype=q.dtype, device=q.device)
+        if self.dense_layer[layer_id]:
+            sel_idx = sel_cnt = None
+        else:
+            self.select(layer_id, qg, req_to_token, req_pool_indices)
+            sel_idx, sel_cnt = self.buf.sel_idx, self.buf.k_pages[layer_id]
+        return self.K.sparse_decode_attend(qg, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sel_idx,
+                                           sel_cnt, s.page_size, scale, out, self.buf.part_o, self.buf.part_lse,
+                                           self.nsplit(bs))
+
+
+class _Buffers:
+    """Fixed per-step device buffers for batches up to `capacity`."""
+
+    def __init__(self, dec: GpuSparseDecode, capacity: int):
+        s, dev = dec.shape, dec.device
+        H, G, DV = s.kv_heads, s.group, s.v_head_dim
+        rows = max(b * H * dec.nsplit(b) for b in range(1, capacity + 1))
+        self.capacity = capacity
+        self.n_pages = torch.zeros(capacity, dtype=torch.int32, device=dev)
+        self.k_pages = torch.ones(s.num_layers, capacity, H, dtype=torch.int32, device=dev)
+        sparse = not all(dec.dense_layer)
+        self.scores = torch.empty(capacity if sparse else 0, H, s.max_pages, dtype=torch.float32, device=dev)
+        self.sel_idx = torch.zeros(capacity if sparse else 0, H, dec.kcap, dtype=torch.int32, device=dev)
+        self.sel_cnt = torch.zeros(capacity, H, dtype=torch.int32, device=dev)
+        self.part_o = torch.empty(rows * G * DV, dtype=torch.float32, device=dev)
+        self.part_lse = torch.empty(rows * G, dtype=torch.float32, device=dev)

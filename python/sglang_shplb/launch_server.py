@@ -16,6 +16,9 @@ import sys
 from .config import ConfigError, ShplbConfig
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
+# Beyond this many waiting requests SGLang answers 503 "The request queue is full." at once;
+# unbounded (stock), a CPU server under a burst queues work it takes hours to reach.
+CPU_MAX_QUEUED_REQUESTS = 64
 
 
 def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -34,6 +37,15 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
                    "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR)")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
+    r = p.add_argument_group("request limits (a request over a limit gets a 400 naming the field and the limit)")
+    r.add_argument("--shplb-max-n", type=int, default=128, help="most completions per request, `n` (default 128)")
+    r.add_argument("--shplb-max-n-tokens", type=int, default=131072,
+                   help="most n x max_tokens per request; max_tokens absent counts as the context length "
+                        "(default 131072)")
+    r.add_argument("--shplb-max-logprobs", type=int, default=5,
+                   help="most `logprobs` in /v1/completions (default 5, as OpenAI)")
+    r.add_argument("--shplb-max-top-logprobs", type=int, default=20,
+                   help="most chat `top_logprobs` and /generate `top_logprobs_num` (default 20, as OpenAI)")
     return p
 
 
@@ -63,12 +75,30 @@ def cpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
         "--max-total-tokens": str(CPU_MAX_TOTAL_TOKENS),
         "--dtype": "float32",  # fp16/bf16 matmuls are slow and inexact on CPUs without AMX
         "--sleep-on-idle": None,  # an idle scheduler otherwise busy-polls a whole core
+        "--max-queued-requests": str(CPU_MAX_QUEUED_REQUESTS),
     }
     extra = []
     for flag, value in wanted.items():
         if not _given(argv, flag):
             extra += [flag] if value is None else [flag, value]
     return extra
+
+
+def gpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
+    """CUDA with the shplb backend (SGLang 0.5.23 flags): decode CUDA graphs stay on (the backend captures
+    them over fixed buffers); prefill graphs, on by default in 0.5.23, are turned off because our extend
+    runs eagerly. The memory fraction for the page metadata is lowered by the plugin's server-args hook
+    (it knows SGLang's resolved default)."""
+    from .sglang_adapter.gpu_startup import MIN_GPU_PAGE
+
+    if cfg.page_size < MIN_GPU_PAGE:
+        _fail(f"--shplb-page-size {cfg.page_size} is below {MIN_GPU_PAGE}, the smallest page the GPU kernels take; "
+              f"use --shplb-page-size {MIN_GPU_PAGE}")
+    if _given(argv, "--cuda-graph-backend-prefill") or _given(argv, "--disable-cuda-graph"):
+        return []
+    print("[sglang-shplb] CUDA: decode CUDA graphs on; prefill CUDA graphs off (--cuda-graph-backend-prefill "
+          "disabled): the shplb extend runs eagerly", flush=True)
+    return ["--cuda-graph-backend-prefill", "disabled"]
 
 
 def _fail(msg: str) -> "NoReturn":  # noqa: F821
@@ -213,9 +243,11 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         if tp > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
     elif cfg.sparse and not _given(rest, "--attention-backend"):
-        rest = rest + ["--attention-backend", "shplb", "--disable-cuda-graph"]
+        rest = rest + ["--attention-backend", "shplb"]
     if _value(rest, "--attention-backend") == "shplb":
         rest = rest + _shplb_page_size(rest, cfg)
+        if torch.cuda.is_available():
+            rest = rest + gpu_defaults(rest, cfg)
     _check_tp_divides_heads(rest, cfg, _value(rest, "--model-path") or _value(rest, "--model"))
     rest = _apply_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 

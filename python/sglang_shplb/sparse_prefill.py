@@ -206,7 +206,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
     for r, prefix, n in zip(rows, prefix_lens, extend_lens):
         slots = req_to_token[r, : prefix + n]
         phys = slots[::page_size].long() // page_size
-        lo, hi = kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1)          # [Hkv, N, D]
+        lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
         qr = q[start: start + n]
         chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block, estimate)
         if attend is not None:

@@ -28,9 +28,10 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import api_checks, backend, weights  # noqa: F401  (import registers; SGLang imported lazily there)
+    from . import api_checks, backend, gpu_startup, weights  # noqa: F401  (SGLang imported lazily there)
 
     backend.register_backend()
+    gpu_startup.register_server_args_hook()
     weights.register_weight_hook()
     api_checks.register_api_checks()
     print(f"[sglang-shplb] plugin loaded pid={os.getpid()} caller={_caller()}", file=sys.stderr, flush=True)

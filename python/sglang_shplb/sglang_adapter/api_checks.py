@@ -1,22 +1,34 @@
-"""Request checks stock SGLang 0.5.23 lacks: hooks on its OpenAI chat endpoint (HTTP process only).
+"""Request checks stock SGLang 0.5.23 lacks: hooks on its API edge (HTTP process only).
+
+Request limits and vocabulary checks (request_limits.py) run at three places, all before a
+request is tokenized or batched, so a refusal is a 400 even for a streamed request:
+- the OpenAI validators of `/v1/chat/completions` and `/v1/completions` (fields as the client sent them);
+- the `/generate` contract check (the raw native body, single or batched);
+- `TokenizerManager._validate_one_request`, which every generating or embedding endpoint passes
+  (`/v1/responses`, `/v1/embeddings`, Ollama routes...): the catch-all, native field names.
 
 Measured on stock 0.5.23 (`/v1/completions` and `/generate` already refuse all of these with 400):
 - `max_tokens: 0` (or `max_completion_tokens: 0`) returns 200 with an empty answer; a negative value
   is refused as "max_new_tokens must be at least 0", naming a field the client never sent.
 - `n: 0` is refused as "range() arg 3 must not be zero".
-- A JSON body that is not an object (`[]`, `1`, `null`) is a 500 with a traceback in the log: a
-  pydantic before-validator calls `.get` on it.
+- A JSON body that is not an object (`[]`, `1`, `null`), or a field of the wrong JSON type that a
+  pydantic before-validator reads (`"response_format": 5`), is a 500 with a traceback: body_guard.py.
 Native `/generate` keeps `max_new_tokens: 0` (a prefill-only request is legitimate there).
 """
 from __future__ import annotations
 
-import json
+from ..config import ShplbConfig
+from .body_guard import BodyGuard, generate_body_problem
+from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
+                             range_problem, sampling_problem, token_ids_problem)
 
-CHAT_PATH = "/v1/chat/completions"
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
+VALIDATE_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request"
+GENERATE_CONTRACT = "sglang.srt.entrypoints.api_contract.generate_contract_error"
+VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 HTTP_SETUP = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
-JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 _registered = False
+LIMITS = RequestLimits.from_config(ShplbConfig())  # resolved from the environment at registration
 
 
 def check_sampling(request) -> str | None:
@@ -27,58 +39,62 @@ def check_sampling(request) -> str | None:
     return None
 
 
-def validate_after(result, _serving, request, *args, **kwargs):
-    """AFTER hook: keep SGLang's own error; otherwise add ours (None keeps the original result)."""
+def _model(serving_or_manager) -> tuple[int, int]:
+    """(vocab size, context length) of the served model, from a serving object or the tokenizer manager."""
+    tm = getattr(serving_or_manager, "tokenizer_manager", serving_or_manager)
+    return tm.model_config.vocab_size, tm.context_len
+
+
+def validate_after(result, serving, request, *args, **kwargs):
+    """AFTER hook on the chat validator: keep SGLang's own error; otherwise add ours (None keeps it)."""
     if result:
         return None
-    return check_sampling(request)
+    vocab, context = _model(serving)
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    return first(
+        check_sampling(request),
+        range_problem("top_logprobs", request.top_logprobs, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
+        fan_out_problem(request.n, max_tokens, "n", tokens_field, context, LIMITS),
+        token_ids_problem("stop_token_ids", request.stop_token_ids, vocab))
 
 
-def body_problem(body: bytes) -> str | None:
-    """Why a chat body is not a JSON object, or None (then SGLang parses and validates it)."""
-    if body.lstrip()[:1] == b"{":
-        return None  # the common case costs one byte look
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None  # SGLang answers malformed JSON with a clear 400 itself
-    kind = JSON_TYPES.get(type(value), type(value).__name__)
-    return f"the request body must be a JSON object with 'messages', got a JSON {kind}"
+def validate_completion_after(result, serving, request, *args, **kwargs):
+    """AFTER hook on the completions validator (stock already refuses max_tokens <= 0 there)."""
+    if result:
+        return None
+    vocab, context = _model(serving)
+    return first(
+        token_ids_problem("prompt", request.prompt, vocab),
+        range_problem("logprobs", request.logprobs, LIMITS.max_logprobs, "--shplb-max-logprobs"),
+        fan_out_problem(request.n, request.max_tokens, "n", "max_tokens", context, LIMITS),
+        token_ids_problem("stop_token_ids", request.stop_token_ids, vocab))
 
 
-class ChatBodyIsObject:
-    """ASGI middleware: a 400 naming the problem instead of stock's 500 for non-object bodies."""
+def generate_contract_after(result, body, *args, **kwargs):
+    """AFTER hook on /generate's contract check: stock's schema error first, then ours."""
+    if result:
+        return None
+    from sglang.srt.entrypoints.http_server import _global_state
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
-            return await self.app(scope, receive, send)
-        messages, body = [], b""
-        while True:  # buffer the chat body (KBs) so it can be looked at and replayed
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        problem = None if dict(scope["headers"]).get(b"content-encoding") else body_problem(body)
-        if problem:
-            return await _send_400(send, problem)
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
-        return await self.app(scope, replay, send)
+    return generate_problem(body, *_model(_global_state.tokenizer_manager), LIMITS) or generate_body_problem(body)
 
 
-async def _send_400(send, message: str) -> None:
-    payload = json.dumps({"object": "error", "message": message, "type": "BadRequestError",
-                          "param": None, "code": 400}).encode()
-    await send({"type": "http.response.start", "status": 400,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+def validate_one_before(manager, obj, input_ids, *args, **kwargs):
+    """BEFORE hook on the tokenizer manager's per-request check (every endpoint, after tokenizing,
+    before parallel-sampling fan-out): raising ValueError is how SGLang refuses a request there."""
+    vocab, context = _model(manager)
+    top = getattr(obj, "top_logprobs_num", None) if getattr(obj, "return_logprob", False) else None
+    empty = input_ids is not None and len(input_ids) == 0  # e.g. "" inside a batch of texts
+    problem = first(
+        "a prompt is empty (no tokens); every prompt needs at least one token" if empty else None,
+        token_ids_problem("input_ids", input_ids, vocab),
+        embeds_problem(getattr(obj, "input_embeds", None), manager.model_config.hidden_size),
+        range_problem("top_logprobs_num", top, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
+        sampling_problem(getattr(obj, "sampling_params", None), vocab, context, LIMITS))
+    if problem:
+        raise ValueError(problem)
+    return None
 
 
 def add_middleware_before(*args, **kwargs):
@@ -87,21 +103,25 @@ def add_middleware_before(*args, **kwargs):
 
     if not getattr(app.state, "shplb_chat_checks", False):
         app.state.shplb_chat_checks = True
-        app.add_middleware(ChatBodyIsObject)
+        app.add_middleware(BodyGuard)
     return None
 
 
 def register_api_checks() -> None:
     """Idempotent. Only the process that serves HTTP needs it: spawned workers skip the imports."""
-    global _registered
+    global _registered, LIMITS
     import multiprocessing
 
     if _registered or multiprocessing.parent_process() is not None:
         return
     _registered = True
+    LIMITS = RequestLimits.from_config(ShplbConfig.from_env())
     try:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     except ImportError:  # an SGLang without hooks: stock behaviour, nothing else breaks
         return
     HookRegistry.register(VALIDATE, validate_after, HookType.AFTER)
+    HookRegistry.register(VALIDATE_COMPLETION, validate_completion_after, HookType.AFTER)
+    HookRegistry.register(GENERATE_CONTRACT, generate_contract_after, HookType.AFTER)
+    HookRegistry.register(VALIDATE_ONE, validate_one_before, HookType.BEFORE)
     HookRegistry.register(HTTP_SETUP, add_middleware_before, HookType.BEFORE)

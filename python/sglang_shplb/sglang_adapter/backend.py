@@ -8,6 +8,9 @@ Decode writes K/V, updates the metadata (and, for a sub-page selector, the same 
 sub-page size), picks each local KV head's pages (`selection.choose_pages` with the configured
 selector: sink + recent, top-k by that head's budget) and attends over them. A step where every
 head covers its whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
+On CUDA (`_init_cuda` and the methods after it) decode is planned once per step and every layer runs
+gpu_decode.GpuSparseDecode's kernels, dense layers included, so decode CUDA graphs can be captured;
+extend stays torch_native (dense) or the Triton block-sparse prefill kernel.
 """
 from __future__ import annotations
 
@@ -88,18 +91,16 @@ def _make_backend_class():
             self.steps = 0
             self.gauge = _metrics_gauge(model_runner)
             self.gpu = self.gpu_prefill = None
+            self.torch_dense_layers = set()
             if torch.device(model_runner.device).type == "cuda":
-                import sglang_shplb_kernels as kernels
-
-                from ..gpu_decode import GpuSparseDecode
-
-                self.gpu = GpuSparseDecode(model_runner.device)
-                self.gpu_prefill = kernels.attend_selection   # Triton block-sparse prefill (untested on GPU)
+                self._init_cuda(model_runner)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
                         "prefill budgets %s", self.tp_rank, self.page_size, self.cfg.sink_pages,
                         self.cfg.recent_pages, _describe(self.budgets), _describe(self.prefill_budgets))
 
         def _metadata(self, layer_id: int):
+            if self.gpu is not None and self.gpu.meta is not None:
+                return self.gpu.meta[layer_id]
             if layer_id not in self.meta:
                 k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
                 self.meta[layer_id] = new_page_metadata(k_buf.shape[0], k_buf.shape[1], k_buf.shape[2],
@@ -114,12 +115,14 @@ def _make_backend_class():
             return self.fine[layer_id]
 
         def _fold_keys(self, layer, locs, k):
+            k = k.reshape(locs.shape[0], layer.tp_k_head_num, -1)
+            if self.gpu is not None:
+                self.gpu.fold(layer.layer_id, k, locs)
+                return
             kmin, kmax = self._metadata(layer.layer_id)
-            k = k.view(locs.shape[0], layer.tp_k_head_num, -1)
-            fold = self.gpu.update_metadata if self.gpu else update_page_minmax
-            fold(kmin, kmax, locs, k, self.page_size)
+            update_page_minmax(kmin, kmax, locs, k, self.page_size)
             if self.sub:
-                fold(*self._fine(layer.layer_id), locs, k, self.sub)
+                update_page_minmax(*self._fine(layer.layer_id), locs, k, self.sub)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if not self._sparse_prefill_layer(layer):
@@ -150,7 +153,9 @@ def _make_backend_class():
                     and (layer.sliding_window_size is None or layer.sliding_window_size < 0))
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            if self.budgets is None or layer.is_cross_attention:
+            if self.gpu is not None and layer.layer_id not in self.torch_dense_layers:
+                return self._forward_decode_cuda(q, k, v, layer, forward_batch, save_kv_cache)
+            if self.budgets is None or layer.is_cross_attention or layer.layer_id in self.torch_dense_layers:
                 o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
                 if save_kv_cache and k is not None and self.keep_metadata:   # later chunks select over these pages
                     self._fold_keys(layer, forward_batch.out_cache_loc, k)
@@ -166,11 +171,8 @@ def _make_backend_class():
             args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
-            if self.gpu is None or bool((budgets >= 1.0).all()):
-                chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
-                                              self._fine(layer.layer_id) if self.sub else None)
-            else:
-                chosen = self.gpu.select(*args, forward_batch.seq_lens_cpu, budgets, *rest)
+            chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
+                                          self._fine(layer.layer_id) if self.sub else None)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -181,10 +183,82 @@ def _make_backend_class():
                     self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens, scaling=layer.scaling, enable_gqa=Hq != Hkv)
                 return o
-            attend = self.gpu.attend if self.gpu else attend_selected
-            out = attend(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            out = attend_selected(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                          self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+        # ---------------------------------------------------------------- CUDA (issue 13): plan per step,
+        # kernels per layer, decode CUDA graphs over fixed buffers. CPU behaviour above is unchanged.
+        def _init_cuda(self, model_runner):
+            import sglang_shplb_kernels as kernels
+
+            from ..gpu_decode import DecodeShape, GpuSparseDecode
+            from .gpu_startup import attention_dims, refuse_unsupported
+
+            self.torch_dense_layers = refuse_unsupported(model_runner, self.page_size)
+            Hq, Hkv, D, Dv = attention_dims(model_runner.model)
+            mc = model_runner.model_config
+            shape = DecodeShape(mc.num_hidden_layers, Hkv, Hq // Hkv, D, Dv, self.page_size, self.cfg.sink_pages,
+                                self.cfg.recent_pages, mc.context_len)
+            slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
+            self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots)
+            self.gpu_prefill = kernels.attend_selection
+            logger.info("[sglang-shplb] tp_rank=%d CUDA decode: fused split-KV Triton kernel, page metadata %.2f GiB "
+                        "(bf16, allocated at start-up), pages per head up to %d", self.tp_rank,
+                        self.gpu.metadata_bytes() / 2**30, self.gpu.kcap)
+
+        def init_forward_metadata(self, forward_batch):
+            super().init_forward_metadata(forward_batch)
+            if self.gpu is not None and forward_batch.forward_mode.is_decode():
+                self.gpu.plan(forward_batch.batch_size, forward_batch.seq_lens_cpu, forward_batch.seq_lens)
+                self.gpu.prepare(forward_batch.seq_lens)
+                self._account_cuda()
+
+        def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+            if self.gpu is None:
+                raise ConfigError("shplb: CUDA graphs on a non-CUDA device; add --cuda-graph-backend-decode disabled")
+            self.gpu.reserve(max_bs)
+
+        def get_cuda_graph_seq_len_fill_value(self):
+            return 1
+
+        def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+            """Host part of a captured step (capture and every replay): page counts into fixed buffers."""
+            if self.gpu is None or not forward_batch.forward_mode.is_decode():
+                return
+            bs = forward_batch.batch_size
+            real = bs - (getattr(forward_batch, "num_padding", 0) or 0)
+            self.gpu.plan(bs, forward_batch.seq_lens_cpu, forward_batch.seq_lens, real_bs=real, static=True)
+            if not in_capture:
+                self._account_cuda()
+
+        def init_forward_metadata_in_graph(self, forward_batch):
+            """Device part, recorded in the graph: page counts per request from the static seq_lens."""
+            if self.gpu is not None and forward_batch.forward_mode.is_decode():
+                self.gpu.prepare(forward_batch.seq_lens)
+
+        def _forward_decode_cuda(self, q, k, v, layer, forward_batch, save_kv_cache):
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+                if self.gpu.meta is not None:
+                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+            return self.gpu.decode(layer.layer_id, q, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                   self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                                   self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                   forward_batch.seq_lens, layer.scaling)
+
+        def _account_cuda(self):
+            """Per-rank KV tokens read, from the host plan (no device counter, no sync)."""
+            self.steps += 1
+            read, dense = self.gpu.tokens_read, self.gpu.tokens_dense
+            if self.gauge is not None:
+                for i, x in enumerate(read.tolist()):
+                    self.gauge.labels(tp_rank=str(self.tp_rank), layer=str(i)).set(x)
+            if self.steps % LOG_EVERY_STEPS == 0 and self.cfg.log_stats:
+                logger.info("[sglang-shplb] tp_rank=%d kv tokens read (all layers, %d steps): %d of %d dense (%.3f)",
+                            self.tp_rank, self.steps, float(read.sum()), float(dense.sum()),
+                            float(read.sum() / dense.sum().clamp(min=1)))
 
         def _account(self, layer_id, chosen, seq_lens, Hkv):
             """KV tokens read per layer on this rank: how users see the balance across ranks."""

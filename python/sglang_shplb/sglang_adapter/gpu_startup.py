@@ -1,0 +1,125 @@
+"""CUDA start-up glue: what SGLang 0.5.23 must decide before it sizes memory and captures graphs, and
+what the GPU path refuses at start-up (never mid-request).
+
+`register_server_args_hook()` runs in every process that resolves ServerArgs — our launcher's child and
+stock `python -m sglang.launch_server --attention-backend shplb` alike (plugins load before resolution).
+On CUDA with shplb as (prefill or decode) attention backend it declares, next to SGLang's own
+attention-backend rules:
+  * prefill CUDA graphs off (0.5.23 captures breakable prefill graphs by default; our extend is eager),
+    decode graphs kept (the backend implements capture/replay over fixed buffers);
+  * mem_fraction_static x P/(P+1) when page metadata is kept: bf16 min/max per page and KV head are
+    1/P of a bf16 KV pool, allocated at start-up from the memory this frees.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..config import ConfigError, ShplbConfig
+
+logger = logging.getLogger("sglang_shplb")
+MIN_GPU_PAGE = 16      # tl.dot tiles in the decode and prefill kernels
+TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
+
+
+def metadata_memory_scale(page_size: int) -> float:
+    return page_size / (page_size + 1)
+
+
+def _after_attention_compat(result, server_args, *args, **kwargs):
+    try:
+        _declare_gpu_settings(server_args)
+    except Exception as e:  # noqa: BLE001 - a resolution layout we do not know must not stop the server
+        logger.warning("[sglang-shplb] could not declare the CUDA settings (%s); pass --cuda-graph-backend-prefill "
+                       "disabled and a lower --mem-fraction-static yourself", e)
+    return None
+
+
+def _declare_gpu_settings(server_args) -> None:
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    cfg = resolving_view(server_args)
+    names = {getattr(cfg, f, None) for f in ("attention_backend", "prefill_attention_backend",
+                                              "decode_attention_backend")}
+    if "shplb" not in names or str(getattr(cfg, "device", "cuda") or "cuda") not in ("cuda",):
+        return
+    graphs = cfg.cuda_graph_config
+    if graphs is not None and graphs.prefill.backend != Backend.DISABLED:
+        logger.warning("[sglang-shplb] prefill CUDA graphs off (--cuda-graph-backend-prefill disabled): the shplb "
+                       "backend's extend runs eagerly; decode graphs stay on")
+        declare_resolution(server_args, "sglang_shplb", cuda_graph_config=with_phase(graphs, Phase.PREFILL,
+                                                                                     backend=Backend.DISABLED))
+    shplb = ShplbConfig.from_env()
+    explicit = (getattr(server_args, "_raw_input", None) or {}).get("mem_fraction_static") is not None
+    if shplb.sparse and cfg.mem_fraction_static and not explicit:
+        frac = round(cfg.mem_fraction_static * metadata_memory_scale(shplb.page_size), 3)
+        logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (1/%d of the KV "
+                       "pool) is allocated at start-up", cfg.mem_fraction_static, frac, shplb.page_size)
+        declare_resolution(server_args, "sglang_shplb", mem_fraction_static=frac)
+
+
+def register_server_args_hook() -> None:
+    try:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    except ImportError:   # SGLang without the hook registry: the launcher passes the flags itself
+        return
+    HookRegistry.register(TARGET, _after_attention_compat, HookType.AFTER)
+
+
+def attention_dims(model) -> tuple[int, int, int, int]:
+    """(query heads, KV heads, K head size, V head size) on this rank, from the model's attention layers."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    for m in model.modules():
+        if isinstance(m, RadixAttention):
+            return m.tp_q_head_num, m.tp_k_head_num, m.qk_head_dim, m.v_head_dim
+    raise ConfigError("the model has no attention layers; the shplb backend has nothing to do")
+
+
+def refuse_unsupported(model_runner, page_size: int) -> set[int]:
+    """ConfigError (start-up) for configurations the CUDA path cannot serve correctly; returns the names of
+    attention layers that will run dense through torch_native (sliding-window / soft-cap), which
+    cannot be captured — then decode graphs must be off."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    problems = []
+    kv_dtype = getattr(model_runner, "kv_cache_dtype", None)
+    if kv_dtype is not None and "float8" in str(kv_dtype):
+        problems.append(f"FP8 KV cache ({kv_dtype}) is not supported by the shplb kernels yet (no KV scales); "
+                        "drop --kv-cache-dtype or use --kv-cache-dtype auto")
+    if page_size < MIN_GPU_PAGE:
+        problems.append(f"--shplb-page-size {page_size} is below {MIN_GPU_PAGE}, the smallest page the GPU kernels "
+                        f"take; use --shplb-page-size {MIN_GPU_PAGE} (or 32)")
+    try:
+        from sglang.srt.environ import envs
+
+        if envs.SGLANG_USE_HND_KVCACHE.get():
+            problems.append("SGLANG_USE_HND_KVCACHE (HND KV layout) is not supported by the shplb kernels; unset it")
+    except Exception:  # noqa: BLE001 - older SGLang: no HND layout at all
+        pass
+    if not model_runner.spec_algorithm.is_none():
+        problems.append("speculative decoding is not supported by the shplb backend; drop --speculative-algorithm")
+    dense_layers = []
+    for name, m in model_runner.model.named_modules():
+        if not isinstance(m, RadixAttention):
+            continue
+        if m.v_head_dim != m.qk_head_dim:
+            problems.append(f"layer {name}: V head size {m.v_head_dim} != K head size {m.qk_head_dim} (e.g. MLA) is "
+                            "not supported by the shplb backend; serve this model with another attention backend")
+            break
+        if (m.sliding_window_size is not None and m.sliding_window_size > 0) or (m.logit_cap or 0) > 0 \
+                or getattr(m, "is_cross_attention", False):
+            dense_layers.append(m.layer_id)
+    if problems:
+        raise ConfigError("shplb on CUDA: " + "; ".join(problems))
+    if dense_layers:
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+
+        if not check_cuda_graph_backend(Phase.DECODE, Backend.DISABLED):
+            raise ConfigError(f"{len(dense_layers)} attention layers use a sliding window, logit soft-capping or "
+                              "cross-attention; "
+                              "shplb runs them dense with SGLang's torch-native attention, which CUDA graphs cannot "
+                              "capture; add --cuda-graph-backend-decode disabled")
+        logger.warning("[sglang-shplb] %d sliding-window / soft-cap attention layers run dense (torch_native)",
+                       len(dense_layers))
+    return set(dense_layers)

@@ -1,0 +1,308 @@
+"""The GPU serving objects (sglang_shplb.gpu_decode.GpuSparseDecode, the kernels it launches) run under
+TRITON_INTERPRET=1 against the CPU serving path (sparse_attention.py) and selection.py.
+
+Each check runs in a fresh process (`python tests/gpu_offline_checks.py CHECK [--big]`): Triton fixes
+interpreted vs compiled mode when the kernels are imported. tests/test_gpu_offline.py drives them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")     # before any kernel import
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmark"), str(ROOT / "python")]
+
+import torch  # noqa: E402
+from paged_sim import PagedCache, import_kernels  # noqa: E402
+
+K = import_kernels()
+
+from sglang_shplb import selection as S  # noqa: E402
+from sglang_shplb import sparse_attention as cpu  # noqa: E402
+from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode  # noqa: E402
+
+BIG = "--big" in sys.argv
+P, SINK, RECENT = 16, 1, 2
+H, G, D = (4, 4, 64) if BIG else (2, 3, 32)
+SEQ = [900, 33, 2000, 17] if BIG else [150, 17, 300]
+MAX_CTX = 4096 if BIG else 512
+SCALE = D ** -0.5
+
+
+def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0):
+    L = budgets.shape[0]
+    cache = PagedCache(seq, L, H, D, P, MAX_CTX, dtype=dtype, seed=seed)
+    shape = DecodeShape(L, H, G, D, D, P, SINK, RECENT, MAX_CTX)
+    dec = GpuSparseDecode(shape, budgets, "cpu", meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0], num_sms=3)
+    ref_meta = [cpu.new_page_metadata(cache.k[0].shape[0], H, D, P, "cpu") for _ in range(L)]
+    locs = cache.prefill_locs
+    for layer in range(L):
+        if dec.meta is not None:
+            dec.fold(layer, cache.k[layer][locs], locs)
+        cpu.update_page_minmax(*ref_meta[layer], locs, cache.k[layer][locs], P)
+    return cache, dec, ref_meta
+
+
+def _cpu_decode(cache, ref_meta, layer, q, budgets):
+    """The CPU serving path of the backend (selection + attention) on the same cache."""
+    qg = q.view(cache.bs, H, G, D)
+    chosen = cpu.select_decode_tokens(qg, *ref_meta[layer], cache.req_to_token, cache.req_pool_indices,
+                                      cache.seq_lens, budgets[layer], P, SINK, RECENT)
+    return cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen, SCALE)
+
+
+def _step(cache, dec, ref_meta, budgets, static_bs=None):
+    locs, k_new = cache.step()
+    for layer in range(cache.L):
+        cpu.update_page_minmax(*ref_meta[layer], locs, k_new[layer], P)
+    bs = cache.bs if static_bs is None else static_bs
+    return locs, k_new, bs
+
+
+def check_decode_vs_cpu():
+    """10% and 100% budget layers, 3 decode steps: GpuSparseDecode == the CPU path, with float32 metadata
+    (same bound, same selection) — and with bf16 metadata the selection equals selection.py's on it."""
+    budgets = torch.tensor([[0.1] * H, [1.0] * H, [0.3, 0.05] * (H // 2)], dtype=torch.float64)
+    cache, dec, ref_meta = _setup(budgets)
+    for _ in range(3):
+        locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
+        dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
+        dec.prepare(cache.seq_lens_dev)
+        for layer in range(cache.L):
+            dec.fold(layer, k_new[layer], locs)
+            q = cache.query(H * G)
+            got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                             cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
+            want = _cpu_decode(cache, ref_meta, layer, q, budgets)
+            torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4)
+            if not dec.dense_layer[layer]:   # the metadata itself is the CPU path's, bit for bit
+                assert torch.equal(dec.meta[layer][0], ref_meta[layer][0])
+                assert torch.equal(dec.meta[layer][1], ref_meta[layer][1])
+    # accounting: tokens read per layer on the host, dense layer reads everything
+    assert dec.tokens_read[1] == dec.tokens_dense[1] and (dec.tokens_read[0] < dec.tokens_dense[0])
+
+    # bf16 metadata: rounded outward (still bounds every key); selection = selection.py's rule on it
+    cache, dec, ref_meta = _setup(budgets, meta_dtype=torch.bfloat16, seed=1)
+    locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
+    dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
+    dec.prepare(cache.seq_lens_dev)
+    layer = 0
+    dec.fold(layer, k_new[layer], locs)
+    lo, hi = dec.meta[layer]
+    n = (cache.seq_lens + P - 1) // P
+    for r in range(cache.bs):
+        phys = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P
+        assert (lo[phys].float() <= ref_meta[layer][0][phys]).all() and (hi[phys].float() >= ref_meta[layer][1][phys]).all()
+    q = cache.query(H * G)
+    out = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                     cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
+    qg = q.view(cache.bs, H, G, D)
+    scores = K.page_scores_torch(qg, lo, hi, cache.req_to_token, cache.req_pool_indices, cache.seq_lens, P)
+    k = dec.buf.k_pages[layer, :bs].long()
+    want_mask = S.select_pages(scores, n[:, None].expand(bs, H), k, SINK, RECENT)
+    got_idx = dec.buf.sel_idx[:bs]
+    for r in range(bs):
+        for h in range(H):
+            got = torch.zeros(scores.shape[-1], dtype=torch.bool)
+            got[got_idx[r, h, : int(k[r, h])].long()] = True
+            assert torch.equal(got, want_mask[r, h]), (r, h)
+    want = K.sparse_decode_attend_torch(qg, cache.k[layer], cache.v[layer], cache.req_to_token,
+                                        cache.req_pool_indices, cache.seq_lens, got_idx, k, P, SCALE)
+    torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4)
+
+
+def check_scores_agg():
+    """Both group aggregations against selection.py (sum: group_upper_bound, max: max of quest_upper_bound)."""
+    budgets = torch.full((1, H), 0.2, dtype=torch.float64)
+    for meta_dtype in (torch.float32, torch.bfloat16):
+        cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype)
+        dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
+        dec.prepare(cache.seq_lens_dev)
+        lo, hi = dec.meta[0]
+        qg = cache.query(H * G).view(cache.bs, H, G, D)
+        n = (cache.seq_lens + P - 1) // P
+        for agg in K.AGGREGATIONS:
+            out = torch.full_like(dec.buf.scores, float("nan"))
+            K.page_scores(qg, lo, hi, cache.req_to_token, cache.req_pool_indices, dec.buf.n_pages, P, out, agg)
+            for r in range(cache.bs):
+                phys = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P
+                lo_r, hi_r = lo[phys].float().transpose(0, 1), hi[phys].float().transpose(0, 1)
+                want = S.group_upper_bound(qg[r], lo_r, hi_r) if agg == "sum" else \
+                    S.quest_upper_bound(qg[r], lo_r, hi_r).amax(-2)
+                torch.testing.assert_close(out[r, :, : int(n[r])], want, rtol=1e-5, atol=1e-4)
+
+
+class _Launches:
+    """Records every Triton launch (kernel, grid, pointer addresses, scalars) made by the interpreter."""
+
+    def __init__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.log, self.cls = [], InterpretedFunction
+        self.orig = InterpretedFunction.run
+
+    def __enter__(self):
+        log, orig = self.log, self.orig
+
+        def run(fn, *args, grid, warmup, **kwargs):
+            g = grid(kwargs) if callable(grid) else tuple(grid)
+            key = tuple(("ptr", a.data_ptr(), a.dtype) if torch.is_tensor(a) else a for a in args)
+            log.append((fn.fn.__name__, g, key, tuple(sorted(kwargs.items()))))
+            return orig(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+        self.cls.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.run = self.orig
+
+
+def check_graph_replay():
+    """CUDA-graph discipline: capture at a padded batch (SGLang's fill values), then replays with growing,
+    changing lengths over the same static inputs. Every replay issues exactly the captured launches (same
+    kernels, grids, buffer addresses and scalars) and computes the CPU path's answer for the real rows."""
+    budgets = torch.tensor([[0.1] * H, [1.0] * H], dtype=torch.float64)
+    cache, dec, ref_meta = _setup(budgets, seq=SEQ[:2])
+    graph_bs = 4                                     # captured size: 2 real requests + 2 padded rows
+    dec.reserve(graph_bs)
+    seq_static = torch.ones(graph_bs, dtype=torch.int64)            # runner's static buffers
+    rpi_static = torch.zeros(graph_bs, dtype=torch.int64)
+    locs_static = torch.zeros(graph_bs, dtype=torch.int64)
+    q_static = torch.zeros(graph_bs, H * G * D)
+    kn_static = [torch.zeros(graph_bs, H, D) for _ in range(cache.L)]
+
+    def body():
+        dec.prepare(seq_static)
+        outs = []
+        for layer in range(cache.L):
+            dec.fold(layer, kn_static[layer], locs_static)
+            outs.append(dec.decode(layer, q_static, cache.k[layer], cache.v[layer], cache.req_to_token,
+                                   rpi_static, seq_static, SCALE))
+        return outs
+
+    # capture: SGLang fills seq_lens with the backend's fill value (1) and pool index 0
+    dec.plan(graph_bs, seq_static.clone(), seq_static, static=True)
+    with _Launches() as cap:
+        body()
+    assert cap.log, "nothing launched"
+    for step in range(3):
+        locs, k_new, _ = _step(cache, dec, ref_meta, budgets)
+        # replay: real rows copied into the static buffers, padded rows keep the fill values;
+        # the padded rows' slot is SGLang's dummy page 0
+        seq_static[:2], rpi_static[:2], locs_static[:2] = cache.seq_lens, cache.req_pool_indices, locs
+        seq_static[2:], rpi_static[2:], locs_static[2:] = 1, 0, 0
+        qs = cache.query(H * G)
+        q_static[:2] = qs
+        for layer in range(cache.L):
+            kn_static[layer][:2] = k_new[layer]
+            kn_static[layer][2:] = 0
+        dec.plan(graph_bs, seq_static.clone(), seq_static, real_bs=2, static=True)   # outside the graph
+        with _Launches() as rep:
+            outs = body()
+        assert _normalised(rep.log) == _normalised(cap.log), f"replay {step}: launches differ from the capture"
+        for layer in range(cache.L):
+            want = _cpu_decode(cache, ref_meta, layer, qs, budgets)
+            torch.testing.assert_close(outs[layer][:2].view(2, H, G, D), want, rtol=2e-4, atol=2e-4)
+
+
+def _normalised(log):
+    """Launches with the per-call output of the combine kernel blanked: torch.empty inside a captured
+    graph is graph-pool memory at a fixed address, which an eager re-run cannot reproduce."""
+    out = []
+    for name, grid, args, kw in log:
+        if name == "_combine_kernel":
+            args = args[:2] + ("OUT",) + args[3:]
+        out.append((name, grid, args, kw))
+    return out
+
+
+def check_no_host_sync():
+    """Per layer (fold, score, top-k, attend) and the in-graph prepare: no host sync from our code."""
+    budgets = torch.tensor([[0.1] * H, [1.0] * H], dtype=torch.float64)
+    cache, dec, ref_meta = _setup(budgets)
+    locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
+    dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)      # host work between steps (host tensors only)
+    q = cache.query(H * G)
+    ours = (str(ROOT / "python" / "sglang_shplb"), str(ROOT / "kernels"))
+    names = ("item", "cpu", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    saved_getitem = torch.Tensor.__getitem__
+    hits = []
+
+    def guard(name):
+        def f(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ours):
+                hits.append((name, caller, sys._getframe(1).f_lineno))
+                raise RuntimeError(f"host sync Tensor.{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return saved[name](self, *a, **k)
+        return f
+
+    def getitem(self, idx):
+        caller = sys._getframe(1).f_code.co_filename
+        items = idx if isinstance(idx, tuple) else (idx,)
+        if caller.startswith(ours) and any(torch.is_tensor(i) and i.dtype == torch.bool for i in items):
+            hits.append(("bool-mask index", caller, sys._getframe(1).f_lineno))
+            raise RuntimeError(f"boolean-mask indexing (a host sync) in {caller}")
+        return saved_getitem(self, idx)
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, guard(n))
+        torch.Tensor.__getitem__ = getitem
+        dec.prepare(cache.seq_lens_dev)
+        outs = []
+        for layer in range(cache.L):
+            dec.fold(layer, k_new[layer], locs)
+            outs.append(dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                                   cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE))
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, saved[n])
+        torch.Tensor.__getitem__ = saved_getitem
+    assert not hits, hits
+    # the guard is live: the same patch catches a sync made from our code
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, guard(n))
+        exec(compile("torch.ones(1).item()", str(ROOT / "python" / "sglang_shplb" / "probe.py"), "exec"))
+        raise AssertionError("guard did not fire")
+    except RuntimeError:
+        pass
+    finally:
+        for n in names:
+            setattr(torch.Tensor, n, saved[n])
+    torch.testing.assert_close(outs[0].view(bs, H, G, D), _cpu_decode(cache, ref_meta, 0, q, budgets),
+                               rtol=2e-4, atol=2e-4)
+
+
+def check_fold_meta():
+    """fold_page_minmax (float32 and bf16) == the CPU path's update (+ outward rounding), prefill then decode."""
+    budgets = torch.full((1, H), 0.2, dtype=torch.float64)
+    for meta_dtype in (torch.float32, torch.bfloat16):
+        cache, dec, ref_meta = _setup(budgets, meta_dtype=meta_dtype, dtype=torch.bfloat16)
+        for _ in range(P + 1):                      # crosses a page boundary (a reused, stale page)
+            locs, k_new, _ = _step(cache, dec, ref_meta, budgets)
+            dec.fold(0, k_new[0], locs)
+        want_lo, want_hi = ref_meta[0]
+        if meta_dtype == torch.bfloat16:
+            want_lo, want_hi = K.round_bf16(want_lo, up=False), K.round_bf16(want_hi, up=True)
+        n = (cache.seq_lens + P - 1) // P
+        for r in range(cache.bs):
+            phys = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P
+            assert torch.equal(dec.meta[0][0][phys].float(), want_lo[phys].float()), r
+            assert torch.equal(dec.meta[0][1][phys].float(), want_hi[phys].float()), r
+    x = torch.tensor([1.0, -1.0, 1.00001, -1.00001, 3.3e38, -3.3e38, 0.0, -0.0, float("inf")])
+    lo, hi = K.round_bf16(x, up=False).float(), K.round_bf16(x, up=True).float()
+    assert (lo <= x).all() and (hi >= x).all() and torch.equal(lo[:2], x[:2]) and torch.equal(hi[:2], x[:2])
+
+
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_graph_replay,
+                                                   check_no_host_sync, check_fold_meta)}
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    CHECKS[sys.argv[1]]()
+    print(f"{sys.argv[1]} OK")

@@ -1,0 +1,112 @@
+"""Offline GPU proof (no GPU needed; marker gpu_offline, part of the default suite).
+
+- The GPU serving objects run under TRITON_INTERPRET=1 against the CPU serving path and selection.py
+  (tests/gpu_offline_checks.py): 10%/100% budgets, both group aggregations, capture -> replay with
+  changing lengths over fixed buffers, no host sync per layer, bf16 page metadata rounded outward.
+- Every serving kernel compiles with Triton's own compiler for GPUTarget("cuda", 90/80, 32); the bundled
+  ptxas reports registers and spills, and a spill at the main shapes fails the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.gpu_offline
+CHECKS = ["decode_vs_cpu", "scores_agg", "graph_replay", "no_host_sync", "fold_meta"]
+
+
+def _env(interpret: bool) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_DEFAULT_FP_FUSION": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _run_check(name: str, *extra: str):
+    pytest.importorskip("triton")
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_offline_checks.py"), name, *extra], env=_env(True),
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0 and f"{name} OK" in p.stdout, f"{name} failed:\n{p.stdout}\n{p.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_gpu_objects_interpreted(check):
+    _run_check(check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", ["decode_vs_cpu", "graph_replay"])
+def test_gpu_objects_interpreted_big(check):
+    _run_check(check, "--big")
+
+
+def _compile(shapes: list[dict]) -> list[dict]:
+    code = ("import json,sys; from sglang_shplb_kernels.compile_check import compile_report as c; "
+            "print(json.dumps([r for s in json.loads(sys.argv[1]) for r in c(s.pop('arch'), **s)]))")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps(shapes)], env=_env(False), capture_output=True,
+                       text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in rows:
+        print(f"{r['kernel']:32s} sm_{r['arch']} {r['dtype']} D={r['head_dim']} G={r['group']} P={r['page']} "
+              f"agg={r.get('agg', 'sum')}: {r['regs']} regs, {r['spill_bytes']} B spilled, {r['num_warps']} warps")
+    return rows
+
+
+MAIN = [dict(arch=90, dtype="bf16", head_dim=128, group=g, page=16) for g in (1, 4, 8)] + \
+       [dict(arch=80, dtype="bf16", head_dim=128, group=4, page=16)]
+
+
+def test_kernels_compile_for_sm90_sm80_without_spills():
+    pytest.importorskip("triton")
+    rows = _compile([dict(s) for s in MAIN])
+    assert len(rows) == 7 * len(MAIN)   # fold, score, select, attend sparse|dense, combine, prefill
+    spilled = [r for r in rows if r["spill_bytes"]]
+    assert not spilled, spilled
+
+
+@pytest.mark.slow
+def test_kernels_compile_full_matrix():
+    """bf16/fp16 x head dim 64/128/256 x group 1/4/8 x page 16/32 x sum|max on sm_90 and sm_80; no spills
+    up to head dim 128, head dim 256 reported."""
+    pytest.importorskip("triton")
+    shapes = [dict(arch=a, dtype=dt, head_dim=d, group=g, page=p, agg=agg) for a in (90, 80) for dt in ("bf16", "fp16")
+              for d in (64, 128, 256) for g in (1, 4, 8) for p in (16, 32) for agg in ("sum", "max")]
+    rows = _compile(shapes)
+    spilled = [r for r in rows if r["spill_bytes"] and r["head_dim"] <= 128]
+    assert not spilled, spilled
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmark/gpu_check.py --dry-run: the device script's own code path (same objects) under the interpreter."""
+    pytest.importorskip("triton")
+    out = tmp_path / "gpu_check.md"
+    env = _env(True)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmark" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = out.read_text()
+    assert "FAIL" not in text and "decode 10% == CPU serving path" in text and "| 256 | 2 |" in text
+
+
+def test_launcher_gpu_defaults(capsys):
+    """On CUDA the launcher keeps decode graphs, turns prefill graphs off with 0.5.23's flag (one line),
+    respects the user's own graph flags and refuses pages the GPU kernels cannot take."""
+    from sglang_shplb.config import ShplbConfig
+    from sglang_shplb.launch_server import gpu_defaults
+
+    assert gpu_defaults([], ShplbConfig(budget=0.1)) == ["--cuda-graph-backend-prefill", "disabled"]
+    assert "prefill CUDA graphs off" in capsys.readouterr().out
+    assert gpu_defaults(["--cuda-graph-backend-prefill", "breakable"], ShplbConfig(budget=0.1)) == []
+    assert gpu_defaults(["--disable-cuda-graph"], ShplbConfig(budget=0.1)) == []
+    with pytest.raises(SystemExit):
+        gpu_defaults([], ShplbConfig(budget=0.1, page_size=8))
+    assert "--shplb-page-size 8 is below 16" in capsys.readouterr().err
