@@ -4,8 +4,8 @@
 
 SmolLM2 shapes per layer (3 KV heads x 3 query heads, head_dim 64, fp32), a paged KV pool with
 scrambled pages as SGLang's allocator leaves it. Dense is SGLang's own
-TorchNativeAttnBackend._run_sdpa_forward_decode; sparse is our selection (Quest bound over page
-metadata, per-head top-k) plus attention over the selected tokens. Times are medians of
+TorchNativeAttnBackend._run_sdpa_forward_decode; sparse is our selection (`--selectors`, each with
+its own metadata read, per-head top-k) plus attention over the selected tokens. Times are medians of
 interleaved repeats; the ratio is what to read (this machine is shared and noisy).
 """
 import argparse
@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_result  # noqa: E402
 
+from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.sparse_attention import (attend_selected, new_page_metadata, select_decode_tokens,  # noqa: E402
                                            update_page_minmax)
 
@@ -35,7 +36,11 @@ def build_pool(bs, ctx, seed=0):
     req_to_token = (perm.view(bs, pages_per_req, 1) * P + torch.arange(P)).view(bs, ctx).int()
     kmin, kmax = new_page_metadata(k_buf.shape[0], HKV, D, P, "cpu")
     update_page_minmax(kmin, kmax, torch.arange(k_buf.shape[0]), k_buf, P)
-    return k_buf, v_buf, req_to_token, kmin, kmax
+    fine = {}
+    for sub in {s.sub for s in sel.SELECTORS.values() if s.sub}:   # sub-page metadata of every selector
+        fine[sub] = new_page_metadata(k_buf.shape[0], HKV, D, sub, "cpu")
+        update_page_minmax(*fine[sub], torch.arange(k_buf.shape[0]), k_buf, sub)
+    return k_buf, v_buf, req_to_token, kmin, kmax, fine
 
 
 def timed(fn, repeats):
@@ -54,15 +59,19 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--selectors", nargs="+", default=sorted({"quest_sum", sel.DEFAULT_SELECTOR}),
+                   choices=sorted(sel.SELECTORS), help="decode selectors timed side by side (selection cost included)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_cpu.md"))
     args = p.parse_args()
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     torch.set_num_threads(1)
-    rows = ["| context | batch | dense ms | shplb ms | speed-up |", "|---|---|---|---|---|"]
+    names = args.selectors
+    rows = ["| context | batch | dense ms | " + " | ".join(f"{n} ms | {n} speed-up" for n in names) + " |",
+            "|---|---|---|" + "---|---|" * len(names)]
     for ctx in args.contexts:
         for bs in args.batches:
-            k_buf, v_buf, req_to_token, kmin, kmax = build_pool(bs, ctx)
+            k_buf, v_buf, req_to_token, kmin, kmax, fine = build_pool(bs, ctx)
             seq_lens, rows_idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV * G, D)
             out = torch.empty_like(q)
@@ -73,17 +82,20 @@ def main():
                     None, q, out, k_buf, v_buf, req_to_token, rows_idx, seq_lens, scaling=D ** -0.5,
                     enable_gqa=True)
 
-            def sparse():
+            def sparse(name):
                 qg = q.view(bs, HKV, G, D)
-                chosen = select_decode_tokens(qg, kmin, kmax, req_to_token, rows_idx, seq_lens, budgets, P, 1, 2)
+                chosen = select_decode_tokens(qg, kmin, kmax, req_to_token, rows_idx, seq_lens, budgets, P, 1, 2,
+                                              name, fine.get(sel.get_selector(name).sub))
                 attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
 
-            td, ts = [], []
-            for _ in range(3):  # interleave so drift hits both alike
+            td, ts = [], {n: [] for n in names}
+            for _ in range(3):  # interleave so drift hits all alike
                 td += timed(dense, args.repeats // 3)
-                ts += timed(sparse, args.repeats // 3)
-            d, s = statistics.median(td) * 1e3, statistics.median(ts) * 1e3
-            rows.append(f"| {ctx} | {bs} | {d:.2f} | {s:.2f} | {d / s:.2f}x |")
+                for n in names:
+                    ts[n] += timed(lambda: sparse(n), args.repeats // 3)
+            d = statistics.median(td) * 1e3
+            cells = [f"{statistics.median(ts[n]) * 1e3:.2f} | {d / (statistics.median(ts[n]) * 1e3):.2f}x" for n in names]
+            rows.append(f"| {ctx} | {bs} | {d:.2f} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
     write_result(args.out, "Decode attention, CPU: shplb sparse vs torch_native dense",
                  f"One layer of SmolLM2 shapes, budget {args.budget}, page {P}, sink 1 + recent 2 pages, "

@@ -36,7 +36,9 @@ K = import_kernels()
 from gpu_prefill_check import prefill_check  # noqa: E402
 from sglang_shplb import selection as S  # noqa: E402
 from sglang_shplb import sparse_attention as cpu  # noqa: E402
-from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode  # noqa: E402
+from sglang_shplb.gpu_decode import GROUP_AGGREGATION, DecodeShape, GpuSparseDecode  # noqa: E402
+
+GPU_SELECTOR = "quest_sum" if GROUP_AGGREGATION == "sum" else "quest_max"   # the rule the kernels implement today
 
 SINK, RECENT = 1, 2
 
@@ -135,7 +137,8 @@ def correctness(run):
             name = f"{run.args.budget:.0%}" if budget == "budget" else budget
             if meta_dtype == torch.float32:
                 chosen = cpu.select_decode_tokens(qg.float(), *ref_meta[layer], cache.req_to_token,
-                                                  cache.req_pool_indices, cache.seq_lens, budgets[layer], P, SINK, RECENT)
+                                                  cache.req_pool_indices, cache.seq_lens, budgets[layer], P, SINK, RECENT,
+                                                  selector=GPU_SELECTOR)
                 want = cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen,
                                            run.D ** -0.5)
                 label = f"decode {name} == CPU serving path (f32 metadata)"

@@ -5,9 +5,9 @@
         --methods uniform optimal --out benchmark/results/quality_prefill.md
 
 Runs the real model (HF transformers, fp32) over corpus windows where every query position
-attends only to the pages our decode selector would pick for it: per KV group, Quest upper bound
-from page key min/max with the group's queries, sink + recent pages always, then the group's top-k
-pages with k from its budget (sglang_shplb.selection, the same code the server runs). Budgets:
+attends only to the pages our decode selector would pick for it: `selection.choose_pages` with
+`--decode-selector` (default the server's default), sink + recent pages always, then the group's
+top-k pages with k from its budget (the same code the server runs). Budgets:
 uniform (Quest-style), shift (the paper), optimal (ours) from the committed profile, at equal
 mean. The windows are taken from lcet10.txt at offsets the committed profile did not use... as far
 as one text allows: the profile used all four texts, so this measures in-distribution transfer.
@@ -44,8 +44,9 @@ Q_CHUNK = 512  # queries per attention chunk: bounds memory at [Hq, chunk, L]
 class SparseAttention:
     """An HF attention function that applies per-KV-group page selection at every query."""
 
-    def __init__(self, page_size, sink, recent, selector="decode"):
+    def __init__(self, page_size, sink, recent, selector="decode", decode_selector=sel.DEFAULT_SELECTOR):
         self.P, self.sink, self.recent, self.selector = page_size, sink, recent, selector
+        self.decode_selector = decode_selector
         self.budgets = None  # [layers, Hkv] or None for dense
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -69,24 +70,44 @@ class SparseAttention:
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
         return out.permute(1, 2, 0, 3).reshape(Hq, L, -1)
 
-    def page_mask(self, q, k, budgets):
-        """[Hkv, L, N]: pages selected for each query position (causal)."""
+    def page_mask(self, q, k, budgets, scale):
+        """[Hkv, L, N]: pages selected for each query position (causal), by the shipping rule
+        (`oracle`: the pages with the most true attention mass of the group, same forced pages)."""
         Hkv, L = k.shape[0], k.shape[1]
         P = self.P
+        oracle = self.decode_selector == "oracle"
+        rule = sel.get_selector("quest_max" if oracle else self.decode_selector)
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
+        fmin, fmax = sel.subpage_minmax(k, P, rule.sub) if rule.sub else (None, None)
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
-        scores = sel.group_upper_bound(qg, kmin.unsqueeze(1), kmax.unsqueeze(1))  # [Hkv, L, N]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),
                                        self.sink + self.recent)                    # [Hkv, L]
-        top = sel.top_pages(scores, n_pages.view(1, L).expand(Hkv, L), int(k_pages.max()), self.sink, self.recent)
-        keep = torch.arange(top.shape[-1]).view(1, 1, -1) < k_pages.unsqueeze(-1)
-        return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, keep)
+        mask = torch.zeros(Hkv, L, kmin.shape[1], dtype=torch.bool)
+        heads = torch.arange(Hkv).view(-1, 1, 1)
+
+        def fine_meta(idx):                                                        # [Hkv, c, C] logical pages
+            return fmin[heads, idx], fmax[heads, idx]
+        for s in range(0, L, Q_CHUNK):                                             # bounds the [Hkv, c, C, S, D] gather
+            e = min(L, s + Q_CHUNK)
+            n, kp = n_pages[s:e].expand(Hkv, -1), k_pages[:, s:e]
+            if oracle:
+                logits = torch.einsum("hcgd,hld->hgcl", qg[:, s:e], k) * scale
+                logits = logits.masked_fill(torch.arange(L) > torch.arange(s, e).view(-1, 1), float("-inf"))
+                probs = torch.nn.functional.pad(logits.softmax(-1), (0, kmin.shape[1] * P - L))
+                mass = probs.unflatten(-1, (-1, P)).sum(-1).mean(1)                # [Hkv, c, N]
+                top = sel.top_pages(mass, n, int(kp.max()), self.sink, self.recent)
+            else:
+                top = sel.choose_pages(rule, qg[:, s:e], kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n, kp,
+                                       self.sink, self.recent)
+            keep = torch.arange(top.shape[-1]).view(1, 1, -1) < kp.unsqueeze(-1)
+            mask[:, s:e] = mask[:, s:e].scatter(-1, top, keep)
+        return mask
 
     def attend(self, q, k, v, budgets, scale):
         Hq, L, D = q.shape
         Hkv, G = k.shape[0], Hq // k.shape[0]
-        pages = self.page_mask(q.float(), k.float(), budgets)                     # [Hkv, L, N]
+        pages = self.page_mask(q.float(), k.float(), budgets, scale)                     # [Hkv, L, N]
         out = torch.empty_like(q)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
         for s in range(0, L, Q_CHUNK):
@@ -113,6 +134,8 @@ def main():
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), "oracle"], default=sel.DEFAULT_SELECTOR,
+                   help="page ranking of the decode selector (the server's --shplb-selector)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
                    "accumulate; the table shows every row of this selector/page/windows in it")
@@ -122,7 +145,8 @@ def main():
     torch.set_num_threads(2)
     prof = Profile.load(PROFILE)
     page = args.page_size or prof.meta["page_size"]
-    attn = SparseAttention(page, prof.meta["sink_pages"], prof.meta["recent_pages"], args.selector)
+    attn = SparseAttention(page, prof.meta["sink_pages"], prof.meta["recent_pages"], args.selector,
+                           args.decode_selector)
     AttentionInterface.register("shplb_quality", attn)
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
@@ -131,6 +155,8 @@ def main():
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     tag = f"{args.selector}/page{page}/windows{args.windows}"
+    if args.selector == "decode":
+        tag = f"decode-{args.decode_selector}/page{page}/windows{args.windows}"
     for ctx in args.contexts:
         todo = [(m, meth) for m in args.means for meth in args.methods if f"{tag}/{ctx}/{m}/{meth}" not in raw]
         if not todo:
@@ -155,18 +181,24 @@ def main():
 
 
 def write_table(args, raw: dict, tag: str, page: int) -> None:
-    rows = ["| context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
-            "|---|---|---|---|---|---|---|"]
+    """One table over every row of this phase/page/windows in the raw file; decode rows of every
+    decode selector side by side (the selector is part of the row's tag)."""
+    rows = ["| selector | context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
+            "|---|---|---|---|---|---|---|---|"]
     series = {}
-    keys = sorted((k.split("/")[3:] for k in raw if k.startswith(tag + "/")),
-                  key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
-                                 if x[2] in METHODS else -1))
-    for ctx, mean, method in keys:
-        r, d = raw[f"{tag}/{ctx}/{mean}/{method}"], raw[f"{tag}/{ctx}/1.0/dense"]
-        rows.append(f"| {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
-                    f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
-        if method != "dense":
-            series.setdefault(f"{method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
+    suffix = "/" + tag.split("/", 1)[1]
+    tags = sorted({k.split("/")[0] for k in raw if k.split("/")[0].startswith(args.selector)
+                   and k.startswith(k.split("/")[0] + suffix + "/")}) or [tag.split("/")[0]]
+    for t in tags:
+        keys = sorted((k.split("/")[3:] for k in raw if k.startswith(t + suffix + "/")),
+                      key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
+                                     if x[2] in METHODS else -1))
+        for ctx, mean, method in keys:
+            r, d = raw[f"{t}{suffix}/{ctx}/{mean}/{method}"], raw[f"{t}{suffix}/{ctx}/1.0/dense"]
+            rows.append(f"| {t} | {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
+                        f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
+            if method != "dense":
+                series.setdefault(f"{t} {method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
     line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "perplexity / dense",
               f"SmolLM2-135M, {args.selector} selector, page {page}", hline=1.0)
     what = ("the pages the decode selector picks" if args.selector == "decode" else

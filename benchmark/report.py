@@ -35,6 +35,9 @@ BENCHMARKS = {
                   "server decode tok/s, shplb 10% vs dense"),
     "quality": ("quality.py", ["--contexts", "1024", "--means", "0.1", "--methods", "uniform", "optimal", "bubbles"],
                 "perplexity and top-1 agreement vs dense under decode-time page selection"),
+    "selector": ("selector.py", ["--contexts", "2048", "--texts", "1", "--queries", "8", "--needle-contexts",
+                                 "--selectors", "quest_sum", "quest_max", "two_stage4"],
+                 "recall of the oracle's attention mass per page selector at equal pages read"),
     "retrieval": ("retrieval.py", ["--contexts", "1024", "--seeds", "2", "--parallel", "2", "--variants", "dense",
                                    "uniform@0.1", "optimal@0.1"],
                   "RULER-style retrieval via the server, score vs dense"),
@@ -46,7 +49,7 @@ BENCHMARKS = {
 def run_one(name: str) -> tuple[bool, float]:
     script, args, _ = BENCHMARKS[name]
     out = SHORT / f"{name}.md"
-    extra = ["--raw", str(SHORT / "retrieval_raw.json")] if name == "retrieval" else []
+    extra = ["--raw", str(SHORT / f"{name}_raw.json")] if name in ("retrieval", "selector") else []
     cmd = [sys.executable, str(ROOT / "benchmark" / script), *args, *extra, "--out", str(out)]
     print(f"[report] {name}: {' '.join(cmd[1:])}", flush=True)
     t = time.time()

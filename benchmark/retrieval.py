@@ -12,7 +12,8 @@ whose dense score is under --keep is reported but not run sparse (the model cann
 Variants: `dense`; `METHOD@MEAN` with METHOD uniform (Quest-style), shift (the paper), optimal
 (ours), bubbles (ours + fill-bubbles of a tp-3 plan: more budget at the same step time) for
 decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD@MEAN` (prefill
-budget = MEAN plus that decode method). Raw outputs are kept in --raw (JSON) and reused, so an
+budget = MEAN plus that decode method); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
+(without it, the server's default selector). Raw outputs are kept in --raw (JSON) and reused, so an
 interrupted run resumes and new variants can be added later without re-running old ones.
 """
 import argparse
@@ -55,6 +56,10 @@ def build_tasks(tok, contexts, seeds) -> dict:
 
 def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
     """(launcher flags, decode mean budget, prefill budget) of a variant name."""
+    if "/" in name:  # VARIANT/SELECTOR: the same with --shplb-selector SELECTOR
+        name, selector = name.split("/", 1)
+        flags, decode, prefill = variant_flags(name, tmp)
+        return flags + ["--shplb-selector", selector], decode, prefill
     if name == "dense":
         return ["--attention-backend", "torch_native"], 1.0, 1.0
     spec, mean = name.rsplit("@", 1)
@@ -162,8 +167,9 @@ def write_tables(args, names, tasks, raw, dense):
     rows.append("| **worst Δ vs dense (pt)** | " + " | ".join(f"{worst[n]:+.1f}" for n in names) + " |")
     series = {}
     for n in names[1:]:
-        method = n.rsplit("@", 1)[0]
-        series.setdefault(method, []).append((float(n.rsplit("@", 1)[1]), avg[n]))
+        method, rest = n.rsplit("@", 1)
+        series.setdefault(method + ("/" + rest.split("/", 1)[1] if "/" in rest else ""), []).append(
+            (float(rest.split("/", 1)[0]), avg[n]))
     line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "retrieval score Δ vs dense (pt)",
               "RULER-style retrieval via the server (SmolLM2-135M, CPU)")
     write_result(args.out, "Retrieval (RULER-style) through the server's OpenAI API",

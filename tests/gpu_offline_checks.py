@@ -21,7 +21,9 @@ K = import_kernels()
 
 from sglang_shplb import selection as S  # noqa: E402
 from sglang_shplb import sparse_attention as cpu  # noqa: E402
-from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode  # noqa: E402
+from sglang_shplb.gpu_decode import GROUP_AGGREGATION, DecodeShape, GpuSparseDecode  # noqa: E402
+
+GPU_SELECTOR = "quest_sum" if GROUP_AGGREGATION == "sum" else "quest_max"   # selection.SELECTORS name
 
 BIG = "--big" in sys.argv
 P, SINK, RECENT = 16, 1, 2
@@ -49,7 +51,8 @@ def _cpu_decode(cache, ref_meta, layer, q, budgets):
     """The CPU serving path of the backend (selection + attention) on the same cache."""
     qg = q.view(cache.bs, H, G, D)
     chosen = cpu.select_decode_tokens(qg, *ref_meta[layer], cache.req_to_token, cache.req_pool_indices,
-                                      cache.seq_lens, budgets[layer], P, SINK, RECENT)
+                                      cache.seq_lens, budgets[layer], P, SINK, RECENT,
+                                      selector=GPU_SELECTOR)   # the rule the GPU kernels implement today
     return cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen, SCALE)
 
 

@@ -8,6 +8,8 @@ import requests
 
 from sglang_shplb.artifacts import write_json
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmark"))
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
@@ -47,8 +49,40 @@ def test_full_budget_equals_torch_native(dense, full_budget, shared_prefix_promp
     assert concurrent_ids(full_budget, shared_prefix_prompts) == want
 
 
-def test_sparse_answers_capital(sparse):
-    assert "Paris" in sparse.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+def kv_tokens_read(server) -> float:
+    """Sum over layers of the backend's cumulative KV-tokens-read gauge (updated every decode step)."""
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
+
+
+def test_sparse_retrieves_where_selection_decides(sparse, model_path):
+    """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
+    needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV."""
+    from transformers import AutoTokenizer
+
+    from retrieval import corpus_pieces
+    from ruler_tasks import make_task
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    task = make_task("single_needle", 0, corpus_pieces(), lambda t: len(tok(t, add_special_tokens=False).input_ids),
+                     1536, seed=0)
+    prompt = tok.apply_chat_template([{"role": "user", "content": task.user_message},
+                                      {"role": "assistant", "content": task.answer_prefix}],
+                                     tokenize=False, continue_final_message=True)
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    needle_at = len(tok(task.user_message[: task.user_message.index(task.needles[0])]).input_ids)
+    assert 16 * 4 < needle_at < len(ids) - 16 * 4, "needle inside the always-kept pages: the test would not test"
+    before = kv_tokens_read(sparse)
+    r = requests.post(f"{sparse.url}/v1/chat/completions", timeout=600, json={
+        "model": "default", "temperature": 0, "max_tokens": 12, "continue_final_message": True,
+        "messages": [{"role": "user", "content": task.user_message},
+                     {"role": "assistant", "content": task.answer_prefix}]}).json()
+    read = kv_tokens_read(sparse) - before
+    out = r["choices"][0]["message"]["content"]
+    assert task.score(out) == 1.0, (out, task.answers)
+    n_prompt, n_out = r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]
+    dense = 30 * 3 * sum(n_prompt + i for i in range(1, n_out))   # decode steps: layers x KV heads x context
+    assert 0.05 < read / dense < 0.2, (read, dense)
 
 
 def test_sparse_reads_about_its_budget(sparse, shared_prefix_prompts):

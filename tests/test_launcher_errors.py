@@ -43,3 +43,10 @@ def test_help_lists_shplb_and_sglang_flags():
     proc = run_launcher("--help")
     assert proc.returncode == 0
     assert "--shplb-budget" in proc.stdout and "--tp-size" in proc.stdout
+
+
+def test_bad_selector_refused():
+    assert_one_clear_error(run_launcher("--shplb-budget", "0.1", "--shplb-selector", "bogus"), "--shplb-selector",
+                           "two_stage4")
+    assert_one_clear_error(run_launcher("--shplb-budget", "0.1", "--shplb-selector", "two_stage8",
+                                        "--shplb-page-size", "4"), "two_stage8", "--shplb-page-size 4")

@@ -72,3 +72,16 @@ def test_cpu_defaults_never_override_user_flags():
     assert "--attention-backend" not in extra and "--max-total-tokens" not in extra
     assert extra[extra.index("--device") + 1] == "cpu"
     assert cpu_core_binding(3, [0, 1]) == "0|1|0"
+
+
+def test_console_script_runs_the_stage_clis(corpus_dir):
+    """The `sglang-shplb` entry point in pyproject.toml resolves and dispatches to the stage CLIs."""
+    import shutil
+
+    exe = Path(sys.executable).with_name("sglang-shplb")
+    exe = str(exe) if exe.exists() else shutil.which("sglang-shplb")
+    assert exe, "console script sglang-shplb is not installed"
+    out = subprocess.run([exe, "prepare", "corpus"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == str(corpus_dir), out.stderr
+    bad = subprocess.run([exe, "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown verb 'nope'" in bad.stderr

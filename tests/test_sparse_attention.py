@@ -33,6 +33,16 @@ def paged_cache(seq_lens, page_size=P, seed=0):
     return req_to_token, k_buf, v_buf, kmin, kmax
 
 
+def fine_metadata(req_to_token, k_buf, seq_lens, sub):
+    """Sub-page metadata (page metadata at page size `sub`) of the requests in rows 1.. of req_to_token."""
+    fine = new_page_metadata(k_buf.shape[0], k_buf.shape[1], k_buf.shape[2], sub, "cpu")
+    for r, s in enumerate(seq_lens):
+        slots = req_to_token[r + 1, :s].long()
+        for start in range(0, s, 5):
+            update_page_minmax(*fine, slots[start: start + 5], k_buf[slots[start: start + 5]], sub)
+    return fine
+
+
 def dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, scale):
     outs = []
     for b, (r, s) in enumerate(zip(rows.tolist(), seq_lens.tolist())):
@@ -68,7 +78,9 @@ def test_covered_heads_equal_dense(budget):
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist())
     rows = torch.arange(1, 5)
     q = torch.randn(4, HKV, G, D)
-    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, torch.full((HKV,), budget), P, 1, 1)
+    fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), sel.get_selector(sel.DEFAULT_SELECTOR).sub)
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, torch.full((HKV,), budget), P, 1, 1,
+                                  fine=fine)
     assert chosen.dense == (budget == 1.0)
     got = attend_selected(q, k_buf, v_buf, chosen, 0.3)
     want = dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, 0.3)
@@ -78,29 +90,59 @@ def test_covered_heads_equal_dense(budget):
     assert torch.equal(chosen.tokens_read[0] == seq_lens.sum(), torch.tensor(budget == 1.0))
 
 
-def test_variable_budgets_pick_brute_force_pages():
-    seq_lens = torch.tensor([30, 41, 9])
-    req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), seed=3)
+def brute_force_pages(rule, q, keys, n, k, P, sink, recent):
+    """Pages one (request, KV head) keeps, from the page's own keys, plain Python: q [G, D], keys [s, D]."""
+    def bound(qg, box):
+        lo, hi = box.min(0).values, box.max(0).values
+        return float(torch.maximum(qg * lo, qg * hi).sum())
+
+    pages = [keys[j * P:(j + 1) * P] for j in range(n)]
+
+    def agg(per_head, among):  # per_head [G][n] -> {page: score} over the candidate pages
+        rows = [torch.tensor([r[j] for j in among]) * q.shape[-1] ** -0.5 for r in per_head]
+        if rule.aggregate == "sum":
+            col = torch.stack(rows).sum(0)
+        elif rule.aggregate == "max":
+            col = torch.stack(rows).amax(0)
+        elif rule.aggregate == "norm":
+            col = torch.stack([r.log_softmax(0) for r in rows]).amax(0)
+        else:
+            col = torch.stack([r.softmax(0) for r in rows]).sum(0)
+        return dict(zip(among, col.tolist()))
+
+    forced = {j for j in range(n) if j < sink or j >= n - recent}
+
+    def ranked(score):
+        return sorted(forced & set(score)) + sorted(set(score) - forced, key=lambda j: (-score[j], j))
+    coarse = agg([[bound(qg, pg) for pg in pages] for qg in q], list(range(n)))
+    if rule.sub is None:
+        return set(ranked(coarse)[:k])
+    among = ranked(coarse)[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else list(range(n))
+    fine = agg([[max(bound(qg, pg[i: i + rule.sub]) for i in range(0, len(pg), rule.sub)) for pg in pages]
+                for qg in q], sorted(among))
+    return set(ranked(fine)[:k])
+
+
+@pytest.mark.parametrize("selector", list(sel.SELECTORS))
+def test_variable_budgets_pick_brute_force_pages(selector):
+    """Every selector, end to end through the paged cache, against a plain-Python reference."""
+    rule, P16 = sel.get_selector(selector), 16
+    seq_lens = torch.tensor([300, 411, 90])
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), page_size=P16, seed=3)
+    fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), rule.sub) if rule.sub else None
     rows = torch.arange(1, 4)
-    q = torch.randn(3, HKV, G, D)
+    q = torch.randn(3, HKV, G, D, generator=torch.Generator().manual_seed(1))
     budgets = torch.tensor([0.2, 0.5, 0.05])
-    sink, recent = 1, 1
-    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, sink, recent)
+    sink, recent = 1, 2
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P16, sink, recent,
+                                  selector, fine)
     for b, s in enumerate(seq_lens.tolist()):
-        n = math.ceil(s / P)
+        n = math.ceil(s / P16)
         slots = req_to_token[rows[b], :s].long()
         for h in range(HKV):
-            keys = k_buf[slots, h]
-            ub = []
-            for j in range(n):  # Quest bound from the page's own keys, summed over the group
-                page = keys[j * P:(j + 1) * P]
-                lo, hi = page.min(0).values, page.max(0).values
-                ub.append(float(torch.maximum(q[b, h] * lo, q[b, h] * hi).sum()))
             k = min(max(math.ceil(float(budgets[h]) * n - 1e-6), sink + recent), n)
-            forced = {0, n - 1}
-            rest = sorted((j for j in range(n) if j not in forced), key=lambda j: (-ub[j], j))
-            pages = sorted(forced | set(rest[: k - len(forced)]))
-            want = {int(slots[t]) for j in pages for t in range(j * P, min((j + 1) * P, s))}
+            pages = brute_force_pages(rule, q[b, h], k_buf[slots, h], n, k, P16, sink, recent)
+            want = {int(slots[t]) for j in pages for t in range(j * P16, min((j + 1) * P16, s))}
             got = set(chosen.slots[b, h][chosen.valid[b, h]].tolist())
             assert got == want, (b, h)
     out = attend_selected(q, k_buf, v_buf, chosen, 0.3)

@@ -29,6 +29,7 @@ class ShplbConfig:
     recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
     prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
     prefill_estimate: str = "centre"        # page estimate of the prefill selector (sparse_prefill.ESTIMATES)
+    selector: str = ""                      # decode page selector (selection.SELECTORS); "" = the default
     log_stats: bool = False                 # log per-rank KV tokens read per layer
     # Request limits at the API edge (sglang_adapter/request_limits.py); OpenAI's own caps by default.
     max_n: int = 128                        # completions per request (`n`, `sampling_params.n`)
@@ -54,6 +55,16 @@ class ShplbConfig:
 
         if self.prefill_estimate not in ESTIMATES:
             raise ConfigError(f"prefill_estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
+        from .selection import DEFAULT_SELECTOR, SELECTORS
+
+        if not self.selector:
+            object.__setattr__(self, "selector", DEFAULT_SELECTOR)
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"--shplb-selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
+        sub = SELECTORS[self.selector].sub
+        if sub and (sub > self.page_size or self.page_size % sub):
+            raise ConfigError(f"--shplb-selector {self.selector} scores {sub}-token sub-pages, which do not tile "
+                              f"--shplb-page-size {self.page_size}; use a page size that is a multiple of {sub}")
         if self.budgets and self.plan:
             raise ConfigError("give either --shplb-budgets or --shplb-plan (a plan already holds budgets)")
         for name in ("budgets", "plan"):

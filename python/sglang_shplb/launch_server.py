@@ -34,6 +34,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
     g.add_argument("--shplb-prefill-budget", type=float,
                    help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
+    g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
+                   "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR)")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
     r = p.add_argument_group("request limits (a request over a limit gets a 400 naming the field and the limit)")
     r.add_argument("--shplb-max-n", type=int, default=128, help="most completions per request, `n` (default 128)")
@@ -215,8 +217,16 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     unknown = [a for a in rest if a.startswith("--shplb")]
     if unknown:
         _fail(f"unknown option {unknown[0]}; see --help for the --shplb-* options")
+    options = {k[len("shplb_"):]: v for k, v in vars(ours).items()}
+    if not options["selector"]:
+        import torch
+
+        if torch.cuda.is_available():  # the CUDA kernels rank by the coarse stage only (GPU_SELECTORS)
+            options["selector"] = "quest_max"
+            print("[sglang-shplb] CUDA: decode selector quest_max (the GPU kernels do not implement the "
+                  "CPU default two-stage selector yet)", flush=True)
     try:
-        cfg = ShplbConfig(**{k[len("shplb_"):]: v for k, v in vars(ours).items()})
+        cfg = ShplbConfig(**options)
     except ConfigError as e:
         _fail(str(e))
 

@@ -1,17 +1,66 @@
-"""Page selection, the heart of the method — pure PyTorch, shared by the profiler and the backend.
+"""Page selection, the heart of the method — pure PyTorch, shared by the profiler, the backend, the GPU
+kernels' reference and the benchmarks. The ranking rule lives here once.
 
-A head's context is cut into pages of P tokens. Per page and KV head we keep the channel-wise
-min and max of the keys (Quest). For a query q, `q·k <= sum_d max(q_d*min_d, q_d*max_d)` for every
-key k in the page, so that sum is an upper bound on the page's best logit; pages are ranked by it.
-Sink pages (start) and recent pages (end, holding the current token) are always kept.
+A head's context is cut into pages of P tokens. Per page and KV head we keep the channel-wise min and
+max of the keys (Quest). For a query q, `q·k <= sum_d max(q_d*min_d, q_d*max_d)` for every key k in the
+page, so that sum is an upper bound on the page's best logit. Selectors (`SELECTORS`) differ in how a
+KV group's G query heads are combined and how tight the box is:
+  * aggregate "sum": bound of the group-summed query (old default; the head with the largest |q|
+    dominates and a page only one retrieval head needs is diluted);
+  * aggregate "max": each query head's own bound, max over the group (G matvecs per page);
+    "norm": each head's bounds log-softmax-normalised over the pages first (ShadowKV), then max;
+    "psum": each head's softmax over the pages summed over the group (an estimate of the group mass);
+  * sub: min/max also per sub-page of `sub` tokens; a page scores the max over its sub-pages
+    (a tighter box, P/sub times the metadata);
+  * shortlist c: two stages — the coarse page bound ranks all pages, then only the c*k best are
+    re-scored with the sub-page bound (fine metadata read for c*k pages, not all).
+The rule: forced pages (the `sink` first and the `recent` last valid pages) always come first, then
+pages by descending score, ties to the lower page index; pages past the context never.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: str
+    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum"
+    sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
+    shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
+
+    def metadata_bytes(self, n_pages: int, k: int, page_size: int, head_dim: int, elem: int = 4) -> float:
+        """Bytes of page metadata one (request, KV head) reads per decode step to select k of n pages."""
+        coarse = 2 * head_dim * elem * (n_pages if (self.sub is None or self.shortlist) else 0)
+        fine_pages = n_pages if not self.shortlist else min(n_pages, math.ceil(self.shortlist * k))
+        fine = 0 if self.sub is None else 2 * head_dim * elem * (page_size // self.sub) * fine_pages
+        return float(coarse + fine)
+
+
+SELECTORS = {s.name: s for s in (
+    Selector("quest_sum", "sum"),
+    Selector("quest_max", "max"),
+    Selector("quest_norm", "norm"),
+    Selector("quest_psum", "psum"),
+    Selector("two_stage4_psum", "psum", 4, 3.0),
+    Selector("sub8_max", "max", 8),
+    Selector("sub4_max", "max", 4),
+    Selector("two_stage8", "max", 8, 3.0),
+    Selector("two_stage4", "max", 4, 3.0),
+)}
+DEFAULT_SELECTOR = "two_stage4"
+
+
+def get_selector(name: str) -> Selector:
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
+    return SELECTORS[name]
 
 
 def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +72,20 @@ def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
     lo = torch.nn.functional.pad(k, (0, 0, 0, pad), value=math.inf).unflatten(-2, (n_pages, page_size))
     hi = torch.nn.functional.pad(k, (0, 0, 0, pad), value=-math.inf).unflatten(-2, (n_pages, page_size))
     return lo.amin(-2), hi.amax(-2)
+
+
+def subpage_minmax(keys: torch.Tensor, page_size: int, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [..., L, D] -> (min, max) each [..., ceil(L/P), P/sub, D]. A sub-page with no token yet
+    holds (+inf, -inf), which the fine bound scores -inf."""
+    L, D = keys.shape[-2:]
+    n_pages = math.ceil(L / page_size)
+    pad = n_pages * page_size - L
+    if pad:
+        keys = torch.cat([keys.float(), keys.new_full((*keys.shape[:-2], pad, D), math.nan).float()], -2)
+    k = keys.float().unflatten(-2, (n_pages, page_size // sub, sub))
+    lo = torch.where(k.isnan(), math.inf, k).amin(-2)
+    hi = torch.where(k.isnan(), -math.inf, k).amax(-2)
+    return lo, hi
 
 
 def quest_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
@@ -40,6 +103,41 @@ def group_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
     return (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).squeeze(-2)
 
 
+def aggregate(selector: Selector, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-head page scores b [..., G, N] -> one score per page [..., N]; valid [..., N] marks the
+    candidates a per-head normalisation runs over (others come out -inf)."""
+    if selector.aggregate == "sum":
+        return b.sum(-2)
+    if selector.aggregate == "max":
+        return b.amax(-2)
+    z = b.masked_fill(~valid.unsqueeze(-2), NEG_INF)
+    if selector.aggregate == "norm":    # ShadowKV: each head's scores as a log-softmax over its candidates
+        return z.log_softmax(-1).amax(-2)
+    if selector.aggregate == "psum":    # estimated group mass: per-head softmax over candidates, summed
+        return z.softmax(-1).sum(-2).masked_fill(~valid, NEG_INF)
+    raise ValueError(f"unknown aggregate {selector.aggregate!r}")
+
+
+def coarse_scores(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                  n_pages: torch.Tensor) -> torch.Tensor:
+    """Page scores from page min/max: q [..., G, D], kmin/kmax [..., N, D], n_pages [...] -> [..., N]."""
+    if selector.aggregate == "sum":   # linear in the clamped queries: one matvec per page, not G
+        return group_upper_bound(q, kmin, kmax)
+    b = quest_upper_bound(q, kmin, kmax) * q.shape[-1] ** -0.5               # logit scale for normalisations
+    return aggregate(selector, b, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
+
+
+def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    """Page scores from sub-page min/max: q [..., G, D], fmin/fmax [..., C, S, D], valid [..., C] ->
+    [..., C]: each query head's bound per sub-page, max over the page's sub-pages, then aggregated
+    over the group. Empty sub-pages score -inf."""
+    C, S, D = fmin.shape[-3:]
+    b = quest_upper_bound(q, fmin.flatten(-3, -2), fmax.flatten(-3, -2))       # [..., G, C*S]
+    b = torch.where(b.isnan(), NEG_INF, b)                                     # 0 * inf of an empty sub-page
+    return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
+
+
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int) -> torch.Tensor:
     """Pages a head keeps: ceil(budget * n_pages), at least the floor, at most the context."""
     k = torch.ceil(budget * n_pages - 1e-6).long()
@@ -54,8 +152,8 @@ def forced_page_mask(n_pages: torch.Tensor, max_pages: int, sink: int, recent: i
 
 
 def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Order of pages for selection: forced pages first, then by score, invalid pages last.
-    scores [..., N]; n_pages [...] valid pages per row. Returns page indices [..., N]."""
+    """THE ranking rule: forced pages first, then by descending score, ties to the lower page index,
+    invalid pages last. scores [..., N]; n_pages [...] valid pages per row -> page indices [..., N]."""
     N = scores.shape[-1]
     s = scores.float().masked_fill(forced_page_mask(n_pages, N, sink, recent), math.inf)
     s = s.masked_fill(torch.arange(N, device=s.device) >= n_pages.unsqueeze(-1), NEG_INF)
@@ -63,11 +161,36 @@ def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: i
 
 
 def top_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_max: int, sink: int, recent: int) -> torch.Tensor:
-    """The first k_max entries of rank_pages' order, via topk (cheaper than a full sort)."""
-    N = scores.shape[-1]
-    s = scores.float().masked_fill(forced_page_mask(n_pages, N, sink, recent), math.inf)
-    s = s.masked_fill(torch.arange(N, device=s.device) >= n_pages.unsqueeze(-1), NEG_INF)
-    return s.topk(k_max, dim=-1, sorted=True).indices
+    """The first k_max entries of rank_pages' order."""
+    return rank_pages(scores, n_pages, sink, recent)[..., :k_max]
+
+
+def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                 fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
+                 n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
+    fine_meta(idx [..., C]) -> sub-page (min, max) [..., C, S, D] of those logical pages (only for
+    selectors with `sub`); n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
+    in rank order; a row's entries past its k are not selected (callers mask them)."""
+    N = kmin.shape[-2]
+    K = int(k_pages.max())
+    if selector.sub is None:
+        return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
+    if not selector.shortlist:    # fine bound on every page
+        idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
+        fine = fine_scores(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
+        return top_pages(fine, n_pages, K, sink, recent)
+    C = min(N, math.ceil(selector.shortlist * K))
+    short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
+    c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
+    listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
+    fine = fine_scores(selector, q, *fine_meta(short), listed)
+    # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
+    fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
+    fine = fine.masked_fill(~listed, NEG_INF)
+    by_page = short.argsort(-1)                               # stable order needs ascending page index first
+    order = fine.gather(-1, by_page).argsort(dim=-1, descending=True, stable=True)
+    return short.gather(-1, by_page.gather(-1, order))[..., :K]
 
 
 def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torch.Tensor,
@@ -78,9 +201,38 @@ def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torch.Ten
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
+def kept_mass(page_mass: torch.Tensor, chosen: torch.Tensor, k_pages: torch.Tensor) -> torch.Tensor:
+    """Share of attention mass in the first k of `chosen` pages. page_mass [..., N], chosen [..., K], k [...]."""
+    keep = torch.arange(chosen.shape[-1], device=chosen.device) < k_pages.unsqueeze(-1)
+    return (page_mass.gather(-1, chosen) * keep).sum(-1).clamp(max=1.0)
+
+
 def recovery_curve(page_mass: torch.Tensor, order: torch.Tensor, k_pages: torch.Tensor) -> torch.Tensor:
     """Share of attention mass kept when the first k pages of `order` are selected.
     page_mass [..., N] (rows sum to 1), order [..., N], k_pages [..., G] -> [..., G]."""
     kept = page_mass.gather(-1, order).cumsum(-1)
     idx = (k_pages - 1).clamp(min=0).expand(*kept.shape[:-1], k_pages.shape[-1])
     return kept.gather(-1, idx).clamp(max=1.0)
+
+
+def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tensor, kmin, kmax, fmin, fmax,
+                      n_pages: torch.Tensor, k_grid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Recovery curve of a runtime selector (profiler, benchmarks): page_mass [..., N]; q [..., G, D];
+    kmin/kmax [..., N, D] and fmin/fmax [..., N, S, D] (full, broadcastable); k_grid [..., B] pages
+    per budget. The selection depends on k (the shortlist is c*k), so each budget selects afresh."""
+    if selector.sub is None:
+        order = rank_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, sink, recent)
+        return recovery_curve(page_mass, order, k_grid)
+
+    def fine_meta(idx):
+        shape = (*idx.shape, *fmin.shape[-2:])
+        full = (*q.shape[:-2], *fmin.shape[-3:])
+        g = idx.unsqueeze(-1).unsqueeze(-1).expand(shape)
+        return fmin.expand(full).gather(-3, g), fmax.expand(full).gather(-3, g)
+
+    out = []
+    for b in range(k_grid.shape[-1]):
+        k = k_grid[..., b].expand(n_pages.shape)
+        chosen = choose_pages(selector, q, kmin, kmax, fine_meta, n_pages, k, sink, recent)
+        out.append(kept_mass(page_mass, chosen, k))
+    return torch.stack(out, -1)

@@ -27,7 +27,9 @@ def new_page_metadata(num_slots: int, num_kv_heads: int, head_dim: int, page_siz
 def update_page_minmax(kmin: torch.Tensor, kmax: torch.Tensor, locs: torch.Tensor, k: torch.Tensor,
                        page_size: int) -> None:
     """Fold newly written keys k [n, Hkv, D] at slots `locs` [n] into their pages' min/max.
-    A token at in-page offset 0 opens the page afresh (a freed page may hold stale bounds)."""
+    A token at in-page offset 0 opens the page afresh (a freed page may hold stale bounds).
+    Sub-page metadata is this at page size `sub`: a sub-page opens afresh at its own first token; its
+    not-yet-written sub-pages can only be stale in a request's last page, which is always forced."""
     locs = locs.long()
     pages = locs // page_size
     fresh = pages[locs % page_size == 0]
@@ -54,11 +56,14 @@ class DecodeSelection:
 
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
-                         page_size: int, sink: int, recent: int) -> DecodeSelection:
-    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context). Scores pages with the group's
-    queries (Quest bound), keeps sink + recent pages, then each head's top-k pages."""
+                         page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
+                         fine: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
+    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context). Each head keeps its top-k pages by
+    `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
+    size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors."""
     bs, Hkv = q.shape[:2]
     P = page_size
+    rule = sel.get_selector(selector)
     n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
     k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent)
     rows = req_pool_indices.long().view(bs, 1)
@@ -73,11 +78,27 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     first_tok = (torch.arange(max_pages, device=q.device) * P).clamp(max=req_to_token.shape[1] - 1)
     page_ids = (req_to_token[rows, first_tok.view(1, -1)] // P).long()         # [bs, N]
     page_ids = page_ids.masked_fill(torch.arange(max_pages, device=q.device) >= n_pages.view(bs, 1), 0)
-    lo = kmin[page_ids].permute(0, 2, 1, 3)                                    # [bs, Hkv, N, D]
-    hi = kmax[page_ids].permute(0, 2, 1, 3)
-    scores = sel.group_upper_bound(q, lo, hi)                                  # [bs, Hkv, N]
-    K = int(k_pages.max())
-    chosen = sel.top_pages(scores, n_pages.view(bs, 1), K, sink, recent)       # [bs, Hkv, K] logical pages
+    # One index_select per tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids]) is
+    # ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
+    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+    meta_rows = (page_ids.unsqueeze(1) * Hkv + heads).flatten()
+    lo = kmin.view(-1, kmin.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
+    hi = kmax.view(-1, kmax.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
+    fine_meta = None
+    if rule.sub:
+        if fine is None:
+            raise ValueError(f"selector {selector!r} needs sub-page metadata at page size {rule.sub} (fine=)")
+        S = P // rule.sub
+        flat_lo, flat_hi = fine[0].view(-1, fine[0].shape[-1]), fine[1].view(-1, fine[1].shape[-1])
+
+        def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
+            phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)          # physical pages
+            rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads.unsqueeze(-1)).flatten()
+            shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
+            return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
+    chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
+                              sink, recent)                                    # [bs, Hkv, K] logical pages
+    K = chosen.shape[-1]
     pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
     page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
     valid = page_ok.repeat_interleave(P, -1) & (pos < seq_lens.view(bs, 1, 1))

@@ -17,6 +17,10 @@ bound of the summed block queries ("quest_sum") and the per-query Quest bound ma
 pooled query (it rewards pages with wide key ranges), the centre tracks the mean logit. (The
 profile's block-mass recovery at 10% slightly favours quest_sum, 0.724 vs 0.713 sinkless; the model's
 own outputs favour centre, so centre is the default; `prefill_estimate` in the config switches.)
+"centre_max" (each query head's block-mean query against the centre, max over the group — the decode
+selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per layer incl. the last:
+sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
+quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
 
 Chunked prefill and radix reuse come for free: a chunk's queries sit at positions
 prefix_len + i, its keys (prefix + itself) are in req_to_token, and the page metadata of the
@@ -34,7 +38,7 @@ import torch
 from . import selection as sel
 
 QUERY_BLOCK = 64
-ESTIMATES = ("centre", "quest_sum", "quest_max")
+ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")
 DEFAULT_ESTIMATE = "centre"
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
@@ -87,6 +91,8 @@ def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, est
         return sel.quest_upper_bound(qm, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
     if estimate == "centre":      # pooled query against the page's box centre (a mean-key proxy)
         return torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1), (lo + hi) / 2)  # a sum ranks like the mean
+    if estimate == "centre_max":  # each query head's block-mean query against the centre, max over the group
+        return torch.einsum("bhgd,hnd->bhgn", q.mean(1), (lo + hi) / 2).amax(2)
     raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
 
 

@@ -4,9 +4,10 @@ Every K/V write (extend or decode) is folded into the page metadata when any pha
 Prefill (extend) with prefill budgets: write K/V, fold the chunk's keys (its own pages count),
 then block-sparse attention per (query block, KV head) (sparse_prefill.py; Triton on CUDA).
 A layer whose prefill budgets are all 1.0 runs SGLang's dense extend unchanged.
-Decode writes K/V, updates the metadata, picks each local KV head's pages (Quest bound, sink +
-recent, top-k by that head's budget) and attends over them. A step where every head covers its
-whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
+Decode writes K/V, updates the metadata (and, for a sub-page selector, the same metadata at the
+sub-page size), picks each local KV head's pages (`selection.choose_pages` with the configured
+selector: sink + recent, top-k by that head's budget) and attends over them. A step where every
+head covers its whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
 On CUDA (`_init_cuda` and the methods after it) decode is planned once per step and every layer runs
 gpu_decode.GpuSparseDecode's kernels, dense layers included, so decode CUDA graphs can be captured;
 extend stays torch_native (dense) or the Triton block-sparse prefill kernel.
@@ -18,12 +19,16 @@ import logging
 import torch
 
 from ..config import ConfigError, ShplbConfig
+from ..selection import get_selector
 from ..serving import resolve
 from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
 from ..sparse_prefill import sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
 LOG_EVERY_STEPS = 64
+# Decode selectors the CUDA kernels implement: the per-head Quest bound aggregated over the KV group
+# (kernels/sparse_decode.py page_scores). The two-stage sub-page re-rank is CPU-only so far.
+GPU_SELECTORS = {"quest_sum": "sum", "quest_max": "max"}
 
 
 def register_backend() -> None:
@@ -80,6 +85,9 @@ def _make_backend_class():
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]
             self.keep_metadata = self.budgets is not None or self.prefill_budgets is not None
             self.meta = {}
+            # Sub-page metadata (page metadata at the selector's sub-page size) only for a decode selector that reads it.
+            self.sub = get_selector(self.cfg.selector).sub if self.budgets is not None else None
+            self.fine = {}
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -102,6 +110,13 @@ def _make_backend_class():
                                                         self.page_size, k_buf.device)
             return self.meta[layer_id]
 
+        def _fine(self, layer_id: int):
+            if layer_id not in self.fine:
+                k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
+                self.fine[layer_id] = new_page_metadata(k_buf.shape[0], k_buf.shape[1], k_buf.shape[2], self.sub,
+                                                        k_buf.device)
+            return self.fine[layer_id]
+
         def _fold_keys(self, layer, locs, k):
             k = k.reshape(locs.shape[0], layer.tp_k_head_num, -1)
             if self.gpu is not None:
@@ -109,6 +124,8 @@ def _make_backend_class():
                 return
             kmin, kmax = self._metadata(layer.layer_id)
             update_page_minmax(kmin, kmax, locs, k, self.page_size)
+            if self.sub:
+                update_page_minmax(*self._fine(layer.layer_id), locs, k, self.sub)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if not self._sparse_prefill_layer(layer):
@@ -157,7 +174,8 @@ def _make_backend_class():
             args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
-            chosen = select_decode_tokens(*args, budgets, *rest)
+            chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
+                                          self._fine(layer.layer_id) if self.sub else None)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -181,12 +199,16 @@ def _make_backend_class():
             from .gpu_startup import attention_dims, refuse_unsupported
 
             self.torch_dense_layers = refuse_unsupported(model_runner, self.page_size)
+            if self.budgets is not None and self.cfg.selector not in GPU_SELECTORS:
+                raise ConfigError(f"--shplb-selector {self.cfg.selector} is not implemented by the CUDA kernels "
+                                  f"yet; use one of {sorted(GPU_SELECTORS)} on a GPU (the launcher picks quest_max)")
             Hq, Hkv, D, Dv = attention_dims(model_runner.model)
             mc = model_runner.model_config
             shape = DecodeShape(mc.num_hidden_layers, Hkv, Hq // Hkv, D, Dv, self.page_size, self.cfg.sink_pages,
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
-            self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots)
+            self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
+                                       agg=GPU_SELECTORS.get(self.cfg.selector, "sum"))
             self.gpu_prefill = kernels.attend_selection
             logger.info("[sglang-shplb] tp_rank=%d CUDA decode: fused split-KV Triton kernel, page metadata %.2f GiB "
                         "(bf16, allocated at start-up), pages per head up to %d", self.tp_rank,
