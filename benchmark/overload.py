@@ -43,10 +43,12 @@ def probe_health(url: str, stop: threading.Event, latencies: list[float]) -> Non
 
 
 def classify(result: load.Result) -> str:
+    """A refusal is HTTP 503, or for a stream whose 200 header is already out, an error event."""
     if result.ok:
         return "served"
-    if result.error.startswith("HTTP 503") and "queue is full" in result.error:
-        return "503 queue full"
+    if "queue is full" in result.error:
+        return "refused: HTTP 503 queue full" if result.error.startswith("HTTP 503") else \
+            "refused: stream error event, queue full"
     return result.error[:80] or "failed"
 
 
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
             server.stop()
     load.write_section(args.out, rows, "overload")
     print("\n".join(rows))
-    other = sum(v for k, v in kinds.items() if k not in ("served", "503 queue full"))
+    other = sum(v for k, v in kinds.items() if k != "served" and not k.startswith("refused"))
     return 0 if alive and not other else 1
 
 
