@@ -161,7 +161,7 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     rows = torch.arange(1, 4)
     q = torch.randn(3, HKV, G, D)
     budgets = torch.tensor([0.05, 0.5, 0.06][:HKV])
-    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1)
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1, "quest_sum")  # any single-stage rule: this tests the attention side
     assert head_buckets(chosen) == [([0, 1, 2], chosen.valid.shape[-1])]     # saves < MIN_SAVED_TOKENS
     monkeypatch.setattr(sa, "MIN_SAVED_TOKENS", 0)
     groups = head_buckets(chosen)
