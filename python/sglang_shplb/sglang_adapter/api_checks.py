@@ -50,8 +50,8 @@ def validate_after(result, serving, request, *args, **kwargs):
     if result:
         return None
     vocab, context = _model(serving)
-    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, tokens_field)
     return first(
         check_sampling(request),
         range_problem("top_logprobs", request.top_logprobs, LIMITS.max_top_logprobs, "--shplb-max-top-logprobs"),
