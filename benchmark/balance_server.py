@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 sys.path.insert(0, str(ROOT / "tests"))
 from common import PROFILE, machine_line  # noqa: E402
 from conftest import Server  # noqa: E402  (the test suite's launcher wrapper: free port, log file, clean stop)
+from sglang_shplb import selection as sel  # noqa: E402
 
 GAUGE = re.compile(r'^sglang:shplb_kv_tokens_read\{(?P<labels>[^}]*)\}\s+(?P<v>\S+)', re.M)
 
@@ -62,9 +63,10 @@ def predicted(plan: dict, seq_lens: list[int], page_rule: bool) -> torch.Tensor:
         for r, budgets in enumerate(x["rank_budgets"]):
             for b in budgets:
                 for s in seq_lens:
-                    if page_rule:
+                    if page_rule:   # the server's rule, at the context the budgets were made at
                         n = math.ceil(s / P)
-                        k = min(max(math.ceil(b * n - 1e-6), floor), n)
+                        k = int(sel.pages_for_budget(torch.tensor(b, dtype=torch.float64), torch.tensor(float(n)),
+                                                     floor, math.ceil(plan["context_len"] / P)))
                         # pages are whole except the last (current) page, always selected
                         out[r, l] += k * P - (n * P - s)
                     else:

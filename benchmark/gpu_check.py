@@ -36,9 +36,7 @@ K = import_kernels()
 from gpu_prefill_check import prefill_check  # noqa: E402
 from sglang_shplb import selection as S  # noqa: E402
 from sglang_shplb import sparse_attention as cpu  # noqa: E402
-from sglang_shplb.gpu_decode import GROUP_AGGREGATION, DecodeShape, GpuSparseDecode  # noqa: E402
-
-GPU_SELECTOR = "quest_sum" if GROUP_AGGREGATION == "sum" else "quest_max"   # the rule the kernels implement today
+from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode, gpu_selectors  # noqa: E402
 
 SINK, RECENT = 1, 2
 
@@ -48,6 +46,8 @@ def parse_args():
     p.add_argument("--out", help="markdown path (default benchmark/results/gpu_check.md; dry run: a temp file)")
     p.add_argument("--budget", type=float, default=0.10, help="per-head decode budget (fraction)")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--selector", default=S.DEFAULT_SELECTOR, choices=gpu_selectors(),
+                   help="decode selector (default: the server's, selection.DEFAULT_SELECTOR)")
     p.add_argument("--time-limit", type=float, default=420, help="seconds; later configs are skipped past it")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
     return p.parse_args()
@@ -95,7 +95,8 @@ class Run:
 def _decoder(run, cache, budgets, meta_dtype):
     shape = DecodeShape(budgets.shape[0], run.Hkv, run.Hq // run.Hkv, run.D, run.D, run.args.page_size, SINK, RECENT,
                         cache.req_to_token.shape[1])
-    dec = GpuSparseDecode(shape, budgets, run.dev, meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0])
+    dec = GpuSparseDecode(shape, budgets, run.dev, meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0],
+                          selector=run.args.selector)
     locs = cache.prefill_locs.to(run.dev)
     for layer in range(shape.num_layers):
         dec.fold(layer, cache.k_dev[layer][locs], locs)
@@ -110,14 +111,21 @@ def correctness(run):
     cache = PagedCache(seq, 2, run.Hkv, run.D, P, 8192 + 64, dtype=run.dtype, device=run.dev, seed=0)
     for meta_dtype in (torch.float32, torch.bfloat16):
         dec = _decoder(run, cache, budgets, meta_dtype)
-        ref_meta = [cpu.new_page_metadata(cache.k[0].shape[0], run.Hkv, run.D, P, "cpu") for _ in range(2)]
+        sub = S.get_selector(run.args.selector).sub
+        slots = cache.k[0].shape[0]
+        ref_meta = [cpu.new_page_metadata(slots, run.Hkv, run.D, P, "cpu") for _ in range(2)]
+        ref_fine = [cpu.new_page_metadata(slots, run.Hkv, run.D, sub, "cpu") for _ in range(2)] if sub else None
         for layer in range(2):
             cpu.update_page_minmax(*ref_meta[layer], cache.prefill_locs, cache.k[layer][cache.prefill_locs], P)
+            if sub:
+                cpu.update_page_minmax(*ref_fine[layer], cache.prefill_locs, cache.k[layer][cache.prefill_locs], sub)
         locs, k_new = cache.step()
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         syncs = {}
         for layer in range(2):
             cpu.update_page_minmax(*ref_meta[layer], locs.cpu(), k_new[layer].cpu(), P)
+            if sub:
+                cpu.update_page_minmax(*ref_fine[layer], locs.cpu(), k_new[layer].cpu(), sub)
         q = cache.query(run.Hq)
         if run.dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
@@ -135,33 +143,18 @@ def correctness(run):
         qg = q.view(cache.bs, run.Hkv, -1, run.D).cpu()
         for layer, budget in enumerate(("budget", "100%")):
             name = f"{run.args.budget:.0%}" if budget == "budget" else budget
-            if meta_dtype == torch.float32:
-                chosen = cpu.select_decode_tokens(qg.float(), *ref_meta[layer], cache.req_to_token,
-                                                  cache.req_pool_indices, cache.seq_lens, budgets[layer], P, SINK, RECENT,
-                                                  selector=GPU_SELECTOR)
-                want = cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen,
-                                           run.D ** -0.5)
-                label = f"decode {name} == CPU serving path (f32 metadata)"
-            else:
-                if dec.dense_layer[layer]:
-                    idx, cnt = None, None
-                else:
-                    lo, hi = (t.cpu() for t in dec.meta[layer])
-                    sc = K.page_scores_torch(qg.float(), lo, hi, cache.req_to_token, cache.req_pool_indices,
-                                             cache.seq_lens, P)
-                    n = (cache.seq_lens + P - 1) // P
-                    cnt = dec.buf.k_pages[layer, :cache.bs].cpu().long()
-                    mask = S.select_pages(sc, n[:, None].expand_as(cnt), cnt, SINK, RECENT)
-                    idx = dec.buf.sel_idx[:cache.bs].cpu()
-                    got_mask = torch.zeros_like(mask)
-                    for r in range(cache.bs):
-                        for h in range(run.Hkv):
-                            got_mask[r, h, idx[r, h, : int(cnt[r, h])].long()] = True
-                    run.check(f"top-k pages {name} == selection.select_pages (bf16 metadata)", torch.equal(mask, got_mask))
-                want = K.sparse_decode_attend_torch(qg.float(), cache.k[layer].float(), cache.v[layer].float(),
-                                                    cache.req_to_token, cache.req_pool_indices, cache.seq_lens, idx,
-                                                    cnt, P, run.D ** -0.5)
-                label = f"decode {name} == its selection attended in torch (bf16 metadata)"
+            if meta_dtype == torch.float32:   # the CPU serving path on its own (float32) metadata
+                meta, fine = ref_meta[layer], (ref_fine[layer] if sub else None)
+                label = f"decode {name} == CPU serving path ({run.args.selector}, f32 metadata)"
+            else:                             # the CPU path selecting on the kernels' bf16 (widened) metadata
+                meta = tuple(t.cpu().float() for t in dec.meta[layer])
+                fine = tuple(t.cpu().float() for t in dec.fine[layer]) if dec.fine is not None else None
+                label = f"decode {name} == CPU serving path on the same bf16 metadata ({run.args.selector})"
+            chosen = cpu.select_decode_tokens(qg.float(), *meta, cache.req_to_token, cache.req_pool_indices,
+                                              cache.seq_lens, budgets[layer], P, SINK, RECENT,
+                                              selector=run.args.selector, fine=fine)
+            want = cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen,
+                                       run.D ** -0.5)
             err = float((outs[layer].float().cpu().view_as(want) - want).abs().max())
             run.check(label, err < (3e-2 if run.dtype != torch.float32 else 2e-4), f"max abs err {err:.2e}")
         run.check(f"host syncs per decode step, per-layer part ({meta_dtype})", syncs["per-layer"] == 0,
@@ -172,8 +165,10 @@ def _kernel_cache_sizes():
     sizes = {}
     import sglang_shplb_kernels.page_meta as pm
     import sglang_shplb_kernels.sparse_decode as sd
+    import sglang_shplb_kernels.fine_score as fs
     import sglang_shplb_kernels.topk_select as ts
-    for fn in (pm._fold_kernel, sd._score_kernel, sd._attend_kernel, sd._combine_kernel, ts._select_kernel):
+    for fn in (pm._fold_kernel, sd._score_kernel, sd._attend_kernel, sd._combine_kernel, ts._select_kernel,
+               fs._fine_kernel):
         try:   # JITFunction.device_caches: {device: (compiled kernels, ...)} in Triton 3.x
             sizes[fn.fn.__name__] = sum(len(c[0]) for c in fn.device_caches.values())
         except (AttributeError, TypeError, IndexError):
@@ -223,16 +218,19 @@ def bench(run):
             kmin, kmax = dec.meta[0]
             row["score_ms"] = run.time_ms(lambda: K.page_scores(qg, kmin, kmax, *args[:2], dec.buf.n_pages, P,
                                                                 dec.buf.scores, dec.agg, grid_pages=dec.grid_pages))
-            row["topk_ms"] = run.time_ms(lambda: K.select_topk_pages_into(
-                dec.buf.scores, dec.buf.n_pages, dec.buf.k_pages[0], dec.buf.sel_idx, dec.buf.sel_cnt, SINK, RECENT, bs))
+            # the whole selector (coarse score, top-k; two-stage: shortlist, sub-page re-score, top-k)
+            row["select_ms"] = run.time_ms(lambda: dec.select(0, qg, *args[:2]))
             sparse_ms = run.time_ms(lambda: dec.decode(0, q, cache.k_dev[0], cache.v_dev[0], *args, run.D ** -0.5))
             dense_ms = run.time_ms(lambda: dec.decode(1, q, cache.k_dev[1], cache.v_dev[1], *args, run.D ** -0.5))
-            row["attend_ms"] = sparse_ms - row["score_ms"] - row["topk_ms"]
+            row["attend_ms"] = sparse_ms - row["select_ms"]
             row["sparse_layer_ms"], row["dense_layer_ms"] = sparse_ms, dense_ms
             n = (cache.seq_lens + P - 1) // P
             k = S.pages_for_budget(torch.tensor(run.args.budget, dtype=torch.float64), n.double(), SINK + RECENT)
             kv_bytes = int((k * P).sum()) * run.Hkv * 2 * run.D * cache.k[0].element_size()
-            meta_bytes = int(n.sum()) * run.Hkv * 2 * run.D * 2
+            meta_bytes = int(n.sum()) * run.Hkv * 2 * run.D * 2                 # coarse bf16 min/max, every page
+            if dec.sub:   # sub-page bf16 min/max of the shortlisted pages
+                c = dec.buf.c_pages[0, :bs].long().cpu()
+                meta_bytes += int(c.sum()) * (P // dec.sub) * 2 * run.D * 2
             row["selected_GBps"] = (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / 1e9
             row["roofline_pct"] = 100 * (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / bw if bw else None
             row["speedup_vs_dense"] = dense_ms / sparse_ms
@@ -258,13 +256,15 @@ def bench(run):
 
 def report(run):
     lines = [f"# gpu_check ({torch.cuda.get_device_name() if run.dev.type == 'cuda' else 'dry run, CPU interpreter'})",
-             "", f"torch {torch.__version__}, triton {__import__('triton').__version__}, budget {run.args.budget}", "",
-             "| ctx | bs | plan ms | fold ms | score ms | top-k ms | attend ms | sparse layer ms | dense layer ms | "
+             "", f"torch {torch.__version__}, triton {__import__('triton').__version__}, budget {run.args.budget}, "
+             f"selector {run.args.selector}", "",
+             "| ctx | bs | plan ms | fold ms | coarse score ms | select ms (all stages) | attend ms | sparse layer ms | "
+             "dense layer ms | "
              "dense/sparse | selected GB/s | % roofline |", "|" + "---|" * 12]
     for r in run.rows:
         pct = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.0f}"
         lines.append(f"| {r['ctx']} | {r['bs']} | {r['plan_ms']:.3f} | {r['fold_ms']:.3f} | {r['score_ms']:.3f} | "
-                     f"{r['topk_ms']:.3f} | {r['attend_ms']:.3f} | {r['sparse_layer_ms']:.3f} | {r['dense_layer_ms']:.3f} "
+                     f"{r['select_ms']:.3f} | {r['attend_ms']:.3f} | {r['sparse_layer_ms']:.3f} | {r['dense_layer_ms']:.3f} "
                      f"| {r['speedup_vs_dense']:.2f} | {r['selected_GBps']:.1f} | {pct} |")
     lines += ["", "| check | ok | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'PASS' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in run.checks]

@@ -84,6 +84,7 @@ class Probe:
         self.P, self.selectors, self.budgets, self.n_queries = P, selectors, budgets, n_queries
         self.mode, self.stats = "dense", {}
         self.layer_budgets = None  # [layers, Hkv] for needle mode
+        self.ref_pages = None      # pages of the context the needle budgets were made at
         self.selector = None
         self.needle_pages = None
         self.hits = []
@@ -133,7 +134,8 @@ class Probe:
             return out.reshape(Hq, A, -1).transpose(0, 1).unsqueeze(0).to(q.dtype)
         gm = page_mass_of(logits.softmax(-1), P).mean(1)                           # [Hkv, A, N]
         n_pages = (pos // P + 1).expand(Hkv, -1)
-        kp = sel.pages_for_budget(self.layer_budgets[layer].view(Hkv, 1).double(), n_pages.double(), SINK + RECENT)
+        kp = sel.pages_for_budget(self.layer_budgets[layer].view(Hkv, 1).double(), n_pages.double(), SINK + RECENT,
+                                  self.ref_pages)
         chosen = chosen_by(self.selector, qg.transpose(1, 2), k.float(), gm, n_pages, kp, P)   # [Hkv, A, K]
         keep = torch.arange(chosen.shape[-1]) < kp.unsqueeze(-1)
         pages = torch.zeros(Hkv, A, gm.shape[-1], dtype=torch.bool).scatter(-1, chosen, keep)
@@ -257,6 +259,7 @@ def run_needle(model, tok, probe, args, raw):
                     break
                 body = kv_budgets(m, b)
                 probe.layer_budgets = torch.tensor(body["budgets"])
+                probe.ref_pages = -(-body["context_len"] // probe.P)
                 probe.selector, probe.needle_pages, probe.hits = s, needle_pages, []
                 em = answer_run()
                 rows[f"{s}/{m}@{b}"] = {"em": em, "hits": probe.hits}

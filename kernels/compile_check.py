@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import page_meta, sparse_decode, topk_select
+from . import fine_score, page_meta, sparse_decode, topk_select
 from .block_sparse_prefill import _prefill_kernel
 
 
@@ -27,9 +27,10 @@ def _p2(x: int) -> int:
 
 
 def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, page: int = 16, kv_heads: int = 8,
-                    agg: str = "sum"):
+                    agg: str = "max", sub: int = 4):
     """(name, fn, signature, constexprs[, launch options]) of every kernel the GPU serving path launches, at one shape.
-    dtype: the model's K/V/query dtype (bf16, fp16 or fp32); page metadata is bf16."""
+    dtype: the model's K/V/query dtype (bf16, fp16 or fp32); page metadata is bf16. agg / sub: the coarse
+    aggregation and the sub-page size of the default selector (two_stage4: max, 4)."""
     T, D, G, P, H = f"*{dtype}", head_dim, group, page, kv_heads
     i32, i64, f32 = "i32", "i64", "fp32"
     ce = "constexpr"
@@ -44,11 +45,20 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
     out.append((f"page_scores[{agg}]", sparse_decode._score_kernel, sig,
                 dict(H=H, G=G, D=D, P=P, AGG_MAX=agg == "max", BITS16=True, BLOCK_N=sparse_decode.SCORE_BLOCK_N,
                      BLOCK_G=_p2(G), BLOCK_D=min(sparse_decode.SCORE_BLOCK_D, _p2(D)))))
-    sig = dict(scores_ptr="*fp32", npages_ptr="*i32", k_ptr="*i32", idx_ptr="*i32", cnt_ptr="*i32",
+    sig = dict(scores_ptr="*fp32", npages_ptr="*i32", k_ptr="*i32", idx_ptr="*i32", cnt_ptr="*i32", map_ptr="*i32",
                stride_sb=i32, stride_sh=i32, stride_sj=i32, stride_kb=i32, stride_kh=i32, max_k=i32, sink=i32,
-               recent=i32, H=ce, BLOCK_N=ce, PAD=ce)
-    out.append(("select_topk_pages", topk_select._select_kernel, sig,
-                dict(H=H, BLOCK_N=topk_select.SELECT_BLOCK_N, PAD=False), dict(num_warps=topk_select.SELECT_WARPS)))
+               recent=i32, map_w=i32, H=ce, BLOCK_N=ce, PAD=ce, MAP=ce)
+    for mapped in (False, True):   # True: the two-stage selectors' second top-k (over the shortlist)
+        out.append((f"select_topk_pages[{'shortlist' if mapped else 'pages'}]", topk_select._select_kernel, sig,
+                    dict(H=H, BLOCK_N=topk_select.SELECT_BLOCK_N, PAD=False, MAP=mapped),
+                    dict(num_warps=topk_select.SELECT_WARPS)))
+    sig = dict(q_ptr=T, fmin_ptr="*i16", fmax_ptr="*i16", r2t_ptr="*i32", rpi_ptr="*i64", npages_ptr="*i32",
+               short_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32, s_r2t=i32, s_cb=i32,
+               width=i32, sink=i32, recent=i32, H=ce, G=ce, D=ce, P=ce, SUB=ce, BITS16=ce, BLOCK_C=ce, BLOCK_G=ce,
+               BLOCK_D=ce)
+    out.append(("fine_page_scores", fine_score._fine_kernel, sig,
+                dict(H=H, G=G, D=D, P=P, SUB=sub, BITS16=True, BLOCK_C=fine_score.FINE_BLOCK_C, BLOCK_G=_p2(G),
+                     BLOCK_D=min(fine_score.FINE_BLOCK_D, _p2(D)))))
     sig = dict(q_ptr=T, k_ptr=T, v_ptr=T, r2t_ptr="*i32", rpi_ptr="*i64", seq_ptr="*i64", kcnt_ptr="*i32",
                sel_ptr="*i32", po_ptr="*fp32", plse_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32, s_kn=i32,
                s_kh=i32, s_vn=i32, s_vh=i32, s_r2t=i32, s_kcb=i32, kcap=i32, nsplit=i32, scale=f32, H=ce, G=ce,
@@ -112,7 +122,7 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, nargs="+", default=[128])
     ap.add_argument("--group", type=int, nargs="+", default=[4])
     ap.add_argument("--page", type=int, nargs="+", default=[16])
-    ap.add_argument("--agg", nargs="+", default=["sum"])
+    ap.add_argument("--agg", nargs="+", default=["max"])
     a = ap.parse_args()
     print(f"triton {triton.__version__}")
     print(f"{'kernel':34s} {'sm':>3s} {'dtype':5s} {'D':>4s} {'G':>2s} {'P':>3s} {'regs':>5s} {'spill B':>8s} {'warps':>5s}")

@@ -71,10 +71,11 @@ if triton is not None:
     def _count_ge(key, valid, cand):
         return tl.sum(((key >= cand) & valid).to(tl.int32), axis=0)
 
-    @triton.jit(do_not_specialize=["max_k", "sink", "recent"])
-    def _select_kernel(scores_ptr, npages_ptr, k_ptr, idx_ptr, cnt_ptr,
-                       stride_sb, stride_sh, stride_sj, stride_kb, stride_kh, max_k, sink, recent,
-                       H: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr):
+    @triton.jit(do_not_specialize=["max_k", "sink", "recent", "map_w"])
+    def _select_kernel(scores_ptr, npages_ptr, k_ptr, idx_ptr, cnt_ptr, map_ptr,
+                       stride_sb, stride_sh, stride_sj, stride_kb, stride_kh, max_k, sink, recent, map_w,
+                       H: tl.constexpr, BLOCK_N: tl.constexpr, PAD: tl.constexpr, MAP: tl.constexpr):
+        # MAP: the row's positions index a shortlist (map [bs, H, map_w]); store the shortlisted page instead.
         r = tl.program_id(0)
         h = tl.program_id(1)
         n = tl.load(npages_ptr + r).to(tl.int32)
@@ -123,6 +124,13 @@ if triton is not None:
             tl.store(out + pos, j, mask=(sel == 1) & (pos < max_k))
             base_eq += tl.sum(eq, axis=0)
             base_sel += tl.sum(sel, axis=0)
+        if MAP:   # positions -> shortlisted pages, in place (a separate pass keeps the search's registers free)
+            tl.debug_barrier()
+            row_map = map_ptr + (r.to(tl.int64) * H + h) * map_w
+            for c in range(0, k, BLOCK_N):
+                p = c + offs
+                m = p < k
+                tl.store(out + p, tl.load(row_map + tl.load(out + p, mask=m, other=0), mask=m, other=0), mask=m)
         if PAD:
             for c in range(k, max_k, BLOCK_N):
                 p = c + offs
@@ -147,9 +155,9 @@ def select_topk_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torc
     if bs * H == 0:
         return sel_idx, sel_cnt
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    _select_kernel[(bs, H)](scores, n_pages.contiguous(), k_pages, sel_idx, sel_cnt,
-                            *scores.stride(), *k_pages.stride(), max_k, sink, recent,
-                            H=H, BLOCK_N=block_n, PAD=True)
+    _select_kernel[(bs, H)](scores, n_pages.contiguous(), k_pages, sel_idx, sel_cnt, sel_idx,
+                            *scores.stride(), *k_pages.stride(), max_k, sink, recent, 0,
+                            H=H, BLOCK_N=block_n, PAD=True, MAP=False)
     return sel_idx, sel_cnt
 
 
@@ -157,14 +165,20 @@ SELECT_BLOCK_N = 8192   # rows up to 8192 pages (128k tokens at P=16) are ranked
 SELECT_WARPS = 16       # 8192 int64 keys over 512 threads: 90 registers, no spills on sm_90 (compile_check)
 
 
-def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, recent, bs):
+def select_topk_pages_into(scores, n_pages, k_pages, sel_idx, sel_cnt, sink, recent, bs, page_map=None):
     """Serving variant, graph-safe: rows r < bs of scores [>=bs,Hkv,width] (float32 contiguous), n_pages [>=bs]
     int32, k_pages [>=bs,Hkv] int32 -> the first sel_cnt[r,h] entries of sel_idx[r,h] ([>=bs,Hkv,kcap] int32,
-    ascending; the rest untouched). One compiled variant per (Hkv, block): widths and k never recompile."""
+    ascending; the rest untouched). One compiled variant per (Hkv, block): widths and k never recompile.
+    page_map [>=bs,Hkv,width] int32 (contiguous, ascending per row): scores are per shortlist position, and
+    sel_idx gets page_map[r, h, position] (still ascending) — the second stage of a two-stage selector."""
     H = scores.shape[1]
     if bs == 0:
         return sel_idx, sel_cnt
     block_n = min(SELECT_BLOCK_N, max(16, triton.next_power_of_2(scores.shape[2])))
-    _select_kernel[(bs, H)](scores, n_pages, k_pages, sel_idx, sel_cnt, *scores.stride(), *k_pages.stride(),
-                            sel_idx.shape[2], sink, recent, H=H, BLOCK_N=block_n, PAD=False, num_warps=SELECT_WARPS)
+    use_map = page_map is not None
+    assert not use_map or (page_map.is_contiguous() and page_map.shape[2] == scores.shape[2])
+    _select_kernel[(bs, H)](scores, n_pages, k_pages, sel_idx, sel_cnt, page_map if use_map else sel_idx,
+                            *scores.stride(), *k_pages.stride(), sel_idx.shape[2], sink, recent,
+                            page_map.shape[2] if use_map else 0, H=H, BLOCK_N=block_n, PAD=False, MAP=use_map,
+                            num_warps=SELECT_WARPS)
     return sel_idx, sel_cnt

@@ -21,9 +21,7 @@ K = import_kernels()
 
 from sglang_shplb import selection as S  # noqa: E402
 from sglang_shplb import sparse_attention as cpu  # noqa: E402
-from sglang_shplb.gpu_decode import GROUP_AGGREGATION, DecodeShape, GpuSparseDecode  # noqa: E402
-
-GPU_SELECTOR = "quest_sum" if GROUP_AGGREGATION == "sum" else "quest_max"   # selection.SELECTORS name
+from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode, gpu_selectors  # noqa: E402
 
 BIG = "--big" in sys.argv
 P, SINK, RECENT = 16, 1, 2
@@ -33,43 +31,70 @@ MAX_CTX = 4096 if BIG else 512
 SCALE = D ** -0.5
 
 
-def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0):
+class _Ref(list):
+    """The CPU path's metadata: ref[layer] = (kmin, kmax) at page size P; .fine[layer] at the selector's
+    sub-page size (two-stage selectors), or None."""
+
+    def __init__(self, slots, L, selector):
+        super().__init__(cpu.new_page_metadata(slots, H, D, P, "cpu") for _ in range(L))
+        self.selector = selector
+        self.sub = S.get_selector(selector).sub
+        self.fine = [cpu.new_page_metadata(slots, H, D, self.sub, "cpu") for _ in range(L)] if self.sub else None
+
+    def fold(self, layer, locs, k):
+        cpu.update_page_minmax(*self[layer], locs, k, P)
+        if self.fine:
+            cpu.update_page_minmax(*self.fine[layer], locs, k, self.sub)
+
+
+def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0, selector=S.DEFAULT_SELECTOR):
     L = budgets.shape[0]
     cache = PagedCache(seq, L, H, D, P, MAX_CTX, dtype=dtype, seed=seed)
     shape = DecodeShape(L, H, G, D, D, P, SINK, RECENT, MAX_CTX)
-    dec = GpuSparseDecode(shape, budgets, "cpu", meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0], num_sms=3)
-    ref_meta = [cpu.new_page_metadata(cache.k[0].shape[0], H, D, P, "cpu") for _ in range(L)]
+    dec = GpuSparseDecode(shape, budgets, "cpu", meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0], num_sms=3,
+                          selector=selector)
+    ref_meta = _Ref(cache.k[0].shape[0], L, selector)
     locs = cache.prefill_locs
     for layer in range(L):
         if dec.meta is not None:
             dec.fold(layer, cache.k[layer][locs], locs)
-        cpu.update_page_minmax(*ref_meta[layer], locs, cache.k[layer][locs], P)
+        ref_meta.fold(layer, locs, cache.k[layer][locs])
     return cache, dec, ref_meta
 
 
-def _cpu_decode(cache, ref_meta, layer, q, budgets):
-    """The CPU serving path of the backend (selection + attention) on the same cache."""
+def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None):
+    """The CPU serving path of the backend (selection with the same selector + attention) on the same cache;
+    meta/fine: other page metadata to select on (default: the CPU path's own)."""
     qg = q.view(cache.bs, H, G, D)
-    chosen = cpu.select_decode_tokens(qg, *ref_meta[layer], cache.req_to_token, cache.req_pool_indices,
-                                      cache.seq_lens, budgets[layer], P, SINK, RECENT,
-                                      selector=GPU_SELECTOR)   # the rule the GPU kernels implement today
+    meta = ref_meta[layer] if meta is None else meta
+    fine = (ref_meta.fine[layer] if ref_meta.fine else None) if fine is None else fine
+    chosen = cpu.select_decode_tokens(qg, *meta, cache.req_to_token, cache.req_pool_indices, cache.seq_lens,
+                                      budgets[layer], P, SINK, RECENT, selector=ref_meta.selector, fine=fine)
     return cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen, SCALE)
 
 
 def _step(cache, dec, ref_meta, budgets, static_bs=None):
     locs, k_new = cache.step()
     for layer in range(cache.L):
-        cpu.update_page_minmax(*ref_meta[layer], locs, k_new[layer], P)
+        ref_meta.fold(layer, locs, k_new[layer])
     bs = cache.bs if static_bs is None else static_bs
     return locs, k_new, bs
 
 
 def check_decode_vs_cpu():
     """10% and 100% budget layers, 3 decode steps: GpuSparseDecode == the CPU path, with float32 metadata
-    (same bound, same selection) — and with bf16 metadata the selection equals selection.py's on it."""
+    (same bound, same selection; the default selector, then one step of every other selector the kernels
+    implement) — and with bf16 metadata the selection equals selection.py's on it."""
     budgets = torch.tensor([[0.1] * H, [1.0] * H, [0.3, 0.05] * (H // 2)], dtype=torch.float64)
-    cache, dec, ref_meta = _setup(budgets)
-    for _ in range(3):
+    for selector in [S.DEFAULT_SELECTOR] + [s for s in gpu_selectors() if s != S.DEFAULT_SELECTOR]:
+        _decode_steps(budgets, selector, 3 if selector == S.DEFAULT_SELECTOR else 1)
+    for selector in ("quest_sum", S.DEFAULT_SELECTOR):
+        _decode_bf16(budgets, selector)
+
+
+def _decode_steps(budgets, selector, steps):
+    cache, dec, ref_meta = _setup(budgets, selector=selector)
+    for _ in range(steps):
         locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
         dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)
@@ -79,15 +104,21 @@ def check_decode_vs_cpu():
             got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                              cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
             want = _cpu_decode(cache, ref_meta, layer, q, budgets)
-            torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4)
+            torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
             if not dec.dense_layer[layer]:   # the metadata itself is the CPU path's, bit for bit
                 assert torch.equal(dec.meta[layer][0], ref_meta[layer][0])
                 assert torch.equal(dec.meta[layer][1], ref_meta[layer][1])
+                if dec.fine is not None:
+                    assert torch.equal(dec.fine[layer][0], ref_meta.fine[layer][0])
+                    assert torch.equal(dec.fine[layer][1], ref_meta.fine[layer][1])
     # accounting: tokens read per layer on the host, dense layer reads everything
     assert dec.tokens_read[1] == dec.tokens_dense[1] and (dec.tokens_read[0] < dec.tokens_dense[0])
 
-    # bf16 metadata: rounded outward (still bounds every key); selection = selection.py's rule on it
-    cache, dec, ref_meta = _setup(budgets, meta_dtype=torch.bfloat16, seed=1)
+
+def _decode_bf16(budgets, selector):
+    """bf16 metadata: rounded outward (still bounds every key); the decode equals the CPU path selecting
+    with the same selector on that (widened) metadata."""
+    cache, dec, ref_meta = _setup(budgets, meta_dtype=torch.bfloat16, seed=1, selector=selector)
     locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
     dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
     dec.prepare(cache.seq_lens_dev)
@@ -101,19 +132,57 @@ def check_decode_vs_cpu():
     q = cache.query(H * G)
     out = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                      cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
-    qg = q.view(cache.bs, H, G, D)
-    scores = K.page_scores_torch(qg, lo, hi, cache.req_to_token, cache.req_pool_indices, cache.seq_lens, P)
-    k = dec.buf.k_pages[layer, :bs].long()
-    want_mask = S.select_pages(scores, n[:, None].expand(bs, H), k, SINK, RECENT)
-    got_idx = dec.buf.sel_idx[:bs]
-    for r in range(bs):
-        for h in range(H):
-            got = torch.zeros(scores.shape[-1], dtype=torch.bool)
-            got[got_idx[r, h, : int(k[r, h])].long()] = True
-            assert torch.equal(got, want_mask[r, h]), (r, h)
-    want = K.sparse_decode_attend_torch(qg, cache.k[layer], cache.v[layer], cache.req_to_token,
-                                        cache.req_pool_indices, cache.seq_lens, got_idx, k, P, SCALE)
-    torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4)
+    fine = None if dec.fine is None else tuple(t.float() for t in dec.fine[layer])
+    want = _cpu_decode(cache, ref_meta, layer, q, budgets, meta=(lo.float(), hi.float()), fine=fine)
+    torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
+    if selector == "quest_sum":   # and the chosen page sets are selection.select_pages' on the kernel's scores
+        qg = q.view(cache.bs, H, G, D)
+        scores = K.page_scores_torch(qg, lo, hi, cache.req_to_token, cache.req_pool_indices, cache.seq_lens, P)
+        k = dec.buf.k_pages[layer, :bs].long()
+        want_mask = S.select_pages(scores, n[:, None].expand(bs, H), k, SINK, RECENT)
+        got_idx = dec.buf.sel_idx[:bs]
+        for r in range(bs):
+            for h in range(H):
+                got = torch.zeros(scores.shape[-1], dtype=torch.bool)
+                got[got_idx[r, h, : int(k[r, h])].long()] = True
+                assert torch.equal(got, want_mask[r, h]), (r, h)
+
+
+def check_fine_scores():
+    """The two-stage kernels against their references: shortlist (top-k kernel, k = c), fine_page_scores ==
+    fine_page_scores_torch, the mapped second top-k == selection.choose_pages' pages."""
+    budgets = torch.full((1, H), 0.1, dtype=torch.float64)
+    for meta_dtype in (torch.float32, torch.bfloat16):
+        cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=S.DEFAULT_SELECTOR)
+        dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
+        dec.prepare(cache.seq_lens_dev)
+        qg = cache.query(H * G).view(cache.bs, H, G, D)
+        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev)
+        b, bs = dec.buf, cache.bs
+        want = K.fine_page_scores_torch(qg, *dec.fine[0], cache.req_to_token, cache.req_pool_indices,
+                                        cache.seq_lens, b.short_idx[:bs], b.c_pages[0, :bs], P, dec.sub, SINK, RECENT)
+        torch.testing.assert_close(b.fine_scores[:bs], want, rtol=1e-5, atol=1e-4)
+        # the whole selection: selection.choose_pages on the same (bf16-widened) metadata
+        n = (cache.seq_lens + P - 1) // P
+        lo, hi = dec.meta[0]
+        flo, fhi = dec.fine[0]
+        rule = S.get_selector(S.DEFAULT_SELECTOR)
+        for r in range(bs):
+            rows = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P   # physical pages
+            sub_rows = rows.unsqueeze(-1) * (P // dec.sub) + torch.arange(P // dec.sub)
+            kmin, kmax = lo[rows].float().transpose(0, 1), hi[rows].float().transpose(0, 1)      # [H, N, D]
+            fmin, fmax = flo[sub_rows].float().permute(2, 0, 1, 3), fhi[sub_rows].float().permute(2, 0, 1, 3)
+
+            def fine_meta(idx):   # [H, C] -> [H, C, S, D]
+                g = idx[..., None, None].expand(*idx.shape, *fmin.shape[-2:])
+                return fmin.gather(1, g), fmax.gather(1, g)
+
+            k = b.k_pages[0, r].long()
+            chosen = S.choose_pages(rule, qg[r], kmin, kmax, fine_meta, n[r].expand(H), k, SINK, RECENT)
+            for h in range(H):
+                want_set = set(chosen[h, : int(k[h])].tolist())
+                got_set = set(b.sel_idx[r, h, : int(k[h])].tolist())
+                assert got_set == want_set, (meta_dtype, r, h, got_set ^ want_set)
 
 
 def check_scores_agg():
@@ -302,8 +371,8 @@ def check_fold_meta():
     assert (lo <= x).all() and (hi >= x).all() and torch.equal(lo[:2], x[:2]) and torch.equal(hi[:2], x[:2])
 
 
-CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_graph_replay,
-                                                   check_no_host_sync, check_fold_meta)}
+CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_fine_scores,
+                                                   check_graph_replay, check_no_host_sync, check_fold_meta)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

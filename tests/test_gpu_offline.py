@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu_offline
-CHECKS = ["decode_vs_cpu", "scores_agg", "graph_replay", "no_host_sync", "fold_meta"]
+CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "graph_replay", "no_host_sync", "fold_meta"]
 
 
 def _env(interpret: bool) -> dict:
@@ -57,7 +57,7 @@ def _compile(shapes: list[dict]) -> list[dict]:
     rows = json.loads(p.stdout.strip().splitlines()[-1])
     for r in rows:
         print(f"{r['kernel']:32s} sm_{r['arch']} {r['dtype']} D={r['head_dim']} G={r['group']} P={r['page']} "
-              f"agg={r.get('agg', 'sum')}: {r['regs']} regs, {r['spill_bytes']} B spilled, {r['num_warps']} warps")
+              f"agg={r.get('agg', 'max')}: {r['regs']} regs, {r['spill_bytes']} B spilled, {r['num_warps']} warps")
     return rows
 
 
@@ -68,7 +68,7 @@ MAIN = [dict(arch=90, dtype="bf16", head_dim=128, group=g, page=16) for g in (1,
 def test_kernels_compile_for_sm90_sm80_without_spills():
     pytest.importorskip("triton")
     rows = _compile([dict(s) for s in MAIN])
-    assert len(rows) == 7 * len(MAIN)   # fold, score, select, attend sparse|dense, combine, prefill
+    assert len(rows) == 9 * len(MAIN)   # fold, score, select pages|shortlist, fine, attend sparse|dense, combine, prefill
     spilled = [r for r in rows if r["spill_bytes"]]
     assert not spilled, spilled
 

@@ -76,6 +76,33 @@ def test_recovery_matches_brute_force():
         assert torch.allclose(got, want.view(1), atol=1e-5)
 
 
+def test_budget_keeps_its_share_of_selectable_pages_at_every_length():
+    """A budget is a fraction of the reference context; at another length a head keeps the floor plus the
+    same share of the selectable pages (a head just above the floor at 4k must not drop to sink + recent
+    only at 2k, which lost every needle at 2k with optimal budgets)."""
+    floor, ref = 3, 256
+    b = torch.tensor([3 / 256, 4 / 256, 5 / 256, 0.05, 0.1, 0.5, 1.0], dtype=torch.float64)
+    at_ref = sel.pages_for_budget(b, torch.tensor(float(ref)), floor, ref)
+    assert torch.equal(at_ref, sel.pages_for_budget(b, torch.tensor(float(ref)), floor))   # same at the reference
+    prev = None
+    for n in range(floor, 1025, 7):
+        k = sel.pages_for_budget(b, torch.tensor(float(n)), floor, ref)
+        assert (k >= floor).all() and (k <= n).all() and k[-1] == n
+        assert (k.diff() >= 0).all()                                  # more budget never means fewer pages
+        free_at_ref = at_ref > floor
+        if n > floor:
+            assert (k[free_at_ref] > floor).all(), n                  # a head with free pages keeps some
+        assert (k[~free_at_ref] == floor).all()
+        if prev is not None:
+            assert (k >= prev).all()                                  # longer context never means fewer pages
+        prev = k
+    # the share of selectable pages is the reference's (to within one page of rounding)
+    n = torch.tensor(128.0)
+    f = (b * ref - floor) / (ref - floor)
+    k = sel.pages_for_budget(b, n, floor, ref)
+    assert ((k - floor) - f * (n - floor)).abs().max() < 1 + 1e-9
+
+
 def test_committed_profile_matches_default_model(committed, model_path):
     assert committed.meta["model_fingerprint"] == model_fingerprint(model_path)
 

@@ -48,6 +48,9 @@ def test_plan_is_read_once_and_shared_with_the_weight_hook(plan_file, monkeypatc
         torch.testing.assert_close(rb.table("prefill"), want)
     with pytest.raises(ArtifactError, match="tp=3 but this server runs tp=1"):
         resolve(cfg, 30, 3, 1, 0)
+    # pages_for_budget's reference: the context the plan's budgets were made at (the profile's)
+    assert ranks[0].ref_context == body["context_len"] == 4096 and ranks[0].ref_pages(16) == 256
+    assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).ref_context is None   # a uniform fraction has none
 
 
 def test_rewritten_artifact_is_read_again(plan_file, tmp_path):

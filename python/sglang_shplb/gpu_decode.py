@@ -4,10 +4,12 @@ Per step (`plan`, from SGLang's host `seq_lens_cpu` and the host budgets): every
 page count k[l, r, h] = selection.pages_for_budget(budget[l, h], n_pages[r]) — the CPU path's rule —
 copied once into a static device buffer, the KV split count, and the KV tokens each layer reads
 (host accounting, no device counter). `prepare` (graph-recordable) derives n_pages from the device
-seq_lens. Per layer (`decode`): fold the new key into the page min/max, score pages (per-head
-Quest bound aggregated over the KV group), pick each head's top-k, attend with the fused split-KV
-kernel — fixed buffers, no host sync, no plan(). Dense layers (every head at budget 1.0) skip
-scoring and attend over all pages with the same kernel.
+seq_lens. Per layer (`decode`): fold the new key into the page min/max (and, for a two-stage
+selector, into the sub-page min/max), score pages (per-head Quest bound aggregated over the KV
+group), pick each head's top-k — for a two-stage selector: top c = ceil(shortlist * k), re-score
+those c by sub-page bounds, top k of them (selection.choose_pages' rule, kernels/fine_score.py) —
+and attend with the fused split-KV kernel: fixed buffers, no host sync, no plan(). Dense layers
+(every head at budget 1.0) skip scoring and attend over all pages with the same kernel.
 
 All buffers are sized at start-up from the largest batch and context (`reserve`), so a CUDA
 graph captured for batch size b replays for any lengths up to the model's context.
@@ -21,9 +23,14 @@ import torch
 
 from . import selection as sel
 
-# How a KV group's per-query-head Quest bounds become one page score: "sum" is
-# selection.group_upper_bound (the selector's current rule), "max" the max of quest_upper_bound.
-GROUP_AGGREGATION = "sum"
+
+
+def gpu_selectors() -> list[str]:
+    """selection.SELECTORS the kernels implement: a coarse page bound aggregated over the KV group by
+    sum or max, optionally re-ranked on a shortlist by max-aggregated sub-page bounds (two-stage).
+    Not: per-head normalisations (norm, psum) and the full sub-page scan."""
+    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max")
+                  and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max")))
 
 
 @dataclass(frozen=True)
@@ -47,27 +54,39 @@ class GpuSparseDecode:
     """The decode objects the `shplb` backend runs on CUDA (and gpu_check.py / the tests run as is)."""
 
     def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
-                 num_slots: int | None = None, agg: str = GROUP_AGGREGATION, num_sms: int | None = None):
+                 num_slots: int | None = None, selector: str = sel.DEFAULT_SELECTOR, num_sms: int | None = None,
+                 ref_pages: int | None = None):
         import sglang_shplb_kernels as K
 
-        self.K, self.shape, self.device, self.agg = K, shape, torch.device(device), agg
+        if selector not in gpu_selectors():
+            raise ValueError(f"selector {selector!r} is not implemented by the CUDA kernels; use one of {gpu_selectors()}")
+        self.K, self.shape, self.device = K, shape, torch.device(device)
+        self.rule = sel.get_selector(selector)
+        self.agg = "sum" if self.rule.aggregate == "sum" else "max"
         L, H = shape.num_layers, shape.kv_heads
         b = torch.ones(L, H, dtype=torch.float64) if budgets is None else budgets.detach().double().cpu()
         assert b.shape == (L, H), (b.shape, L, H)
         self.budgets = b
         self.floor = shape.sink + shape.recent
+        self.ref_pages = ref_pages      # the context the budgets were made at (selection.pages_for_budget)
         self.dense_layer = [bool((row >= 1.0).all()) for row in b]             # host, fixed: no per-step branch
         sparse_b = b[[not d for d in self.dense_layer]]
         full = torch.tensor(float(shape.max_pages), dtype=torch.float64)
-        self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor)) if sparse_b.numel() else 1
+        self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor, ref_pages)) if sparse_b.numel() else 1
+        # two-stage: the coarse bound shortlists c = ceil(shortlist * k) pages, the sub-page bound picks k of them
+        self.sub = self.rule.sub if self.rule.shortlist else None
+        self.ccap = min(shape.max_pages, math.ceil(self.rule.shortlist * self.kcap - 1e-6)) if self.sub else 0
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
                 if self.device.type == "cuda" else 4
         self.num_sms = num_sms
-        self.meta = None
+        self.meta = self.fine = None
         if num_slots is not None:     # metadata kept (sparse decode or sparse prefill): allocated now, once
             self.meta = [K.new_page_metadata(math.ceil(num_slots / shape.page_size), H, shape.head_dim,
                                              meta_dtype, self.device) for _ in range(L)]
+            if self.sub and budgets is not None:   # the same metadata at the sub-page size
+                self.fine = [K.new_page_metadata(math.ceil(num_slots / self.sub), H, shape.head_dim,
+                                                 meta_dtype, self.device) for _ in range(L)]
         self._sets: list[_Buffers] = []
         self.buf: _Buffers | None = None
         self.tokens_read = torch.zeros(L, dtype=torch.float64)   # host: KV tokens read per layer
@@ -90,7 +109,7 @@ class GpuSparseDecode:
         return self._sets[-1]
 
     def metadata_bytes(self) -> int:
-        return 0 if self.meta is None else sum(t.numel() * t.element_size() for pair in self.meta for t in pair)
+        return sum(t.numel() * t.element_size() for meta in (self.meta, self.fine) if meta for pair in meta for t in pair)
 
     # ------------------------------------------------------------------ per step
     def plan(self, bs: int, seq_lens_cpu: torch.Tensor | None, seq_lens: torch.Tensor, real_bs: int | None = None,
@@ -103,8 +122,10 @@ class GpuSparseDecode:
         if seq_lens_cpu is not None:
             seq = seq_lens_cpu[:bs].long()
             n = (seq + s.page_size - 1) // s.page_size
-            k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor)            # [L, bs, Hkv] host
+            k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor, self.ref_pages)   # [L, bs, Hkv] host
             buf.k_pages[:, :bs].copy_(k.to(torch.int32), non_blocking=True)
+            if self.sub:
+                buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)), non_blocking=True)
             self.grid_pages = s.max_pages if static else max(1, int(n.max()) if bs else 1)
             rb = bs if real_bs is None else real_bs
             # the last page (partial) is always kept, so tokens read = k*P minus the last page's gap
@@ -113,10 +134,16 @@ class GpuSparseDecode:
             self.tokens_dense += float(seq[:rb].sum()) * s.kv_heads
         else:   # no host lengths: the same rule on the device, no sync (and no accounting)
             n = (seq_lens[:bs].long() + s.page_size - 1) // s.page_size
-            k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor)
+            k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor, self.ref_pages)
             buf.k_pages[:, :bs].copy_(k.to(torch.int32))
+            if self.sub:
+                buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)))
             self.grid_pages = s.max_pages
         self.bs = bs
+
+    def _shortlist(self, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Shortlist length per head: selection.choose_pages' c = min(ceil(shortlist * k), n)."""
+        return torch.minimum(torch.ceil(self.rule.shortlist * k - 1e-6).long(), n.long()).to(torch.int32)
 
     def prepare(self, seq_lens: torch.Tensor) -> None:
         """Device part of a step's metadata (graph-recordable: fixed shapes, no host values)."""
@@ -128,6 +155,8 @@ class GpuSparseDecode:
         """Fold keys k [n, Hkv, D] just written at slots locs into the layer's page min/max."""
         kmin, kmax = self.meta[layer_id]
         self.K.fold_page_minmax(k, locs, kmin, kmax, self.shape.page_size)
+        if self.fine is not None:
+            self.K.fold_page_minmax(k, locs, *self.fine[layer_id], self.sub)
 
     def select(self, layer_id: int, q: torch.Tensor, req_to_token, req_pool_indices) -> None:
         """Scores and top-k pages of one layer into the static sel_idx / sel_cnt."""
@@ -136,8 +165,18 @@ class GpuSparseDecode:
         b = self.buf
         self.K.page_scores(q, kmin, kmax, req_to_token, req_pool_indices, b.n_pages, self.shape.page_size,
                            b.scores, self.agg, grid_pages=self.grid_pages)
-        self.K.select_topk_pages_into(b.scores, b.n_pages, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
-                                      self.shape.sink, self.shape.recent, bs)
+        s = self.shape
+        if not self.sub:
+            self.K.select_topk_pages_into(b.scores, b.n_pages, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
+                                          s.sink, s.recent, bs)
+            return
+        # two-stage: shortlist c pages by the coarse bound, re-score them by sub-page bounds, keep k
+        c = b.c_pages[layer_id]
+        self.K.select_topk_pages_into(b.scores, b.n_pages, c, b.short_idx, b.sel_cnt, s.sink, s.recent, bs)
+        self.K.fine_page_scores(q, *self.fine[layer_id], req_to_token, req_pool_indices, b.n_pages, b.short_idx, c,
+                                s.page_size, self.sub, s.sink, s.recent, b.fine_scores, bs)
+        self.K.select_topk_pages_into(b.fine_scores, b.short_width, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
+                                      0, 0, bs, page_map=b.short_idx)
 
     def decode(self, layer_id: int, q: torch.Tensor, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
                scale: float) -> torch.Tensor:
@@ -170,5 +209,10 @@ class _Buffers:
         self.scores = torch.empty(capacity if sparse else 0, H, s.max_pages, dtype=torch.float32, device=dev)
         self.sel_idx = torch.zeros(capacity if sparse else 0, H, dec.kcap, dtype=torch.int32, device=dev)
         self.sel_cnt = torch.zeros(capacity, H, dtype=torch.int32, device=dev)
+        two = dec.sub is not None and sparse                  # two-stage selector: shortlist buffers
+        self.c_pages = torch.ones(s.num_layers if two else 0, capacity, H, dtype=torch.int32, device=dev)
+        self.short_idx = torch.zeros(capacity if two else 0, H, dec.ccap, dtype=torch.int32, device=dev)
+        self.fine_scores = torch.empty(capacity if two else 0, H, dec.ccap, dtype=torch.float32, device=dev)
+        self.short_width = torch.full((capacity if two else 0,), dec.ccap, dtype=torch.int32, device=dev)
         self.part_o = torch.empty(rows * G * DV, dtype=torch.float32, device=dev)
         self.part_lse = torch.empty(rows * G, dtype=torch.float32, device=dev)

@@ -218,13 +218,6 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     if unknown:
         _fail(f"unknown option {unknown[0]}; see --help for the --shplb-* options")
     options = {k[len("shplb_"):]: v for k, v in vars(ours).items()}
-    if not options["selector"]:
-        import torch
-
-        if torch.cuda.is_available():  # the CUDA kernels rank by the coarse stage only (GPU_SELECTORS)
-            options["selector"] = "quest_max"
-            print("[sglang-shplb] CUDA: decode selector quest_max (the GPU kernels do not implement the "
-                  "CPU default two-stage selector yet)", flush=True)
     try:
         cfg = ShplbConfig(**options)
     except ConfigError as e:

@@ -137,7 +137,9 @@ class _Collector:
         page_mass = torch.nn.functional.pad(probs, (0, n * P - L)).unflatten(-1, (n, P)).sum(-1)
         group_mass = page_mass.mean(1)                                         # [Hkv, S, N]
         n_pages = pos // P + 1                                                 # [S]
-        k_pages = sel.pages_for_budget(self.grid[None, :], n_pages[:, None].float(), self.sink + self.recent)
+        # budgets are fractions of this window's context (ref), as the server applies them to any length
+        k_pages = sel.pages_for_budget(self.grid[None, :].double(), n_pages[:, None].double(), self.sink + self.recent,
+                                       -(-L // P))
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
         fmin, fmax = sel.subpage_minmax(k, P, self.rule.sub) if self.rule.sub else (None, None)
@@ -230,7 +232,9 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
                                                          "prefill": f"per {QUERY_BLOCK}-query block: sink + window "
                                                                     f"pages, then by the {DEFAULT_ESTIMATE} estimate"},
         "runtime_selector": selector, "runtime_dip": dip, "prefill_blocks": prefill_blocks,
-        "budget_grid": list(BUDGET_GRID), "budget_rule": "max(ceil(b*pages), sink+recent) pages",
+        "budget_grid": list(BUDGET_GRID),
+        "budget_rule": "selection.pages_for_budget: sink+recent + ceil(f*(pages-sink-recent)), "
+                       "f = (b*ref - sink - recent)/(ref - sink - recent), ref = the context's pages",
     }
     return Profile(meta, tensors)
 

@@ -67,6 +67,11 @@ class Budgets:
     def to_json(self) -> dict:
         return self.body
 
+    @property
+    def ref_context(self) -> Optional[int]:
+        """Tokens of context the budgets were made at (selection.pages_for_budget's reference)."""
+        return self.body.get("context_len")
+
     def table(self, phase: str) -> Optional[torch.Tensor]:
         """[layers, units] budgets of `phase`, or None (a file without prefill budgets: dense prefill)."""
         _phase(phase)
@@ -122,6 +127,11 @@ class Plan:
 
     def to_json(self) -> dict:
         return self.body
+
+    @property
+    def ref_context(self) -> Optional[int]:
+        """Tokens of context the plan's budgets were made at (selection.pages_for_budget's reference)."""
+        return self.body.get("context_len")
 
     def rank_table(self, tp_rank: int, phase: str) -> Optional[torch.Tensor]:
         """[layers, local heads] budgets of one rank for `phase`, or None (dense prefill)."""

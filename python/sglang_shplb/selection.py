@@ -138,10 +138,23 @@ def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: t
     return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
 
 
-def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int) -> torch.Tensor:
-    """Pages a head keeps: ceil(budget * n_pages), at least the floor, at most the context."""
-    k = torch.ceil(budget * n_pages - 1e-6).long()
-    return torch.minimum(torch.clamp(k, min=floor_pages), n_pages.long())
+def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int,
+                     ref_pages: Optional[int] = None) -> torch.Tensor:
+    """Pages a head keeps at a context of n_pages, at least the floor (sink + recent), at most the context.
+
+    A budget is a fraction of the context the budgets were made at (`ref_pages`, the profile's length).
+    With ref_pages, the head keeps the floor plus the same share of the *selectable* pages it had there:
+    floor + ceil(f * (n - floor)), f = (budget * ref - floor) / (ref - floor). At n = ref that is
+    ceil(budget * ref), as without it; at shorter contexts a head that had free pages keeps some
+    (a plain ceil(budget * n) drops a head just above the floor to sink + recent only, and with it every
+    needle that head retrieves). Without ref_pages: ceil(budget * n)."""
+    n = n_pages.long()
+    if ref_pages is None or ref_pages <= floor_pages:
+        k = torch.ceil(budget * n_pages - 1e-6).long()
+    else:
+        free = ((budget * ref_pages - floor_pages) / (ref_pages - floor_pages)).clamp(min=0.0)
+        k = floor_pages + torch.ceil(free * (n_pages - floor_pages).clamp(min=0) - 1e-6).long()
+    return torch.minimum(torch.clamp(k, min=floor_pages), n)
 
 
 def forced_page_mask(n_pages: torch.Tensor, max_pages: int, sink: int, recent: int) -> torch.Tensor:

@@ -45,12 +45,18 @@ def artifact(kind: str, path: str, fingerprint: str | None = None):
 @dataclass(frozen=True)
 class RankBudgets:
     """One TP worker's budgets: decode/prefill [num_layers, local KV heads] (None: that phase runs
-    dense), and the plan they came from (None without one)."""
+    dense), the plan they came from (None without one), and the context in tokens the budgets were
+    made at (None for a uniform --shplb-budget: a plain fraction of every context)."""
     tp_rank: int
     tp_size: int
     decode: Optional[torch.Tensor]
     prefill: Optional[torch.Tensor]
     plan: Optional[Plan]
+    ref_context: Optional[int] = None
+
+    def ref_pages(self, page_size: int) -> Optional[int]:
+        """selection.pages_for_budget's reference length in pages of `page_size`."""
+        return None if self.ref_context is None else -(-self.ref_context // page_size)
 
     def table(self, phase: str) -> Optional[torch.Tensor]:
         if phase not in ("decode", "prefill"):
@@ -78,7 +84,9 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                                 f"re-run `python -m sglang_shplb.plan --tp {tp_size}`")
         tables = {ph: _phase_table(cfg, plan, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint, ph)
                   for ph in ("decode", "prefill")}
-        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan)
+        src = plan if plan is not None else artifact("budget", cfg.budgets, fingerprint) if cfg.budgets else None
+        ref = None if src is None else src.ref_context        # decode budgets come from src when there is one
+        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref)
     return _resolved[key]
 
 

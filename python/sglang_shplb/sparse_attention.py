@@ -57,15 +57,18 @@ class DecodeSelection:
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
-                         fine: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
-    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context). Each head keeps its top-k pages by
+                         fine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         ref_pages: int | None = None) -> DecodeSelection:
+    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context; of a context of `ref_pages` pages when
+    given, see selection.pages_for_budget). Each head keeps its top-k pages by
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
     size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors."""
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
     n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
-    k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent)
+    k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent,
+                                   ref_pages)
     rows = req_pool_indices.long().view(bs, 1)
     if bool((k_pages >= n_pages.view(bs, 1)).all()):
         T = int(seq_lens.max())

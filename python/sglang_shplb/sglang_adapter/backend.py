@@ -26,9 +26,6 @@ from ..sparse_prefill import sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
 LOG_EVERY_STEPS = 64
-# Decode selectors the CUDA kernels implement: the per-head Quest bound aggregated over the KV group
-# (kernels/sparse_decode.py page_scores). The two-stage sub-page re-rank is CPU-only so far.
-GPU_SELECTORS = {"quest_sum": "sum", "quest_max": "max"}
 
 
 def register_backend() -> None:
@@ -80,6 +77,7 @@ def _make_backend_class():
             # resolved once per process; the weight hook shares the same plan object
             rank = resolve(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(), self.tp_size, self.tp_rank)
             self.budgets, self.prefill_budgets = rank.decode, rank.prefill
+            self.ref_pages = rank.ref_pages(self.page_size)       # the context the budgets were made at
             # Host-side per-layer flag: a layer whose heads all have full prefill budget runs SGLang's extend.
             self.prefill_sparse = [] if self.prefill_budgets is None else \
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]
@@ -175,7 +173,7 @@ def _make_backend_class():
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
             chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
-                                          self._fine(layer.layer_id) if self.sub else None)
+                                          self._fine(layer.layer_id) if self.sub else None, self.ref_pages)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -195,20 +193,20 @@ def _make_backend_class():
         def _init_cuda(self, model_runner):
             import sglang_shplb_kernels as kernels
 
-            from ..gpu_decode import DecodeShape, GpuSparseDecode
+            from ..gpu_decode import DecodeShape, GpuSparseDecode, gpu_selectors
             from .gpu_startup import attention_dims, refuse_unsupported
 
             self.torch_dense_layers = refuse_unsupported(model_runner, self.page_size)
-            if self.budgets is not None and self.cfg.selector not in GPU_SELECTORS:
-                raise ConfigError(f"--shplb-selector {self.cfg.selector} is not implemented by the CUDA kernels "
-                                  f"yet; use one of {sorted(GPU_SELECTORS)} on a GPU (the launcher picks quest_max)")
+            if self.budgets is not None and self.cfg.selector not in gpu_selectors():
+                raise ConfigError(f"--shplb-selector {self.cfg.selector} is not implemented by the CUDA kernels; "
+                                  f"use one of {gpu_selectors()} on a GPU")
             Hq, Hkv, D, Dv = attention_dims(model_runner.model)
             mc = model_runner.model_config
             shape = DecodeShape(mc.num_hidden_layers, Hkv, Hq // Hkv, D, Dv, self.page_size, self.cfg.sink_pages,
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
-                                       agg=GPU_SELECTORS.get(self.cfg.selector, "sum"))
+                                       selector=self.cfg.selector, ref_pages=self.ref_pages)
             self.gpu_prefill = kernels.attend_selection
             logger.info("[sglang-shplb] tp_rank=%d CUDA decode: fused split-KV Triton kernel, page metadata %.2f GiB "
                         "(bf16, allocated at start-up), pages per head up to %d", self.tp_rank,

@@ -7,8 +7,9 @@ On CUDA with shplb as (prefill or decode) attention backend it declares, next to
 attention-backend rules:
   * prefill CUDA graphs off (0.5.23 captures breakable prefill graphs by default; our extend is eager),
     decode graphs kept (the backend implements capture/replay over fixed buffers);
-  * mem_fraction_static x P/(P+1) when page metadata is kept: bf16 min/max per page and KV head are
-    1/P of a bf16 KV pool, allocated at start-up from the memory this frees.
+  * mem_fraction_static x 1/(1 + m) when page metadata is kept: bf16 min/max per page and KV head are
+    m = 1/P of a bf16 KV pool, plus 1/sub for a two-stage decode selector's sub-page min/max (1/4 at
+    the default two_stage4), allocated at start-up from the memory this frees.
 """
 from __future__ import annotations
 
@@ -21,8 +22,16 @@ MIN_GPU_PAGE = 16      # tl.dot tiles in the decode and prefill kernels
 TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
 
 
-def metadata_memory_scale(page_size: int) -> float:
-    return page_size / (page_size + 1)
+def metadata_memory_scale(shplb: ShplbConfig) -> float:
+    """Factor on mem_fraction_static that pays for the page metadata (a share of the KV pool's bytes)."""
+    from ..selection import get_selector
+
+    share = 1.0 / shplb.page_size
+    rule = get_selector(shplb.selector)
+    decode_sparse = any(v is not None for v in (shplb.budget, shplb.budgets, shplb.plan))
+    if decode_sparse and rule.sub and rule.shortlist:
+        share += 1.0 / rule.sub
+    return 1.0 / (1.0 + share)
 
 
 def _after_attention_compat(result, server_args, *args, **kwargs):
@@ -52,9 +61,11 @@ def _declare_gpu_settings(server_args) -> None:
     shplb = ShplbConfig.from_env()
     explicit = (getattr(server_args, "_raw_input", None) or {}).get("mem_fraction_static") is not None
     if shplb.sparse and cfg.mem_fraction_static and not explicit:
-        frac = round(cfg.mem_fraction_static * metadata_memory_scale(shplb.page_size), 3)
-        logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (1/%d of the KV "
-                       "pool) is allocated at start-up", cfg.mem_fraction_static, frac, shplb.page_size)
+        scale = metadata_memory_scale(shplb)
+        frac = round(cfg.mem_fraction_static * scale, 3)
+        logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (%.3f of the KV "
+                       "pool, selector %s) is allocated at start-up", cfg.mem_fraction_static, frac, 1 / scale - 1,
+                       shplb.selector)
         declare_resolution(server_args, "sglang_shplb", mem_fraction_static=frac)
 
 
