@@ -110,3 +110,79 @@ def test_launcher_gpu_defaults(capsys):
     with pytest.raises(SystemExit):
         gpu_defaults([], ShplbConfig(budget=0.1, page_size=8))
     assert "--shplb-page-size 8 is below 16" in capsys.readouterr().err
+
+
+def test_dense_extend_prefers_sglangs_flashinfer_then_triton(monkeypatch, caplog):
+    """On CUDA the backend owns SGLang's own dense backend for prefill/extend: FlashInfer built by SGLang's
+    registry when installed, else SGLang's Triton backend, each refusal one log line; neither: torch_native."""
+    import importlib.util
+
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    from sglang_shplb.sglang_adapter.gpu_startup import dense_extend_backend
+
+    built = []
+
+    def ok(name):
+        return lambda runner: built.append((name, runner)) or f"{name}-backend"
+
+    def broken(runner):
+        raise RuntimeError("no CUDA here")
+
+    real_find = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda n, *a: object() if (n == "flashinfer" and installed) else real_find(n, *a))
+        monkeypatch.setattr(reg, "ATTENTION_BACKENDS", {"flashinfer": ok("flashinfer"), "triton": ok("triton")})
+        assert dense_extend_backend("runner") == (("flashinfer-backend", "flashinfer") if installed
+                                                   else ("triton-backend", "triton"))
+    monkeypatch.setattr(reg, "ATTENTION_BACKENDS", {"flashinfer": broken, "triton": broken})
+    caplog.clear()
+    backend, why = dense_extend_backend("runner")
+    assert backend is None and "no CUDA here" in why
+    assert [r.getMessage() for r in caplog.records if "dense prefill/extend cannot use" in r.getMessage()] == [
+        "[sglang-shplb] dense prefill/extend cannot use flashinfer: not installed",
+        "[sglang-shplb] dense prefill/extend cannot use triton: RuntimeError: no CUDA here"]
+
+
+def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
+    """forward_extend of a dense layer runs the owned SGLang backend (and its per-step plan runs once per
+    extend step, never for decode); the keys it wrote still fold into the page metadata decode selects on.
+    A sparse-prefill layer does not reach it."""
+    import types
+
+    import torch
+
+    from sglang_shplb.sglang_adapter.backend import _make_backend_class
+
+    calls = []
+
+    class Owned:
+        def init_forward_metadata(self, fb):
+            calls.append(("plan", fb.forward_mode.name))
+
+        def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
+            calls.append(("extend", layer.layer_id, save_kv_cache))
+            return q * 2
+
+    cls = _make_backend_class()
+    b = object.__new__(cls)
+    b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu = Owned(), [False, True], True, None
+    b.use_sliding_window_kv_pool = False          # torch_native's own per-step state
+    folded = []
+    b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, locs, k))
+
+    def mode(name):
+        return types.SimpleNamespace(name=name, is_decode=lambda: name == "DECODE",
+                                     is_decode_or_idle=lambda: name in ("DECODE", "IDLE"))
+
+    for name in ("EXTEND", "DECODE", "IDLE", "MIXED"):
+        cls.init_forward_metadata(b, types.SimpleNamespace(forward_mode=mode(name), out_cache_loc=None))
+    assert [c for c in calls if c[0] == "plan"] == [("plan", "EXTEND"), ("plan", "MIXED")]
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
+    q, k, locs = torch.ones(3, 8), torch.randn(3, 8), torch.arange(3)
+    out = b.forward_extend(q, k, k, layer, types.SimpleNamespace(out_cache_loc=locs))
+    assert torch.equal(out, q * 2) and ("extend", 0, True) in calls
+    assert len(folded) == 1 and folded[0][0] == 0 and folded[0][2] is k
+    assert b._sparse_prefill_layer(types.SimpleNamespace(layer_id=1, is_cross_attention=False, attn_type=None,
+                                                         sliding_window_size=None))

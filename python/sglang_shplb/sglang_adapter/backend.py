@@ -10,7 +10,8 @@ selector: sink + recent, top-k by that head's budget) and attends over them. A s
 head covers its whole context runs SGLang's dense decode unchanged, so full budget is exactly `torch_native`.
 On CUDA (`_init_cuda` and the methods after it) decode is planned once per step and every layer runs
 gpu_decode.GpuSparseDecode's kernels, dense layers included, so decode CUDA graphs can be captured;
-extend stays torch_native (dense) or the Triton block-sparse prefill kernel.
+dense extend runs SGLang's own FlashInfer backend (else its Triton backend, else torch_native), owned
+by this one and planned once per extend step; sparse-prefill layers run the Triton block-sparse kernel.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def _make_backend_class():
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.steps = 0
             self.gauge = _metrics_gauge(model_runner)
-            self.gpu = self.gpu_prefill = None
+            self.gpu = self.gpu_prefill = self.dense_extend = None   # CUDA only (_init_cuda)
             self.torch_dense_layers = set()
             if torch.device(model_runner.device).type == "cuda":
                 self._init_cuda(model_runner)
@@ -127,7 +128,8 @@ def _make_backend_class():
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if not self._sparse_prefill_layer(layer):
-                o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+                dense = self.dense_extend if self.dense_extend is not None else super()
+                o = dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
                 if save_kv_cache and k is not None and self.keep_metadata:
                     self._fold_keys(layer, forward_batch.out_cache_loc, k)
                 return o
@@ -194,7 +196,7 @@ def _make_backend_class():
             import sglang_shplb_kernels as kernels
 
             from ..gpu_decode import DecodeShape, GpuSparseDecode, gpu_selectors
-            from .gpu_startup import attention_dims, refuse_unsupported
+            from .gpu_startup import attention_dims, dense_extend_backend, refuse_unsupported
 
             self.torch_dense_layers = refuse_unsupported(model_runner, self.page_size)
             if self.budgets is not None and self.cfg.selector not in gpu_selectors():
@@ -208,12 +210,18 @@ def _make_backend_class():
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
                                        selector=self.cfg.selector, ref_pages=self.ref_pages)
             self.gpu_prefill = kernels.attend_selection
+            # dense prefill/extend (dense layers, full-budget heads) through SGLang's own CUDA backend
+            self.dense_extend, name = dense_extend_backend(model_runner)
+            logger.info("[sglang-shplb] tp_rank=%d dense prefill/extend: %s", self.tp_rank,
+                        name if self.dense_extend is not None else f"torch_native ({name})")
             logger.info("[sglang-shplb] tp_rank=%d CUDA decode: fused split-KV Triton kernel, page metadata %.2f GiB "
                         "(bf16, allocated at start-up), pages per head up to %d", self.tp_rank,
                         self.gpu.metadata_bytes() / 2**30, self.gpu.kcap)
 
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
+            if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
+                self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
             if self.gpu is not None and forward_batch.forward_mode.is_decode():
                 self.gpu.plan(forward_batch.batch_size, forward_batch.seq_lens_cpu, forward_batch.seq_lens)
                 self.gpu.prepare(forward_batch.seq_lens)

@@ -134,3 +134,30 @@ def refuse_unsupported(model_runner, page_size: int) -> set[int]:
         logger.warning("[sglang-shplb] %d sliding-window / soft-cap attention layers run dense (torch_native)",
                        len(dense_layers))
     return set(dense_layers)
+
+
+DENSE_EXTEND_BACKENDS = ("flashinfer", "triton")   # SGLang's own CUDA backends, in order of preference
+
+
+def dense_extend_backend(model_runner):
+    """(backend, name) for dense prefill/extend on CUDA: SGLang's own FlashInfer backend, built by SGLang's
+    registry exactly as `--attention-backend flashinfer` would (its JIT and first plan() run in SGLang's
+    start-up warm-up request), else SGLang's Triton backend; each refusal is one log line. (None, reason)
+    when neither can be built: the extend then runs SGLang's torch-native code (correct, slow)."""
+    import importlib.util
+
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    reasons = []
+    for name in DENSE_EXTEND_BACKENDS:
+        if name == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
+            reasons.append("flashinfer: not installed")
+        elif name not in ATTENTION_BACKENDS:
+            reasons.append(f"{name}: not registered in this SGLang")
+        else:
+            try:
+                return ATTENTION_BACKENDS[name](model_runner), name
+            except Exception as e:  # noqa: BLE001 - any failure to build it: say so once, try the next
+                reasons.append(f"{name}: {type(e).__name__}: {e}")
+        logger.warning("[sglang-shplb] dense prefill/extend cannot use %s", reasons[-1])
+    return None, "; ".join(reasons)
