@@ -105,7 +105,8 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
     page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
     valid = page_ok.repeat_interleave(P, -1) & (pos < seq_lens.view(bs, 1, 1))
-    slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
+    pos = pos.clamp(max=req_to_token.shape[1] - 1)
+    slots = req_to_token.index_select(0, rows.flatten()).gather(1, pos.flatten(1)).view(pos.shape)
     return DecodeSelection(slots.long(), valid, dense=False)
 
 
@@ -137,9 +138,18 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
     return groups
 
 
+def _rows(buf: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """buf[slots, heads] ([slots, Hkv, D] -> [*slots.shape, D]) as one index_select over (slot, head) rows:
+    advanced indexing is several times slower on CPU."""
+    if not buf.is_contiguous():
+        return buf[slots, heads]
+    rows = (slots * buf.shape[1] + heads).flatten()
+    return buf.view(-1, buf.shape[-1]).index_select(0, rows).view(*slots.shape, buf.shape[-1])
+
+
 def _attend(q, k_buf, v_buf, slots, valid, heads, scale):
-    keys = k_buf[slots, heads].to(q.dtype)                                     # [bs, h, T, D]
-    values = v_buf[slots, heads].to(q.dtype)
+    keys = _rows(k_buf, slots, heads).to(q.dtype)                              # [bs, h, T, D]
+    values = _rows(v_buf, slots, heads).to(q.dtype)
     logits = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
     logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
     return torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values)
