@@ -66,6 +66,7 @@ def main() -> int:
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     attn = SparseAttention(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "decode")
+    attn.ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])   # budgets are fractions of it
     AttentionInterface.register("shplb_balance_quality", attn)
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
