@@ -5,12 +5,14 @@ and the kernels it launches; the block-sparse prefill kernel) on one GPU in < 8 
     python benchmark/gpu_check.py --dry-run     # same objects, tiny sizes, CPU, TRITON_INTERPRET=1
 
 Needs torch + triton and this repository (no install, no sglang, no flashinfer, no network).
-(a) correctness vs the CPU serving path (sparse_attention.py) at 10% and 100% budget (float32 page
-    metadata: identical selection), and with the served bf16 metadata vs selection.py's rule on it;
+(a) correctness vs the CPU serving path (sparse_attention.py, same --selector: the server's default
+    two-stage selector unless told) at 10% and 100% budget (float32 page metadata: identical selection),
+    and with the served bf16 metadata: the CPU path selecting on that same metadata;
 (b) host syncs per decode step (torch.cuda.set_sync_debug_mode) in the per-layer part and in the plan;
 (c) Triton compiles during warm-up and recompiles afterwards (changing lengths and batch sizes);
-(d) per-stage time (plan, fold, score, top-k, attend) and selected-KV bytes/s against measured copy
-    bandwidth, sparse vs dense (the same fused kernel over all pages; FlashInfer when importable) at
+(d) per-stage time (plan, fold, coarse score, the whole selection, attend) and selected bytes/s (KV +
+    metadata) against measured copy bandwidth, sparse vs dense (the same fused kernel over all pages, and
+    torch SDPA -- flash backend -- over contiguous unpaged K/V, the strongest dense baseline available) at
     8k/32k/128k x batch 1/8/32 at --budget; (e) block-sparse prefill (gpu_prefill_check.py).
 Exit 1 when a check fails. Markdown to --out, JSON next to it.
 """
@@ -195,7 +197,7 @@ def bench(run):
             if run.elapsed() > run.args.time_limit:
                 run.notes.append(f"skipped ctx={ctx} bs={bs}: past --time-limit")
                 continue
-            if gpu and 2 * bs * ctx * run.Hkv * run.D * 2 * 2 > 0.6 * torch.cuda.mem_get_info()[0]:   # 2 layers of K+V
+            if gpu and 3 * bs * ctx * run.Hkv * run.D * 2 * 2 > 0.6 * torch.cuda.mem_get_info()[0]:   # 3 layers of K+V
                 run.notes.append(f"skipped ctx={ctx} bs={bs}: KV does not fit")
                 continue
             seq = [ctx - 7 * r for r in range(bs)]
@@ -234,6 +236,14 @@ def bench(run):
             row["selected_GBps"] = (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / 1e9
             row["roofline_pct"] = 100 * (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / bw if bw else None
             row["speedup_vs_dense"] = dense_ms / sparse_ms
+            # the strongest dense baseline torch has: SDPA (flash backend on GPU) over contiguous, unpaged K/V
+            kc = torch.randn(bs, run.Hkv, ctx, run.D, dtype=run.dtype, device=run.dev)
+            vc = torch.randn_like(kc)
+            qd = q.view(bs, run.Hq, 1, run.D)
+            row["sdpa_dense_ms"] = run.time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qd, kc, vc, enable_gqa=True))
+            row["speedup_vs_sdpa"] = row["sdpa_dense_ms"] / sparse_ms
+            del kc, vc
             try:
                 import flashinfer  # noqa: F401
                 row["flashinfer"] = "importable (not timed in this version)"
@@ -259,13 +269,14 @@ def report(run):
              "", f"torch {torch.__version__}, triton {__import__('triton').__version__}, budget {run.args.budget}, "
              f"selector {run.args.selector}", "",
              "| ctx | bs | plan ms | fold ms | coarse score ms | select ms (all stages) | attend ms | sparse layer ms | "
-             "dense layer ms | "
-             "dense/sparse | selected GB/s | % roofline |", "|" + "---|" * 12]
+             "dense layer ms | dense/sparse | SDPA dense ms | SDPA/sparse | selected GB/s | % roofline |",
+             "|" + "---|" * 14]
     for r in run.rows:
         pct = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.0f}"
         lines.append(f"| {r['ctx']} | {r['bs']} | {r['plan_ms']:.3f} | {r['fold_ms']:.3f} | {r['score_ms']:.3f} | "
                      f"{r['select_ms']:.3f} | {r['attend_ms']:.3f} | {r['sparse_layer_ms']:.3f} | {r['dense_layer_ms']:.3f} "
-                     f"| {r['speedup_vs_dense']:.2f} | {r['selected_GBps']:.1f} | {pct} |")
+                     f"| {r['speedup_vs_dense']:.2f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_sdpa']:.2f} "
+                     f"| {r['selected_GBps']:.1f} | {pct} |")
     lines += ["", "| check | ok | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'PASS' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in run.checks]
     lines += ["", "| other timing | ms |", "|---|---|"] + [f"| {t['op']} | {t['ms']:.3f} |" for t in run.timings]
