@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PROFILE, machine_line  # noqa: E402
 
+from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import placement as pl  # noqa: E402
 from sglang_shplb.budget import allocate, eval_curves  # noqa: E402
 from sglang_shplb.joint import solve, step_time  # noqa: E402
@@ -82,18 +83,22 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
 
     curves = prof.curves("runtime", "kv", "sinkless")
     L, U, _ = curves.shape
+    ref_pages = -(-prof.meta["context_lens"][0] // P)
     sets = {"uniform 0.10": torch.full((L, U), 0.1),
             "optimal 0.10": allocate(curves.reshape(L * U, -1), prof.grid, 0.1, "optimal", floor, step).view(L, U)}
     rows = ["| context | batch | budgets | layers split into buckets | padded ms (30 layers) | ragged ms | padded / ragged |",
             "|---|---|---|---|---|---|---|"]
     for ctx in ctxs:
         for bs in batches:
-            k_buf, v_buf, r2t, kmin, kmax = build_pool(bs, ctx)
+            k_buf, v_buf, r2t, kmin, kmax, fine = build_pool(bs, ctx)
+            sub = fine.get(sel.get_selector(sel.DEFAULT_SELECTOR).sub)   # the default selector's sub-page metadata
             seq, idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV, G, D)
             heads = torch.arange(HKV).view(1, HKV, 1)
             for name, b in sets.items():
-                chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2) for l in range(L)]
+                ref = ref_pages if name.startswith("optimal") else None   # a budgets file vs --shplb-budget
+                chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, fine=sub, ref_pages=ref)
+                          for l in range(L)]
                 runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.slots, c.valid, heads, D ** -0.5) for c in chosen],
                         "ragged": lambda: [attend_selected(q, k_buf, v_buf, c, D ** -0.5) for c in chosen]}
                 ts = {k: [] for k in runs}
