@@ -111,7 +111,8 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
 
 
 BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
-MIN_SAVED_TOKENS = 8192  # split into buckets only when that skips at least this many padded K/V reads
+MIN_SAVED_TOKENS = 4096  # split into buckets only when that skips at least this many padded K/V reads
+# (benchmark/results/balance.md: at 4096 the 8k x 4 optimal@10% layers split, batch 1 stays one call)
 
 
 def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
