@@ -50,9 +50,15 @@ prompts it is the clear winner at equal pages (tables below). Cost: +45% metadat
 prose recall (+1.3-1.7 pt over two_stage4 at 10%) and 9/12 vs 8/12 on 4k optimal, but 6/12 vs 9/12 on 4k
 uniform: the normalisation dilutes a page only one retrieval head needs, the failure this issue is about, so
 it stays an option (the needle sets are small: 12 prompts at 4k, 9 at 2k; single_needle and multi_key forms).
-Needle rows at 2k with `optimal` budgets fail for every selector including the oracle: 26 of
-90 KV groups get k = sink + recent (no free page) at 2k from the 4k profile's floor (a budget issue, not a
-ranking one)."""
+Needle rows at 2k with `optimal` budgets below failed for every selector including the oracle: 26 of
+90 KV groups got k = sink + recent (no free page) at 2k from the 4k profile's floor (a budget issue, not a
+ranking one). Fixed since (selection.pages_for_budget with the budgets' reference context): a head keeps
+sink + recent plus its share of the selectable pages at every length. Re-run with the fix (on the profile of
+these tables; the profile re-made with the fix moves no budget by more than 0.009) (`--needle-contexts 2048 4096 --needle-seeds 10 --selectors quest_sum two_stage4`, 20 prompts per
+context, dense-solved ones scored): 2k optimal@0.1 quest_sum 10/16, two_stage4 14/16, oracle 15/16;
+2k uniform@0.1 6/16, 11/16, 15/16; 4k optimal@0.1 7/12, 9/12, 11/12; 4k uniform@0.1 3/12, 9/12, 11/12
+(raw: selector_floor_fix.json). Pages read at 10% with the fix (optimal / uniform budgets): 2k 11.4% /
+11.7%, 4k 10.2% / 10.2%, 8k 9.5% / 9.6% (before: 10.6 / 10.2, 10.2 / 10.2, 10.1 / 10.2)."""
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
