@@ -107,11 +107,9 @@ def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
-                         block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
-                         dense_tail: int = 0) -> BlockSelection:
+                         block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
-    N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
-    dense_tail: the last that many query blocks keep their whole causal context."""
+    N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context."""
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
     first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
@@ -127,8 +125,6 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     floor = n_win + sinks.sum(-1, keepdim=True)                                  # [nb, 1]
     k = sel.pages_for_budget(budgets.view(1, Hkv).double().to(dev), ctx.view(-1, 1).double(), 0)
     k = torch.minimum(torch.maximum(k, floor), ctx.view(-1, 1))                  # [nb, Hkv]
-    if dense_tail:
-        k[-dense_tail:] = ctx[-dense_tail:].view(-1, 1)
     R = int((k - n_win).max())
     top = scores.topk(R, dim=-1).indices if R else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
     keep = torch.arange(R, device=dev).view(1, 1, R) < (k - n_win).unsqueeze(-1)
