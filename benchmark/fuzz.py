@@ -111,7 +111,7 @@ def send(url: str, path: str, payload) -> str:
         raise AssertionError(f"hang: no answer in {REQUEST_TIMEOUT_S}s to {path} {data[:300]}") from None
     except requests.ConnectionError as e:
         raise AssertionError(f"server died on {path} {data[:300]}: {e}") from None
-    assert r.status_code < 500, f"{r.status_code} on {path} {data[:300]}: {content[:300]!r}"
+    assert r.status_code < 500, f"{r.status_code} on {path} {data}: {content[:300]!r}"   # whole body: to replay it
     if r.status_code >= 300:
         assert 400 <= r.status_code < 500, f"{r.status_code} on {path}"
         json.loads(content)  # every refusal is a JSON error
