@@ -34,8 +34,27 @@ def _table(rows, what: str, layers: int, path) -> torch.Tensor:
     return t
 
 
+class _Artifact:
+    """What both artifacts share: read + checksum + validate once, the JSON body, the reference context."""
+    KIND = ""
+    body: dict
+
+    @classmethod
+    def load(cls, path, fingerprint: str | None = None):
+        from .artifacts import read_json
+        return cls.from_json(read_json(path, cls.KIND, fingerprint), path)
+
+    def to_json(self) -> dict:
+        return self.body
+
+    @property
+    def ref_context(self) -> Optional[int]:
+        """Tokens of context the budgets were made at (selection.pages_for_budget's reference)."""
+        return self.body.get("context_len")
+
+
 @dataclass(frozen=True)
-class Budgets:
+class Budgets(_Artifact):
     """A budgets artifact: per-unit decode (and optional prefill) budgets, [layers, units]."""
     model_fingerprint: str
     granularity: str
@@ -59,18 +78,7 @@ class Budgets:
             raise ArtifactError(f"budgets file {path} lacks field {e}; regenerate it with "
                                 "`python -m sglang_shplb.budget`") from None
 
-    @classmethod
-    def load(cls, path, fingerprint: str | None = None) -> "Budgets":
-        from .artifacts import read_json
-        return cls.from_json(read_json(path, "budget", fingerprint), path)
-
-    def to_json(self) -> dict:
-        return self.body
-
-    @property
-    def ref_context(self) -> Optional[int]:
-        """Tokens of context the budgets were made at (selection.pages_for_budget's reference)."""
-        return self.body.get("context_len")
+    KIND = "budget"
 
     def table(self, phase: str) -> Optional[torch.Tensor]:
         """[layers, units] budgets of `phase`, or None (a file without prefill budgets: dense prefill)."""
@@ -79,7 +87,7 @@ class Budgets:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(_Artifact):
     """A plan artifact: per layer, which units each TP rank holds and their budgets."""
     model_fingerprint: str
     tp_size: int
@@ -120,18 +128,7 @@ class Plan:
                    tuple(tuple(tuple(r) for r in x["rank_units"]) for x in layers),
                    decode.view(L, tp, -1), None if prefill is None else prefill.view(L, tp, -1), body)
 
-    @classmethod
-    def load(cls, path, fingerprint: str | None = None) -> "Plan":
-        from .artifacts import read_json
-        return cls.from_json(read_json(path, "plan", fingerprint), path)
-
-    def to_json(self) -> dict:
-        return self.body
-
-    @property
-    def ref_context(self) -> Optional[int]:
-        """Tokens of context the plan's budgets were made at (selection.pages_for_budget's reference)."""
-        return self.body.get("context_len")
+    KIND = "plan"
 
     def rank_table(self, tp_rank: int, phase: str) -> Optional[torch.Tensor]:
         """[layers, local heads] budgets of one rank for `phase`, or None (dense prefill)."""
