@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import shutil
 import sys
@@ -61,7 +62,9 @@ def patch_torchvision(check: bool) -> str:
 
 
 def install_sgl_kernel_compat(check: bool) -> str:
-    spec = importlib.util.find_spec("sgl_kernel")
+    # PathFinder searches sys.path only; importlib.util.find_spec would answer from sys.modules, i.e.
+    # whatever this process imported first, not what is installed.
+    spec = importlib.machinery.PathFinder.find_spec("sgl_kernel")
     if spec is not None and spec.origin:
         if COMPAT_MARKER not in Path(spec.origin).read_text(errors="ignore"):
             return f"sgl_kernel: a real sgl_kernel is installed at {spec.origin}; left alone"
