@@ -127,6 +127,12 @@ LIMIT_REQUESTS = [
      "max_tokens unset"),
     ("generate-n-huge", "/generate", gen(sampling_params={"n": 100000, "max_new_tokens": 4}),
      "sampling_params.n=100000 is above this server's limit of 128"),
+    # a batched prompt with n=0 fans out to zero request ids; stock 0.5.23 indexes them: a 500 (fuzzer)
+    ("completions-batched-n-zero", CMPL, cmpl(prompt=["hi", "yo"], n=0, echo=True, logprobs=1),
+     "n must be at least 1, got 0"),
+    ("completions-batched-ids-n-zero", CMPL, cmpl(prompt=[[1, 2], [3]], n=0), "n must be at least 1"),
+    ("generate-batched-n-zero", "/generate", gen(text=["hi", "yo"], sampling_params={"n": 0, "max_new_tokens": 4}),
+     "sampling_params.n must be at least 1, got 0"),
 ]
 
 

@@ -45,7 +45,10 @@ def test_fan_out_bounds_n_and_total_tokens():
     # no max_tokens: the request may run to the end of the context
     assert fan_out_problem(16, None, "n", "max_tokens", CONTEXT, LIMITS) is None
     assert "unset" in fan_out_problem(17, None, "n", "max_tokens", CONTEXT, LIMITS)
-    assert fan_out_problem(0, 16, "n", "max_tokens", CONTEXT, LIMITS) is None          # stock's own message
+    # n < 1: stock fans a batched prompt out to no request ids and fails with a 500
+    assert fan_out_problem(0, 16, "n", "max_tokens", CONTEXT, LIMITS) == "n must be at least 1, got 0"
+    assert "sampling_params.n must be at least 1, got -2" in generate_problem(
+        {"text": ["a", "b"], "sampling_params": {"n": -2}}, VOCAB, CONTEXT, LIMITS)
 
 
 def test_generate_body_single_and_batched():

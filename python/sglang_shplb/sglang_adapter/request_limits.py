@@ -110,8 +110,10 @@ def fan_out_problem(n, max_tokens, n_field: str, tokens_field: str, context_len:
                     limits: RequestLimits) -> Optional[str]:
     """`n` completions of up to `max_tokens` each: n <= max_n and n x max_tokens <= max_n_tokens.
     A request without max_tokens may run to the end of the context, so it counts as context_len."""
-    if n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        return None  # n <= 0 and wrong types get stock's (or api_checks') own message
+    if n is None or isinstance(n, bool) or not isinstance(n, int):
+        return None  # wrong types get SGLang's own parsing error
+    if n < 1:  # stock 0.5.23: a batched prompt with n=0 fans out to no request ids -> IndexError, a 500
+        return f"{n_field} must be at least 1, got {n}"
     if n > limits.max_n:
         return (f"{n_field}={n} is above this server's limit of {limits.max_n} completions per request; "
                 f"send at most {limits.max_n} (the operator can raise it with --shplb-max-n)")
