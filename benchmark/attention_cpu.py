@@ -85,7 +85,7 @@ def main():
             def sparse(name):
                 qg = q.view(bs, HKV, G, D)
                 chosen = select_decode_tokens(qg, kmin, kmax, req_to_token, rows_idx, seq_lens, budgets, P, 1, 2,
-                                              name, fine.get(sel.get_selector(name).sub))
+                                              name, fine.get(sel.get_selector(name).sub), k_buf=k_buf)
                 attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
 
             td, ts = [], {n: [] for n in names}

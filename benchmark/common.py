@@ -26,7 +26,7 @@ BUDGET_METHODS = ("uniform", "shift", "optimal", "bubbles")
 
 
 @functools.lru_cache(maxsize=1)
-def _profile():
+def committed_profile():
     """The committed profile, read once per process (benchmarks ask for many budget variants)."""
     from sglang_shplb.profile import Profile
 
@@ -40,7 +40,7 @@ def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, 
     phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves)."""
     from sglang_shplb.budget import make_budgets
 
-    prof = _profile()
+    prof = committed_profile()
     if phase == "prefill":
         if method == "bubbles":
             raise ValueError("bubble filling plans decode budgets; use uniform/shift/optimal for prefill")

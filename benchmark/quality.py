@@ -79,7 +79,7 @@ class SparseAttention:
         oracle = self.decode_selector == "oracle"
         rule = sel.get_selector("quest_max" if oracle else self.decode_selector)
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
-        fmin, fmax = sel.subpage_minmax(k, P, rule.sub) if rule.sub else (None, None)
+        fine = sel.stage2_inputs(rule, k, P)                                      # each [Hkv, N, X, D]
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),
@@ -88,7 +88,7 @@ class SparseAttention:
         heads = torch.arange(Hkv).view(-1, 1, 1)
 
         def fine_meta(idx):                                                        # [Hkv, c, C] logical pages
-            return fmin[heads, idx], fmax[heads, idx]
+            return tuple(t[heads, idx] for t in fine)
         for s in range(0, L, Q_CHUNK):                                             # bounds the [Hkv, c, C, S, D] gather
             e = min(L, s + Q_CHUNK)
             n, kp = n_pages[s:e].expand(Hkv, -1), k_pages[:, s:e]

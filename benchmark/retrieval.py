@@ -12,7 +12,8 @@ whose dense score is under --keep is reported but not run sparse (the model cann
 Variants: `dense`; `METHOD@MEAN` with METHOD uniform (Quest-style), shift (the paper), optimal
 (ours), bubbles (ours + fill-bubbles of a tp-3 plan: more budget at the same step time) for
 decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD@MEAN` (prefill
-budget = MEAN plus that decode method); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
+budget = MEAN plus that decode method); `recipe+METHOD@MEAN` (the default recipe: one budgets file with
+per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
 (without it, the server's default selector). Raw outputs are kept in --raw (JSON) and reused, so an
 interrupted run resumes and new variants can be added later without re-running old ones.
 """
@@ -28,7 +29,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
-from common import kv_budgets, mean_of, write_result  # noqa: E402
+from common import committed_profile, kv_budgets, mean_of, write_result  # noqa: E402
 from conftest import Server  # noqa: E402  (the launcher wrapper the tests use)
 from ruler_tasks import FAMILIES, make_task, sentences  # noqa: E402
 
@@ -64,6 +65,14 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
         return ["--attention-backend", "torch_native"], 1.0, 1.0
     spec, mean = name.rsplit("@", 1)
     mean = float(mean)
+    if spec.startswith("recipe+"):   # per-head prefill budgets travel in the budgets file, like decode's
+        from sglang_shplb.artifacts import write_json
+        from sglang_shplb.budget import make_budgets
+
+        body = make_budgets(committed_profile(), mean, spec.split("+", 1)[1], "kv", prefill_mean=mean)
+        path = tmp / f"retrieval-{spec}-{mean}.json"
+        write_json(path, "budget", body)
+        return ["--shplb-budgets", str(path)], mean_of(body), mean_of({"budgets": body["prefill_budgets"]})
     prefill = spec.startswith("prefill")
     flags = ["--shplb-prefill-budget", str(mean)] if prefill else []
     method = spec.split("+", 1)[1] if "+" in spec else (None if prefill else spec)

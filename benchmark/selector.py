@@ -72,13 +72,11 @@ def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P):
         return sel.top_pages(group_mass, n_pages, int(k_pages.max()), SINK, RECENT)
     s = sel.get_selector(name)
     kmin, kmax = sel.page_minmax(k, P)
-    fine_meta = None
-    if s.sub:
-        fmin, fmax = sel.subpage_minmax(k, P, s.sub)                          # [Hkv, N, S, D]
+    fine = sel.stage2_inputs(s, k, P)                                         # each [Hkv, N, X, D]
 
-        def fine_meta(idx):                                                    # idx [Hkv, S, C]
-            h = torch.arange(idx.shape[0]).view(-1, 1, 1)
-            return fmin[h, idx], fmax[h, idx]
+    def fine_meta(idx):                                                        # idx [Hkv, S, C]
+        h = torch.arange(idx.shape[0]).view(-1, 1, 1)
+        return tuple(t[h, idx] for t in fine)
     return sel.choose_pages(s, q, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, k_pages, SINK, RECENT)
 
 

@@ -30,6 +30,13 @@ def sparse(start_server):
 
 
 @pytest.fixture(scope="module")
+def sparse_keys(start_server):
+    """The selector that re-ranks its shortlist from the keys (selection.key_scores), in the server."""
+    return start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-selector", "two_stage_keys16",
+                         "--enable-metrics"], name="shplb-10pct-keys")
+
+
+@pytest.fixture(scope="module")
 def shared_prefix_prompts(corpus_dir):
     prefix = (corpus_dir / "alice29.txt").read_text()[2000:3500]
     return [prefix + tail for tail in (" Alice said", " The Queen", " Then the Cat", " Suddenly")]
@@ -55,10 +62,14 @@ def kv_tokens_read(server) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
 
 
-def test_sparse_retrieves_where_selection_decides(sparse, model_path):
+@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys"])
+def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
-    needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV."""
+    needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.
+    For the default selector and the key-re-ranking one."""
     from transformers import AutoTokenizer
+
+    sparse = request.getfixturevalue(server_fixture)
 
     from retrieval import corpus_pieces
     from ruler_tasks import make_task

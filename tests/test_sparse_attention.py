@@ -115,9 +115,16 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent):
     def ranked(score):
         return sorted(forced & set(score)) + sorted(set(score) - forced, key=lambda j: (-score[j], j))
     coarse = agg([[bound(qg, pg) for pg in pages] for qg in q], list(range(n)))
-    if rule.sub is None:
+    if rule.sub is None and not rule.keys:
         return set(ranked(coarse)[:k])
     among = ranked(coarse)[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else list(range(n))
+    if rule.keys:   # SparQ: each head's r largest-|q| channels, log-sum-exp over the page's tokens, max
+        def page_logmass(qg, pg):
+            ch = sorted(range(len(qg)), key=lambda d: -abs(float(qg[d])))[: rule.keys]
+            logits = [sum(float(qg[d]) * float(t[d]) for d in ch) * len(qg) ** -0.5 for t in pg]
+            return math.log(sum(math.exp(x) for x in logits))
+        fine = {j: max(page_logmass(qg, pages[j]) for qg in q) for j in among}
+        return set(ranked(fine)[:k])
     fine = agg([[max(bound(qg, pg[i: i + rule.sub]) for i in range(0, len(pg), rule.sub)) for pg in pages]
                 for qg in q], sorted(among))
     return set(ranked(fine)[:k])
@@ -135,7 +142,7 @@ def test_variable_budgets_pick_brute_force_pages(selector):
     budgets = torch.tensor([0.2, 0.5, 0.05])
     sink, recent = 1, 2
     chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P16, sink, recent,
-                                  selector, fine)
+                                  selector, fine, k_buf=k_buf)
     for b, s in enumerate(seq_lens.tolist()):
         n = math.ceil(s / P16)
         slots = req_to_token[rows[b], :s].long()

@@ -28,8 +28,8 @@ from . import selection as sel
 def gpu_selectors() -> list[str]:
     """selection.SELECTORS the kernels implement: a coarse page bound aggregated over the KV group by
     sum or max, optionally re-ranked on a shortlist by max-aggregated sub-page bounds (two-stage).
-    Not: per-head normalisations (norm, psum) and the full sub-page scan."""
-    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max")
+    Not: per-head normalisations (norm, psum), the full sub-page scan and re-ranking from the keys."""
+    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max") and not r.keys
                   and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max")))
 
 

@@ -142,13 +142,13 @@ class _Collector:
                                        -(-L // P))
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
-        fmin, fmax = sel.subpage_minmax(k, P, self.rule.sub) if self.rule.sub else (None, None)
+        fine = sel.stage2_inputs(self.rule, k, P)                              # each [Hkv, N, X, D]
         g, S = qs.shape[1], len(pos)
 
         def runtime(mass, q, lead):  # the shipping selector; lead = dims before the (S, G, D) query rows
-            view = lambda t: None if t is None else t.view(Hkv, *([1] * lead), *t.shape[1:])  # noqa: E731
+            view = lambda t: t.view(Hkv, *([1] * lead), *t.shape[1:])  # noqa: E731
             rows = (Hkv, *([g] * (lead - 1)), S)
-            return sel.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), view(fmin), view(fmax),
+            return sel.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), tuple(map(view, fine)),
                                          n_pages.expand(rows), k_pages.expand(*rows, -1), self.sink, self.recent)
         curves = {  # each [Hkv, (g,) S, G] -> mean over sampled queries
             "oracle_q": sel.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),

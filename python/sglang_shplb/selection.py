@@ -13,7 +13,11 @@ KV group's G query heads are combined and how tight the box is:
   * sub: min/max also per sub-page of `sub` tokens; a page scores the max over its sub-pages
     (a tighter box, P/sub times the metadata);
   * shortlist c: two stages — the coarse page bound ranks all pages, then only the c*k best are
-    re-scored with the sub-page bound (fine metadata read for c*k pages, not all).
+    re-scored with the sub-page bound (fine metadata read for c*k pages, not all);
+  * keys r: the shortlist is re-scored from the keys themselves (SparQ): each query head keeps its r
+    largest-|q| channels, its approximate logits over the page's tokens are log-sum-exp'ed into a page
+    log-mass, aggregated over the group. An estimate of the mass, not a bound: no metadata beyond the
+    coarse page bounds, but the shortlisted pages' keys are read.
 The rule: forced pages (the `sink` first and the `recent` last valid pages) always come first, then
 pages by descending score, ties to the lower page index; pages past the context never.
 """
@@ -34,12 +38,15 @@ class Selector:
     aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum"
     sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
+    keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
 
     def metadata_bytes(self, n_pages: int, k: int, page_size: int, head_dim: int, elem: int = 4) -> float:
         """Bytes of page metadata one (request, KV head) reads per decode step to select k of n pages."""
         coarse = 2 * head_dim * elem * (n_pages if (self.sub is None or self.shortlist) else 0)
         fine_pages = n_pages if not self.shortlist else min(n_pages, math.ceil(self.shortlist * k))
         fine = 0 if self.sub is None else 2 * head_dim * elem * (page_size // self.sub) * fine_pages
+        if self.keys:    # whole key rows of the shortlist (the CPU path gathers rows, then picks channels)
+            fine = head_dim * elem * page_size * fine_pages
         return float(coarse + fine)
 
 
@@ -53,6 +60,7 @@ SELECTORS = {s.name: s for s in (
     Selector("sub4_max", "max", 4),
     Selector("two_stage8", "max", 8, 3.0),
     Selector("two_stage4", "max", 4, 3.0),
+    Selector("two_stage_keys16", "max", None, 3.0, keys=16),
 )}
 DEFAULT_SELECTOR = "two_stage4"
 
@@ -138,6 +146,17 @@ def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: t
     return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
 
 
+def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Page scores from the pages' keys (SparQ): q [..., G, D], keys [..., C, P, D], valid [..., C] -> [..., C].
+    Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
+    tokens (an estimate of the page's log attention mass), aggregated over the group."""
+    q = q.float()
+    top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
+    q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))              # other channels zeroed
+    logits = torch.einsum("...gd,...cpd->...gcp", q_r, keys.float()) * q.shape[-1] ** -0.5
+    return aggregate(selector, logits.logsumexp(-1), valid)
+
+
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int,
                      ref_pages: Optional[int] = None) -> torch.Tensor:
     """Pages a head keeps at a context of n_pages, at least the floor (sink + recent), at most the context.
@@ -182,12 +201,13 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
-    fine_meta(idx [..., C]) -> sub-page (min, max) [..., C, S, D] of those logical pages (only for
-    selectors with `sub`); n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
+    fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
+    sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one;
+    n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
     in rank order; a row's entries past its k are not selected (callers mask them)."""
     N = kmin.shape[-2]
     K = int(k_pages.max())
-    if selector.sub is None:
+    if selector.sub is None and not selector.keys:
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
@@ -197,7 +217,7 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
-    fine = fine_scores(selector, q, *fine_meta(short), listed)
+    fine = (key_scores if selector.keys else fine_scores)(selector, q, *fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
     fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
     fine = fine.masked_fill(~listed, NEG_INF)
@@ -228,20 +248,37 @@ def recovery_curve(page_mass: torch.Tensor, order: torch.Tensor, k_pages: torch.
     return kept.gather(-1, idx).clamp(max=1.0)
 
 
-def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tensor, kmin, kmax, fmin, fmax,
-                      n_pages: torch.Tensor, k_grid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+def page_keys(keys: torch.Tensor, page_size: int) -> torch.Tensor:
+    """keys [..., L, D] -> [..., ceil(L/P), P, D], a partial last page zero-padded (it is always forced)."""
+    L = keys.shape[-2]
+    n = math.ceil(L / page_size)
+    return torch.nn.functional.pad(keys.float(), (0, 0, 0, n * page_size - L)).unflatten(-2, (n, page_size))
+
+
+def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:
+    """What a two-stage selector's second stage reads per page, from full keys [..., L, D]: sub-page
+    (min, max) [..., N, S, D], or the page's keys (keys [..., N, P, D],); () for a one-stage selector."""
+    if selector.keys:
+        return (page_keys(keys, page_size),)
+    return subpage_minmax(keys, page_size, selector.sub) if selector.sub else ()
+
+
+def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tensor, kmin, kmax,
+                      fine: tuple[torch.Tensor, ...], n_pages: torch.Tensor, k_grid: torch.Tensor, sink: int,
+                      recent: int) -> torch.Tensor:
     """Recovery curve of a runtime selector (profiler, benchmarks): page_mass [..., N]; q [..., G, D];
-    kmin/kmax [..., N, D] and fmin/fmax [..., N, S, D] (full, broadcastable); k_grid [..., B] pages
-    per budget. The selection depends on k (the shortlist is c*k), so each budget selects afresh."""
-    if selector.sub is None:
+    kmin/kmax [..., N, D] and `fine` = stage2_inputs(...), each [..., N, X, D] (full, broadcastable);
+    k_grid [..., B] pages per budget. The selection depends on k (the shortlist is c*k), so each budget
+    selects afresh."""
+    if selector.sub is None and not selector.keys:
         order = rank_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, sink, recent)
         return recovery_curve(page_mass, order, k_grid)
 
     def fine_meta(idx):
-        shape = (*idx.shape, *fmin.shape[-2:])
-        full = (*q.shape[:-2], *fmin.shape[-3:])
-        g = idx.unsqueeze(-1).unsqueeze(-1).expand(shape)
-        return fmin.expand(full).gather(-3, g), fmax.expand(full).gather(-3, g)
+        def pick(t):
+            g = idx.unsqueeze(-1).unsqueeze(-1).expand(*idx.shape, *t.shape[-2:])
+            return t.expand(*q.shape[:-2], *t.shape[-3:]).gather(-3, g)
+        return tuple(pick(t) for t in fine)
 
     out = []
     for b in range(k_grid.shape[-1]):

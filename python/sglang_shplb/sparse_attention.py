@@ -58,11 +58,12 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
                          fine: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         ref_pages: int | None = None) -> DecodeSelection:
+                         ref_pages: int | None = None, k_buf: torch.Tensor | None = None) -> DecodeSelection:
     """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context; of a context of `ref_pages` pages when
     given, see selection.pages_for_budget). Each head keeps its top-k pages by
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
-    size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors."""
+    size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors;
+    `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors."""
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
@@ -99,6 +100,16 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
             rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads.unsqueeze(-1)).flatten()
             shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
             return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
+    elif rule.keys:
+        if k_buf is None:
+            raise ValueError(f"selector {selector!r} re-ranks from the keys: pass the key cache (k_buf=)")
+        flat_k = k_buf.reshape(-1, k_buf.shape[-1])
+
+        def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
+            phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)
+            slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
+            rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
+            return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
                               sink, recent)                                    # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]

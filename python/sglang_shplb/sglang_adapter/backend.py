@@ -175,7 +175,8 @@ def _make_backend_class():
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
             chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
-                                          self._fine(layer.layer_id) if self.sub else None, self.ref_pages)
+                                          self._fine(layer.layer_id) if self.sub else None, self.ref_pages,
+                                          self.token_to_kv_pool.get_key_buffer(layer.layer_id))
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
