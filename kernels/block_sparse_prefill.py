@@ -53,13 +53,14 @@ if triton is not None:
     @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slots_ptr, pages_ptr, n, L, prefix_len, num_k, scale,
                         s_qn, s_qh, s_kn, s_kh, s_vn, s_vh, s_on, s_oh, s_pb, s_ph,
-                        GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                        P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        # Program (query block b, query head qh): online softmax over the block's listed pages.
-        b = tl.program_id(0)
+                        GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # Program (query tile, query head qh): online softmax over the listed pages of the tile's query
+        # block b. A block of BLOCK queries (the selector's unit) runs as BLOCK / BLOCK_M tiles.
+        b = tl.program_id(0) // (BLOCK // BLOCK_M)
         qh = tl.program_id(1)
         kvh = qh // GROUP
-        qi = b * BLOCK_M + tl.arange(0, BLOCK_M)
+        qi = b * BLOCK + (tl.program_id(0) % (BLOCK // BLOCK_M)) * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         q = tl.load(q_ptr + qi[:, None].to(tl.int64) * s_qn + qh * s_qh + d[None, :],
@@ -91,6 +92,16 @@ if triton is not None:
                  mask=(qi[:, None] < n) & (dv[None, :] < DV))
 
 
+def query_tile(block: int, head_dim: int) -> int:
+    """Query rows per program: the whole selection block up to D=128; above, half as many rows per
+    doubling of D (min 16), so q, the [rows, D] accumulator and the P x D key tile stay in registers
+    (D=256 at 64 rows spilled 76-516 B on sm_80/90; benchmark/results/compile_check.md)."""
+    tile = block
+    while head_dim * tile > 128 * 64 and tile > 16 and block % (tile // 2) == 0:
+        tile //= 2
+    return tile
+
+
 def block_sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
                          pages: torch.Tensor, prefix_len: int, scale: float, block: int,
                          page_size: int) -> torch.Tensor:
@@ -107,11 +118,12 @@ def block_sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
         return out
     pages = pages.to(torch.int32).contiguous()
     assert q.stride(2) == 1 and k_buf.stride(2) == 1 and v_buf.stride(2) == 1
-    grid = (pages.shape[0], Hq)
+    tile = query_tile(block, max(D, DV))
+    grid = (pages.shape[0] * (block // tile), Hq)
     _prefill_kernel[grid](q, k_buf, v_buf, out, slots.contiguous(), pages, n, prefix_len + n, prefix_len,
                           pages.shape[2], scale, q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
                           v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1), pages.stride(0),
-                          pages.stride(1), GROUP=Hq // Hkv, D=D, DV=DV, BLOCK_M=block, P=page_size,
+                          pages.stride(1), GROUP=Hq // Hkv, D=D, DV=DV, BLOCK=block, BLOCK_M=tile, P=page_size,
                           BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(DV))
     return out
 

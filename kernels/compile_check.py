@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import fine_score, page_meta, sparse_decode, topk_select
-from .block_sparse_prefill import _prefill_kernel
+from .block_sparse_prefill import _prefill_kernel, query_tile
 
 
 def _p2(x: int) -> int:
@@ -73,10 +73,11 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
                 dict(H=H, G=G, DV=D, BLOCK_G=_p2(G), BLOCK_DV=_p2(D))))
     sig = dict(q_ptr=T, k_ptr=T, v_ptr=T, o_ptr=T, slots_ptr="*i32", pages_ptr="*i32", n=i32, L=i32,
                prefix_len=i32, num_k=i32, scale=f32, s_qn=i32, s_qh=i32, s_kn=i32, s_kh=i32, s_vn=i32, s_vh=i32,
-               s_on=i32, s_oh=i32, s_pb=i32, s_ph=i32, GROUP=ce, D=ce, DV=ce, BLOCK_M=ce, P=ce, BLOCK_D=ce,
-               BLOCK_DV=ce)
+               s_on=i32, s_oh=i32, s_pb=i32, s_ph=i32, GROUP=ce, D=ce, DV=ce, BLOCK=ce, BLOCK_M=ce, P=ce,
+               BLOCK_D=ce, BLOCK_DV=ce)
     out.append(("block_sparse_prefill", _prefill_kernel, sig,
-                dict(GROUP=G, D=D, DV=D, BLOCK_M=64, P=max(P, 16), BLOCK_D=_p2(D), BLOCK_DV=_p2(D))))
+                dict(GROUP=G, D=D, DV=D, BLOCK=64, BLOCK_M=query_tile(64, D), P=max(P, 16), BLOCK_D=_p2(D),
+                     BLOCK_DV=_p2(D))))
     return out
 
 

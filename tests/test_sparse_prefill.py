@@ -222,10 +222,10 @@ def test_prefill_budget_alone_makes_the_server_sparse():
 
 
 # ---------------------------------------------------------------- GPU kernel: torch reference, Triton interpreted
-def kernel_case(seed=0, dtype=torch.float32):
+def kernel_case(seed=0, dtype=torch.float32, Dh=16, Bq=16):
     """Paged pool with 16-token pages (tl.dot tiles), a chunk after a cached prefix, GQA 2x2."""
     g = torch.Generator().manual_seed(seed)
-    Hkv, Gr, Dh, Pg, Bq, L, prefix = 2, 2, 16, 16, 16, 330, 101
+    Hkv, Gr, Pg, L, prefix = 2, 2, 16, 330, 101
     n_pages = math.ceil(L / Pg)
     perm = torch.randperm(n_pages + 3, generator=g)
     slots = (perm[:n_pages].view(-1, 1) * Pg + torch.arange(Pg)).flatten()[:L]
@@ -255,8 +255,12 @@ def test_kernel_reference_matches_cpu_path():
 def _triton_prefill():
     from sglang_shplb_kernels import attend_selection, block_sparse_prefill_torch
 
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):   # numpy (the interpreter) has no bf16
-        q, k_buf, v_buf, slots, chosen, prefix, Bq = kernel_case(1, dtype)
+    from sglang_shplb_kernels.block_sparse_prefill import query_tile
+
+    assert query_tile(64, 256) == 32      # the last case runs each 64-query block as two 32-row tiles
+    cases = ((torch.float32, 1e-4, 16, 16), (torch.float16, 2e-2, 16, 16), (torch.float32, 1e-4, 256, 64))
+    for dtype, tol, Dh, Bq in cases:   # numpy (the interpreter) has no bf16
+        q, k_buf, v_buf, slots, chosen, prefix, Bq = kernel_case(1, dtype, Dh, Bq)
         n, Hkv, Gr, Dh = q.shape
         got = attend_selection(q, k_buf, v_buf, slots, chosen, prefix, 0.25, Bq)
         want = block_sparse_prefill_torch(q.reshape(n, Hkv * Gr, Dh), k_buf, v_buf, slots, chosen.page_lists(),
