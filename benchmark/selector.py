@@ -58,7 +58,18 @@ these tables; the profile re-made with the fix moves no budget by more than 0.00
 context, dense-solved ones scored): 2k optimal@0.1 quest_sum 10/16, two_stage4 14/16, oracle 15/16;
 2k uniform@0.1 6/16, 11/16, 15/16; 4k optimal@0.1 7/12, 9/12, 11/12; 4k uniform@0.1 3/12, 9/12, 11/12
 (raw: selector_floor_fix.json). Pages read at 10% with the fix (optimal / uniform budgets): 2k 11.4% /
-11.7%, 4k 10.2% / 10.2%, 8k 9.5% / 9.6% (before: 10.6 / 10.2, 10.2 / 10.2, 10.1 / 10.2)."""
+11.7%, 4k 10.2% / 10.2%, 8k 9.5% / 9.6% (before: 10.6 / 10.2, 10.2 / 10.2, 10.1 / 10.2).
+
+`two_stage_keys16` (2026-11-30; selector_keys.md, one run of the shipping script with the floor fix): the same
+shortlist re-ranked from the keys (each query head's 16 largest-|q| channels, log-sum-exp over the page's
+tokens, max over the group). It closes about half of two_stage4's gap to the oracle at every length and
+budget (10%: 2k 0.684 -> 0.711 of 0.745, 4k 0.762 -> 0.790 of 0.820, 8k 0.828 -> 0.854 of 0.879; p10 up
+4-6 pt) and answers more needles at 10% (2k optimal 16/16 vs 14/16, uniform 13/16 vs 11/16; 4k optimal
+10/12 both, uniform 10/12 vs 9/12). It reads the shortlist's whole key rows: 0.316 of the dense KV bytes at
+8k/10% vs 0.240. At equal bytes (two_stage4 at ~14%, interpolated: 0.861 at 8k) prose recall is a tie, so
+the default stays `two_stage4` (which the CUDA kernels implement); keys16 is selectable on CPU. Reading 16
+fixed channels from a per-token label cache (Double Sparsity) instead of whole rows would cut its second
+stage to a quarter of the bytes, below two_stage4's sub-page metadata: the next step."""
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
