@@ -103,7 +103,7 @@ def run_variant(name: str, tasks: dict, raw: dict, raw_path: Path, tmp: Path) ->
     if not todo:
         return
     flags, _, _ = variant_flags(name, tmp)
-    server = Server(["--max-total-tokens", "20000", *flags], tmp / f"retrieval-{name}.log").wait_ready()
+    server = Server(["--max-total-tokens", "20000", *flags], tmp / f"retrieval-{name.replace('/', '-')}.log").wait_ready()
     try:
         t0 = time.time()
         for i, key in enumerate(todo):
