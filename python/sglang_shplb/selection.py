@@ -40,6 +40,11 @@ class Selector:
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
     keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
 
+    @property
+    def fine(self) -> bool:
+        """Pages are (re-)scored by a second, finer estimate: sub-page bounds or the keys."""
+        return self.sub is not None or self.keys > 0
+
     def metadata_bytes(self, n_pages: int, k: int, page_size: int, head_dim: int, elem: int = 4) -> float:
         """Bytes of page metadata one (request, KV head) reads per decode step to select k of n pages."""
         coarse = 2 * head_dim * elem * (n_pages if (self.sub is None or self.shortlist) else 0)
@@ -157,6 +162,11 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     return aggregate(selector, logits.logsumexp(-1), valid)
 
 
+def second_stage(selector: Selector) -> Callable[..., torch.Tensor]:
+    """The finer page score of a `fine` selector: from the keys, or from sub-page bounds."""
+    return key_scores if selector.keys else fine_scores
+
+
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int,
                      ref_pages: Optional[int] = None) -> torch.Tensor:
     """Pages a head keeps at a context of n_pages, at least the floor (sink + recent), at most the context.
@@ -198,7 +208,7 @@ def top_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_max: int, sink: int
 
 
 def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                 fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]],
+                 fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
@@ -207,17 +217,17 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     in rank order; a row's entries past its k are not selected (callers mask them)."""
     N = kmin.shape[-2]
     K = int(k_pages.max())
-    if selector.sub is None and not selector.keys:
+    if not selector.fine:
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
-        fine = fine_scores(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
+        fine = second_stage(selector)(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
         return top_pages(fine, n_pages, K, sink, recent)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
-    fine = (key_scores if selector.keys else fine_scores)(selector, q, *fine_meta(short), listed)
+    fine = second_stage(selector)(selector, q, *fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
     fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
     fine = fine.masked_fill(~listed, NEG_INF)
@@ -270,7 +280,7 @@ def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tens
     kmin/kmax [..., N, D] and `fine` = stage2_inputs(...), each [..., N, X, D] (full, broadcastable);
     k_grid [..., B] pages per budget. The selection depends on k (the shortlist is c*k), so each budget
     selects afresh."""
-    if selector.sub is None and not selector.keys:
+    if not selector.fine:
         order = rank_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, sink, recent)
         return recovery_curve(page_mass, order, k_grid)
 
