@@ -49,14 +49,24 @@ class SparseAttention:
         self.decode_selector = decode_selector
         self.budgets = None  # [layers, Hkv] or None for dense
         self.ref_pages = None  # pages of the context the budgets were made at (selection.pages_for_budget)
+        self.prefill_estimate = sp.DEFAULT_ESTIMATE
+        self.prefill_budgets = None  # "prefill" selector: [layers, Hkv] prompt budgets (None: self.budgets)
+        self.answer_from = None  # "prefill" selector: rows from here decode (sparse decode budgets), as served
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if self.budgets is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
-        attend = self.attend if self.selector == "decode" else self.attend_prefill
-        out = attend(query[0], key[0], value[0], self.budgets[module.layer_idx], scaling or module.scaling)
+        q, k, v, layer, scale = query[0], key[0], value[0], module.layer_idx, scaling or module.scaling
+        if self.selector == "decode":
+            out = self.attend(q, k, v, self.budgets[layer], scale)
+        else:
+            pf = self.budgets if self.prefill_budgets is None else self.prefill_budgets
+            out = self.attend_prefill(q, k, v, pf[layer], scale)
+            if self.answer_from is not None:   # the server decodes the answer: per-query decode selection
+                s = self.answer_from
+                out[:, s:] = self.attend(q, k, v, self.budgets[layer], scale, start=s)[:, s:]
         return out.transpose(0, 1).unsqueeze(0), None  # HF wants [B, L, H, D]
 
     def attend_prefill(self, q, k, v, budgets, scale):
@@ -65,15 +75,16 @@ class SparseAttention:
         Hkv, P = k.shape[0], self.P
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
-        chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent)
+        chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent,
+                                         estimate=self.prefill_estimate, keys=k, scale=scale)
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
         return out.permute(1, 2, 0, 3).reshape(Hq, L, -1)
 
-    def page_mask(self, q, k, budgets, scale):
-        """[Hkv, L, N]: pages selected for each query position (causal), by the shipping rule
-        (`oracle`: the pages with the most true attention mass of the group, same forced pages)."""
+    def page_mask(self, q, k, budgets, scale, start=0):
+        """[Hkv, L, N]: pages selected for each query position (causal) from `start` on, by the shipping
+        rule (`oracle`: the pages with the most true attention mass of the group, same forced pages)."""
         Hkv, L = k.shape[0], k.shape[1]
         P = self.P
         oracle = self.decode_selector == "oracle"
@@ -89,7 +100,7 @@ class SparseAttention:
 
         def fine_meta(idx):                                                        # [Hkv, c, C] logical pages
             return tuple(t[heads, idx] for t in fine)
-        for s in range(0, L, Q_CHUNK):                                             # bounds the [Hkv, c, C, S, D] gather
+        for s in range(start, L, Q_CHUNK):                                         # bounds the [Hkv, c, C, S, D] gather
             e = min(L, s + Q_CHUNK)
             n, kp = n_pages[s:e].expand(Hkv, -1), k_pages[:, s:e]
             if oracle:
@@ -105,13 +116,14 @@ class SparseAttention:
             mask[:, s:e] = mask[:, s:e].scatter(-1, top, keep)
         return mask
 
-    def attend(self, q, k, v, budgets, scale):
+    def attend(self, q, k, v, budgets, scale, start=0):
+        """Rows from `start` on (the rows before are left unset)."""
         Hq, L, D = q.shape
         Hkv, G = k.shape[0], Hq // k.shape[0]
-        pages = self.page_mask(q.float(), k.float(), budgets, scale)                     # [Hkv, L, N]
+        pages = self.page_mask(q.float(), k.float(), budgets, scale, start)              # [Hkv, L, N]
         out = torch.empty_like(q)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
-        for s in range(0, L, Q_CHUNK):
+        for s in range(start, L, Q_CHUNK):
             e = min(L, s + Q_CHUNK)
             tok = pages[:, s:e].repeat_interleave(self.P, -1)[..., :L] & causal[s:e]   # [Hkv, c, L]
             logits = torch.einsum("hgcd,hld->hgcl", q[:, s:e].view(Hkv, G, e - s, D), k) * scale

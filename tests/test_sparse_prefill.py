@@ -44,7 +44,19 @@ def page_score(qs, page, estimate):
     return float(torch.maximum(qs * lo, qs * hi).sum())          # quest_sum: the Quest bound summed
 
 
-def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre"):
+def true_page_mass(qs, pos, keys, scale, ctx):
+    """The reference estimate "oracle": page mass of each query (qs [M, G, D] at positions pos), softmax
+    over its causal keys [L, D], mean over the block's queries and heads -> [ctx]."""
+    mass = torch.zeros(ctx)
+    for i, p in enumerate(pos):
+        for g in range(qs.shape[1]):
+            w = ((qs[i, g] @ keys[: p + 1].T) * scale).softmax(-1)
+            for t in range(p + 1):
+                mass[t // P] += w[t] / (len(pos) * qs.shape[1])
+    return mass
+
+
+def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre", scale=0.3):
     """{(block, head): set of pages} from the definition: window + sink + top pages by the estimate."""
     n, L = q.shape[0], prefix + q.shape[0]
     out = {}
@@ -55,7 +67,11 @@ def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre")
         forced = window | set(range(min(sink, ctx)))
         for h in range(HKV):
             qs = q[b * B: (b + 1) * B, h].reshape(-1, D)
-            ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate) for j in range(ctx)]
+            if estimate == "oracle":
+                pos = range(first, last + 1)
+                ub = true_page_mass(q[b * B: (b + 1) * B, h], pos, keys[:, h], scale, ctx).tolist()
+            else:
+                ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate) for j in range(ctx)]
             k = min(max(math.ceil(float(budgets[h]) * ctx - 1e-6), len(forced)), ctx)
             rest = sorted((j for j in range(ctx) if j not in forced), key=lambda j: -ub[j])
             out[b, h] = forced | set(rest[: k - len(forced)])
@@ -80,7 +96,7 @@ def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre")
     phys = slots[::P] // P
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
-                                  budgets, P, sink, recent, B, estimate)
+                                  budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3)
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -90,7 +106,7 @@ def as_sets(chosen):
             for b in range(lists.shape[0]) for h in range(lists.shape[1])}
 
 
-@pytest.mark.parametrize("estimate", ["centre", "quest_sum"])
+@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle"])
 @pytest.mark.parametrize("L,prefix,sink,recent", [(150, 0, 1, 2), (150, 67, 1, 2), (101, 20, 2, 1), (60, 0, 0, 3)])
 def test_selector_matches_brute_force(L, prefix, sink, recent, estimate):
     budgets = torch.tensor([0.3, 0.6, 0.05])

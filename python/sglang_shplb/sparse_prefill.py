@@ -21,6 +21,10 @@ own outputs favour centre, so centre is the default; `prefill_estimate` in the c
 selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per layer incl. the last:
 sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
 quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
+"oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a
+reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps the
+needle answers that every metadata estimate above loses (benchmark/results/prefill_needle.md): the
+prefill estimate, not the budget or the block granularity, is what loses retrieval at 10%.
 
 Chunked prefill and radix reuse come for free: a chunk's queries sit at positions
 prefix_len + i, its keys (prefix + itself) are in req_to_token, and the page metadata of the
@@ -38,7 +42,8 @@ import torch
 from . import selection as sel
 
 QUERY_BLOCK = 64
-ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")
+ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")   # servable: they read page metadata only
+REFERENCE_ESTIMATES = ("oracle",)                                # read every key: benchmarks only
 DEFAULT_ESTIMATE = "centre"
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
@@ -96,6 +101,26 @@ def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, est
     raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
 
 
+def block_page_mass(q_blocks: torch.Tensor, keys: torch.Tensor, scale: float, first: torch.Tensor,
+                    page_size: int) -> torch.Tensor:
+    """The true page mass of each query block — what every estimate approximates. q_blocks
+    [nb, B, Hkv, G, D], keys [Hkv, L, D] (the request's causal context), first [nb] each block's
+    first query position -> [nb, Hkv, N]: softmax per query, summed per page, mean over the block's
+    real queries (positions < L) and the KV group. One block at a time: [Hkv, G, B, L] logits."""
+    nb, B = q_blocks.shape[:2]
+    L, P = keys.shape[1], page_size
+    N = math.ceil(L / P)
+    k, key_pos = keys.float(), torch.arange(L, device=keys.device)
+    out = []
+    for b in range(nb):
+        pos = first[b] + torch.arange(B, device=keys.device)
+        logits = torch.einsum("bhgd,hld->hgbl", q_blocks[b].float(), k) * scale
+        logits.masked_fill_(key_pos > pos.view(-1, 1), -math.inf)
+        probs = torch.nn.functional.pad(logits.softmax(-1), (0, N * P - L)).unflatten(-1, (N, P)).sum(-1)
+        out.append(probs[:, :, pos < L].mean((1, 2)))
+    return torch.stack(out)
+
+
 def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """x [n, ...] -> [nb, block, ...], zero-padded at the end."""
     nb = math.ceil(x.shape[0] / block)
@@ -107,9 +132,11 @@ def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
-                         block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE) -> BlockSelection:
+                         block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
+                         keys: torch.Tensor | None = None, scale: float | None = None) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
-    N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context."""
+    N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
+    keys [Hkv, prefix_len + n, D] and scale only for the reference estimate "oracle"."""
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
     first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
@@ -117,7 +144,10 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     win_lo, win_hi = block_window(first, last, page_size, recent)
     j = torch.arange(N, device=dev).view(1, -1)
     in_win = (j >= win_lo.view(-1, 1)) & (j <= win_hi.view(-1, 1))               # [nb, N]
-    scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
+    if estimate == "oracle":
+        scores = block_page_mass(pad_blocks(q, block), keys, scale, first, page_size)
+    else:
+        scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
     sinks = (j < sink) & ~in_win
     scores = scores.masked_fill(sinks.unsqueeze(1), math.inf)
     scores = scores.masked_fill((in_win | (j >= ctx.view(-1, 1))).unsqueeze(1), -math.inf)
@@ -233,10 +263,7 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
     for s in block_starts:
         qb = q[:, s: s + block].float().view(Hkv, Hq // Hkv, -1, D)              # [Hkv, g, B, D]
         pos = s + torch.arange(qb.shape[2], device=q.device)
-        logits = torch.einsum("hgbd,hld->hgbl", qb, k.float()) * scale
-        logits.masked_fill_(torch.arange(L, device=q.device) > pos.view(-1, 1), -math.inf)
-        probs = torch.nn.functional.pad(logits.softmax(-1), (0, N * P - L))
-        mass = probs.unflatten(-1, (N, P)).sum(-1).mean((1, 2))                  # [Hkv, N]
+        mass = block_page_mass(qb.permute(2, 0, 1, 3).unsqueeze(0), k, scale, pos[:1], P)[0]   # [Hkv, N]
         first, last = int(pos[0]), int(pos[-1])
         win_lo, win_hi = max(0, first // P - (recent - 1)), last // P
         j = torch.arange(N, device=q.device)
