@@ -6,13 +6,15 @@ budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
   * first token: the argmax at the last prompt position equals dense's (sparse prefill alone decides it);
   * answer: every answer token is dense's argmax (what the server's greedy answer needs).
 Each prompt runs once per prefill estimate (`--estimates`; "oracle" ranks pages by the block's true
-mass: a reference that reads every key, same budgets and block sharing). Prompts dense does not answer
+mass: a reference that reads every key, same budgets and block sharing; NAME@A-B uses NAME only in
+layers A..B, to find where the served estimate loses the answer). Prompts dense does not answer
 are skipped.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_needle.py [--contexts 4096 8000] [--seeds 5] [--mean 0.1]
 """
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,17 @@ from ruler_tasks import make_task  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
-from sglang_shplb.sparse_prefill import ESTIMATES, REFERENCE_ESTIMATES  # noqa: E402
+from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, ESTIMATES, REFERENCE_ESTIMATES  # noqa: E402
+
+
+DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
+
+
+def estimate_arg(text: str) -> str:
+    name, _, span = text.partition("@")
+    if name not in ESTIMATES + REFERENCE_ESTIMATES or (span and not re.fullmatch(r"\d+-\d+", span)):
+        raise argparse.ArgumentTypeError(f"{text!r}: want NAME or NAME@A-B, NAME in {ESTIMATES + REFERENCE_ESTIMATES}")
+    return text
 
 
 def main():
@@ -36,9 +48,10 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--mean", type=float, default=0.1)
-    p.add_argument("--estimates", nargs="+", default=["centre", "oracle"],
-                   choices=[*ESTIMATES, *REFERENCE_ESTIMATES])
-    p.add_argument("--out", default=str(ROOT / "benchmark/results/prefill_needle.md"))
+    p.add_argument("--estimates", nargs="+", default=["centre", "oracle"], type=estimate_arg,
+                   help=f"prefill estimates: {ESTIMATES + REFERENCE_ESTIMATES}; NAME@A-B uses NAME in layers A..B "
+                        f"and the served default ({DEFAULT_ESTIMATE}) elsewhere")
+    p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +108,8 @@ def main():
                  "harness). `oracle` = the block's true page mass (reads every key; a reference, not servable). "
                  "Issue 12 asks that the needle survive a 10% prefill budget at 7-8k.", rows,
                  f"OMP_NUM_THREADS=1 python benchmark/prefill_needle.py --contexts {' '.join(map(str, args.contexts))} "
-                 f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)}")
+                 f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)}"
+                 + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"))
 
 
 if __name__ == "__main__":

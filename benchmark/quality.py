@@ -63,20 +63,28 @@ class SparseAttention:
             out = self.attend(q, k, v, self.budgets[layer], scale)
         else:
             pf = self.budgets if self.prefill_budgets is None else self.prefill_budgets
-            out = self.attend_prefill(q, k, v, pf[layer], scale)
+            out = self.attend_prefill(q, k, v, pf[layer], scale, self.estimate_of(layer))
             if self.answer_from is not None:   # the server decodes the answer: per-query decode selection
                 s = self.answer_from
                 out[:, s:] = self.attend(q, k, v, self.budgets[layer], scale, start=s)[:, s:]
         return out.transpose(0, 1).unsqueeze(0), None  # HF wants [B, L, H, D]
 
-    def attend_prefill(self, q, k, v, budgets, scale):
+    def estimate_of(self, layer: int) -> str:
+        """`prefill_estimate` is NAME, or NAME@A-B: NAME in layers A..B, the served default elsewhere."""
+        name, _, span = self.prefill_estimate.partition("@")
+        if not span:
+            return name
+        a, b = map(int, span.split("-"))
+        return name if a <= layer <= b else sp.DEFAULT_ESTIMATE
+
+    def attend_prefill(self, q, k, v, budgets, scale, estimate=sp.DEFAULT_ESTIMATE):
         """The server's sparse-prefill path on one whole prompt (prefix 0)."""
         Hq, L, D = q.shape
         Hkv, P = k.shape[0], self.P
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent,
-                                         estimate=self.prefill_estimate, keys=k, scale=scale)
+                                         estimate=estimate, keys=k, scale=scale)
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
