@@ -22,9 +22,9 @@ selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per lay
 sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
 quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
 "oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a
-reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps the
-needle answers that every metadata estimate above loses (benchmark/results/prefill_needle.md): the
-prefill estimate, not the budget or the block granularity, is what loses retrieval at 10%.
+reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps 10 of
+13 needle answers at 4k/8k where centre keeps 3, and quest_sum / quest_max do no better than centre
+(benchmark/results/prefill_needle*.md): at 10% the estimate loses retrieval, mostly in layers 0-9.
 
 Chunked prefill and radix reuse come for free: a chunk's queries sit at positions
 prefix_len + i, its keys (prefix + itself) are in req_to_token, and the page metadata of the
