@@ -145,6 +145,8 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     j = torch.arange(N, device=dev).view(1, -1)
     in_win = (j >= win_lo.view(-1, 1)) & (j <= win_hi.view(-1, 1))               # [nb, N]
     if estimate == "oracle":
+        if keys is None or scale is None:
+            raise ValueError("the 'oracle' prefill estimate reads every key: pass keys= and scale=")
         scores = block_page_mass(pad_blocks(q, block), keys, scale, first, page_size)
     else:
         scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
