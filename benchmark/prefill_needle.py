@@ -7,10 +7,12 @@ budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
   * answer: every answer token is dense's argmax (what the server's greedy answer needs).
 Each prompt runs once per prefill estimate (`--estimates`; "oracle" ranks pages by the block's true
 mass: a reference that reads every key, same budgets and block sharing; NAME@A-B uses NAME only in
-layers A..B, to find where the served estimate loses the answer). Prompts dense does not answer
-are skipped.
+layers A..B, to find where the served estimate loses the answer) and per dense tail (`--dense-tails`:
+the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T` serves; 0 = every block
+sparse). Prompts dense does not answer are skipped.
 
-    OMP_NUM_THREADS=1 python benchmark/prefill_needle.py [--contexts 4096 8000] [--seeds 5] [--mean 0.1]
+    OMP_NUM_THREADS=1 python benchmark/prefill_needle.py [--contexts 4096 8000] [--seeds 5] [--mean 0.1] \
+        [--estimates centre oracle] [--dense-tails 0 256]
 """
 import argparse
 import json
@@ -30,7 +32,7 @@ from ruler_tasks import make_task  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
-from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, ESTIMATES, REFERENCE_ESTIMATES  # noqa: E402
+from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, REFERENCE_ESTIMATES  # noqa: E402
 
 
 DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
@@ -51,6 +53,8 @@ def main():
     p.add_argument("--estimates", nargs="+", default=["centre", "oracle"], type=estimate_arg,
                    help=f"prefill estimates: {ESTIMATES + REFERENCE_ESTIMATES}; NAME@A-B uses NAME in layers A..B "
                         f"and the served default ({DEFAULT_ESTIMATE}) elsewhere")
+    p.add_argument("--dense-tails", type=int, nargs="+", default=[DENSE_TAIL],
+                   help=f"prompt tails (tokens) that attend densely, each a column (served default {DENSE_TAIL})")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -67,9 +71,12 @@ def main():
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
     decode_budgets = torch.tensor(kv_budgets("optimal", args.mean)["budgets"])
     prefill_budgets = torch.tensor(kv_budgets("optimal", args.mean, phase="prefill")["budgets"])
-    raw = {e: {} for e in args.estimates}
-    rows = ["| context | family | seed | " + " | ".join(f"{e}: first token | {e}: answer" for e in args.estimates) + " |",
-            "|---|---|---|" + "---|---|" * len(args.estimates)]
+    if any(t < 0 for t in args.dense_tails):
+        p.error("--dense-tails: each must be >= 0 tokens")
+    columns = [(e, t, f"{e} tail{t}") for e in args.estimates for t in args.dense_tails]
+    raw = {c: {} for _, _, c in columns}
+    rows = ["| context | family | seed | " + " | ".join(f"{c}: first token | {c}: answer" for *_, c in columns) + " |",
+            "|---|---|---|" + "---|---|" * len(columns)]
     for ctx in args.contexts:
         for fam in ("single_needle", "multi_key"):
             for seed in range(args.seeds):
@@ -86,18 +93,18 @@ def main():
                     continue
                 attn.budgets, attn.prefill_budgets, attn.answer_from = decode_budgets, prefill_budgets, len(ids)
                 cells, t = [], time.time()
-                for est in args.estimates:
-                    attn.prefill_estimate = est
+                for est, tail, col in columns:
+                    attn.prefill_estimate, attn.prefill_dense_tail = est, tail
                     with torch.no_grad():
                         pred = model(torch.cat([ids, gold])[None]).logits[0, len(ids) - 1:-1].argmax(-1)
                     first, whole = bool(pred[0] == gold[0]), bool((pred == gold).all())
-                    raw[est][f"{ctx}/{fam}/{seed}"] = {"first": first, "answer": whole}
+                    raw[col][f"{ctx}/{fam}/{seed}"] = {"first": first, "answer": whole}
                     cells += ["yes" if first else "NO", "yes" if whole else "NO"]
                 rows.append(f"| {ctx} | {fam} | {seed} | " + " | ".join(cells) + " |")
                 print(rows[-1], f"({time.time() - t:.0f}s)", flush=True)
     total = []
-    for est in args.estimates:
-        r = raw[est].values()
+    for *_, col in columns:
+        r = raw[col].values()
         total += [f"**{sum(x['first'] for x in r)}/{len(r)}**", f"**{sum(x['answer'] for x in r)}/{len(r)}**"]
     rows.append("| **all** | | | " + " | ".join(total) + " |")
     Path(args.out).with_suffix(".json").write_text(json.dumps(raw, indent=1))
@@ -106,9 +113,12 @@ def main():
                  "committed profile; the prompt through `sparse_prefill.select_prefill_pages` with each prefill "
                  "estimate, the answer through the decode selector, teacher-forced on dense's answer (quality.py "
                  "harness). `oracle` = the block's true page mass (reads every key; a reference, not servable). "
+                 "`tailT`: the prompt's last T queries attend densely (`--shplb-prefill-dense-tail`; served default "
+                 f"{DENSE_TAIL}; tail0 is every block sparse, the served form before the tail). "
                  "Issue 12 asks that the needle survive a 10% prefill budget at 7-8k.", rows,
                  f"OMP_NUM_THREADS=1 python benchmark/prefill_needle.py --contexts {' '.join(map(str, args.contexts))} "
-                 f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)}"
+                 f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)} "
+                 f"--dense-tails {' '.join(map(str, args.dense_tails))}"
                  + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"))
 
 

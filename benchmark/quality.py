@@ -50,6 +50,7 @@ class SparseAttention:
         self.budgets = None  # [layers, Hkv] or None for dense
         self.ref_pages = None  # pages of the context the budgets were made at (selection.pages_for_budget)
         self.prefill_estimate = sp.DEFAULT_ESTIMATE
+        self.prefill_dense_tail = sp.DENSE_TAIL  # the prompt's last queries that attend densely (as served)
         self.prefill_budgets = None  # "prefill" selector: [layers, Hkv] prompt budgets (None: self.budgets)
         self.answer_from = None  # "prefill" selector: rows from here decode (sparse decode budgets), as served
 
@@ -83,8 +84,9 @@ class SparseAttention:
         Hkv, P = k.shape[0], self.P
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
+        tail = self.prefill_dense_tail + (0 if self.answer_from is None else L - self.answer_from)  # of the prompt
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent,
-                                         estimate=estimate, keys=k, scale=scale)
+                                         estimate=estimate, keys=k, scale=scale, dense_tail=tail)
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]

@@ -56,8 +56,9 @@ def true_page_mass(qs, pos, keys, scale, ctx):
     return mass
 
 
-def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre", scale=0.3):
-    """{(block, head): set of pages} from the definition: window + sink + top pages by the estimate."""
+def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre", scale=0.3, dense_tail=0):
+    """{(block, head): set of pages} from the definition: window + sink + top pages by the estimate; a block
+    holding any of the extend's last `dense_tail` queries keeps every causal page."""
     n, L = q.shape[0], prefix + q.shape[0]
     out = {}
     for b in range(math.ceil(n / B)):
@@ -73,6 +74,8 @@ def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre",
             else:
                 ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate) for j in range(ctx)]
             k = min(max(math.ceil(float(budgets[h]) * ctx - 1e-6), len(forced)), ctx)
+            if last >= L - dense_tail:
+                k = ctx
             rest = sorted((j for j in range(ctx) if j not in forced), key=lambda j: -ub[j])
             out[b, h] = forced | set(rest[: k - len(forced)])
     return out
@@ -90,13 +93,14 @@ def masked_reference(q, keys, vals, prefix, pages, scale):
     return out
 
 
-def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre"):
+def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre", dense_tail=0):
     req_to_token, k_buf, v_buf, kmin, kmax = paged_pool([L], seed)
     slots = req_to_token[1, :L]
     phys = slots[::P] // P
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
-                                  budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3)
+                                  budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3,
+                                  dense_tail=dense_tail)
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -107,15 +111,19 @@ def as_sets(chosen):
 
 
 @pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle"])
-@pytest.mark.parametrize("L,prefix,sink,recent", [(150, 0, 1, 2), (150, 67, 1, 2), (101, 20, 2, 1), (60, 0, 0, 3)])
-def test_selector_matches_brute_force(L, prefix, sink, recent, estimate):
+@pytest.mark.parametrize("L,prefix,sink,recent,tail", [(150, 0, 1, 2, 0), (150, 67, 1, 2, 0), (101, 20, 2, 1, 0),
+                                                       (60, 0, 0, 3, 0), (150, 0, 1, 2, 11), (150, 67, 1, 2, 20)])
+def test_selector_matches_brute_force(L, prefix, sink, recent, tail, estimate):
     budgets = torch.tensor([0.3, 0.6, 0.05])
-    q, keys, _, chosen, _ = one_request(L, prefix, budgets, sink, recent, estimate=estimate)
-    want = brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate)
+    q, keys, _, chosen, _ = one_request(L, prefix, budgets, sink, recent, estimate=estimate, dense_tail=tail)
+    want = brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate, dense_tail=tail)
     assert as_sets(chosen) == want
     assert bool((chosen.rest >= sink).any()), "the case must exercise ranked (non-forced) pages"
     assert torch.equal(chosen.count, torch.tensor([[len(want[b, h]) for h in range(HKV)]
                                                    for b in range(chosen.count.shape[0])]))
+    if tail:   # the case must have dense tail blocks and sparse blocks before them
+        dense = (chosen.count == chosen.ctx_pages.unsqueeze(-1)).all(-1)
+        assert bool(dense[-1]) and not bool(dense[len(dense) // 2])
 
 
 @pytest.mark.parametrize("prefix", [0, 29])
@@ -148,13 +156,13 @@ def test_batch_on_paged_pool_matches_per_request():
     q = torch.randn(sum(extend), HKV, G, D)
     budgets = torch.tensor([0.25, 0.1, 0.6])
     got = sparse_prefill(q, k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2, 3]), prefixes, extend,
-                         budgets, P, 1, 2, 0.3, B)
+                         budgets, P, 1, 2, 0.3, B, dense_tail=9)
     start = 0
     for r, (s, p, n) in enumerate(zip(seq_lens, prefixes, extend)):
         slots = req_to_token[r + 1, :s]
         keys, vals = k_buf[slots], v_buf[slots]
         qr = q[start: start + n]
-        pages = brute_force_pages(qr, keys, p, budgets, 1, 2)
+        pages = brute_force_pages(qr, keys, p, budgets, 1, 2, dense_tail=9)
         torch.testing.assert_close(got[start: start + n], masked_reference(qr, keys, vals, p, pages, 0.3),
                                    atol=1e-5, rtol=1e-5)
         start += n
@@ -175,7 +183,7 @@ def test_block_recovery_is_the_selected_mass():
     mass = torch.nn.functional.pad(logits.softmax(-1), (0, -L % P)).unflatten(-1, (-1, P)).sum(-1).mean((1, 2))
     for i, b in enumerate(grid.tolist()):
         chosen = select_prefill_pages(qs, kmin.transpose(0, 1), kmax.transpose(0, 1), start, torch.full((HKV,), b),
-                                      P, 1, 2, B)
+                                      P, 1, 2, B, dense_tail=0)   # the profiler measures the body's selector
         pages = as_sets(chosen)
         want = torch.tensor([float(mass[h, sorted(pages[0, h])].sum()) for h in range(HKV)])
         torch.testing.assert_close(rec[:, i], want, atol=1e-5, rtol=1e-5)
@@ -252,7 +260,7 @@ def kernel_case(seed=0, dtype=torch.float32, Dh=16, Bq=16):
     q = torch.randn(L - prefix, Hkv, Gr, Dh, generator=g).to(dtype)
     phys = slots[::Pg] // Pg
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
-                                  torch.tensor([0.45, 0.05]), Pg, 1, 2, Bq)
+                                  torch.tensor([0.45, 0.05]), Pg, 1, 2, Bq, dense_tail=40)   # last blocks dense
     return q, k_buf, v_buf, slots, chosen, prefix, Bq
 
 
@@ -305,14 +313,17 @@ def shared_prefix_prompts(corpus_dir):
 
 
 SERVER_ARGS = {"dense": ["--attention-backend", "torch_native"], "full": ["--shplb-prefill-budget", "1.0"],
-               "covered": ["--shplb-prefill-budget", "0.999"], "sparse": ["--shplb-prefill-budget", "0.1"]}
+               "covered": ["--shplb-prefill-budget", "0.999"],
+               "tail": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "64"],
+               "sparse": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "0"]}
 
 
 @pytest.fixture(scope="module")
 def server(start_server):
     """server(name), started on first use. dense: torch_native; full: prefill budget 1.0 (SGLang's
     extend); covered: 0.999 (our block-sparse path, but every head covers its context, so it must
-    match dense up to float order); sparse: 0.1."""
+    match dense up to float order); tail: 0.1, but every 64-token chunk is its own dense tail (our path, dense
+    selections: --shplb-prefill-dense-tail reaches the workers); sparse: 0.1 with no dense tail."""
     started = {}
 
     def get(name):
@@ -329,7 +340,7 @@ def batch_ids(server, prompts, n=12):
         return list(pool.map(lambda p: server.generate_ids(p, n), prompts))
 
 
-@pytest.mark.parametrize("name", ["full", pytest.param("covered", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["full", "tail", pytest.param("covered", marks=pytest.mark.slow)])
 def test_full_prefill_budget_equals_torch_native(server, shared_prefix_prompts, name):
     """Chunked prefill (64-token chunks over ~400-token prompts), then the same batch again, which
     reuses the shared prefix from the radix cache (prefix KV and page metadata already there)."""

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from .config import ConfigError, ShplbConfig
+from .config import PREFILL_DENSE_TAIL, ConfigError, ShplbConfig
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
 # Beyond this many waiting requests SGLang answers 503 "The request queue is full." at once;
@@ -34,6 +34,9 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
     g.add_argument("--shplb-prefill-budget", type=float,
                    help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
+    g.add_argument("--shplb-prefill-dense-tail", type=int, default=PREFILL_DENSE_TAIL,
+                   help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
+                        "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
                    "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR)")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")

@@ -7,6 +7,12 @@ The extend (prefill) queries of a request are cut into query blocks of B tokens.
     pages before them (a one-token block keeps exactly what decode keeps),
   * then the top pages by a cheap estimate, until k = ceil(budget x causal context in pages)
     pages are kept (k counts the forced pages; a head whose k covers its context runs dense).
+The extend's tail -- every query block holding one of its last `dense_tail` queries (`DENSE_TAIL`
+by default) -- keeps its whole causal context. A long prompt's question or instruction sits there,
+and every answer token reads its KV: on needle prompts at 10%, block-shared page selection over those
+rows is what loses the answer (the first answer token survives, the rest does not), while the
+prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
+at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle.md.
 Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA
 group) against the centre (min + max) / 2 of each page's key box, from the page min/max metadata
 decode already keeps; one matvec per page and block. Measured on SmolLM2 against the Quest upper
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from . import selection as sel
+from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
 
 QUERY_BLOCK = 64
 ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")   # servable: they read page metadata only
@@ -133,9 +140,11 @@ def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                          block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
-                         keys: torch.Tensor | None = None, scale: float | None = None) -> BlockSelection:
+                         keys: torch.Tensor | None = None, scale: float | None = None,
+                         dense_tail: int = DENSE_TAIL) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
+    Blocks holding any of the extend's last `dense_tail` queries keep their whole context.
     keys [Hkv, prefix_len + n, D] and scale only for the reference estimate "oracle"."""
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
@@ -157,6 +166,7 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     floor = n_win + sinks.sum(-1, keepdim=True)                                  # [nb, 1]
     k = sel.pages_for_budget(budgets.view(1, Hkv).double().to(dev), ctx.view(-1, 1).double(), 0)
     k = torch.minimum(torch.maximum(k, floor), ctx.view(-1, 1))                  # [nb, Hkv]
+    k = torch.where((last >= prefix_len + n - dense_tail).view(-1, 1), ctx.view(-1, 1), k)   # the tail: dense
     R = int((k - n_win).max())
     top = scores.topk(R, dim=-1).indices if R else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
     keep = torch.arange(R, device=dev).view(1, 1, R) < (k - n_win).unsqueeze(-1)
@@ -227,7 +237,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                    kmax: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices, prefix_lens: list[int],
                    extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                    scale: float, block: int = QUERY_BLOCK, attend=None,
-                   estimate: str = DEFAULT_ESTIMATE) -> torch.Tensor:
+                   estimate: str = DEFAULT_ESTIMATE, dense_tail: int = DENSE_TAIL) -> torch.Tensor:
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
     `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
@@ -240,7 +250,8 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         phys = slots[::page_size].long() // page_size
         lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
         qr = q[start: start + n]
-        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block, estimate)
+        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block, estimate,
+                                      dense_tail=dense_tail)
         if attend is not None:
             out[start: start + n] = attend(qr, k_buf, v_buf, slots, chosen, prefix, scale, block)
         else:

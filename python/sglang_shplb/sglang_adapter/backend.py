@@ -147,7 +147,7 @@ def _make_backend_class():
                 _host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
                 _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
                 self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
-                estimate=self.cfg.prefill_estimate)
+                estimate=self.cfg.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
         def _sparse_prefill_layer(self, layer) -> bool:
