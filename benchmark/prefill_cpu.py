@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
 from common import write_result  # noqa: E402
 
 from sglang_shplb.sparse_attention import new_page_metadata, update_page_minmax  # noqa: E402
-from sglang_shplb.sparse_prefill import sparse_prefill  # noqa: E402
+from sglang_shplb.sparse_prefill import DENSE_TAIL, sparse_prefill  # noqa: E402
 
 HKV, G, D, P = 3, 3, 64, 16
 
@@ -146,9 +146,10 @@ def main():
         rows += ["", "## Time to first token, real servers", ""] + ttft_rows(args)
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
-                 "64-query blocks, sink 1 page, window = own pages + 1; key-box-centre page estimate, the default). "
+                 "64-query blocks, sink 1 page, window = own pages + 1; key-box-centre page estimate; the blocks "
+                 f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults). "
                  "Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
-                 "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py")
+                 "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -48,11 +48,11 @@ def corpus_pieces() -> list[str]:
     return pieces
 
 
-def build_tasks(tok, contexts, seeds) -> dict:
+def build_tasks(tok, contexts, seeds, families=FAMILIES) -> dict:
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     pieces = corpus_pieces()
     return {f"{fam}/L{LEVELS[fam]}/{ctx}/{seed}": make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
-            for ctx in contexts for fam in FAMILIES for seed in range(seeds)}
+            for ctx in contexts for fam in families for seed in range(seeds)}
 
 
 def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
@@ -133,6 +133,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="task families to run")
     p.add_argument("--variants", nargs="+", default=["dense", "uniform@0.05", "optimal@0.05", "uniform@0.1",
                                                      "shift@0.1", "optimal@0.1", "bubbles@0.1"])
     p.add_argument("--parallel", type=int, default=1, help="variant servers run side by side (scores do not "
@@ -143,7 +144,7 @@ def main():
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds)
+    tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds, args.families)
     raw_path, tmp = Path(args.raw), Path("/tmp")
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     names = ["dense"] + [v for v in args.variants if v != "dense"]

@@ -181,12 +181,12 @@ def request_pages(buf: torch.Tensor, slots: torch.Tensor, page_size: int) -> tor
     return buf[padded].unflatten(0, (N, page_size)).permute(2, 0, 1, 3).contiguous()
 
 
-def _steps(chosen: BlockSelection, per_page: int):
-    """Consecutive block ranges whose logits ([blocks, heads, queries, keys]) stay cache-sized."""
+def _steps(chosen: BlockSelection, per_page: int, nb: int):
+    """Consecutive ranges of the first nb blocks whose logits ([blocks, heads, queries, keys]) stay cache-sized."""
     width = (chosen.win_hi - chosen.win_lo + 1) + (chosen.rest >= 0).sum(-1).amax(-1)   # [nb] pages
-    b0, nb = 0, width.shape[0]
+    b0 = 0
     while b0 < nb:
-        cost = width[b0:].cummax(0).values * torch.arange(1, nb - b0 + 1) * per_page
+        cost = width[b0:nb].cummax(0).values * torch.arange(1, nb - b0 + 1) * per_page
         b1 = b0 + max(1, int((cost <= LOGIT_ELEMS_PER_STEP).sum()))
         yield b0, b1
         b0 = b1
@@ -206,7 +206,8 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                   prefix_len: int, scale: float, block: int = QUERY_BLOCK) -> torch.Tensor:
     """q [n, Hkv, G, D]; k/v_pages [Hkv, N, P, D] -> out [n, Hkv, G, Dv]. A few blocks per step
     (logits stay in cache), each step trimmed to its own widest selection. Only the window pages
-    need the causal mask; the other pages lie wholly before every query of the block."""
+    need the causal mask; the other pages lie wholly before every query of the block. Trailing blocks
+    that keep every page (the dense tail) run as one SDPA instead."""
     n, Hkv, G, D = q.shape
     P = k_pages.shape[2]
     L = prefix_len + n
@@ -214,7 +215,9 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     qb = torch.mul(qp, scale, out=torch.empty(qp.shape, dtype=q.dtype))           # [nb, Hkv, B, G, D], one pass
     heads = torch.arange(Hkv).view(1, Hkv, 1)
     out = q.new_empty(qb.shape[0], Hkv, block, G, v_pages.shape[-1])
-    for b0, b1 in _steps(chosen, Hkv * block * G * P):
+    dense = (chosen.count >= chosen.ctx_pages.unsqueeze(-1)).all(-1).flip(0).cumprod(0)   # trailing dense blocks
+    sparse_nb = qb.shape[0] - int(dense.sum())
+    for b0, b1 in _steps(chosen, Hkv * block * G * P, sparse_nb):
         W = int((chosen.win_hi[b0:b1] - chosen.win_lo[b0:b1]).max()) + 1
         R = int((chosen.rest[b0:b1] >= 0).sum(-1).max())
         bias_w, win = _window_bias(chosen, b0, b1, W, P, block, prefix_len, L)
@@ -230,7 +233,22 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                 .repeat_interleave(P, -1)[:, :, None, None, :]
         probs = logits.softmax(-1).view(s, Hkv, block * G, -1)
         out[b0:b1] = (probs @ vals).view(s, Hkv, block, G, -1)
-    return out.permute(0, 2, 1, 3, 4).flatten(0, 1)[:n]
+    out = out.permute(0, 2, 1, 3, 4).flatten(0, 1)[:n]
+    if sparse_nb * block < n:   # the dense tail (DENSE_TAIL): one causal SDPA over the whole context, no gather
+        out[sparse_nb * block:] = _dense_rows(q[sparse_nb * block:], k_pages, v_pages, prefix_len + sparse_nb * block,
+                                              L, scale)
+    return out
+
+
+def _dense_rows(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, first: int, L: int, scale: float):
+    """q [m, Hkv, G, D] at positions first.. attending causally to the request's first L keys -> [m, Hkv, G, Dv]."""
+    m, Hkv, G, D = q.shape
+    keys, vals = (x.flatten(1, 2)[:, :L].to(q.dtype) for x in (k_pages, v_pages))   # [Hkv, L, D]: views
+    causal = torch.arange(L).view(1, L) <= torch.arange(first, first + m).view(m, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3).reshape(1, Hkv * G, m, D), keys.unsqueeze(0), vals.unsqueeze(0), attn_mask=causal,
+        scale=scale, enable_gqa=G > 1)
+    return o.view(Hkv, G, m, -1).permute(2, 0, 1, 3)
 
 
 def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, kmin: torch.Tensor,
