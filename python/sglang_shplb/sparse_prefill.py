@@ -12,7 +12,7 @@ by default) -- keeps its whole causal context. A long prompt's question or instr
 and every answer token reads its KV: on needle prompts at 10%, block-shared page selection over those
 rows is what loses the answer (the first answer token survives, the rest does not), while the
 prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
-at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle.md.
+at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle_tail.md.
 Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA
 group) against the centre (min + max) / 2 of each page's key box, from the page min/max metadata
 decode already keeps; one matvec per page and block. Measured on SmolLM2 against the Quest upper
