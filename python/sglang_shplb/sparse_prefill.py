@@ -68,8 +68,13 @@ class BlockSelection:
     page_size: int
 
     @property
+    def dense_blocks(self) -> torch.Tensor:
+        """[nb] bool: the block keeps its whole causal context on every head."""
+        return (self.count >= self.ctx_pages.unsqueeze(-1)).all(-1)
+
+    @property
     def dense(self) -> bool:
-        return bool((self.count >= self.ctx_pages.unsqueeze(-1)).all())
+        return bool(self.dense_blocks.all())
 
     def page_lists(self) -> torch.Tensor:
         """All kept pages [nb, Hkv, K] (window then rest), -1 padded: the GPU kernel's input."""
@@ -215,8 +220,7 @@ def attend_blocks(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
     qb = torch.mul(qp, scale, out=torch.empty(qp.shape, dtype=q.dtype))           # [nb, Hkv, B, G, D], one pass
     heads = torch.arange(Hkv).view(1, Hkv, 1)
     out = q.new_empty(qb.shape[0], Hkv, block, G, v_pages.shape[-1])
-    dense = (chosen.count >= chosen.ctx_pages.unsqueeze(-1)).all(-1).flip(0).cumprod(0)   # trailing dense blocks
-    sparse_nb = qb.shape[0] - int(dense.sum())
+    sparse_nb = qb.shape[0] - int(chosen.dense_blocks.flip(0).cumprod(0).sum())   # before the trailing dense blocks
     for b0, b1 in _steps(chosen, Hkv * block * G * P, sparse_nb):
         W = int((chosen.win_hi[b0:b1] - chosen.win_lo[b0:b1]).max()) + 1
         R = int((chosen.rest[b0:b1] >= 0).sum(-1).max())
