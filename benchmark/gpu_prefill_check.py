@@ -15,7 +15,7 @@ import math
 import torch
 
 import sglang_shplb_kernels as K
-from sglang_shplb.sparse_prefill import select_prefill_pages, sparse_prefill
+from sglang_shplb.sparse_prefill import DENSE_TAIL, select_prefill_pages, sparse_prefill
 
 BLOCK = 64
 
@@ -49,13 +49,14 @@ class PrefillCase:
         b = torch.full((run.Hkv,), budget) * torch.linspace(0.5, 1.5, run.Hkv) if budget < 1 else torch.ones(run.Hkv)
         return b.clamp(max=1.0)
 
-    def sparse(self, run, kernel, budget):
+    def sparse(self, run, kernel, budget, dense_tail=DENSE_TAIL):
         """The server's own extend path (sparse_prefill.sparse_prefill), attending with the Triton kernel
         (kernel=K.block_sparse_prefill, what the backend passes on CUDA) or the CPU path (the torch reference)."""
         attend = K.attend_selection if kernel is K.block_sparse_prefill else None
         out = sparse_prefill(self.q.view(self.n, run.Hkv, -1, run.D), self.k, self.v, self.kmin, self.kmax,
                              self.slots.view(1, -1), torch.zeros(1, dtype=torch.int64), [self.prefix], [self.n],
-                             self._budgets(run, budget), self.P, 1, 2, run.D ** -0.5, block=run.block, attend=attend)
+                             self._budgets(run, budget), self.P, 1, 2, run.D ** -0.5, block=run.block, attend=attend,
+                             dense_tail=dense_tail)
         return out.reshape(self.n, run.Hq, -1)
 
     def dense(self, run):
@@ -73,9 +74,11 @@ def prefill_check(run):
     kernel = K.block_sparse_prefill if run.impl == "triton" else K.block_sparse_prefill_torch
     run.block = BLOCK if gpu else 16
     small = PrefillCase(run, 2048 if gpu else 200, 1024 if gpu else 120)
-    got, want = small.sparse(run, kernel, run.args.budget), small.sparse(run, K.block_sparse_prefill_torch, run.args.budget)
+    tail = small.n // 4              # a sparse body and a dense tail (the served default 256 on the GPU case)
+    got, want = (small.sparse(run, k, run.args.budget, tail) for k in (kernel, K.block_sparse_prefill_torch))
     err = float((got.float() - want.float()).abs().max())
-    run.check(f"sparse_prefill: Triton kernel == CPU path (ctx={small.prefix + small.n}, chunk {small.n})",
+    run.check(f"sparse_prefill: Triton kernel == CPU path (ctx={small.prefix + small.n}, chunk {small.n}, "
+              f"dense tail {tail})",
               err < 2e-2, f"max abs err {err:.2e}")
     for ctx in ((8192, 32768) if gpu else (64, 200)):
         if run.elapsed() > run.args.time_limit:

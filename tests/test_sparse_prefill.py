@@ -276,6 +276,36 @@ def test_kernel_reference_matches_cpu_path():
     torch.testing.assert_close(got.view_as(want), want, atol=1e-5, rtol=1e-5)
 
 
+def test_gpu_route_selects_body_and_tail_apart():
+    """sparse_prefill with a GPU-style `attend` (the kernel's torch reference): the body's page lists stay
+    as wide as its budgets (not padded to the dense tail's whole context), the tail's blocks are dense,
+    and the output equals the CPU path (blockwise body + SDPA tail)."""
+    from sglang_shplb_kernels import block_sparse_prefill_torch
+
+    seq_lens, prefixes, tail = [300, 141], [37, 0], 20
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_pool(seq_lens, seed=9)
+    extend = [s - p for s, p in zip(seq_lens, prefixes)]
+    q = torch.randn(sum(extend), HKV, G, D)
+    budgets = torch.tensor([0.1, 0.05, 0.2])
+    seen = []
+
+    def attend(qr, kb, vb, slots, chosen, prefix, scale, block):
+        seen.append((qr.shape[0], prefix, chosen))
+        n, Hkv, Gr, Dh = qr.shape
+        return block_sparse_prefill_torch(qr.reshape(n, Hkv * Gr, Dh), kb, vb, slots, chosen.page_lists(), prefix,
+                                          scale, block, P).view_as(qr)
+
+    args = (k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2]), prefixes, extend, budgets, P, 1, 2, 0.3, B)
+    got = sparse_prefill(q, *args, attend=attend, dense_tail=tail)
+    torch.testing.assert_close(got, sparse_prefill(q, *args, dense_tail=tail), atol=1e-5, rtol=1e-5)
+    assert len(seen) == 4                                      # body and tail of each request
+    for (body_n, body_prefix, body), (tail_n, tail_prefix, dense), p, n in zip(seen[::2], seen[1::2], prefixes, extend):
+        assert (body_prefix, tail_prefix) == (p, p + body_n) and body_n + tail_n == n
+        assert body_n % B == 0 and tail <= tail_n < tail + B
+        assert dense.dense and not body.dense
+        assert body.page_lists().shape[-1] == int(body.count.max())   # no padding to the context
+
+
 def _triton_prefill():
     from sglang_shplb_kernels import attend_selection, block_sparse_prefill_torch
 
@@ -290,6 +320,14 @@ def _triton_prefill():
         want = block_sparse_prefill_torch(q.reshape(n, Hkv * Gr, Dh), k_buf, v_buf, slots, chosen.page_lists(),
                                           prefix, 0.25, Bq, 16)
         torch.testing.assert_close(got.float(), want.view_as(got).float(), atol=tol, rtol=tol)
+    # the backend's route: sparse_prefill selects body and dense tail apart, the kernel attends both
+    q, k_buf, v_buf, slots, chosen, prefix, Bq = kernel_case(2)
+    kmin, kmax = new_page_metadata(k_buf.shape[0], q.shape[1], q.shape[3], 16, "cpu")
+    update_page_minmax(kmin, kmax, slots, k_buf[slots], 16)
+    args = (k_buf, v_buf, kmin, kmax, slots.view(1, -1), torch.zeros(1, dtype=torch.int64), [prefix], [q.shape[0]],
+            torch.tensor([0.45, 0.05]), 16, 1, 2, 0.25, Bq)
+    got = sparse_prefill(q, *args, attend=attend_selection, dense_tail=40)
+    torch.testing.assert_close(got, sparse_prefill(q, *args, dense_tail=40), atol=1e-4, rtol=1e-4)
 
 
 def test_triton_prefill_kernel_interpreted():

@@ -142,6 +142,12 @@ def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.unflatten(0, (nb, block))
 
 
+def dense_tail_start(n: int, block: int, dense_tail: int) -> int:
+    """First extend row of the dense tail: the start of the first query block holding one of the
+    extend's last `dense_tail` queries (n: no tail)."""
+    return n if dense_tail <= 0 else max(n - dense_tail, 0) // block * block
+
+
 def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                          block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
@@ -171,7 +177,8 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     floor = n_win + sinks.sum(-1, keepdim=True)                                  # [nb, 1]
     k = sel.pages_for_budget(budgets.view(1, Hkv).double().to(dev), ctx.view(-1, 1).double(), 0)
     k = torch.minimum(torch.maximum(k, floor), ctx.view(-1, 1))                  # [nb, Hkv]
-    k = torch.where((last >= prefix_len + n - dense_tail).view(-1, 1), ctx.view(-1, 1), k)   # the tail: dense
+    tail = first >= prefix_len + dense_tail_start(n, block, dense_tail)
+    k = torch.where(tail.view(-1, 1), ctx.view(-1, 1), k)                        # the tail: dense
     R = int((k - n_win).max())
     top = scores.topk(R, dim=-1).indices if R else scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
     keep = torch.arange(R, device=dev).view(1, 1, R) < (k - n_win).unsqueeze(-1)
@@ -263,7 +270,11 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
     `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
-    the CPU path, which gathers the request's pages once and runs attend_blocks."""
+    the CPU path, which gathers the request's pages once and runs attend_blocks.
+    A request's body and its dense tail are selected and attended apart: in one selection every
+    block's page list would be padded to the tail's width, the whole context (at 32k, ~64 MB of page
+    indices per layer and a context-wide top-k for every block). The CPU path runs the tail as one
+    causal SDPA; the GPU kernel gets the tail's few blocks as full page lists."""
     out = torch.empty(*q.shape[:3], v_buf.shape[-1], dtype=q.dtype, device=q.device)
     rows = req_pool_indices.tolist()
     start = 0
@@ -271,14 +282,19 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         slots = req_to_token[r, : prefix + n]
         phys = slots[::page_size].long() // page_size
         lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
-        qr = q[start: start + n]
-        chosen = select_prefill_pages(qr, lo, hi, prefix, budgets, page_size, sink, recent, block, estimate,
-                                      dense_tail=dense_tail)
-        if attend is not None:
-            out[start: start + n] = attend(qr, k_buf, v_buf, slots, chosen, prefix, scale, block)
-        else:
+        qr, o = q[start: start + n], out[start: start + n]
+        t = dense_tail_start(n, block, dense_tail)
+        parts = [(0, t, 0), (t, n, n - t)]                      # (rows from, to, dense tail): body, then tail
+        if attend is None:
             k_pages, v_pages = request_pages(k_buf, slots, page_size), request_pages(v_buf, slots, page_size)
-            out[start: start + n] = attend_blocks(qr, k_pages, v_pages, chosen, prefix, scale, block)
+        for a, b, tail in (p for p in parts if p[1] > p[0]):
+            if attend is None and tail:
+                o[a:b] = _dense_rows(qr[a:b], k_pages, v_pages, prefix + a, prefix + b, scale)
+                continue
+            chosen = select_prefill_pages(qr[a:b], lo, hi, prefix + a, budgets, page_size, sink, recent, block,
+                                          estimate, dense_tail=tail)
+            o[a:b] = (attend(qr[a:b], k_buf, v_buf, slots, chosen, prefix + a, scale, block) if attend is not None
+                      else attend_blocks(qr[a:b], k_pages, v_pages, chosen, prefix + a, scale, block))
         start += n
     return out
 
