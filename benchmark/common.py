@@ -65,3 +65,31 @@ def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, 
 def mean_of(body: dict) -> float:
     rows = body["budgets"]
     return sum(map(sum, rows)) / sum(map(len, rows))
+
+
+class LabelCalibration:
+    """Label channels of the `selection.LABEL_SELECTORS` (Double Sparsity's offline calibration): mean |q| and
+    mean |k| per channel and KV head, accumulated by a harness's attention function during dense runs over
+    TEXT, a text no recall or perplexity window is taken from (selector.py: alice29/asyoulik; quality.py:
+    lcet10); needle haystacks draw sentences from every text."""
+    TEXT, START, LENGTH = "plrabn12.txt", 1000, 4096
+
+    def __init__(self):
+        self.stats = {}          # layer -> (sum of mean |q| [Hkv, G, D], sum of mean |k| [Hkv, D])
+
+    def ids(self, tokenizer):
+        from sglang_shplb.models import prepare_corpus
+
+        text = (prepare_corpus() / self.TEXT).read_text(errors="replace")
+        return tokenizer(text).input_ids[self.START: self.START + self.LENGTH]
+
+    def add(self, layer: int, q, k) -> None:
+        """q [Hq, L, D], k [Hkv, L, D] of one dense forward."""
+        qa, ka = q.float().abs().mean(1), k.float().abs().mean(1)
+        old = self.stats.get(layer, (0, 0))
+        self.stats[layer] = (old[0] + qa.view(k.shape[0], -1, qa.shape[-1]), old[1] + ka)
+
+    def channels(self, r: int) -> dict:
+        from sglang_shplb.selection import label_channels
+
+        return {layer: label_channels(qa, ka, r) for layer, (qa, ka) in self.stats.items()}

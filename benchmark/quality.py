@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from common import BUDGET_METHODS, PROFILE, kv_budgets, mean_of, write_result  # noqa: E402
+from common import BUDGET_METHODS, PROFILE, LabelCalibration, kv_budgets, mean_of, write_result  # noqa: E402
 from plots import line_plot  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
@@ -53,13 +53,19 @@ class SparseAttention:
         self.prefill_dense_tail = sp.DENSE_TAIL  # the prompt's last queries that attend densely (as served)
         self.prefill_budgets = None  # "prefill" selector: [layers, Hkv] prompt budgets (None: self.budgets)
         self.answer_from = None  # "prefill" selector: rows from here decode (sparse decode budgets), as served
+        self.calibration = None  # common.LabelCalibration while calibrating a label selector's channels
+        self.channels = {}       # {layer: [Hkv, r]} label channels of a label selector (calibrate_labels)
+        self.layer = 0
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if self.budgets is None:
+            if self.calibration is not None:
+                self.calibration.add(module.layer_idx, query[0], key[0])
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
         q, k, v, layer, scale = query[0], key[0], value[0], module.layer_idx, scaling or module.scaling
+        self.layer = layer
         if self.selector == "decode":
             out = self.attend(q, k, v, self.budgets[layer], scale)
         else:
@@ -100,7 +106,7 @@ class SparseAttention:
         oracle = self.decode_selector == "oracle"
         rule = sel.get_selector("quest_max" if oracle else self.decode_selector)
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
-        fine = sel.stage2_inputs(rule, k, P)                                      # each [Hkv, N, X, D]
+        fine = sel.stage2_inputs(rule, k, P, self.channels.get(self.layer))       # each [Hkv, N, X, D]
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),
@@ -142,6 +148,13 @@ class SparseAttention:
         return out
 
 
+def calibrate_labels(attn: SparseAttention, model, tokenizer, r: int) -> None:
+    """Label channels per layer and KV head from a dense run over common.LabelCalibration's text."""
+    attn.budgets, attn.calibration = None, LabelCalibration()
+    evaluate(model, torch.tensor(attn.calibration.ids(tokenizer)))
+    attn.channels, attn.calibration = attn.calibration.channels(r), None
+
+
 def evaluate(model, ids):
     with torch.no_grad():
         logits = model(ids[None]).logits[0, :-1].float()
@@ -157,8 +170,10 @@ def main():
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
-    p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), "oracle"], default=sel.DEFAULT_SELECTOR,
-                   help="page ranking of the decode selector (the server's --shplb-selector)")
+    p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), *sorted(sel.LABEL_SELECTORS), "oracle"],
+                   default=sel.DEFAULT_SELECTOR,
+                   help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
+                   "their channels on common.LabelCalibration's text first)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
                    "accumulate; the table shows every row of this selector/page/windows in it")
@@ -174,7 +189,10 @@ def main():
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_quality").eval()
-    text_ids = AutoTokenizer.from_pretrained(model_dir)((prepare_corpus() / "lcet10.txt").read_text()).input_ids
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text_ids = tokenizer((prepare_corpus() / "lcet10.txt").read_text()).input_ids
+    if args.decode_selector in sel.LABEL_SELECTORS:
+        calibrate_labels(attn, model, tokenizer, sel.LABEL_SELECTORS[args.decode_selector].keys)
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     tag = f"{args.selector}/page{page}/windows{args.windows}"

@@ -32,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from common import PROFILE, kv_budgets, write_result  # noqa: E402
+from common import PROFILE, LabelCalibration, kv_budgets, write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
@@ -77,13 +77,14 @@ def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
     return torch.nn.functional.pad(probs, (0, n * P - probs.shape[-1])).unflatten(-1, (n, P)).sum(-1)
 
 
-def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P):
-    """Pages [..., K] a selector keeps. q [Hkv, S, G, D], k [Hkv, L, D], group_mass [Hkv, S, N]."""
+def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None):
+    """Pages [..., K] a selector keeps. q [Hkv, S, G, D], k [Hkv, L, D], group_mass [Hkv, S, N];
+    channels [Hkv, r]: a label selector's calibrated channels in this layer."""
     if name == "oracle":
         return sel.top_pages(group_mass, n_pages, int(k_pages.max()), SINK, RECENT)
     s = sel.get_selector(name)
     kmin, kmax = sel.page_minmax(k, P)
-    fine = sel.stage2_inputs(s, k, P)                                         # each [Hkv, N, X, D]
+    fine = sel.stage2_inputs(s, k, P, channels)                               # each [Hkv, N, X, D]
 
     def fine_meta(idx):                                                        # idx [Hkv, S, C]
         h = torch.arange(idx.shape[0]).view(-1, 1, 1)
@@ -103,6 +104,8 @@ class Probe:
         self.selector = None
         self.needle_pages = None
         self.hits = []
+        self.calibration = None    # common.LabelCalibration while mode is 'calibrate'
+        self.channels = {}         # label selector name -> {layer: [Hkv, r]}
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -110,6 +113,8 @@ class Probe:
         scale = scaling or module.scaling
         if self.mode == "recall":
             self.recall(module.layer_idx, query[0], key[0], scale)
+        if self.mode == "calibrate":
+            self.calibration.add(module.layer_idx, query[0], key[0])
         if query.shape[2] != key.shape[2]:  # cached answer steps (sdpa's is_causal would misalign them)
             return self.sparse(module.layer_idx, query[0], key[0], value[0], scale), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
@@ -129,7 +134,8 @@ class Probe:
         for b in self.budgets:
             kp = sel.pages_for_budget(torch.tensor(b), n_pages, SINK + RECENT)
             for name in self.selectors:
-                kept = sel.kept_mass(gm, chosen_by(name, qg, k.float(), gm, n_pages, kp, P), kp)
+                ch = self.channels.get(name, {}).get(layer)
+                kept = sel.kept_mass(gm, chosen_by(name, qg, k.float(), gm, n_pages, kp, P, ch), kp)
                 rec = ((kept - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
                 self.stats.setdefault((name, b), []).append(rec.flatten())
 
@@ -151,7 +157,8 @@ class Probe:
         n_pages = (pos // P + 1).expand(Hkv, -1)
         kp = sel.pages_for_budget(self.layer_budgets[layer].view(Hkv, 1).double(), n_pages.double(), SINK + RECENT,
                                   self.ref_pages)
-        chosen = chosen_by(self.selector, qg.transpose(1, 2), k.float(), gm, n_pages, kp, P)   # [Hkv, A, K]
+        chosen = chosen_by(self.selector, qg.transpose(1, 2), k.float(), gm, n_pages, kp, P,
+                           self.channels.get(self.selector, {}).get(layer))                 # [Hkv, A, K]
         keep = torch.arange(chosen.shape[-1]) < kp.unsqueeze(-1)
         pages = torch.zeros(Hkv, A, gm.shape[-1], dtype=torch.bool).scatter(-1, chosen, keep)
         tok = pages.repeat_interleave(P, -1)[..., :L] & causal                     # [Hkv, A, L]
@@ -345,7 +352,8 @@ def main():
     p.add_argument("--texts", type=int, default=2)
     p.add_argument("--queries", type=int, default=16, help="sampled query positions per window and layer")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
-    p.add_argument("--selectors", nargs="+", default=list(sel.SELECTORS))
+    p.add_argument("--selectors", nargs="+", default=list(sel.SELECTORS),
+                   help="names in selection.SELECTORS or LABEL_SELECTORS (these calibrate on common.LabelCalibration)")
     p.add_argument("--needle-contexts", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--needle-seeds", type=int, default=10)
     p.add_argument("--needle-methods", nargs="+", default=["optimal", "uniform"])
@@ -369,6 +377,13 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_selector").eval()
+    labels = [n for n in args.selectors if n in sel.LABEL_SELECTORS]
+    if labels:   # calibrate the label channels on a held-out text first
+        probe.mode, probe.calibration = "calibrate", LabelCalibration()
+        with torch.no_grad():
+            model.model(torch.tensor(probe.calibration.ids(tok))[None], use_cache=False)
+        probe.channels = {n: probe.calibration.channels(sel.LABEL_SELECTORS[n].keys) for n in labels}
+        probe.mode = "dense"
     run_recall(model, tok, probe, args, raw)
     run_needle(model, tok, probe, args, raw)
     write_tables(args, raw)

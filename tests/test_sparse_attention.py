@@ -90,8 +90,9 @@ def test_covered_heads_equal_dense(budget):
     assert torch.equal(chosen.tokens_read[0] == seq_lens.sum(), torch.tensor(budget == 1.0))
 
 
-def brute_force_pages(rule, q, keys, n, k, P, sink, recent):
-    """Pages one (request, KV head) keeps, from the page's own keys, plain Python: q [G, D], keys [s, D]."""
+def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
+    """Pages one (request, KV head) keeps, from the page's own keys, plain Python: q [G, D], keys [s, D];
+    channels: a label selector's calibrated channels of this KV head."""
     def bound(qg, box):
         lo, hi = box.min(0).values, box.max(0).values
         return float(torch.maximum(qg * lo, qg * hi).sum())
@@ -120,7 +121,7 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent):
     among = ranked(coarse)[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else list(range(n))
     if rule.keys:   # SparQ: each head's r largest-|q| channels, log-sum-exp over the page's tokens, max
         def page_logmass(qg, pg):
-            ch = sorted(range(len(qg)), key=lambda d: -abs(float(qg[d])))[: rule.keys]
+            ch = channels if rule.label else sorted(range(len(qg)), key=lambda d: -abs(float(qg[d])))[: rule.keys]
             logits = [sum(float(qg[d]) * float(t[d]) for d in ch) * len(qg) ** -0.5 for t in pg]
             return math.log(sum(math.exp(x) for x in logits))
         fine = {j: max(page_logmass(qg, pages[j]) for qg in q) for j in among}
@@ -154,6 +155,33 @@ def test_variable_budgets_pick_brute_force_pages(selector):
             assert got == want, (b, h)
     out = attend_selected(q, k_buf, v_buf, chosen, 0.3)
     assert out.shape == (3, HKV, G, D) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("selector", list(sel.LABEL_SELECTORS))
+def test_label_selectors_pick_brute_force_pages(selector):
+    """Label selectors (channels fixed per KV head by calibration; benchmarks only) through
+    selection.choose_pages, against the plain-Python reference over those channels; and the
+    calibration picks the channels with the largest summed mean |q| x mean |k|."""
+    rule, P16, Dh, s = sel.get_selector(selector), 16, 64, 300
+    g = torch.Generator().manual_seed(4)
+    keys, q = torch.randn(HKV, s, Dh, generator=g), torch.randn(HKV, G, Dh, generator=g)
+    q_abs, k_abs = torch.rand(HKV, G, Dh, generator=g), torch.rand(HKV, Dh, generator=g)
+    channels = sel.label_channels(q_abs, k_abs, rule.keys)                         # [HKV, r]
+    for h in range(HKV):
+        imp = [float(sum(q_abs[h, j, d] for j in range(G)) * k_abs[h, d]) for d in range(Dh)]
+        assert set(channels[h].tolist()) == set(sorted(range(Dh), key=lambda d: -imp[d])[: rule.keys])
+    n, sink, recent = math.ceil(s / P16), 1, 2
+    kmin, kmax = sel.page_minmax(keys, P16)
+    fine = sel.stage2_inputs(rule, keys, P16, channels)
+    heads = torch.arange(HKV).view(-1, 1)
+    k_pages = torch.tensor([3, 5, 8])
+    chosen = sel.choose_pages(rule, q, kmin, kmax, lambda idx: tuple(t[heads, idx] for t in fine),
+                              torch.full((HKV,), n), k_pages, sink, recent)
+    for h in range(HKV):
+        want = brute_force_pages(rule, q[h], keys[h], n, int(k_pages[h]), P16, sink, recent, channels[h].tolist())
+        assert set(chosen[h, : int(k_pages[h])].tolist()) == want, h
+    with pytest.raises(ValueError, match="label channels"):
+        sel.stage2_inputs(rule, keys, P16)
 
 
 def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):

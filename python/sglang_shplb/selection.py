@@ -18,6 +18,10 @@ KV group's G query heads are combined and how tight the box is:
     largest-|q| channels, its approximate logits over the page's tokens are log-sum-exp'ed into a page
     log-mass, aggregated over the group. An estimate of the mass, not a bound: no metadata beyond the
     coarse page bounds, but the shortlisted pages' keys are read.
+  * label: the same, but over r channels fixed per KV head by calibration (`label_channels`, Double
+    Sparsity's label cache): a per-token cache of r channels is all the second stage reads (at r = D/2
+    the same bytes per page as 4-token sub-page min/max). Benchmarks only (`LABEL_SELECTORS`): the
+    server has no label cache yet.
 The rule: forced pages (the `sink` first and the `recent` last valid pages) always come first, then
 pages by descending score, ties to the lower page index; pages past the context never.
 """
@@ -39,6 +43,7 @@ class Selector:
     sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
     keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
+    label: bool = False           # the r channels are fixed per KV head (a label cache), not per query
 
     @property
     def fine(self) -> bool:
@@ -51,7 +56,7 @@ class Selector:
         fine_pages = n_pages if not self.shortlist else min(n_pages, math.ceil(self.shortlist * k))
         fine = 0 if self.sub is None else 2 * head_dim * elem * (page_size // self.sub) * fine_pages
         if self.keys:    # whole key rows of the shortlist (the CPU path gathers rows, then picks channels)
-            fine = head_dim * elem * page_size * fine_pages
+            fine = (self.keys if self.label else head_dim) * elem * page_size * fine_pages   # label: r channels
         return float(coarse + fine)
 
 
@@ -68,12 +73,26 @@ SELECTORS = {s.name: s for s in (
     Selector("two_stage_keys16", "max", None, 3.0, keys=16),
 )}
 DEFAULT_SELECTOR = "two_stage4"
+# Need calibrated label channels (stage2_inputs(..., channels=)); not servable yet, so not in SELECTORS.
+LABEL_SELECTORS = {s.name: s for s in (
+    Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
+    Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
+)}
 
 
 def get_selector(name: str) -> Selector:
-    if name not in SELECTORS:
+    """A servable selector, or a label one (benchmarks)."""
+    if name not in SELECTORS and name not in LABEL_SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
-    return SELECTORS[name]
+    return SELECTORS.get(name) or LABEL_SELECTORS[name]
+
+
+def label_channels(q_abs: torch.Tensor, k_abs: torch.Tensor, r: int) -> torch.Tensor:
+    """The r channels of each KV head that carry the most of q.k (Double Sparsity's offline calibration):
+    q_abs [..., G, D] mean |q| per channel of the group's query heads, k_abs [..., D] mean |k| over
+    calibration tokens -> channel indices [..., r]. Outlier channels are a property of the weights
+    (stable across texts), so a few calibration windows fix them."""
+    return (q_abs * k_abs.unsqueeze(-2)).sum(-2).topk(r, -1).indices
 
 
 def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +175,11 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
     tokens (an estimate of the page's log attention mass), aggregated over the group."""
     q = q.float()
-    top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
-    q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))              # other channels zeroed
+    if selector.label:   # the keys are the label cache: channels outside the label are already zero
+        q_r = q
+    else:
+        top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
+        q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))          # other channels zeroed
     logits = torch.einsum("...gd,...cpd->...gcp", q_r, keys.float()) * q.shape[-1] ** -0.5
     return aggregate(selector, logits.logsumexp(-1), valid)
 
@@ -265,9 +287,16 @@ def page_keys(keys: torch.Tensor, page_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(keys.float(), (0, 0, 0, n * page_size - L)).unflatten(-2, (n, page_size))
 
 
-def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, ...]:
+def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int,
+                  channels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """What a two-stage selector's second stage reads per page, from full keys [..., L, D]: sub-page
-    (min, max) [..., N, S, D], or the page's keys (keys [..., N, P, D],); () for a one-stage selector."""
+    (min, max) [..., N, S, D], or the page's keys (keys [..., N, P, D],); () for a one-stage selector.
+    A label selector reads the label cache: the keys with every channel but `channels` [..., r] zeroed."""
+    if selector.label:
+        if channels is None:
+            raise ValueError(f"selector {selector.name!r} reads calibrated label channels: pass channels=")
+        keep = torch.zeros(*channels.shape[:-1], keys.shape[-1], device=keys.device).scatter(-1, channels, 1.0)
+        return (page_keys(keys * keep.unsqueeze(-2), page_size),)
     if selector.keys:
         return (page_keys(keys, page_size),)
     return subpage_minmax(keys, page_size, selector.sub) if selector.sub else ()
