@@ -91,8 +91,8 @@ class SparseAttention:
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
         tail = self.prefill_dense_tail + (0 if self.answer_from is None else L - self.answer_from)  # of the prompt
-        chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent,
-                                         estimate=estimate, keys=k, scale=scale, dense_tail=tail)
+        chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
+                                         keys=k, scale=scale, dense_tail=tail, channels=self.channels.get(self.layer))
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
@@ -174,6 +174,8 @@ def main():
                    default=sel.DEFAULT_SELECTOR,
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")
+    p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES + sp.REFERENCE_ESTIMATES,
+                   help="page estimate of --selector prefill (label: calibrated channels, as the label selectors)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
                    "accumulate; the table shows every row of this selector/page/windows in it")
@@ -191,11 +193,15 @@ def main():
                                                  attn_implementation="shplb_quality").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text_ids = tokenizer((prepare_corpus() / "lcet10.txt").read_text()).input_ids
-    if args.decode_selector in sel.LABEL_SELECTORS:
-        calibrate_labels(attn, model, tokenizer, sel.LABEL_SELECTORS[args.decode_selector].keys)
+    attn.prefill_estimate = args.prefill_estimate
+    if args.decode_selector in sel.LABEL_SELECTORS or args.prefill_estimate == "label":
+        rule = sel.LABEL_SELECTORS.get(args.decode_selector)
+        calibrate_labels(attn, model, tokenizer, rule.keys if rule else sp.LABEL_CHANNELS)
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     tag = f"{args.selector}/page{page}/windows{args.windows}"
+    if args.selector == "prefill" and args.prefill_estimate != sp.DEFAULT_ESTIMATE:
+        tag = f"prefill-{args.prefill_estimate}/page{page}/windows{args.windows}"
     if args.selector == "decode":
         tag = f"decode-{args.decode_selector}/page{page}/windows{args.windows}"
     for ctx in args.contexts:

@@ -36,8 +36,14 @@ def paged_pool(seq_lens, seed=0):
     return req_to_token, k_buf, v_buf, kmin, kmax
 
 
-def page_score(qs, page, estimate):
-    """One page's estimate for a block's queries qs [M, D], from the page's own keys [P, D]."""
+LABEL = torch.tensor([[0, 3, 5, 6], [1, 2, 4, 7], [7, 6, 0, 1]])   # "label" channels of each KV head
+
+
+def page_score(qs, page, estimate, h=0):
+    """One page's estimate for a block's queries qs [M, D], from the page's own keys [P, D] (KV head h)."""
+    if estimate == "label":   # mean query on the head's label channels, log-sum-exp over the page's tokens
+        ch = LABEL[h].tolist()
+        return math.log(sum(math.exp(float(qs.mean(0)[ch] @ t[ch]) * D ** -0.5) for t in page))
     lo, hi = page.min(0).values, page.max(0).values
     if estimate == "centre":
         return float(qs.mean(0) @ ((lo + hi) / 2))
@@ -72,7 +78,7 @@ def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre",
                 pos = range(first, last + 1)
                 ub = true_page_mass(q[b * B: (b + 1) * B, h], pos, keys[:, h], scale, ctx).tolist()
             else:
-                ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate) for j in range(ctx)]
+                ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate, h) for j in range(ctx)]
             k = min(max(math.ceil(float(budgets[h]) * ctx - 1e-6), len(forced)), ctx)
             if last >= L - dense_tail:
                 k = ctx
@@ -100,7 +106,7 @@ def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre",
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
                                   budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3,
-                                  dense_tail=dense_tail)
+                                  dense_tail=dense_tail, channels=LABEL)
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -110,7 +116,7 @@ def as_sets(chosen):
             for b in range(lists.shape[0]) for h in range(lists.shape[1])}
 
 
-@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle"])
+@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle", "label"])
 @pytest.mark.parametrize("L,prefix,sink,recent,tail", [(150, 0, 1, 2, 0), (150, 67, 1, 2, 0), (101, 20, 2, 1, 0),
                                                        (60, 0, 0, 3, 0), (150, 0, 1, 2, 11), (150, 67, 1, 2, 20)])
 def test_selector_matches_brute_force(L, prefix, sink, recent, tail, estimate):

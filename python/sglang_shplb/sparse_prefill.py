@@ -27,6 +27,11 @@ own outputs favour centre, so centre is the default; `prefill_estimate` in the c
 selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per layer incl. the last:
 sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
 quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
+"label" (benchmarks only until the server keeps a label cache): the block's mean query on the label
+channels (selection.label_channels, calibrated) against each of the page's tokens' label keys, log-sum-exp
+over the page (`label_block_scores`; the decode label selectors' estimate, pooled over the block). On one
+4k lcet10 window, 5 blocks per layer: sinkless block-mass recall at 5/10/20% centre 0.544/0.654/0.780,
+label (r=32) 0.553/0.685/0.813; in layers 3-9 at 10%, 0.51 -> 0.61.
 "oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a
 reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps 10 of
 13 needle answers at 4k/8k where centre keeps 3, and quest_sum / quest_max do no better than centre
@@ -50,8 +55,9 @@ from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
 
 QUERY_BLOCK = 64
 ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")   # servable: they read page metadata only
-REFERENCE_ESTIMATES = ("oracle",)                                # read every key: benchmarks only
+REFERENCE_ESTIMATES = ("oracle", "label")                       # read keys: benchmarks only
 DEFAULT_ESTIMATE = "centre"
+LABEL_CHANNELS = 32                                              # r of the "label" estimate (two_stage_label32's)
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
 
@@ -113,6 +119,24 @@ def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, est
     raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
 
 
+def label_block_scores(q_blocks: torch.Tensor, keys: torch.Tensor, channels: torch.Tensor, page_size: int,
+                       n: int):
+    """q_blocks [nb, B, Hkv, G, D] (the extend's n queries, zero-padded), keys [Hkv, L, D], channels [Hkv, r]
+    -> [nb, Hkv, N]: the block's mean query (over its real queries and the group) against every token of the
+    page on the label channels, log-sum-exp over the page."""
+    nb, B, D = q_blocks.shape[0], q_blocks.shape[1], keys.shape[-1]
+    idx = channels.unsqueeze(1)
+    lab = sel.page_keys(keys.float().gather(-1, idx.expand(-1, keys.shape[1], -1)), page_size)   # [Hkv, N, P, r]
+    real = (n - B * torch.arange(nb, device=keys.device)).clamp(max=B) * q_blocks.shape[3]     # queries per block
+    qm = q_blocks.float().sum((1, 3)) / real.view(-1, 1, 1)                                     # [nb, Hkv, D]
+    qm = qm.gather(-1, idx.squeeze(1).unsqueeze(0).expand(qm.shape[0], -1, -1))                 # [nb, Hkv, r]
+    scores = torch.einsum("bhr,hnpr->bhnp", qm, lab) * D ** -0.5
+    pad = lab.shape[1] * page_size - keys.shape[1]               # a partial last page: its padding is no key
+    if pad:
+        scores[..., -1, page_size - pad:] = -math.inf
+    return scores.logsumexp(-1)
+
+
 def block_page_mass(q_blocks: torch.Tensor, keys: torch.Tensor, scale: float, first: torch.Tensor,
                     page_size: int) -> torch.Tensor:
     """The true page mass of each query block — what every estimate approximates. q_blocks
@@ -152,11 +176,12 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                          block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
                          keys: torch.Tensor | None = None, scale: float | None = None,
-                         dense_tail: int = DENSE_TAIL) -> BlockSelection:
+                         dense_tail: int = DENSE_TAIL, channels: torch.Tensor | None = None) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
     Blocks holding any of the extend's last `dense_tail` queries keep their whole context.
-    keys [Hkv, prefix_len + n, D] and scale only for the reference estimate "oracle"."""
+    keys [Hkv, prefix_len + n, D] and scale only for the reference estimates ("oracle"; "label" also needs
+    channels [Hkv, r])."""
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
     first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
@@ -168,6 +193,10 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
         if keys is None or scale is None:
             raise ValueError("the 'oracle' prefill estimate reads every key: pass keys= and scale=")
         scores = block_page_mass(pad_blocks(q, block), keys, scale, first, page_size)
+    elif estimate == "label":
+        if keys is None or channels is None:
+            raise ValueError("the 'label' prefill estimate reads the keys' label channels: pass keys= and channels=")
+        scores = label_block_scores(pad_blocks(q, block), keys, channels, page_size, n)
     else:
         scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
     sinks = (j < sink) & ~in_win
