@@ -6,7 +6,8 @@ budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
   * first token: the argmax at the last prompt position equals dense's (sparse prefill alone decides it);
   * answer: every answer token is dense's argmax (what the server's greedy answer needs).
 Each prompt runs once per prefill estimate (`--estimates`; "oracle" ranks pages by the block's true
-mass: a reference that reads every key, same budgets and block sharing; NAME@A-B uses NAME only in
+mass: a reference that reads every key, same budgets and block sharing; "label" scores pages from
+calibrated label channels of the keys, calibrated first on a held-out text; NAME@A-B uses NAME only in
 layers A..B, to find where the served estimate loses the answer) and per dense tail (`--dense-tails`:
 the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T` serves; 0 = every block
 sparse). Prompts dense does not answer are skipped.
@@ -26,13 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmark"), str(ROOT / "tests")]
 from common import PROFILE, kv_budgets, write_result  # noqa: E402
-from quality import SparseAttention  # noqa: E402
+from quality import SparseAttention, calibrate_labels  # noqa: E402
 from retrieval import corpus_pieces  # noqa: E402
 from ruler_tasks import make_task  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
-from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, REFERENCE_ESTIMATES  # noqa: E402
+from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
+                                         REFERENCE_ESTIMATES)
 
 
 DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
@@ -67,6 +69,8 @@ def main():
     tok = AutoTokenizer.from_pretrained(md)
     model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
                                                  attn_implementation="shplb_prefill_needle").eval()
+    if any(e.partition("@")[0] == "label" for e in args.estimates):
+        calibrate_labels(attn, model, tok, LABEL_CHANNELS)   # on a held-out text (common.LabelCalibration)
     pieces = corpus_pieces()
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
     decode_budgets = torch.tensor(kv_budgets("optimal", args.mean)["budgets"])

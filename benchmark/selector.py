@@ -69,7 +69,17 @@ budget (10%: 2k 0.684 -> 0.711 of 0.745, 4k 0.762 -> 0.790 of 0.820, 8k 0.828 ->
 8k/10% vs 0.240. At equal bytes (two_stage4 at ~14%, interpolated: 0.861 at 8k) prose recall is a tie, so
 the default stays `two_stage4` (which the CUDA kernels implement); keys16 is selectable on CPU. Reading 16
 fixed channels from a per-token label cache (Double Sparsity) instead of whole rows would cut its second
-stage to a quarter of the bytes, below two_stage4's sub-page metadata: the next step."""
+stage to a quarter of the bytes, below two_stage4's sub-page metadata: the next step.
+
+Label selectors (2026-11-30; selector_label.md): `two_stage_label32` / `label16` re-rank the same shortlist from
+32 / 16 channels fixed per KV head (`selection.label_channels`, calibrated on one held-out plrabn12 window,
+`common.LabelCalibration`). label32 reads exactly two_stage4's bytes (0.240 of dense KV at 8k/10%) and closes
+~55-60% of its recall gap to the oracle at every length (10%: 2k 0.684 -> 0.718 of 0.745, 4k 0.762 -> 0.795 of
+0.820, 8k 0.828 -> 0.858 of 0.879), more than the per-query keys16 (which reads 0.316); needles at 10% are
+equal or better (2k optimal 15/16 vs 14/16, uniform 14/16 vs 11/16; 4k 10/12 and 9/12, both equal). label16
+(0.202) keeps most of the recall (8k 0.848) but loses needles under uniform budgets (2k 9/16, 4k 6/12). The
+perplexity goal is met by label32 (quality_selectors.md). It is the next default once the server keeps a
+label cache and the CUDA kernels read it; until then it runs in the benchmarks only."""
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
