@@ -10,7 +10,7 @@ the rule the server, the profiler and the GPU kernels' reference use) on the cap
     mass (mean over its query heads; sink page excluded: `sinkless`) in the pages each selector keeps,
     at equal pages per head (uniform budget b -> ceil(b * pages), >= sink + recent). `oracle` keeps the
     pages with the most true mass.
-  * needle: RULER-style prompts (`ruler_tasks.py`, single answer, the server's completion form). The
+  * needle: RULER-style prompts (`ruler_tasks.py`, `--needle-families`, the server's completion form). The
     prompt runs dense (as prefill does without a prefill budget); dense greedy decoding up to the
     answer is the gold, teacher-forced with every answer step sparse in every layer (decode),
     per-KV-group budgets from the committed profile (`optimal` or `uniform` at a mean). Exact match:
@@ -212,14 +212,14 @@ def run_recall(model, tok, probe, args, raw):
         Path(args.raw).write_text(json.dumps(raw, indent=1))
 
 
-def needle_tasks(tok, ctx, seeds):
+def needle_tasks(tok, ctx, seeds, families=(("single_needle", 0), ("multi_key", 1))):
     from retrieval import corpus_pieces
     from ruler_tasks import make_task
 
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     pieces = corpus_pieces()
     return [make_task(fam, lvl, pieces, count, ctx, 1000 + s)
-            for fam, lvl in (("single_needle", 0), ("multi_key", 1)) for s in range(seeds)]
+            for fam, lvl in families for s in range(seeds)]
 
 
 def encode(tok, task, P):
@@ -233,25 +233,34 @@ def encode(tok, task, P):
     return torch.tensor(enc.input_ids), sorted({t // P for t in toks})
 
 
-def dense_answer(model, tok, task, prompt, cache, max_new=16):
-    """Dense greedy continuation up to the token completing the answer (the teacher-forced gold) and
-    the indices of its tokens that spell the answer (the ones exact match checks), or None when dense
+def dense_answer(model, tok, task, prompt, cache, max_new=16):   # tokens per answer
+    """Dense greedy continuation up to the token completing the last answer (the teacher-forced gold) and
+    the indices of its tokens that spell the answers (the ones exact match checks), or None when dense
     does not answer. Leaves the prompt in `cache`."""
     with torch.no_grad():
         nxt = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax()
         out = [int(nxt)]
-        while task.answers[0] not in tok.decode(out) and len(out) < max_new:
+        while not all(a in tok.decode(out) for a in task.answers) and len(out) < max_new * len(task.answers):
             nxt = model(torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1].argmax()
             out.append(int(nxt))
     cache.crop(prompt.shape[0])
     text = tok.decode(out)
-    if task.answers[0] not in text or task.score(text) != 1:
+    if task.score(text) != 1:
         return None
-    a = text.index(task.answers[0])
     ends = [len(tok.decode(out[: i + 1])) for i in range(len(out))]
     starts = [0] + ends[:-1]
-    spell = [i for i in range(len(out)) if starts[i] < a + len(task.answers[0]) and ends[i] > a]
+    spans = [(text.index(ans), text.index(ans) + len(ans)) for ans in task.answers]
+    spell = [i for i in range(len(out)) if any(starts[i] < e and ends[i] > a for a, e in spans)]
     return torch.tensor(out), torch.tensor(spell)
+
+
+LEVELS = {"single_needle": 0, "multi_key": 1, "multi_value": 1, "variable_track": 0}   # as retrieval.py
+NEEDLE_FAMILIES = ["single_needle", "multi_key"]
+
+
+def needle_key(args, ctx):
+    fams = "" if args.needle_families == NEEDLE_FAMILIES else "/" + "+".join(args.needle_families)
+    return f"needle/{ctx}/{args.needle_seeds}{fams}"
 
 
 def run_needle(model, tok, probe, args, raw):
@@ -259,8 +268,8 @@ def run_needle(model, tok, probe, args, raw):
 
     configs = [(m, b) for m in args.needle_methods for b in args.needle_means]
     for ctx in args.needle_contexts:
-        tasks = needle_tasks(tok, ctx, args.needle_seeds)
-        key = f"needle/{ctx}/{args.needle_seeds}"
+        tasks = needle_tasks(tok, ctx, args.needle_seeds, [(f, LEVELS[f]) for f in args.needle_families])
+        key = needle_key(args, ctx)
         done = raw.setdefault(key, {})
         for ti, task in enumerate(tasks):
             tkey = f"{task.family}/{task.seed}"
@@ -328,7 +337,7 @@ def write_tables(args, raw):
     rows += ["", "## Needle: teacher-forced exact match (needle-page hit rate on retrieval groups)", "",
              "| context | budgets | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for ctx in args.needle_contexts:
-        d = raw.get(f"needle/{ctx}/{args.needle_seeds}", {})
+        d = raw.get(needle_key(args, ctx), {})
         kept = [t for t in d.values() if t.get("dense")]
         for m in args.needle_methods:
             for b in args.needle_means:
@@ -367,6 +376,8 @@ def main():
     p.add_argument("--needle-contexts", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--needle-seeds", type=int, default=10)
     p.add_argument("--needle-methods", nargs="+", default=["optimal", "uniform"])
+    p.add_argument("--needle-families", nargs="+", default=NEEDLE_FAMILIES, choices=sorted(LEVELS),
+                   help="task forms of the needle prompts (multi-answer forms score every answer's tokens)")
     p.add_argument("--needle-means", type=float, nargs="+", default=[0.1])
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "benchmark/results/selector.md"))
