@@ -70,7 +70,9 @@ class SparseAttention:
             out = self.attend(q, k, v, self.budgets[layer], scale)
         else:
             pf = self.budgets if self.prefill_budgets is None else self.prefill_budgets
-            out = self.attend_prefill(q, k, v, pf[layer], scale, self.estimate_of(layer))
+            n = q.shape[1] if self.answer_from is None else self.answer_from   # the prompt, as the server prefills it
+            out = torch.empty_like(q)
+            out[:, :n] = self.attend_prefill(q[:, :n], k[:, :n], v[:, :n], pf[layer], scale, self.estimate_of(layer))
             if self.answer_from is not None:   # the server decodes the answer: per-query decode selection
                 s = self.answer_from
                 out[:, s:] = self.attend(q, k, v, self.budgets[layer], scale, start=s)[:, s:]
@@ -85,14 +87,14 @@ class SparseAttention:
         return name if a <= layer <= b else sp.DEFAULT_ESTIMATE
 
     def attend_prefill(self, q, k, v, budgets, scale, estimate=sp.DEFAULT_ESTIMATE):
-        """The server's sparse-prefill path on one whole prompt (prefix 0)."""
+        """The server's sparse-prefill path on one whole prompt (prefix 0): the answer's rows are not there
+        (their queries would join the last block's estimate, their keys its page metadata)."""
         Hq, L, D = q.shape
         Hkv, P = k.shape[0], self.P
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
-        tail = self.prefill_dense_tail + (0 if self.answer_from is None else L - self.answer_from)  # of the prompt
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
-                                         keys=k, scale=scale, dense_tail=tail, channels=self.channels.get(self.layer))
+                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail, channels=self.channels.get(self.layer))
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
