@@ -39,52 +39,7 @@ from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 
 SINK, RECENT = 1, 2
 NEEDLE_MASS = 0.3
-DECISION = """Decision (issue 12): default `two_stage4` — per-query-head Quest bound on the 16-token pages, max over
-the KV group, over all pages; the 3k best re-scored by per-head 4-token sub-page bounds (page = max over its
-sub-pages and the group); top k. On long prose it keeps as much of the oracle's mass as a full 4-token scan
-(identical to 3 decimals) and slightly more than the old summed bound (`quest_sum`); per-head max alone
-(`quest_max`) is ~1.5 pt below `quest_sum` on prose, so the sub-page stage is what recovers it. On needle
-prompts it is the clear winner at equal pages (tables below). Cost: +45% metadata bytes over `quest_sum` at
-8k/10% (0.24 vs 0.16 of the dense KV bytes, fp32 metadata; 16-bit metadata would halve the metadata part).
-`two_stage4_psum` (per-head softmax of the bounds over the shortlist, summed over the group) has the best
-prose recall (+1.3-1.7 pt over two_stage4 at 10%) and 9/12 vs 8/12 on 4k optimal, but 6/12 vs 9/12 on 4k
-uniform: the normalisation dilutes a page only one retrieval head needs, the failure this issue is about, so
-it stays an option (the needle sets are small: 12 prompts at 4k, 9 at 2k; single_needle and multi_key forms).
-Needle rows at 2k with `optimal` budgets below failed for every selector including the oracle: 26 of
-90 KV groups got k = sink + recent (no free page) at 2k from the 4k profile's floor (a budget issue, not a
-ranking one). Fixed since (selection.pages_for_budget with the budgets' reference context): a head keeps
-sink + recent plus its share of the selectable pages at every length. Re-run with the fix (on the profile of
-these tables; the profile re-made with the fix moves no budget by more than 0.009) (`--needle-contexts 2048 4096 --needle-seeds 10 --selectors quest_sum two_stage4`, 20 prompts per
-context, dense-solved ones scored): 2k optimal@0.1 quest_sum 10/16, two_stage4 14/16, oracle 15/16;
-2k uniform@0.1 6/16, 11/16, 15/16; 4k optimal@0.1 7/12, 9/12, 11/12; 4k uniform@0.1 3/12, 9/12, 11/12
-(raw: selector_floor_fix.json). Pages read at 10% with the fix (optimal / uniform budgets): 2k 11.4% /
-11.7%, 4k 10.2% / 10.2%, 8k 9.5% / 9.6% (before: 10.6 / 10.2, 10.2 / 10.2, 10.1 / 10.2).
-
-`two_stage_keys16` (2026-11-30; selector_keys.md, one run of the shipping script with the floor fix): the same
-shortlist re-ranked from the keys (each query head's 16 largest-|q| channels, log-sum-exp over the page's
-tokens, max over the group). It closes about half of two_stage4's gap to the oracle at every length and
-budget (10%: 2k 0.684 -> 0.711 of 0.745, 4k 0.762 -> 0.790 of 0.820, 8k 0.828 -> 0.854 of 0.879; p10 up
-4-6 pt) and answers more needles at 10% (2k optimal 16/16 vs 14/16, uniform 13/16 vs 11/16; 4k optimal
-10/12 both, uniform 10/12 vs 9/12). It reads the shortlist's whole key rows: 0.316 of the dense KV bytes at
-8k/10% vs 0.240. At equal bytes (two_stage4 at ~14%, interpolated: 0.861 at 8k) prose recall is a tie, so
-the default stays `two_stage4` (which the CUDA kernels implement); keys16 is selectable on CPU. Reading 16
-fixed channels from a per-token label cache (Double Sparsity) instead of whole rows would cut its second
-stage to a quarter of the bytes, below two_stage4's sub-page metadata: the next step.
-
-Label selectors (2026-11-30; selector_label.md): `two_stage_label32` / `label16` re-rank the same shortlist from
-32 / 16 channels fixed per KV head (`selection.label_channels`, calibrated on one held-out plrabn12 window,
-`common.LabelCalibration`). label32 reads exactly two_stage4's bytes (0.240 of dense KV at 8k/10%) and closes
-~55-60% of its recall gap to the oracle at every length (10%: 2k 0.684 -> 0.718 of 0.745, 4k 0.762 -> 0.795 of
-0.820, 8k 0.828 -> 0.858 of 0.879), more than the per-query keys16 (which reads 0.316); needles at 10% are
-equal or better (2k optimal 15/16 vs 14/16, uniform 14/16 vs 11/16; 4k 10/12 and 9/12, both equal). label16
-(0.202) keeps most of the recall (8k 0.848) but loses needles under uniform budgets (2k 9/16, 4k 6/12). The
-perplexity goal is met by label32 (quality_selectors.md). It is the next default once the server keeps a
-label cache and the CUDA kernels read it; until then it runs in the benchmarks only.
-
-multi_value (selector_multi_value.md, 30 seeds, every answer's tokens scored): at 2k with optimal budgets
-two_stage4 8/13, keys16 9/13, label32 9/13 and the oracle ranking also 9/13 -- with these budgets the loss is
-the budget, not the ranking; with uniform budgets the oracle keeps 10/13 and the selectors 3-5/13. 4k: only
-4 of 30 prompts dense-solved (too few to read)."""
+DECISION = (ROOT / "benchmark" / "selector_decision.md").read_text().strip()   # the choice, with its numbers
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
