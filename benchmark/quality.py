@@ -94,7 +94,8 @@ class SparseAttention:
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
-                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail, channels=self.channels.get(self.layer))
+                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail,
+                                         channels=self.channels.get(self.layer))
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]

@@ -33,12 +33,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, LabelCalibration, kv_budgets, write_result  # noqa: E402
+from ruler_tasks import FAMILIES  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 
 SINK, RECENT = 1, 2
 NEEDLE_MASS = 0.3
+NEEDLE_FAMILIES = ["single_needle", "multi_key"]   # needle forms by default (ruler_tasks.FAMILIES has more)
 DECISION = (ROOT / "benchmark" / "selector_decision.md").read_text().strip()   # the choice, with its numbers
 
 
@@ -172,14 +174,14 @@ def run_recall(model, tok, probe, args, raw):
         Path(args.raw).write_text(json.dumps(raw, indent=1))
 
 
-def needle_tasks(tok, ctx, seeds, families=(("single_needle", 0), ("multi_key", 1))):
-    from retrieval import corpus_pieces
+def needle_tasks(tok, ctx, seeds, families=NEEDLE_FAMILIES):
+    from retrieval import LEVELS, corpus_pieces
     from ruler_tasks import make_task
 
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     pieces = corpus_pieces()
     return [make_task(fam, lvl, pieces, count, ctx, 1000 + s)
-            for fam, lvl in families for s in range(seeds)]
+            for fam in families for s in range(seeds) for lvl in [LEVELS[fam]]]
 
 
 def encode(tok, task, P):
@@ -193,10 +195,10 @@ def encode(tok, task, P):
     return torch.tensor(enc.input_ids), sorted({t // P for t in toks})
 
 
-def dense_answer(model, tok, task, prompt, cache, max_new=16):   # tokens per answer
+def dense_answer(model, tok, task, prompt, cache, max_new=16):
     """Dense greedy continuation up to the token completing the last answer (the teacher-forced gold) and
     the indices of its tokens that spell the answers (the ones exact match checks), or None when dense
-    does not answer. Leaves the prompt in `cache`."""
+    does not answer (max_new tokens per answer). Leaves the prompt in `cache`."""
     with torch.no_grad():
         nxt = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1].argmax()
         out = [int(nxt)]
@@ -214,10 +216,6 @@ def dense_answer(model, tok, task, prompt, cache, max_new=16):   # tokens per an
     return torch.tensor(out), torch.tensor(spell)
 
 
-LEVELS = {"single_needle": 0, "multi_key": 1, "multi_value": 1, "variable_track": 0}   # as retrieval.py
-NEEDLE_FAMILIES = ["single_needle", "multi_key"]
-
-
 def needle_key(args, ctx):
     fams = "" if args.needle_families == NEEDLE_FAMILIES else "/" + "+".join(args.needle_families)
     return f"needle/{ctx}/{args.needle_seeds}{fams}"
@@ -228,7 +226,7 @@ def run_needle(model, tok, probe, args, raw):
 
     configs = [(m, b) for m in args.needle_methods for b in args.needle_means]
     for ctx in args.needle_contexts:
-        tasks = needle_tasks(tok, ctx, args.needle_seeds, [(f, LEVELS[f]) for f in args.needle_families])
+        tasks = needle_tasks(tok, ctx, args.needle_seeds, args.needle_families)
         key = needle_key(args, ctx)
         done = raw.setdefault(key, {})
         for ti, task in enumerate(tasks):
@@ -336,7 +334,7 @@ def main():
     p.add_argument("--needle-contexts", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--needle-seeds", type=int, default=10)
     p.add_argument("--needle-methods", nargs="+", default=["optimal", "uniform"])
-    p.add_argument("--needle-families", nargs="+", default=NEEDLE_FAMILIES, choices=sorted(LEVELS),
+    p.add_argument("--needle-families", nargs="+", default=NEEDLE_FAMILIES, choices=sorted(FAMILIES),
                    help="task forms of the needle prompts (multi-answer forms score every answer's tokens)")
     p.add_argument("--needle-means", type=float, nargs="+", default=[0.1])
     p.add_argument("--page-size", type=int, default=16)
