@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
-from sglang_shplb.sparse_attention import (attend_selected, new_page_metadata, select_decode_tokens,  # noqa: E402
-                                           update_page_minmax)
+from sglang_shplb.sparse_attention import (attend_selected, fold_labels, new_label_cache,  # noqa: E402
+                                           new_page_metadata, select_decode_tokens, update_page_minmax)
 
 HKV, G, D, P = 3, 3, 64, 16
 
@@ -40,7 +40,17 @@ def build_pool(bs, ctx, seed=0):
     for sub in {s.sub for s in sel.SELECTORS.values() if s.sub}:   # sub-page metadata of every selector
         fine[sub] = new_page_metadata(k_buf.shape[0], HKV, D, sub, "cpu")
         update_page_minmax(*fine[sub], torch.arange(k_buf.shape[0]), k_buf, sub)
+    for r in {s.keys for s in sel.SELECTORS.values() if s.label}:   # label caches (any fixed channels: timing)
+        channels = torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(HKV)])
+        fine[("label", r)] = (new_label_cache(k_buf.shape[0], channels, k_buf.dtype, "cpu"), channels)
+        fold_labels(*fine[("label", r)], torch.arange(k_buf.shape[0]), k_buf)
     return k_buf, v_buf, req_to_token, kmin, kmax, fine
+
+
+def decode_inputs(name: str, fine: dict) -> dict:
+    """select_decode_tokens' metadata arguments for selector `name` from build_pool's `fine`."""
+    rule = sel.get_selector(name)
+    return {"fine": fine.get(rule.sub), "labels": fine.get(("label", rule.keys)) if rule.label else None}
 
 
 def timed(fn, repeats):
@@ -59,7 +69,8 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--selectors", nargs="+", default=sorted({"quest_sum", sel.DEFAULT_SELECTOR}),
+    p.add_argument("--selectors", nargs="+",
+                   default=sorted({"quest_sum", sel.UNCALIBRATED_SELECTOR, sel.DEFAULT_SELECTOR}),
                    choices=sorted(sel.SELECTORS), help="decode selectors timed side by side (selection cost included)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_cpu.md"))
     args = p.parse_args()
@@ -85,7 +96,7 @@ def main():
             def sparse(name):
                 qg = q.view(bs, HKV, G, D)
                 chosen = select_decode_tokens(qg, kmin, kmax, req_to_token, rows_idx, seq_lens, budgets, P, 1, 2,
-                                              name, fine.get(sel.get_selector(name).sub), k_buf=k_buf)
+                                              name, k_buf=k_buf, **decode_inputs(name, fine))
                 attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
 
             td, ts = [], {n: [] for n in names}

@@ -77,7 +77,7 @@ def row(name, curves, grid, tp, mean, floor, step):
 
 def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=5) -> list[str]:
     """Ragged (attend_selected) vs padded attention over the same selections, summed over layers."""
-    from attention_cpu import D, G, HKV, P, build_pool
+    from attention_cpu import D, G, HKV, P, build_pool, decode_inputs
 
     from sglang_shplb.sparse_attention import _attend, attend_selected, head_buckets, select_decode_tokens
 
@@ -91,13 +91,13 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
     for ctx in ctxs:
         for bs in batches:
             k_buf, v_buf, r2t, kmin, kmax, fine = build_pool(bs, ctx)
-            sub = fine.get(sel.get_selector(sel.DEFAULT_SELECTOR).sub)   # the default selector's sub-page metadata
+            meta = decode_inputs(sel.DEFAULT_SELECTOR, fine)                # the default selector's metadata
             seq, idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV, G, D)
             heads = torch.arange(HKV).view(1, HKV, 1)
             for name, b in sets.items():
                 ref = ref_pages if name.startswith("optimal") else None   # a budgets file vs --shplb-budget
-                chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, fine=sub, ref_pages=ref)
+                chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, ref_pages=ref, **meta)
                           for l in range(L)]
                 runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.slots, c.valid, heads, D ** -0.5) for c in chosen],
                         "ragged": lambda: [attend_selected(q, k_buf, v_buf, c, D ** -0.5) for c in chosen]}

@@ -129,8 +129,9 @@ class SparseAttention:
                 mass = probs.unflatten(-1, (-1, P)).sum(-1).mean(1)                # [Hkv, c, N]
                 top = sel.top_pages(mass, n, int(kp.max()), self.sink, self.recent)
             else:
+                ch = self.channels.get(self.layer)                                 # [Hkv, r] label selectors
                 top = sel.choose_pages(rule, qg[:, s:e], kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n, kp,
-                                       self.sink, self.recent)
+                                       self.sink, self.recent, None if ch is None else ch.unsqueeze(1))
             keep = torch.arange(top.shape[-1]).view(1, 1, -1) < kp.unsqueeze(-1)
             mask[:, s:e] = mask[:, s:e].scatter(-1, top, keep)
         return mask
@@ -173,7 +174,7 @@ def main():
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
-    p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), *sorted(sel.LABEL_SELECTORS), "oracle"],
+    p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), "oracle"],
                    default=sel.DEFAULT_SELECTOR,
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")

@@ -61,7 +61,8 @@ def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None):
     def fine_meta(idx):                                                        # idx [Hkv, S, C]
         h = torch.arange(idx.shape[0]).view(-1, 1, 1)
         return tuple(t[h, idx] for t in fine)
-    return sel.choose_pages(s, q, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, k_pages, SINK, RECENT)
+    return sel.choose_pages(s, q, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, k_pages, SINK, RECENT,
+                            None if channels is None else channels.unsqueeze(1))
 
 
 class Probe:

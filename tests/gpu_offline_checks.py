@@ -31,29 +31,49 @@ MAX_CTX = 4096 if BIG else 512
 SCALE = D ** -0.5
 
 
+def _channels(L, seed=0):
+    """Label channels [L, H, min(LABEL_RANK, D)] as a calibration might give them (a permutation's head)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.stack([torch.randperm(D, generator=g)[: min(S.LABEL_RANK, D)] for _ in range(H)])
+                        for _ in range(L)])
+
+
 class _Ref(list):
     """The CPU path's metadata: ref[layer] = (kmin, kmax) at page size P; .fine[layer] at the selector's
-    sub-page size (two-stage selectors), or None."""
+    sub-page size (two-stage selectors), or None; .labels[layer] the label cache (label selectors), or None."""
 
-    def __init__(self, slots, L, selector):
+    def __init__(self, slots, L, selector, channels):
         super().__init__(cpu.new_page_metadata(slots, H, D, P, "cpu") for _ in range(L))
         self.selector = selector
-        self.sub = S.get_selector(selector).sub
+        rule = S.get_selector(selector)
+        self.sub = rule.sub
         self.fine = [cpu.new_page_metadata(slots, H, D, self.sub, "cpu") for _ in range(L)] if self.sub else None
+        self.channels = channels[..., : rule.keys] if rule.label else None
+        self.labels = [cpu.new_label_cache(slots, self.channels[l], torch.float32, "cpu") for l in range(L)] \
+            if rule.label else None
 
     def fold(self, layer, locs, k):
         cpu.update_page_minmax(*self[layer], locs, k, P)
         if self.fine:
             cpu.update_page_minmax(*self.fine[layer], locs, k, self.sub)
+        if self.labels:
+            cpu.fold_labels(self.labels[layer], self.channels[layer], locs, k)
+
+    def label_args(self, layer, labels=None):
+        """select_decode_tokens' labels= (this path's cache, or `labels`: another one, e.g. the GPU's bf16)."""
+        if self.labels is None:
+            return None
+        return (self.labels[layer] if labels is None else labels.float()), self.channels[layer]
 
 
 def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0, selector=S.DEFAULT_SELECTOR):
     L = budgets.shape[0]
     cache = PagedCache(seq, L, H, D, P, MAX_CTX, dtype=dtype, seed=seed)
     shape = DecodeShape(L, H, G, D, D, P, SINK, RECENT, MAX_CTX)
+    channels = _channels(L, seed)
     dec = GpuSparseDecode(shape, budgets, "cpu", meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0], num_sms=3,
-                          selector=selector)
-    ref_meta = _Ref(cache.k[0].shape[0], L, selector)
+                          selector=selector, channels=channels)
+    ref_meta = _Ref(cache.k[0].shape[0], L, selector, channels)
     locs = cache.prefill_locs
     for layer in range(L):
         if dec.meta is not None:
@@ -62,14 +82,15 @@ def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed
     return cache, dec, ref_meta
 
 
-def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None):
+def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None, labels=None):
     """The CPU serving path of the backend (selection with the same selector + attention) on the same cache;
-    meta/fine: other page metadata to select on (default: the CPU path's own)."""
+    meta/fine/labels: other page metadata or label cache to select on (default: the CPU path's own)."""
     qg = q.view(cache.bs, H, G, D)
     meta = ref_meta[layer] if meta is None else meta
     fine = (ref_meta.fine[layer] if ref_meta.fine else None) if fine is None else fine
     chosen = cpu.select_decode_tokens(qg, *meta, cache.req_to_token, cache.req_pool_indices, cache.seq_lens,
-                                      budgets[layer], P, SINK, RECENT, selector=ref_meta.selector, fine=fine)
+                                      budgets[layer], P, SINK, RECENT, selector=ref_meta.selector, fine=fine,
+                                      labels=ref_meta.label_args(layer, labels))
     return cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen, SCALE)
 
 
@@ -88,7 +109,7 @@ def check_decode_vs_cpu():
     budgets = torch.tensor([[0.1] * H, [1.0] * H, [0.3, 0.05] * (H // 2)], dtype=torch.float64)
     for selector in [S.DEFAULT_SELECTOR] + [s for s in gpu_selectors() if s != S.DEFAULT_SELECTOR]:
         _decode_steps(budgets, selector, 3 if selector == S.DEFAULT_SELECTOR else 1)
-    for selector in ("quest_sum", S.DEFAULT_SELECTOR):
+    for selector in ("quest_sum", S.UNCALIBRATED_SELECTOR, S.DEFAULT_SELECTOR):
         _decode_bf16(budgets, selector)
 
 
@@ -111,6 +132,8 @@ def _decode_steps(budgets, selector, steps):
                 if dec.fine is not None:
                     assert torch.equal(dec.fine[layer][0], ref_meta.fine[layer][0])
                     assert torch.equal(dec.fine[layer][1], ref_meta.fine[layer][1])
+                if dec.labels is not None:
+                    assert torch.equal(dec.labels[layer], ref_meta.labels[layer])
     # accounting: tokens read per layer on the host, dense layer reads everything
     assert dec.tokens_read[1] == dec.tokens_dense[1] and (dec.tokens_read[0] < dec.tokens_dense[0])
 
@@ -133,7 +156,8 @@ def _decode_bf16(budgets, selector):
     out = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                      cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
     fine = None if dec.fine is None else tuple(t.float() for t in dec.fine[layer])
-    want = _cpu_decode(cache, ref_meta, layer, q, budgets, meta=(lo.float(), hi.float()), fine=fine)
+    labels = None if dec.labels is None else dec.labels[layer]
+    want = _cpu_decode(cache, ref_meta, layer, q, budgets, meta=(lo.float(), hi.float()), fine=fine, labels=labels)
     torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
     if selector == "quest_sum":   # and the chosen page sets are selection.select_pages' on the kernel's scores
         qg = q.view(cache.bs, H, G, D)
@@ -153,7 +177,7 @@ def check_fine_scores():
     fine_page_scores_torch, the mapped second top-k == selection.choose_pages' pages."""
     budgets = torch.full((1, H), 0.1, dtype=torch.float64)
     for meta_dtype in (torch.float32, torch.bfloat16):
-        cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=S.DEFAULT_SELECTOR)
+        cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=S.UNCALIBRATED_SELECTOR)
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)
         qg = cache.query(H * G).view(cache.bs, H, G, D)
@@ -166,7 +190,7 @@ def check_fine_scores():
         n = (cache.seq_lens + P - 1) // P
         lo, hi = dec.meta[0]
         flo, fhi = dec.fine[0]
-        rule = S.get_selector(S.DEFAULT_SELECTOR)
+        rule = S.get_selector(S.UNCALIBRATED_SELECTOR)
         for r in range(bs):
             rows = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P   # physical pages
             sub_rows = rows.unsqueeze(-1) * (P // dec.sub) + torch.arange(P // dec.sub)
@@ -183,6 +207,44 @@ def check_fine_scores():
                 want_set = set(chosen[h, : int(k[h])].tolist())
                 got_set = set(b.sel_idx[r, h, : int(k[h])].tolist())
                 assert got_set == want_set, (meta_dtype, r, h, got_set ^ want_set)
+
+
+def check_label_scores():
+    """The label selectors' kernels against their references: label_page_scores == label_page_scores_torch
+    (selection.key_scores) on the shortlist, the mapped second top-k == selection.choose_pages' pages on the
+    same label cache (float32 and bf16), every label selector."""
+    budgets = torch.full((1, H), 0.1, dtype=torch.float64)
+    for selector, meta_dtype in ((S.DEFAULT_SELECTOR, torch.float32), (S.DEFAULT_SELECTOR, torch.bfloat16),
+                                 *((s, torch.float32) for s in S.LABEL_SELECTORS if s != S.DEFAULT_SELECTOR)):
+        cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=selector, seed=2)
+        dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
+        dec.prepare(cache.seq_lens_dev)
+        qg = cache.query(H * G).view(cache.bs, H, G, D)
+        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev)
+        b, bs = dec.buf, cache.bs
+        labels, channels = dec.labels[0], dec.channels[0]
+        want = K.label_page_scores_torch(qg, labels, channels.long(), cache.req_to_token, cache.req_pool_indices,
+                                         cache.seq_lens, b.short_idx[:bs], b.c_pages[0, :bs], P, SINK, RECENT)
+        torch.testing.assert_close(b.fine_scores[:bs], want, rtol=1e-5, atol=1e-4)
+        n = (cache.seq_lens + P - 1) // P
+        lo, hi = dec.meta[0]
+        rule = S.get_selector(selector)
+        for r in range(bs):
+            slots = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P].long()       # whole pages
+            rows = slots[::P] // P
+            kmin, kmax = lo[rows].float().transpose(0, 1), hi[rows].float().transpose(0, 1)      # [H, N, D]
+            lab = labels[slots].float().transpose(0, 1).unflatten(1, (-1, P))                    # [H, N, P, r]
+
+            def fine_meta(idx):   # [H, C] -> [H, C, P, r]
+                return (lab.gather(1, idx[..., None, None].expand(*idx.shape, *lab.shape[-2:])),)
+
+            k = b.k_pages[0, r].long()
+            chosen = S.choose_pages(rule, qg[r], kmin, kmax, fine_meta, n[r].expand(H), k, SINK, RECENT,
+                                    channels.long())
+            for h in range(H):
+                want_set = set(chosen[h, : int(k[h])].tolist())
+                got_set = set(b.sel_idx[r, h, : int(k[h])].tolist())
+                assert got_set == want_set, (selector, meta_dtype, r, h, got_set ^ want_set)
 
 
 def check_scores_agg():
@@ -372,6 +434,7 @@ def check_fold_meta():
 
 
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_fine_scores,
+                                                   check_label_scores,
                                                    check_graph_replay, check_no_host_sync, check_fold_meta)}
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sglang_shplb import selection as sel
-from sglang_shplb.sparse_attention import (attend_selected, new_page_metadata, select_decode_tokens,
-                                           update_page_minmax)
+from sglang_shplb.sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata,
+                                           select_decode_tokens, update_page_minmax)
 
 P, HKV, G, D = 4, 3, 2, 8
 
@@ -41,6 +41,29 @@ def fine_metadata(req_to_token, k_buf, seq_lens, sub):
         for start in range(0, s, 5):
             update_page_minmax(*fine, slots[start: start + 5], k_buf[slots[start: start + 5]], sub)
     return fine
+
+
+def label_cache(req_to_token, k_buf, seq_lens, r, seed=0):
+    """Channels [Hkv, r] (random, as calibration might give) and the label cache of the requests in rows
+    1.., folded in chunks as the backend folds written keys."""
+    g = torch.Generator().manual_seed(seed)
+    channels = torch.stack([torch.randperm(k_buf.shape[-1], generator=g)[:r] for _ in range(k_buf.shape[1])])
+    cache = new_label_cache(k_buf.shape[0], channels, k_buf.dtype, "cpu")
+    for row, s in enumerate(seq_lens):
+        slots = req_to_token[row + 1, :s].long()
+        for start in range(0, s, 5):
+            fold_labels(cache, channels, slots[start: start + 5], k_buf[slots[start: start + 5]])
+    return cache, channels
+
+
+def test_label_cache_holds_each_keys_channels():
+    seq_lens = [13, 30]
+    req_to_token, k_buf, *_ = paged_cache(seq_lens)
+    cache, channels = label_cache(req_to_token, k_buf, seq_lens, 3)
+    for r, s in enumerate(seq_lens):
+        for slot in req_to_token[r + 1, :s].tolist():
+            for h in range(HKV):
+                assert cache[slot, h].tolist() == [k_buf[slot, h, c].item() for c in channels[h].tolist()]
 
 
 def dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, scale):
@@ -78,9 +101,9 @@ def test_covered_heads_equal_dense(budget):
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist())
     rows = torch.arange(1, 5)
     q = torch.randn(4, HKV, G, D)
-    fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), sel.get_selector(sel.DEFAULT_SELECTOR).sub)
+    labels = label_cache(req_to_token, k_buf, seq_lens.tolist(), sel.get_selector(sel.DEFAULT_SELECTOR).keys // 8)
     chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, torch.full((HKV,), budget), P, 1, 1,
-                                  fine=fine)
+                                  labels=labels)      # the default selector: label channels
     assert chosen.dense == (budget == 1.0)
     got = attend_selected(q, k_buf, v_buf, chosen, 0.3)
     want = dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, 0.3)
@@ -138,18 +161,20 @@ def test_variable_budgets_pick_brute_force_pages(selector):
     seq_lens = torch.tensor([300, 411, 90])
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), page_size=P16, seed=3)
     fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), rule.sub) if rule.sub else None
+    labels = label_cache(req_to_token, k_buf, seq_lens.tolist(), rule.keys // 4, seed=2) if rule.label else None
     rows = torch.arange(1, 4)
     q = torch.randn(3, HKV, G, D, generator=torch.Generator().manual_seed(1))
     budgets = torch.tensor([0.2, 0.5, 0.05])
     sink, recent = 1, 2
     chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P16, sink, recent,
-                                  selector, fine, k_buf=k_buf)
+                                  selector, fine, k_buf=k_buf, labels=labels)
     for b, s in enumerate(seq_lens.tolist()):
         n = math.ceil(s / P16)
         slots = req_to_token[rows[b], :s].long()
         for h in range(HKV):
             k = min(max(math.ceil(float(budgets[h]) * n - 1e-6), sink + recent), n)
-            pages = brute_force_pages(rule, q[b, h], k_buf[slots, h], n, k, P16, sink, recent)
+            ch = labels[1][h].tolist() if rule.label else None
+            pages = brute_force_pages(rule, q[b, h], k_buf[slots, h], n, k, P16, sink, recent, ch)
             want = {int(slots[t]) for j in pages for t in range(j * P16, min((j + 1) * P16, s))}
             got = set(chosen.slots[b, h][chosen.valid[b, h]].tolist())
             assert got == want, (b, h)
@@ -159,8 +184,8 @@ def test_variable_budgets_pick_brute_force_pages(selector):
 
 @pytest.mark.parametrize("selector", list(sel.LABEL_SELECTORS))
 def test_label_selectors_pick_brute_force_pages(selector):
-    """Label selectors (channels fixed per KV head by calibration; benchmarks only) through
-    selection.choose_pages, against the plain-Python reference over those channels; and the
+    """Label selectors (channels fixed per KV head by calibration) through selection.choose_pages at
+    the model's head size, against the plain-Python reference over those channels; and the
     calibration picks the channels with the largest summed mean |q| x mean |k|."""
     rule, P16, Dh, s = sel.get_selector(selector), 16, 64, 300
     g = torch.Generator().manual_seed(4)
@@ -176,12 +201,16 @@ def test_label_selectors_pick_brute_force_pages(selector):
     heads = torch.arange(HKV).view(-1, 1)
     k_pages = torch.tensor([3, 5, 8])
     chosen = sel.choose_pages(rule, q, kmin, kmax, lambda idx: tuple(t[heads, idx] for t in fine),
-                              torch.full((HKV,), n), k_pages, sink, recent)
+                              torch.full((HKV,), n), k_pages, sink, recent, channels)
     for h in range(HKV):
         want = brute_force_pages(rule, q[h], keys[h], n, int(k_pages[h]), P16, sink, recent, channels[h].tolist())
         assert set(chosen[h, : int(k_pages[h])].tolist()) == want, h
     with pytest.raises(ValueError, match="label channels"):
         sel.stage2_inputs(rule, keys, P16)
+    with pytest.raises(ValueError, match="label cache"):
+        req_to_token, k_buf, _, kmin, kmax = paged_cache([40])
+        select_decode_tokens(torch.randn(1, HKV, G, D), kmin, kmax, req_to_token, torch.tensor([1]),
+                             torch.tensor([40]), torch.full((HKV,), 0.2), P, 1, 1, selector)
 
 
 def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):

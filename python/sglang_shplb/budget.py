@@ -148,7 +148,7 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
     b, r = _allocate_units(curves, profile.grid, mean, method, floor_pages * page / ctx, page / ctx)
     extra = {} if prefill_mean is None else _prefill_budgets(profile, prefill_mean, method, granularity, metric,
                                                               floor_pages * page / ctx, page / ctx)
-    return {**extra,
+    return {**extra, **label_channels(profile, granularity),
         "model_fingerprint": meta["model_fingerprint"], "granularity": granularity, "selector": selector,
         "method": method, "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
         "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
@@ -156,6 +156,13 @@ def make_budgets(profile, mean: float, method: str = "optimal", granularity: str
         "budgets": b.tolist(), "predicted_recovery": r.tolist(),
         "summary": {"mean_recovery": float(r.mean()), "worst_recovery": float(r.min())},
     }
+
+
+def label_channels(profile, granularity: str) -> dict:
+    """The profile's calibrated label channels per unit ({} for a profile without them): the server's
+    default selector reads them (selection.DEFAULT_SELECTOR)."""
+    ch = profile.label_channels(granularity)
+    return {} if ch is None else {"label_channels": ch.tolist()}
 
 
 def _prefill_budgets(profile, mean, method, granularity, metric, floor_frac, step) -> dict:

@@ -31,7 +31,7 @@ class ShplbConfig:
     prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
     prefill_estimate: str = "centre"        # page estimate of the prefill selector (sparse_prefill.ESTIMATES)
     prefill_dense_tail: int = PREFILL_DENSE_TAIL   # an extend's last queries that attend densely
-    selector: str = ""                      # decode page selector (selection.SELECTORS); "" = the default
+    selector: str = ""                      # decode page selector (selection.SELECTORS); "" = serving.decode_selector
     log_stats: bool = False                 # log per-rank KV tokens read per layer
     # Request limits at the API edge (sglang_adapter/request_limits.py); OpenAI's own caps by default.
     max_n: int = 128                        # completions per request (`n`, `sampling_params.n`)
@@ -57,13 +57,16 @@ class ShplbConfig:
 
         if self.prefill_estimate not in ESTIMATES:
             raise ConfigError(f"prefill_estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
-        from .selection import DEFAULT_SELECTOR, SELECTORS
+        from .selection import SELECTORS, UNCALIBRATED_SELECTOR
 
-        if not self.selector:
-            object.__setattr__(self, "selector", DEFAULT_SELECTOR)
-        if self.selector not in SELECTORS:
+        if self.selector and self.selector not in SELECTORS:
             raise ConfigError(f"--shplb-selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
-        sub = SELECTORS[self.selector].sub
+        rule = SELECTORS[self.selector] if self.selector else None
+        if rule is not None and rule.label and not (self.budgets or self.plan):
+            raise ConfigError(f"--shplb-selector {self.selector} reads label channels calibrated by the profile, "
+                              "which come in a budgets or plan file: pass --shplb-budgets or --shplb-plan, or choose "
+                              f"another --shplb-selector (e.g. {UNCALIBRATED_SELECTOR})")
+        sub = rule.sub if rule is not None else None
         if sub and (sub > self.page_size or self.page_size % sub):
             raise ConfigError(f"--shplb-selector {self.selector} scores {sub}-token sub-pages, which do not tile "
                               f"--shplb-page-size {self.page_size}; use a page size that is a multiple of {sub}")

@@ -5,9 +5,10 @@ page count k[l, r, h] = selection.pages_for_budget(budget[l, h], n_pages[r]) —
 copied once into a static device buffer, the KV split count, and the KV tokens each layer reads
 (host accounting, no device counter). `prepare` (graph-recordable) derives n_pages from the device
 seq_lens. Per layer (`decode`): fold the new key into the page min/max (and, for a two-stage
-selector, into the sub-page min/max), score pages (per-head Quest bound aggregated over the KV
-group), pick each head's top-k — for a two-stage selector: top c = ceil(shortlist * k), re-score
-those c by sub-page bounds, top k of them (selection.choose_pages' rule, kernels/fine_score.py) —
+selector, into the sub-page min/max or the label cache), score pages (per-head Quest bound aggregated
+over the KV group), pick each head's top-k — for a two-stage selector: top c = ceil(shortlist * k),
+re-score those c by sub-page bounds (kernels/fine_score.py) or from the label cache
+(kernels/label_score.py), top k of them (selection.choose_pages' rule) —
 and attend with the fused split-KV kernel: fixed buffers, no host sync, no plan(). Dense layers
 (every head at budget 1.0) skip scoring and attend over all pages with the same kernel.
 
@@ -22,15 +23,18 @@ from dataclasses import dataclass
 import torch
 
 from . import selection as sel
+from .sparse_attention import fold_labels, new_label_cache
 
 
 
 def gpu_selectors() -> list[str]:
     """selection.SELECTORS the kernels implement: a coarse page bound aggregated over the KV group by
-    sum or max, optionally re-ranked on a shortlist by max-aggregated sub-page bounds (two-stage).
-    Not: per-head normalisations (norm, psum), the full sub-page scan and re-ranking from the keys."""
-    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max") and not r.keys
-                  and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max")))
+    sum or max, optionally re-ranked on a shortlist (two-stage, max over the group) by sub-page bounds
+    or from the label cache. Not: per-head normalisations (norm, psum), the full sub-page scan and
+    re-ranking from whole keys (SparQ's per-query channels)."""
+    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max")
+                  and (not r.keys or r.label) and (r.sub is None and not r.keys
+                                                    or (r.shortlist > 0 and r.aggregate == "max")))
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ class GpuSparseDecode:
     """The decode objects the `shplb` backend runs on CUDA (and gpu_check.py / the tests run as is)."""
 
     def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
-                 num_slots: int | None = None, selector: str = sel.DEFAULT_SELECTOR, num_sms: int | None = None,
-                 ref_pages: int | None = None):
+                 num_slots: int | None = None, selector: str = sel.UNCALIBRATED_SELECTOR, num_sms: int | None = None,
+                 ref_pages: int | None = None, channels: torch.Tensor | None = None):
         import sglang_shplb_kernels as K
 
         if selector not in gpu_selectors():
@@ -73,20 +77,30 @@ class GpuSparseDecode:
         sparse_b = b[[not d for d in self.dense_layer]]
         full = torch.tensor(float(shape.max_pages), dtype=torch.float64)
         self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor, ref_pages)) if sparse_b.numel() else 1
-        # two-stage: the coarse bound shortlists c = ceil(shortlist * k) pages, the sub-page bound picks k of them
-        self.sub = self.rule.sub if self.rule.shortlist else None
-        self.ccap = min(shape.max_pages, math.ceil(self.rule.shortlist * self.kcap - 1e-6)) if self.sub else 0
+        # two-stage: the coarse bound shortlists c = ceil(shortlist * k) pages, the sub-page bound (or the label
+        # cache) picks k of them
+        self.two_stage = self.rule.shortlist > 0
+        self.sub = self.rule.sub if self.two_stage else None
+        self.ccap = min(shape.max_pages, math.ceil(self.rule.shortlist * self.kcap - 1e-6)) if self.two_stage else 0
+        if self.rule.label and budgets is not None:
+            if channels is None or tuple(channels.shape[:2]) != (L, H) or channels.shape[2] < self.rule.keys:
+                raise ValueError(f"selector {selector!r} needs label channels [{L}, {H}, >= {self.rule.keys}]")
+            self.channels = channels[..., : self.rule.keys].to(self.device, torch.int32).contiguous()
+        else:
+            self.channels = None
         if num_sms is None:
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
                 if self.device.type == "cuda" else 4
         self.num_sms = num_sms
-        self.meta = self.fine = None
+        self.meta = self.fine = self.labels = None
         if num_slots is not None:     # metadata kept (sparse decode or sparse prefill): allocated now, once
             self.meta = [K.new_page_metadata(math.ceil(num_slots / shape.page_size), H, shape.head_dim,
                                              meta_dtype, self.device) for _ in range(L)]
             if self.sub and budgets is not None:   # the same metadata at the sub-page size
                 self.fine = [K.new_page_metadata(math.ceil(num_slots / self.sub), H, shape.head_dim,
                                                  meta_dtype, self.device) for _ in range(L)]
+            if self.channels is not None:          # the label cache: each key's label channels
+                self.labels = [new_label_cache(num_slots, self.channels[l], meta_dtype, self.device) for l in range(L)]
         self._sets: list[_Buffers] = []
         self.buf: _Buffers | None = None
         self.tokens_read = torch.zeros(L, dtype=torch.float64)   # host: KV tokens read per layer
@@ -109,7 +123,8 @@ class GpuSparseDecode:
         return self._sets[-1]
 
     def metadata_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for meta in (self.meta, self.fine) if meta for pair in meta for t in pair)
+        pairs = sum(t.numel() * t.element_size() for meta in (self.meta, self.fine) if meta for pair in meta for t in pair)
+        return pairs + sum(t.numel() * t.element_size() for t in self.labels or ())
 
     # ------------------------------------------------------------------ per step
     def plan(self, bs: int, seq_lens_cpu: torch.Tensor | None, seq_lens: torch.Tensor, real_bs: int | None = None,
@@ -124,7 +139,7 @@ class GpuSparseDecode:
             n = (seq + s.page_size - 1) // s.page_size
             k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor, self.ref_pages)   # [L, bs, Hkv] host
             buf.k_pages[:, :bs].copy_(k.to(torch.int32), non_blocking=True)
-            if self.sub:
+            if self.two_stage:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)), non_blocking=True)
             self.grid_pages = s.max_pages if static else max(1, int(n.max()) if bs else 1)
             rb = bs if real_bs is None else real_bs
@@ -136,7 +151,7 @@ class GpuSparseDecode:
             n = (seq_lens[:bs].long() + s.page_size - 1) // s.page_size
             k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor, self.ref_pages)
             buf.k_pages[:, :bs].copy_(k.to(torch.int32))
-            if self.sub:
+            if self.two_stage:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)))
             self.grid_pages = s.max_pages
         self.bs = bs
@@ -157,6 +172,8 @@ class GpuSparseDecode:
         self.K.fold_page_minmax(k, locs, kmin, kmax, self.shape.page_size)
         if self.fine is not None:
             self.K.fold_page_minmax(k, locs, *self.fine[layer_id], self.sub)
+        if self.labels is not None:
+            fold_labels(self.labels[layer_id], self.channels[layer_id], locs, k)
 
     def select(self, layer_id: int, q: torch.Tensor, req_to_token, req_pool_indices) -> None:
         """Scores and top-k pages of one layer into the static sel_idx / sel_cnt."""
@@ -166,15 +183,19 @@ class GpuSparseDecode:
         self.K.page_scores(q, kmin, kmax, req_to_token, req_pool_indices, b.n_pages, self.shape.page_size,
                            b.scores, self.agg, grid_pages=self.grid_pages)
         s = self.shape
-        if not self.sub:
+        if not self.two_stage:
             self.K.select_topk_pages_into(b.scores, b.n_pages, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
                                           s.sink, s.recent, bs)
             return
-        # two-stage: shortlist c pages by the coarse bound, re-score them by sub-page bounds, keep k
+        # two-stage: shortlist c pages by the coarse bound, re-score them (sub-page bounds or labels), keep k
         c = b.c_pages[layer_id]
         self.K.select_topk_pages_into(b.scores, b.n_pages, c, b.short_idx, b.sel_cnt, s.sink, s.recent, bs)
-        self.K.fine_page_scores(q, *self.fine[layer_id], req_to_token, req_pool_indices, b.n_pages, b.short_idx, c,
-                                s.page_size, self.sub, s.sink, s.recent, b.fine_scores, bs)
+        if self.labels is not None:
+            self.K.label_page_scores(q, self.labels[layer_id], self.channels[layer_id], req_to_token, req_pool_indices,
+                                     b.n_pages, b.short_idx, c, s.page_size, s.sink, s.recent, b.fine_scores, bs)
+        else:
+            self.K.fine_page_scores(q, *self.fine[layer_id], req_to_token, req_pool_indices, b.n_pages, b.short_idx,
+                                    c, s.page_size, self.sub, s.sink, s.recent, b.fine_scores, bs)
         self.K.select_topk_pages_into(b.fine_scores, b.short_width, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
                                       0, 0, bs, page_map=b.short_idx)
 
@@ -209,7 +230,7 @@ class _Buffers:
         self.scores = torch.empty(capacity if sparse else 0, H, s.max_pages, dtype=torch.float32, device=dev)
         self.sel_idx = torch.zeros(capacity if sparse else 0, H, dec.kcap, dtype=torch.int32, device=dev)
         self.sel_cnt = torch.zeros(capacity, H, dtype=torch.int32, device=dev)
-        two = dec.sub is not None and sparse                  # two-stage selector: shortlist buffers
+        two = dec.two_stage and sparse                        # two-stage selector: shortlist buffers
         self.c_pages = torch.ones(s.num_layers if two else 0, capacity, H, dtype=torch.int32, device=dev)
         self.short_idx = torch.zeros(capacity if two else 0, H, dec.ccap, dtype=torch.int32, device=dev)
         self.fine_scores = torch.empty(capacity if two else 0, H, dec.ccap, dtype=torch.float32, device=dev)

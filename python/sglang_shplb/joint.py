@@ -25,7 +25,7 @@ import torch
 
 from . import placement as pl
 from .artifacts import ArtifactError
-from .budget import _spend_leftover, eval_curves, invert_curves
+from .budget import _spend_leftover, eval_curves, invert_curves, label_channels
 from .plan import GRANULARITIES, _check_divisible, cost_coefs, load_cost_model, make_plan, uniform_step_time
 
 BISECT_ITERS = 40
@@ -209,7 +209,8 @@ def make_joint_plan(profile, mean: float, tp: int, granularity: str = "kv", head
     body = {"model_fingerprint": meta["model_fingerprint"], "granularity": g, "selector": selector,
             "method": "joint", "metric": metric, "mean_budget": mean, "page_size": page, "context_len": ctx,
             "floor_pages": floor_pages, "sink_pages": meta["sink_pages"], "recent_pages": meta["recent_pages"],
-            "num_layers": meta["num_layers"], "num_q_heads": Hq, "num_kv_heads": Hkv, "budgets": sol.budgets.tolist()}
+            "num_layers": meta["num_layers"], "num_q_heads": Hq, "num_kv_heads": Hkv, "budgets": sol.budgets.tolist(),
+            **label_channels(profile, g)}
     if prefill_mean is not None:
         coef = cost_coefs(shape, "kv", head_dim or 1, cost_model)["prefill"]
         pre = solve(profile.curves("prefill", "kv", metric), profile.grid, tp, prefill_mean, floor, step, coef,

@@ -38,7 +38,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
                         "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
-                   "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR)")
+                   "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR when the budgets or "
+                   "plan carry the profile's label channels, else selection.UNCALIBRATED_SELECTOR)")
     g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
     r = p.add_argument_group("request limits (a request over a limit gets a 400 naming the field and the limit)")
     r.add_argument("--shplb-max-n", type=int, default=128, help="most completions per request, `n` (default 128)")
@@ -221,9 +222,13 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     if unknown:
         _fail(f"unknown option {unknown[0]}; see --help for the --shplb-* options")
     options = {k[len("shplb_"):]: v for k, v in vars(ours).items()}
+    from .artifacts import ArtifactError
+    from .serving import decode_selector
+
     try:
         cfg = ShplbConfig(**options)
-    except ConfigError as e:
+        decode_selector(cfg)        # a selector the artifacts cannot feed is refused here, not in a worker
+    except (ConfigError, ArtifactError) as e:
         _fail(str(e))
 
     if not (_given(rest, "--model-path") or _given(rest, "--model")):

@@ -44,17 +44,17 @@ DEFAULT_COST = {"kv_bytes": 2, "decode": {"scale": 1.0, "fixed": 0.0}, "prefill"
 
 
 # ---------------------------------------------------------------- units and costs
-def unit_budgets(budgets: dict, granularity: str, key: str = "budgets") -> list[list[float]]:
-    """[layers][units] budgets (`key`: decode 'budgets' or 'prefill_budgets') at `granularity`; a kv
-    file expands to q (each query head gets its group's budget). A q file cannot be folded to kv:
-    a shared selection needs its own budget."""
+def unit_budgets(budgets: dict, granularity: str, key: str = "budgets", cast=float) -> list[list]:
+    """[layers][units] budgets (`key`: decode 'budgets' or 'prefill_budgets'; 'label_channels' with
+    cast=list) at `granularity`; a kv file expands to q (each query head gets its group's entry). A q
+    file cannot be folded to kv: a shared selection needs its own budget."""
     src = budgets["granularity"]
     rows = budgets[key]
     if granularity == src:
-        return [list(map(float, r)) for r in rows]
+        return [list(map(cast, r)) for r in rows]
     if src == "kv" and granularity == "q":
         g = budgets["num_q_heads"] // budgets["num_kv_heads"]
-        return [[float(r[h // g]) for h in range(budgets["num_q_heads"])] for r in rows]
+        return [[cast(r[h // g]) for h in range(budgets["num_q_heads"])] for r in rows]
     raise ArtifactError("budgets are per query head (granularity q) but --granularity kv was asked; make a "
                         "kv budgets file with `python -m sglang_shplb.budget --granularity kv`")
 
@@ -184,6 +184,8 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         "budget_method": budgets["method"], "mean_budget": budgets["mean_budget"],
         "budget_granularity": budgets["granularity"], "layers": layers,
     }
+    if "label_channels" in budgets:     # per unit, in unit order (serving picks each rank's)
+        body["label_channels"] = unit_budgets(budgets, granularity, "label_channels", list)
     body["summary"] = _summary(layers, rec_before, rec_after)
     mean = sum(map(sum, rows)) / sum(map(len, rows))
     body["summary"].update(step_times(body, uniform_step_time(len(rows), len(rows[0]), tp, mean, coefs[objective]),

@@ -13,6 +13,10 @@ sampled queries' scores are formed ([heads, queries, L]), never L x L, so 8k con
 Plus `prefill_kv`: the block-sparse prefill selector (sparse_prefill.py: sink + diagonal window +
 top pages by the default page estimate, per 64-query block and KV group) on a few sampled query blocks, against the
 block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay valid.
+Plus the label-channel calibration (Double Sparsity): mean |q| per query head and mean |k| per KV head
+and channel over every token (`label_q_abs` [L, Hq, D], `label_k_abs` [L, Hkv, D]), from a first dense
+pass; a label runtime selector is profiled with the channels they give (`Profile.label_channels`), and
+budgets and plans carry those channels to the server. Profiles without them serve the uncalibrated selector.
 """
 from __future__ import annotations
 
@@ -60,6 +64,19 @@ class Profile:
             raise ValueError(f"unknown recovery metric {metric!r}; use 'total' or 'sinkless'")
         sink = self.tensors[f"sink_mass_{key}" if selector == "prefill" else f"sink_mass_{granularity}"].unsqueeze(-1)
         return ((c - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
+
+    def label_channels(self, granularity: str = "kv") -> torch.Tensor | None:
+        """Calibrated label channels per unit, best first: [layers, units, min(LABEL_RANK, D)] (selection.
+        label_channels: a KV group ranks by its query heads' summed mean |q| x mean |k|, a query head by its
+        own), or None for a profile made before label calibration."""
+        if "label_q_abs" not in self.tensors:
+            return None
+        qa, ka = self.tensors["label_q_abs"].float(), self.tensors["label_k_abs"].float()
+        L, Hkv, D = ka.shape
+        r = min(sel.LABEL_RANK, D)
+        if granularity == "kv":
+            return sel.label_channels(qa.view(L, Hkv, -1, D), ka, r)
+        return sel.label_channels(qa.unsqueeze(-2), ka.repeat_interleave(qa.shape[1] // Hkv, 1), r)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
@@ -116,12 +133,24 @@ class _Collector:
     rule: sel.Selector = sel.SELECTORS[sel.DEFAULT_SELECTOR]
     sums: dict = field(default_factory=dict)
     count: int = 0
+    calibrating: bool = False       # first pass: only the label statistics
+    channels: dict = field(default_factory=dict)     # layer -> [Hkv, r] label channels (second pass)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        self.observe(module.layer_idx, query[0], key[0], scaling or module.scaling)
+        if self.calibrating:
+            self.calibrate(module.layer_idx, query[0], key[0])
+        else:
+            self.observe(module.layer_idx, query[0], key[0], scaling or module.scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+    @torch.no_grad()
+    def calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Mean |q| [Hq, D] and mean |k| [Hkv, D] over the window's tokens (after RoPE)."""
+        for name, x in (("label_q_abs", q), ("label_k_abs", k)):
+            acc = self.sums.setdefault(name, {})
+            acc[layer] = acc.get(layer, 0) + x.float().abs().mean(1).cpu()
 
     @torch.no_grad()
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
@@ -142,14 +171,16 @@ class _Collector:
                                        -(-L // P))
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
-        fine = sel.stage2_inputs(self.rule, k, P)                              # each [Hkv, N, X, D]
+        ch = self.channels.get(layer)                                          # [Hkv, r] (label selectors)
+        fine = sel.stage2_inputs(self.rule, k, P, ch)                          # each [Hkv, N, X, D or r]
         g, S = qs.shape[1], len(pos)
 
         def runtime(mass, q, lead):  # the shipping selector; lead = dims before the (S, G, D) query rows
             view = lambda t: t.view(Hkv, *([1] * lead), *t.shape[1:])  # noqa: E731
             rows = (Hkv, *([g] * (lead - 1)), S)
             return sel.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), tuple(map(view, fine)),
-                                         n_pages.expand(rows), k_pages.expand(*rows, -1), self.sink, self.recent)
+                                         n_pages.expand(rows), k_pages.expand(*rows, -1), self.sink, self.recent,
+                                         None if ch is None else view(ch))
         curves = {  # each [Hkv, (g,) S, G] -> mean over sampled queries
             "oracle_q": sel.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),
             "oracle_kv": sel.recovery_curve(group_mass, group_mass.argsort(-1, descending=True), k_pages),
@@ -204,11 +235,21 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  attn_implementation="shplb_profile").to(device).eval()
-    with torch.no_grad():
-        for ids in tqdm(texts, desc="profile windows", disable=not progress):
-            model.model(ids[None].to(device), use_cache=False)  # base model: no lm_head logits
     layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        col.calibrating = True      # pass 1: label statistics (a label runtime selector needs its channels)
+        for ids in tqdm(texts, desc="calibrate label channels", disable=not progress):
+            model.model(ids[None].to(device), use_cache=False)  # base model: no lm_head logits
+        col.calibrating = False
+        label = {name: torch.stack([acc[i] for i in range(layers)]) / len(texts)
+                 for name, acc in ((n, col.sums.pop(n)) for n in ("label_q_abs", "label_k_abs"))}
+        if col.rule.label:
+            chans = Profile({}, label).label_channels("kv")[..., : col.rule.keys]
+            col.channels = {i: chans[i].to(device) for i in range(layers)}
+        for ids in tqdm(texts, desc="profile windows", disable=not progress):
+            model.model(ids[None].to(device), use_cache=False)
     tensors = {name: torch.stack([acc[i] for i in range(layers)]) / len(texts) for name, acc in col.sums.items()}
+    tensors.update(label)
     tensors["budget_grid"] = grid
     # A two-stage selection is not nested in k (its shortlist is c*k), so its mean recovery can dip
     # slightly as the budget grows; budgeting inverts the curves and needs them monotone. Record the

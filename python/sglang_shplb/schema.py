@@ -34,6 +34,22 @@ def _table(rows, what: str, layers: int, path) -> torch.Tensor:
     return t
 
 
+def _labels(rows, layers: int, units: int, path) -> Optional[torch.Tensor]:
+    """Calibrated label channels [layers, units, r] (selection.label_channels), or None when absent."""
+    if rows is None:
+        return None
+    try:
+        t = torch.tensor(rows, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ArtifactError(f"{path}: label_channels is not a [layers][units][r] table of integers; regenerate it") from None
+    if t.dim() != 3 or tuple(t.shape[:2]) != (layers, units) or t.shape[2] < 1:
+        raise ArtifactError(f"{path}: label_channels has shape {tuple(t.shape)}, expected [{layers}, {units}, r]; "
+                            "regenerate it")
+    if bool((t < 0).any()) or any(len(set(r)) != len(r) for r in t.flatten(0, 1).tolist()):
+        raise ArtifactError(f"{path}: label_channels has negative or repeated channels; regenerate it")
+    return t
+
+
 class _Artifact:
     """What both artifacts share: read + checksum + validate once, the JSON body, the reference context."""
     KIND = ""
@@ -65,6 +81,7 @@ class Budgets(_Artifact):
     decode: torch.Tensor
     prefill: Optional[torch.Tensor]
     body: dict
+    labels: Optional[torch.Tensor] = None    # label channels [layers, units, r] (None: uncalibrated profile)
 
     @classmethod
     def from_json(cls, body: dict, path=None) -> "Budgets":
@@ -72,8 +89,9 @@ class Budgets(_Artifact):
             L = body["num_layers"]
             decode = _table(body["budgets"], "budgets", L, path)
             prefill = _table(body["prefill_budgets"], "prefill_budgets", L, path) if "prefill_budgets" in body else None
+            labels = _labels(body.get("label_channels"), L, decode.shape[1], path)
             return cls(body["model_fingerprint"], body["granularity"], L, body["num_q_heads"], body["num_kv_heads"],
-                       float(body["mean_budget"]), decode, prefill, body)
+                       float(body["mean_budget"]), decode, prefill, body, labels)
         except KeyError as e:
             raise ArtifactError(f"budgets file {path} lacks field {e}; regenerate it with "
                                 "`python -m sglang_shplb.budget`") from None
@@ -100,6 +118,7 @@ class Plan(_Artifact):
     decode: torch.Tensor                 # [layers, tp, units per rank]
     prefill: Optional[torch.Tensor]      # same, or None (dense prefill)
     body: dict
+    labels: Optional[torch.Tensor] = None   # label channels [layers, units, r], unit order (None: uncalibrated)
 
     @classmethod
     def from_json(cls, body: dict, path=None) -> "Plan":
@@ -126,7 +145,8 @@ class Plan(_Artifact):
         return cls(body["model_fingerprint"], tp, gran, L, body["num_q_heads"], body["num_kv_heads"],
                    body.get("served_num_kv_heads", body["num_kv_heads"]),
                    tuple(tuple(tuple(r) for r in x["rank_units"]) for x in layers),
-                   decode.view(L, tp, -1), None if prefill is None else prefill.view(L, tp, -1), body)
+                   decode.view(L, tp, -1), None if prefill is None else prefill.view(L, tp, -1), body,
+                   _labels(body.get("label_channels"), L, units, path))
 
     KIND = "plan"
 
@@ -135,3 +155,10 @@ class Plan(_Artifact):
         _phase(phase)
         t = self.decode if phase == "decode" else self.prefill
         return None if t is None else t[:, tp_rank].clone()
+
+    def rank_labels(self, tp_rank: int) -> Optional[torch.Tensor]:
+        """[layers, local heads, r] label channels of one rank's units, in the order the weight hook
+        places them (rank_units), or None."""
+        if self.labels is None:
+            return None
+        return torch.stack([self.labels[l, list(units[tp_rank])] for l, units in enumerate(self.rank_units)])

@@ -19,9 +19,10 @@ KV group's G query heads are combined and how tight the box is:
     log-mass, aggregated over the group. An estimate of the mass, not a bound: no metadata beyond the
     coarse page bounds, but the shortlisted pages' keys are read.
   * label: the same, but over r channels fixed per KV head by calibration (`label_channels`, Double
-    Sparsity's label cache): a per-token cache of r channels is all the second stage reads (at r = D/2
-    the same bytes per page as 4-token sub-page min/max). Benchmarks only (`LABEL_SELECTORS`): the
-    server has no label cache yet.
+    Sparsity's label cache): a per-token cache of those r channels of every key is all the second stage
+    reads (at r = D/2 the same bytes per page as 4-token sub-page min/max). The channels come from the
+    profile (its calibration pass) through the budgets or plan to each rank's heads; the default
+    selector when the artifacts carry them, else `UNCALIBRATED_SELECTOR`.
 The rule: forced pages (the `sink` first and the `recent` last valid pages) always come first, then
 pages by descending score, ties to the lower page index; pages past the context never.
 """
@@ -71,20 +72,21 @@ SELECTORS = {s.name: s for s in (
     Selector("two_stage8", "max", 8, 3.0),
     Selector("two_stage4", "max", 4, 3.0),
     Selector("two_stage_keys16", "max", None, 3.0, keys=16),
-)}
-DEFAULT_SELECTOR = "two_stage4"
-# Need calibrated label channels (stage2_inputs(..., channels=)); not servable yet, so not in SELECTORS.
-LABEL_SELECTORS = {s.name: s for s in (
     Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
     Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
 )}
+# Label selectors read calibrated channels (`label_channels`): the profile measures them, budgets and plans
+# carry them (`LABEL_RANK` per head, best first). Without them the server falls back to UNCALIBRATED_SELECTOR.
+LABEL_SELECTORS = {n: s for n, s in SELECTORS.items() if s.label}
+LABEL_RANK = 32
+DEFAULT_SELECTOR = "two_stage_label32"
+UNCALIBRATED_SELECTOR = "two_stage4"
 
 
 def get_selector(name: str) -> Selector:
-    """A servable selector, or a label one (benchmarks)."""
-    if name not in SELECTORS and name not in LABEL_SELECTORS:
+    if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
-    return SELECTORS.get(name) or LABEL_SELECTORS[name]
+    return SELECTORS[name]
 
 
 def label_channels(q_abs: torch.Tensor, k_abs: torch.Tensor, r: int) -> torch.Tensor:
@@ -93,7 +95,12 @@ def label_channels(q_abs: torch.Tensor, k_abs: torch.Tensor, r: int) -> torch.Te
     calibration tokens -> channel indices [..., r]. At r = 32 one calibration window suffices on SmolLM2
     (two different calibration texts: perplexity 31.30 vs 31.33 at 2k/10%); ranking channels by weight
     norms alone instead was worse (32.40), so they come from activations."""
-    return (q_abs * k_abs.unsqueeze(-2)).sum(-2).topk(r, -1).indices
+    return (q_abs * k_abs.unsqueeze(-2)).sum(-2).topk(r, -1).indices      # sorted: the first r' are the best r'
+
+
+def gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """x [..., M, D] -> [..., M, r]: each row's `channels` [..., r] (leading dims broadcast against x's)."""
+    return x.gather(-1, channels.unsqueeze(-2).expand(*x.shape[:-1], channels.shape[-1]))
 
 
 def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,13 +178,18 @@ def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: t
     return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
 
 
-def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+               channels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Page scores from the pages' keys (SparQ): q [..., G, D], keys [..., C, P, D], valid [..., C] -> [..., C].
     Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
-    tokens (an estimate of the page's log attention mass), aggregated over the group."""
+    tokens (an estimate of the page's log attention mass), aggregated over the group. A label selector:
+    keys are label-cache rows [..., C, P, r], the KV head's `channels` [..., r] of each key; the logits
+    keep the full-dimension scale 1/sqrt(D), so the log-sum-exp is the mass estimate's own."""
     q = q.float()
-    if selector.label:   # the keys are the label cache: channels outside the label are already zero
-        q_r = q
+    if selector.label:
+        if channels is None:
+            raise ValueError(f"selector {selector.name!r} reads calibrated label channels: pass channels=")
+        q_r = gather_channels(q, channels[..., : keys.shape[-1]])
     else:
         top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
         q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))          # other channels zeroed
@@ -185,9 +197,11 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     return aggregate(selector, logits.logsumexp(-1), valid)
 
 
-def second_stage(selector: Selector) -> Callable[..., torch.Tensor]:
-    """The finer page score of a `fine` selector: from the keys, or from sub-page bounds."""
-    return key_scores if selector.keys else fine_scores
+def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+    """The finer page score of a `fine` selector: from the keys (or label cache), or from sub-page bounds."""
+    if selector.keys:
+        return lambda *a: key_scores(*a, channels=channels)
+    return fine_scores
 
 
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int,
@@ -232,11 +246,13 @@ def top_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_max: int, sink: int
 
 def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
-                 n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+                 n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int,
+                 channels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
-    sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one;
-    n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
+    sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
+    (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
+    are passed too; n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
     in rank order; a row's entries past its k are not selected (callers mask them)."""
     N = kmin.shape[-2]
     K = int(k_pages.max())
@@ -244,13 +260,13 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
-        fine = second_stage(selector)(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
+        fine = second_stage(selector, channels)(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
         return top_pages(fine, n_pages, K, sink, recent)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
-    fine = second_stage(selector)(selector, q, *fine_meta(short), listed)
+    fine = second_stage(selector, channels)(selector, q, *fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
     fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
     fine = fine.masked_fill(~listed, NEG_INF)
@@ -292,12 +308,11 @@ def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int,
                   channels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """What a two-stage selector's second stage reads per page, from full keys [..., L, D]: sub-page
     (min, max) [..., N, S, D], or the page's keys (keys [..., N, P, D],); () for a one-stage selector.
-    A label selector reads the label cache: the keys with every channel but `channels` [..., r] zeroed."""
+    A label selector reads the label cache: each key's `channels` [..., r] (labels [..., N, P, r],)."""
     if selector.label:
         if channels is None:
             raise ValueError(f"selector {selector.name!r} reads calibrated label channels: pass channels=")
-        keep = torch.zeros(*channels.shape[:-1], keys.shape[-1], device=keys.device).scatter(-1, channels, 1.0)
-        return (page_keys(keys * keep.unsqueeze(-2), page_size),)
+        return (page_keys(gather_channels(keys, channels[..., : selector.keys]), page_size),)
     if selector.keys:
         return (page_keys(keys, page_size),)
     return subpage_minmax(keys, page_size, selector.sub) if selector.sub else ()
@@ -305,11 +320,11 @@ def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int,
 
 def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tensor, kmin, kmax,
                       fine: tuple[torch.Tensor, ...], n_pages: torch.Tensor, k_grid: torch.Tensor, sink: int,
-                      recent: int) -> torch.Tensor:
+                      recent: int, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Recovery curve of a runtime selector (profiler, benchmarks): page_mass [..., N]; q [..., G, D];
     kmin/kmax [..., N, D] and `fine` = stage2_inputs(...), each [..., N, X, D] (full, broadcastable);
     k_grid [..., B] pages per budget. The selection depends on k (the shortlist is c*k), so each budget
-    selects afresh."""
+    selects afresh. channels: a label selector's, broadcastable against q's leading dims."""
     if not selector.fine:
         order = rank_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, sink, recent)
         return recovery_curve(page_mass, order, k_grid)
@@ -323,6 +338,6 @@ def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tens
     out = []
     for b in range(k_grid.shape[-1]):
         k = k_grid[..., b].expand(n_pages.shape)
-        chosen = choose_pages(selector, q, kmin, kmax, fine_meta, n_pages, k, sink, recent)
+        chosen = choose_pages(selector, q, kmin, kmax, fine_meta, n_pages, k, sink, recent, channels)
         out.append(kept_mass(page_mass, chosen, k))
     return torch.stack(out, -1)

@@ -5,6 +5,9 @@ SGLang's TP rank r holds a contiguous block of KV heads (after our load-time per
 block the plan assigned). Decode budgets come from, in order: a plan (its rank's table), a budgets
 file (contiguous slice of its per-KV-group budgets), or one uniform fraction. Prefill budgets: the
 uniform --shplb-prefill-budget if given, else the artifact's optional prefill table, else dense.
+Label channels (the default selector's calibration) come with the decode budgets' artifact, mapped to
+the same local heads; `decode_selector` picks the selector: --shplb-selector, else the label default
+when the artifact carries channels, else the uncalibrated one.
 Each artifact file is read and checksummed once per process (`artifact`), whoever asks first.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from . import selection as sel
 from .artifacts import ArtifactError
 from .config import ShplbConfig
 from .schema import Budgets, Plan
@@ -53,6 +57,8 @@ class RankBudgets:
     prefill: Optional[torch.Tensor]
     plan: Optional[Plan]
     ref_context: Optional[int] = None
+    selector: str = sel.UNCALIBRATED_SELECTOR   # the decode selector (decode_selector)
+    labels: Optional[torch.Tensor] = None       # its label channels [num_layers, local KV heads, r], best first
 
     def ref_pages(self, page_size: int) -> Optional[int]:
         """selection.pages_for_budget's reference length in pages of `page_size`."""
@@ -62,6 +68,35 @@ class RankBudgets:
         if phase not in ("decode", "prefill"):
             raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
         return self.decode if phase == "decode" else self.prefill
+
+
+def _decode_source(cfg: ShplbConfig, fingerprint: str | None = None):
+    """The artifact the decode budgets come from (plan or budgets file), or None (uniform/dense)."""
+    if cfg.plan:
+        return artifact("plan", cfg.plan, fingerprint)
+    return artifact("budget", cfg.budgets, fingerprint) if cfg.budgets else None
+
+
+def decode_selector(cfg: ShplbConfig, fingerprint: str | None = None) -> str:
+    """The decode selector this configuration serves: --shplb-selector if given (a label selector only
+    with an artifact that carries calibrated channels), else selection.DEFAULT_SELECTOR when the decode
+    artifact carries them, else selection.UNCALIBRATED_SELECTOR."""
+    src = _decode_source(cfg, fingerprint)
+    labels = None if src is None else src.labels
+    name = cfg.selector or (sel.DEFAULT_SELECTOR if labels is not None else sel.UNCALIBRATED_SELECTOR)
+    rule = sel.get_selector(name)
+    if rule.label and labels is None:
+        where = f"{cfg.plan or cfg.budgets} has none" if src is not None else "no budgets or plan file was given"
+        raise ArtifactError(f"--shplb-selector {name} reads label channels calibrated by the profile, but {where}; "
+                            "re-run `python -m sglang_shplb.budget` (and `plan`) from a profile made by this version, "
+                            f"or choose another --shplb-selector (e.g. {sel.UNCALIBRATED_SELECTOR})")
+    if rule.label and labels.shape[-1] < rule.keys:
+        raise ArtifactError(f"{cfg.plan or cfg.budgets} carries {labels.shape[-1]} label channels per head; "
+                            f"--shplb-selector {name} reads {rule.keys}; choose a label selector with fewer")
+    if rule.sub and (rule.sub > cfg.page_size or cfg.page_size % rule.sub):
+        raise ArtifactError(f"selector {name} scores {rule.sub}-token sub-pages, which do not tile --shplb-page-size "
+                            f"{cfg.page_size}; use a page size that is a multiple of {rule.sub} or another --shplb-selector")
+    return name
 
 
 def local_kv_heads(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
@@ -84,9 +119,15 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                                 f"re-run `python -m sglang_shplb.plan --tp {tp_size}`")
         tables = {ph: _phase_table(cfg, plan, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint, ph)
                   for ph in ("decode", "prefill")}
-        src = plan if plan is not None else artifact("budget", cfg.budgets, fingerprint) if cfg.budgets else None
+        src = _decode_source(cfg, fingerprint)
         ref = None if src is None else src.ref_context        # decode budgets come from src when there is one
-        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref)
+        selector = decode_selector(cfg, fingerprint)
+        labels = None
+        if sel.get_selector(selector).label and tables["decode"] is not None:
+            labels = src.rank_labels(tp_rank) if plan is not None else \
+                src.labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
+            labels = labels[..., : sel.get_selector(selector).keys].contiguous()
+        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, selector, labels)
     return _resolved[key]
 
 

@@ -41,6 +41,17 @@ def update_page_minmax(kmin: torch.Tensor, kmax: torch.Tensor, locs: torch.Tenso
     kmax.scatter_reduce_(0, idx, kf, "amax", include_self=True)
 
 
+def new_label_cache(num_slots: int, channels: torch.Tensor, dtype, device) -> torch.Tensor:
+    """Label cache [slots, Hkv, r] of a label selector (channels [Hkv, r]): each key's label channels."""
+    return torch.zeros(num_slots, channels.shape[0], channels.shape[1], dtype=dtype, device=device)
+
+
+def fold_labels(labels: torch.Tensor, channels: torch.Tensor, locs: torch.Tensor, k: torch.Tensor) -> None:
+    """Copy the label channels [Hkv, r] of keys k [n, Hkv, D] just written at slots `locs` into the label
+    cache (no host sync, fixed shapes: CUDA-graph safe; a rewritten slot simply overwrites)."""
+    labels.index_copy_(0, locs.long(), k.gather(-1, channels.expand(k.shape[0], *channels.shape)).to(labels.dtype))
+
+
 @dataclass
 class DecodeSelection:
     """Which tokens each (request, KV head) attends to: slots/valid are [bs, Hkv, T]."""
@@ -58,12 +69,14 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
                          fine: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         ref_pages: int | None = None, k_buf: torch.Tensor | None = None) -> DecodeSelection:
+                         ref_pages: int | None = None, k_buf: torch.Tensor | None = None,
+                         labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
     """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context; of a context of `ref_pages` pages when
     given, see selection.pages_for_budget). Each head keeps its top-k pages by
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
     size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors;
-    `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors."""
+    `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors; `labels` = (label cache
+    [slots, Hkv, r], channels [Hkv, r]) (`new_label_cache`, `fold_labels`), needed by label selectors."""
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
@@ -101,17 +114,20 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
             shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
             return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
     elif rule.keys:
-        if k_buf is None:
+        if rule.label and labels is None:
+            raise ValueError(f"selector {selector!r} re-ranks from the label cache: pass labels=(cache, channels)")
+        if not rule.label and k_buf is None:
             raise ValueError(f"selector {selector!r} re-ranks from the keys: pass the key cache (k_buf=)")
-        flat_k = k_buf.reshape(-1, k_buf.shape[-1])
+        src = labels[0] if rule.label else k_buf
+        flat_k = src.reshape(-1, src.shape[-1])
 
         def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
             phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)
             slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
             rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
-            return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
+            return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D or r]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
-                              sink, recent)                                    # [bs, Hkv, K] logical pages
+                              sink, recent, labels[1] if rule.label else None)   # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]
     pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
     page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))

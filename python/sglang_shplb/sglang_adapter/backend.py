@@ -22,7 +22,8 @@ import torch
 from ..config import ConfigError, ShplbConfig
 from ..selection import get_selector
 from ..serving import resolve
-from ..sparse_attention import attend_selected, new_page_metadata, select_decode_tokens, update_page_minmax
+from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, select_decode_tokens,
+                                update_page_minmax)
 from ..sparse_prefill import sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
@@ -84,9 +85,16 @@ def _make_backend_class():
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]
             self.keep_metadata = self.budgets is not None or self.prefill_budgets is not None
             self.meta = {}
+            self.selector = rank.selector
             # Sub-page metadata (page metadata at the selector's sub-page size) only for a decode selector that reads it.
-            self.sub = get_selector(self.cfg.selector).sub if self.budgets is not None else None
+            self.sub = get_selector(self.selector).sub if self.budgets is not None else None
             self.fine = {}
+            # A label selector's per-token label cache (its calibrated channels of every key), per layer.
+            self.channels = None if rank.labels is None else rank.labels.to(model_runner.device)
+            if self.channels is not None and int(self.channels.max()) >= mc.head_dim:
+                raise ConfigError(f"the label channels of {self.cfg.plan or self.cfg.budgets} index past head_dim "
+                                  f"{mc.head_dim}: they were made for another model; regenerate them")
+            self.labels = {}
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -97,8 +105,8 @@ def _make_backend_class():
             if torch.device(model_runner.device).type == "cuda":
                 self._init_cuda(model_runner)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
-                        "prefill budgets %s", self.tp_rank, self.page_size, self.cfg.sink_pages,
-                        self.cfg.recent_pages, _describe(self.budgets), _describe(self.prefill_budgets))
+                        "selector %s, prefill budgets %s", self.tp_rank, self.page_size, self.cfg.sink_pages,
+                        self.cfg.recent_pages, _describe(self.budgets), self.selector, _describe(self.prefill_budgets))
 
         def _metadata(self, layer_id: int):
             if self.gpu is not None and self.gpu.meta is not None:
@@ -116,11 +124,22 @@ def _make_backend_class():
                                                         k_buf.device)
             return self.fine[layer_id]
 
+        def _labels(self, layer_id: int):
+            if self.gpu is not None:
+                return self.gpu.labels[layer_id], self.channels[layer_id]
+            if layer_id not in self.labels:
+                k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
+                self.labels[layer_id] = new_label_cache(k_buf.shape[0], self.channels[layer_id], k_buf.dtype,
+                                                        k_buf.device)
+            return self.labels[layer_id], self.channels[layer_id]
+
         def _fold_keys(self, layer, locs, k):
             k = k.reshape(locs.shape[0], layer.tp_k_head_num, -1)
             if self.gpu is not None:
                 self.gpu.fold(layer.layer_id, k, locs)
                 return
+            if self.channels is not None:
+                fold_labels(*self._labels(layer.layer_id), locs, k)
             kmin, kmax = self._metadata(layer.layer_id)
             update_page_minmax(kmin, kmax, locs, k, self.page_size)
             if self.sub:
@@ -174,9 +193,10 @@ def _make_backend_class():
             args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                     forward_batch.seq_lens)
             rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
-            chosen = select_decode_tokens(*args, budgets, *rest, self.cfg.selector,
+            chosen = select_decode_tokens(*args, budgets, *rest, self.selector,
                                           self._fine(layer.layer_id) if self.sub else None, self.ref_pages,
-                                          self.token_to_kv_pool.get_key_buffer(layer.layer_id))
+                                          self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                          self._labels(layer.layer_id) if self.channels is not None else None)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -200,8 +220,8 @@ def _make_backend_class():
             from .gpu_startup import attention_dims, dense_extend_backend, refuse_unsupported
 
             self.torch_dense_layers = refuse_unsupported(model_runner, self.page_size)
-            if self.budgets is not None and self.cfg.selector not in gpu_selectors():
-                raise ConfigError(f"--shplb-selector {self.cfg.selector} is not implemented by the CUDA kernels; "
+            if self.budgets is not None and self.selector not in gpu_selectors():
+                raise ConfigError(f"--shplb-selector {self.selector} is not implemented by the CUDA kernels; "
                                   f"use one of {gpu_selectors()} on a GPU")
             Hq, Hkv, D, Dv = attention_dims(model_runner.model)
             mc = model_runner.model_config
@@ -209,7 +229,7 @@ def _make_backend_class():
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
-                                       selector=self.cfg.selector, ref_pages=self.ref_pages)
+                                       selector=self.selector, ref_pages=self.ref_pages, channels=self.channels)
             self.gpu_prefill = kernels.attend_selection
             # dense prefill/extend (dense layers, full-budget heads) through SGLang's own CUDA backend
             self.dense_extend, name = dense_extend_backend(model_runner)

@@ -9,7 +9,8 @@ attention-backend rules:
     decode graphs kept (the backend implements capture/replay over fixed buffers);
   * mem_fraction_static x 1/(1 + m) when page metadata is kept: bf16 min/max per page and KV head are
     m = 1/P of a bf16 KV pool, plus 1/sub for a two-stage decode selector's sub-page min/max (1/4 at
-    the default two_stage4), allocated at start-up from the memory this frees.
+    two_stage4) or r/(2 D) for a label selector's bf16 label cache (r of each token's 2 D K/V values:
+    1/4 at two_stage_label32 with head_dim 64, 1/8 at 128), allocated at start-up from the memory this frees.
 """
 from __future__ import annotations
 
@@ -22,16 +23,29 @@ MIN_GPU_PAGE = 16      # tl.dot tiles in the decode and prefill kernels
 TARGET = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
 
 
-def metadata_memory_scale(shplb: ShplbConfig) -> float:
-    """Factor on mem_fraction_static that pays for the page metadata (a share of the KV pool's bytes)."""
+def metadata_memory_scale(shplb: ShplbConfig, head_dim: int | None = None) -> float:
+    """Factor on mem_fraction_static that pays for the page metadata (a share of the KV pool's bytes), for
+    the selector serving.decode_selector resolves; head_dim unknown: 64, the larger label share."""
     from ..selection import get_selector
+    from ..serving import decode_selector
 
     share = 1.0 / shplb.page_size
-    rule = get_selector(shplb.selector)
+    rule = get_selector(decode_selector(shplb))
     decode_sparse = any(v is not None for v in (shplb.budget, shplb.budgets, shplb.plan))
-    if decode_sparse and rule.sub and rule.shortlist:
+    if decode_sparse and rule.shortlist and rule.label:
+        share += rule.keys / (2.0 * (head_dim or 64))
+    elif decode_sparse and rule.sub and rule.shortlist:
         share += 1.0 / rule.sub
     return 1.0 / (1.0 + share)
+
+
+def _head_dim(cfg) -> int | None:
+    try:
+        from ..artifacts import model_shape
+
+        return int(model_shape(cfg.model_path)["head_dim"])
+    except Exception:  # noqa: BLE001 - a hub id or an odd config: the conservative share
+        return None
 
 
 def _after_attention_compat(result, server_args, *args, **kwargs):
@@ -61,11 +75,13 @@ def _declare_gpu_settings(server_args) -> None:
     shplb = ShplbConfig.from_env()
     explicit = (getattr(server_args, "_raw_input", None) or {}).get("mem_fraction_static") is not None
     if shplb.sparse and cfg.mem_fraction_static and not explicit:
-        scale = metadata_memory_scale(shplb)
+        from ..serving import decode_selector
+
+        scale = metadata_memory_scale(shplb, _head_dim(cfg))
         frac = round(cfg.mem_fraction_static * scale, 3)
         logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (%.3f of the KV "
                        "pool, selector %s) is allocated at start-up", cfg.mem_fraction_static, frac, 1 / scale - 1,
-                       shplb.selector)
+                       decode_selector(shplb))
         declare_resolution(server_args, "sglang_shplb", mem_fraction_static=frac)
 
 

@@ -1,0 +1,110 @@
+"""Second stage of the label selectors (selection.py's `label`, Double Sparsity): re-score a shortlist of pages
+from the label cache.
+
+    label_page_scores        -- Triton: per shortlisted page and query head, the log-sum-exp over the page's
+                                tokens of the logits on the KV head's r label channels (scaled 1/sqrt(D), as
+                                the full logits are), max over the KV group; forced pages +inf
+    label_page_scores_torch  -- the reference: selection.key_scores over the same rows
+
+The label cache (labels [slots, Hkv, r], sparse_attention.fold_labels) holds each key's `channels` [Hkv, r];
+a page's P tokens are its P contiguous slots from the slot of its first token (SGLang allocates whole
+pages). Shortlist and output are laid out as in fine_score.py: short_idx [bs, Hkv, C] logical pages, the
+first c[r, h] valid; out [bs, Hkv, C] float32, -inf past c. Slots of a request's last page past its
+length hold stale labels; that page is forced (+inf) anyway.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch reference stays usable
+    triton = None
+
+LABEL_BLOCK_C = 16    # shortlist positions per program: [G, 16, r] logits tiles stay in registers
+
+
+def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices, seq_lens, short_idx, short_cnt,
+                            page_size, sink, recent):
+    """q [bs,Hkv,G,D]; labels [slots,Hkv,r]; channels [Hkv,r]; short_idx [bs,Hkv,C]; short_cnt [bs,Hkv]
+    -> [bs,Hkv,C]."""
+    from sglang_shplb import selection as S
+
+    bs, H, G, D = q.shape
+    P, C, r = page_size, short_idx.shape[-1], labels.shape[-1]
+    n = ((seq_lens.long() + P - 1) // P).view(bs, 1, 1)
+    listed = torch.arange(C, device=q.device) < short_cnt.long().unsqueeze(-1)
+    j = torch.where(listed, short_idx.long(), 0)                                          # logical pages
+    first = req_to_token[req_pool_indices.long().view(bs, 1, 1), (j * P).clamp(max=req_to_token.shape[1] - 1)]
+    slots = first.long().unsqueeze(-1) + torch.arange(P, device=q.device)                 # [bs,H,C,P]
+    heads = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    rule = S.Selector("label", "max", None, 1.0, keys=r, label=True)
+    s = S.key_scores(rule, q, labels[slots, heads].float(), listed, channels)             # [bs,H,C]
+    forced = (j < sink) | (j >= n - recent)
+    return s.masked_fill(forced, float("inf")).masked_fill(~listed, float("-inf"))
+
+
+if triton is not None:
+    @triton.jit(do_not_specialize=["width", "sink", "recent", "scale"])
+    def _label_kernel(q_ptr, lab_ptr, ch_ptr, r2t_ptr, rpi_ptr, npages_ptr, short_ptr, cnt_ptr, out_ptr,
+                      s_qb, s_qh, s_qg, s_r2t, s_cb, width, sink, recent, scale,
+                      H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Program (request r, KV head h, block of shortlist positions).
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.load(cnt_ptr + r * s_cb + h)
+        i = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        listed = i < c
+        row_out = out_ptr + (r.to(tl.int64) * H + h) * width
+        if tl.program_id(2) * BLOCK_C >= c:             # past the shortlist: padding only
+            tl.store(row_out + i, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=i < width)
+        else:
+            n = tl.load(npages_ptr + r)
+            j = tl.load(short_ptr + (r.to(tl.int64) * H + h) * width + i, mask=listed, other=0)
+            row = tl.load(rpi_ptr + r).to(tl.int64)
+            first = tl.load(r2t_ptr + row * s_r2t + j.to(tl.int64) * P, mask=listed, other=0).to(tl.int64)
+            g = tl.arange(0, BLOCK_G)
+            k = tl.arange(0, BLOCK_R)
+            km = k < R
+            ch = tl.load(ch_ptr + h * R + k, mask=km, other=0)                         # the head's label channels
+            qt = tl.load(q_ptr + r.to(tl.int64) * s_qb + h * s_qh + g[:, None] * s_qg + ch[None, :],
+                         mask=(g[:, None] < G) & km[None, :], other=0.0).to(tl.float32) * scale   # [BLOCK_G, BLOCK_R]
+            m = tl.full([BLOCK_G, BLOCK_C], float("-inf"), tl.float32)             # online log-sum-exp over tokens
+            s = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+            for p in tl.static_range(0, P):
+                lab = tl.load(lab_ptr + ((first + p) * H + h)[:, None] * R + k[None, :],
+                              mask=listed[:, None] & km[None, :], other=0.0).to(tl.float32)      # [BLOCK_C, BLOCK_R]
+                x = tl.sum(qt[:, None, :] * lab[None, :, :], axis=2)                  # [BLOCK_G, BLOCK_C]
+                m_new = tl.maximum(m, x)
+                s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+                m = m_new
+            lse = m + tl.log(s)
+            score = tl.max(tl.where(g[:, None] < G, lse, float("-inf")), axis=0)      # max over the group
+            forced = (j < sink) | (j >= n - recent)
+            score = tl.where(forced, float("inf"), score)
+            score = tl.where(listed, score, float("-inf"))
+            tl.store(row_out + i, score, mask=i < width)
+
+
+def label_page_scores(q, labels, channels, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, page_size,
+                      sink, recent, out, bs=None):
+    """Triton: q [>=bs,Hkv,G,D] (last dim contiguous); labels [slots,Hkv,r] contiguous (any float dtype);
+    channels [Hkv,r] int32/int64 contiguous; n_pages [>=bs] int32; short_idx [>=bs,Hkv,W] int32 (W = out's width),
+    short_cnt [>=bs,Hkv] int32 (any row stride); out [>=bs,Hkv,W] float32 contiguous: every position of rows
+    r < bs is written. Returns out."""
+    bs = q.shape[0] if bs is None else bs
+    _, H, G, D = q.shape
+    R = labels.shape[-1]
+    width = out.shape[2]
+    assert q.stride(3) == 1 and out.is_contiguous() and labels.is_contiguous() and channels.is_contiguous()
+    assert short_idx.is_contiguous() and short_idx.shape[2] == width and tuple(channels.shape) == (H, R)
+    if bs == 0 or width == 0:
+        return out
+    _label_kernel[(bs, H, triton.cdiv(width, LABEL_BLOCK_C))](
+        q, labels, channels, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, out,
+        q.stride(0), q.stride(1), q.stride(2), req_to_token.stride(0), short_cnt.stride(0), width, sink, recent,
+        D ** -0.5, H=H, G=G, R=R, P=page_size, BLOCK_C=LABEL_BLOCK_C, BLOCK_G=triton.next_power_of_2(G),
+        BLOCK_R=triton.next_power_of_2(R))
+    return out
