@@ -37,6 +37,20 @@ def sparse_keys(start_server):
 
 
 @pytest.fixture(scope="module")
+def sparse_recipe(start_server, tmp_path_factory):
+    """The default selector (label channels, from the committed profile) with optimal budgets at 10%."""
+    from sglang_shplb.budget import main as budget_main
+
+    out = tmp_path_factory.mktemp("recipe") / "b.json"
+    profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
+        "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+    assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--out", str(out)]) == 0
+    srv = start_server(["--dtype", "float32", "--shplb-budgets", str(out), "--enable-metrics"], name="shplb-recipe")
+    assert "selector two_stage_label32" in srv.log(), srv.log_tail()
+    return srv
+
+
+@pytest.fixture(scope="module")
 def shared_prefix_prompts(corpus_dir):
     prefix = (corpus_dir / "alice29.txt").read_text()[2000:3500]
     return [prefix + tail for tail in (" Alice said", " The Queen", " Then the Cat", " Suddenly")]
@@ -62,11 +76,12 @@ def kv_tokens_read(server) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
 
 
-@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys"])
+@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys", "sparse_recipe"])
 def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
     needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.
-    For the default selector and the key-re-ranking one."""
+    For the uncalibrated selector (uniform budget), the key-re-ranking one, and the default recipe
+    (label cache, optimal budgets)."""
     from transformers import AutoTokenizer
 
     sparse = request.getfixturevalue(server_fixture)

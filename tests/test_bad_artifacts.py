@@ -72,7 +72,14 @@ def bad_file(kind: str, good_dir: Path, tmp: Path) -> Path:
         _edit(src, dst, True, budgets=[[1.5] * len(r) for r in body["budgets"]])
     elif fault == "wrong-heads":
         body = json.loads(src.read_text())
-        _edit(src, dst, True, budgets=[r + [0.1] for r in body["budgets"]])
+        _edit(src, dst, True, budgets=[r + [0.1] for r in body["budgets"]],        # a model with 4 KV groups
+              label_channels=[r + [r[0]] for r in body["label_channels"]])
+    elif fault == "labels-repeated":
+        body = json.loads(src.read_text())
+        _edit(src, dst, True, label_channels=[[[0] * len(h) for h in layer] for layer in body["label_channels"]])
+    elif fault == "labels-none":     # well-formed, from before label calibration
+        body = {k: v for k, v in json.loads(src.read_text()).items() if k not in ("label_channels", "checksum")}
+        dst.write_text(json.dumps({**body, "checksum": _checksum(body)}))
     elif fault == "not-an-artifact":
         dst.write_text("[1, 2, 3]")
     else:
@@ -90,6 +97,7 @@ BAD_ARTIFACTS = [  # (kind, phrases the one error line must contain)
     ("budgets-zero", ["outside (0, 1]"]),
     ("budgets-above-one", ["outside (0, 1]"]),
     ("budgets-wrong-heads", ["KV groups"]),
+    ("budgets-labels-repeated", ["label_channels", "repeated"]),
     ("plan-truncated", ["not valid JSON"]),
     ("plan-edited", ["checksum"]),
     ("plan-other-model", ["another model"]),
@@ -126,12 +134,17 @@ BAD_FLAGS = [  # (extra args, phrases); {plan3}/{budgets} are filled in
     (["--shplb-plan", "{plan3}"], ["tp=3", "tp=1"]),  # --tp omitted means 1
     (["--shplb-budgets", "/no/such/budgets.json"], ["does not exist"]),
     (["--shplb-budgets", "{budgets}", "--shplb-plan", "{plan3}"], ["either"]),
+    # a label selector needs the profile's channels: none with a uniform budget, none in an old budgets file
+    (["--shplb-budget", "0.1", "--shplb-selector", "two_stage_label32"], ["two_stage_label32", "label channels",
+                                                                           "--shplb-budgets", "two_stage4"]),
+    (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32"], ["has none", "sglang_shplb.budget"]),
 ]
 
 
 @pytest.mark.parametrize("args,needles", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_refused(args, needles, good, model_path, capsys):
-    args = [a.format(plan3=good / "plan3.json", budgets=good / "b.json") for a in args]
+    nolabels = bad_file("budgets-labels-none", good, good)
+    args = [a.format(plan3=good / "plan3.json", budgets=good / "b.json", nolabels=nolabels) for a in args]
     error = refused(capsys, "--model-path", model_path, *args)
     for n in needles:
         assert n in error, error

@@ -79,3 +79,38 @@ def test_typed_artifacts_refuse_bad_bodies(plan_file):
         Plan.from_json(bad)
     with pytest.raises(ArtifactError, match="lacks field"):
         Budgets.from_json({"num_layers": 1, "budgets": [[0.1]]})
+
+
+def test_label_channels_follow_each_ranks_heads(plan_file, tmp_path):
+    """The default selector's calibrated channels reach each TP rank for the heads the plan placed there
+    (the weight hook's order, rank_units), from a kv plan, a q plan and a budgets file; without them the
+    uncalibrated selector serves."""
+    from sglang_shplb import selection as sel
+    from sglang_shplb.budget import make_budgets
+    from sglang_shplb.plan import make_plan
+    from sglang_shplb.serving import decode_selector
+
+    prof = Profile.load(PROFILE)
+    path, body = plan_file
+    want = prof.label_channels("kv")[..., : sel.get_selector(sel.DEFAULT_SELECTOR).keys]
+    for rank in range(3):
+        got = resolve(ShplbConfig(plan=str(path)), 30, 3, 3, rank)
+        assert got.selector == sel.DEFAULT_SELECTOR
+        for layer, x in enumerate(body["layers"]):
+            assert torch.equal(got.labels[layer], want[layer, x["rank_units"][rank]]), (rank, layer)
+    qb = make_budgets(prof, 0.1, granularity="q")
+    qplan = make_plan(qb, 3, "balanced", "q")
+    write_json(tmp_path / "q.json", "plan", qplan)
+    want_q = prof.label_channels("q")[..., : want.shape[-1]]                  # each query head its own channels
+    for rank in range(3):
+        got = resolve(ShplbConfig(plan=str(tmp_path / "q.json")), 30, 9, 3, rank)
+        for layer, x in enumerate(qplan["layers"]):
+            assert torch.equal(got.labels[layer], want_q[layer, x["rank_units"][rank]]), (rank, layer)
+    write_json(tmp_path / "b.json", "budget", make_budgets(prof, 0.1))
+    got = resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0)
+    assert got.selector == sel.DEFAULT_SELECTOR and torch.equal(got.labels, want)
+    assert decode_selector(ShplbConfig(budget=0.1)) == sel.UNCALIBRATED_SELECTOR
+    assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).labels is None
+    # an explicit other selector is served as asked, and needs no channels
+    got = resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), selector="two_stage4"), 30, 3, 1, 0)
+    assert got.selector == "two_stage4" and got.labels is None
