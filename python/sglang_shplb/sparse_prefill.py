@@ -27,13 +27,13 @@ own outputs favour centre, so centre is the default; `prefill_estimate` in the c
 selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per layer incl. the last:
 sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
 quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
-"label" (benchmarks only until the server keeps a label cache): the block's mean query on the label
+"label" (benchmarks only; it would read the decode selector's label cache): the block's mean query on the label
 channels (selection.label_channels, calibrated) against each of the page's tokens' label keys, log-sum-exp
 over the page (`label_block_scores`; the decode label selectors' estimate, pooled over the block). On one
 4k lcet10 window, 5 blocks per layer (a throwaway script over `block_recovery`): sinkless block-mass recall
 at 5/10/20% centre 0.544/0.654/0.780, label (r=32) 0.553/0.685/0.813; in layers 3-9 at 10%, 0.51 -> 0.61.
 Perplexity at 4k/10% 33.89 -> 33.69; needles with every block sparse 3/13 -> 5/13, with the dense tail
-11/13 -> 10/13 (benchmark/results/prefill_needle_label.md): not enough to make it worth a label cache alone.
+11/13 -> 10/13 (benchmark/results/prefill_needle_label.md): with the served tail no gain, so centre stays.
 "oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a
 reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps 10 of
 13 needle answers at 4k/8k where centre keeps 3, and quest_sum / quest_max do no better than centre
