@@ -6,7 +6,7 @@ and the kernels it launches; the block-sparse prefill kernel) on one GPU in < 8 
 
 Needs torch + triton and this repository (no install, no sglang, no flashinfer, no network).
 (a) correctness vs the CPU serving path (sparse_attention.py, same --selector: the server's default
-    two-stage selector unless told) at 10% and 100% budget (float32 page metadata: identical selection),
+    label selector unless told, with fixed random channels) at 10% and 100% budget (float32 page metadata: identical selection),
     and with the served bf16 metadata: the CPU path selecting on that same metadata;
 (b) host syncs per decode step (torch.cuda.set_sync_debug_mode) in the per-layer part and in the plan;
 (c) Triton compiles during warm-up and recompiles afterwards (changing lengths and batch sizes);
@@ -94,11 +94,20 @@ class Run:
         self.timings.append({"op": name, "ms": self.time_ms(fn)})
 
 
+def label_channels(layers: int, kv_heads: int, head_dim: int, seed: int = 0) -> torch.Tensor:
+    """[layers, kv_heads, min(LABEL_RANK, D)] label channels as a calibration might give them (any fixed set
+    serves for correctness and timing; the server's come from the profile)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(S.LABEL_RANK, head_dim)
+    return torch.stack([torch.stack([torch.randperm(head_dim, generator=g)[:r] for _ in range(kv_heads)])
+                        for _ in range(layers)])
+
+
 def _decoder(run, cache, budgets, meta_dtype):
     shape = DecodeShape(budgets.shape[0], run.Hkv, run.Hq // run.Hkv, run.D, run.D, run.args.page_size, SINK, RECENT,
                         cache.req_to_token.shape[1])
     dec = GpuSparseDecode(shape, budgets, run.dev, meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0],
-                          selector=run.args.selector)
+                          selector=run.args.selector, channels=label_channels(budgets.shape[0], run.Hkv, run.D))
     locs = cache.prefill_locs.to(run.dev)
     for layer in range(shape.num_layers):
         dec.fold(layer, cache.k_dev[layer][locs], locs)
@@ -113,14 +122,19 @@ def correctness(run):
     cache = PagedCache(seq, 2, run.Hkv, run.D, P, 8192 + 64, dtype=run.dtype, device=run.dev, seed=0)
     for meta_dtype in (torch.float32, torch.bfloat16):
         dec = _decoder(run, cache, budgets, meta_dtype)
-        sub = S.get_selector(run.args.selector).sub
+        rule = S.get_selector(run.args.selector)
+        sub = rule.sub
         slots = cache.k[0].shape[0]
+        chans = label_channels(2, run.Hkv, run.D)[..., : rule.keys] if rule.label else None
+        ref_labels = [cpu.new_label_cache(slots, chans[l], torch.float32, "cpu") for l in range(2)] if rule.label else None
         ref_meta = [cpu.new_page_metadata(slots, run.Hkv, run.D, P, "cpu") for _ in range(2)]
         ref_fine = [cpu.new_page_metadata(slots, run.Hkv, run.D, sub, "cpu") for _ in range(2)] if sub else None
         for layer in range(2):
             cpu.update_page_minmax(*ref_meta[layer], cache.prefill_locs, cache.k[layer][cache.prefill_locs], P)
             if sub:
                 cpu.update_page_minmax(*ref_fine[layer], cache.prefill_locs, cache.k[layer][cache.prefill_locs], sub)
+            if ref_labels:
+                cpu.fold_labels(ref_labels[layer], chans[layer], cache.prefill_locs, cache.k[layer][cache.prefill_locs])
         locs, k_new = cache.step()
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         syncs = {}
@@ -128,6 +142,8 @@ def correctness(run):
             cpu.update_page_minmax(*ref_meta[layer], locs.cpu(), k_new[layer].cpu(), P)
             if sub:
                 cpu.update_page_minmax(*ref_fine[layer], locs.cpu(), k_new[layer].cpu(), sub)
+            if ref_labels:
+                cpu.fold_labels(ref_labels[layer], chans[layer], locs.cpu(), k_new[layer].cpu())
         q = cache.query(run.Hq)
         if run.dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
@@ -147,14 +163,17 @@ def correctness(run):
             name = f"{run.args.budget:.0%}" if budget == "budget" else budget
             if meta_dtype == torch.float32:   # the CPU serving path on its own (float32) metadata
                 meta, fine = ref_meta[layer], (ref_fine[layer] if sub else None)
+                labels = ref_labels[layer] if ref_labels else None
                 label = f"decode {name} == CPU serving path ({run.args.selector}, f32 metadata)"
             else:                             # the CPU path selecting on the kernels' bf16 (widened) metadata
                 meta = tuple(t.cpu().float() for t in dec.meta[layer])
                 fine = tuple(t.cpu().float() for t in dec.fine[layer]) if dec.fine is not None else None
+                labels = dec.labels[layer].cpu().float() if dec.labels is not None else None
                 label = f"decode {name} == CPU serving path on the same bf16 metadata ({run.args.selector})"
             chosen = cpu.select_decode_tokens(qg.float(), *meta, cache.req_to_token, cache.req_pool_indices,
                                               cache.seq_lens, budgets[layer], P, SINK, RECENT,
-                                              selector=run.args.selector, fine=fine)
+                                              selector=run.args.selector, fine=fine,
+                                              labels=None if labels is None else (labels, chans[layer]))
             want = cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen,
                                        run.D ** -0.5)
             err = float((outs[layer].float().cpu().view_as(want) - want).abs().max())
@@ -168,9 +187,10 @@ def _kernel_cache_sizes():
     import sglang_shplb_kernels.page_meta as pm
     import sglang_shplb_kernels.sparse_decode as sd
     import sglang_shplb_kernels.fine_score as fs
+    import sglang_shplb_kernels.label_score as ls
     import sglang_shplb_kernels.topk_select as ts
     for fn in (pm._fold_kernel, sd._score_kernel, sd._attend_kernel, sd._combine_kernel, ts._select_kernel,
-               fs._fine_kernel):
+               fs._fine_kernel, ls._label_kernel):
         try:   # JITFunction.device_caches: {device: (compiled kernels, ...)} in Triton 3.x
             sizes[fn.fn.__name__] = sum(len(c[0]) for c in fn.device_caches.values())
         except (AttributeError, TypeError, IndexError):
@@ -220,7 +240,7 @@ def bench(run):
             kmin, kmax = dec.meta[0]
             row["score_ms"] = run.time_ms(lambda: K.page_scores(qg, kmin, kmax, *args[:2], dec.buf.n_pages, P,
                                                                 dec.buf.scores, dec.agg, grid_pages=dec.grid_pages))
-            # the whole selector (coarse score, top-k; two-stage: shortlist, sub-page re-score, top-k)
+            # the whole selector (coarse score, top-k; two-stage: shortlist, sub-page or label re-score, top-k)
             row["select_ms"] = run.time_ms(lambda: dec.select(0, qg, *args[:2]))
             sparse_ms = run.time_ms(lambda: dec.decode(0, q, cache.k_dev[0], cache.v_dev[0], *args, run.D ** -0.5))
             dense_ms = run.time_ms(lambda: dec.decode(1, q, cache.k_dev[1], cache.v_dev[1], *args, run.D ** -0.5))
@@ -233,6 +253,9 @@ def bench(run):
             if dec.sub:   # sub-page bf16 min/max of the shortlisted pages
                 c = dec.buf.c_pages[0, :bs].long().cpu()
                 meta_bytes += int(c.sum()) * (P // dec.sub) * 2 * run.D * 2
+            if dec.labels is not None:   # bf16 label rows (r channels) of the shortlisted pages' tokens
+                c = dec.buf.c_pages[0, :bs].long().cpu()
+                meta_bytes += int(c.sum()) * P * dec.channels.shape[-1] * 2
             row["selected_GBps"] = (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / 1e9
             row["roofline_pct"] = 100 * (kv_bytes + meta_bytes) / (sparse_ms / 1e3) / bw if bw else None
             row["speedup_vs_dense"] = dense_ms / sparse_ms

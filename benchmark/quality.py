@@ -178,6 +178,9 @@ def main():
                    default=sel.DEFAULT_SELECTOR,
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")
+    p.add_argument("--label-source", choices=("profile", "calibration"), default="profile",
+                   help="a label decode selector's channels: the committed profile's (what the server reads from the "
+                   "budgets), or calibrated on common.LabelCalibration's held-out text")
     p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES + sp.REFERENCE_ESTIMATES,
                    help="page estimate of --selector prefill (label: calibrated channels, as the label selectors)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
@@ -198,8 +201,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text_ids = tokenizer((prepare_corpus() / "lcet10.txt").read_text()).input_ids
     attn.prefill_estimate = args.prefill_estimate
-    if args.decode_selector in sel.LABEL_SELECTORS or args.prefill_estimate == "label":
-        rule = sel.LABEL_SELECTORS.get(args.decode_selector)
+    rule = sel.LABEL_SELECTORS.get(args.decode_selector if args.selector == "decode" else "")
+    if rule is not None and args.label_source == "profile":
+        served = prof.label_channels("kv")
+        attn.channels = {layer: served[layer, :, : rule.keys] for layer in range(served.shape[0])}
+    elif rule is not None or args.prefill_estimate == "label":
         calibrate_labels(attn, model, tokenizer, rule.keys if rule else sp.LABEL_CHANNELS)
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
@@ -207,7 +213,8 @@ def main():
     if args.selector == "prefill" and args.prefill_estimate != sp.DEFAULT_ESTIMATE:
         tag = f"prefill-{args.prefill_estimate}/page{page}/windows{args.windows}"
     if args.selector == "decode":
-        tag = f"decode-{args.decode_selector}/page{page}/windows{args.windows}"
+        source = "+profile" if rule is not None and args.label_source == "profile" else ""
+        tag = f"decode-{args.decode_selector}{source}/page{page}/windows{args.windows}"
     for ctx in args.contexts:
         todo = [(m, meth) for m in args.means for meth in args.methods if f"{tag}/{ctx}/{m}/{meth}" not in raw]
         if not todo:

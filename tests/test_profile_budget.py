@@ -180,3 +180,45 @@ def test_profile_rejects_short_corpus(tmp_path, model_path):
                    "--windows", "2", "--out", str(tmp_path / "p.safetensors"))
     one_error(proc, "fewer than --windows")
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_label_statistics_are_the_attention_inputs(two_text_profiles, model_path):
+    """The profile's label calibration is mean |q| per query head and mean |k| per KV head over the
+    window's post-RoPE attention inputs (what the server's label cache holds channels of)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sglang_shplb.models import corpus_files
+    from sglang_shplb.profile import token_windows
+
+    seen = {}
+
+    def capture(module, query, key, value, attention_mask, **kw):
+        seen[module.layer_idx] = (query[0].abs().mean(1), key[0].abs().mean(1))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+
+    AttentionInterface.register("label_capture", capture)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 attn_implementation="label_capture").eval()
+    ids = token_windows(AutoTokenizer.from_pretrained(model_path), corpus_files("alice29"), 1024, 1)[0]
+    with torch.no_grad():
+        model.model(ids[None], use_cache=False)
+    prof = two_text_profiles[0]
+    for layer, (qa, ka) in seen.items():
+        torch.testing.assert_close(prof.tensors["label_q_abs"][layer], qa, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(prof.tensors["label_k_abs"][layer], ka, rtol=1e-4, atol=1e-5)
+    ch = prof.label_channels("kv")
+    assert ch.shape == (len(seen), 3, sel.LABEL_RANK) and prof.meta["runtime_selector"] == sel.DEFAULT_SELECTOR
+
+
+def test_default_selector_recovers_at_least_the_uncalibrated_one(two_text_profiles, model_path):
+    """On both texts the default (label) selector's runtime recovery at 5-20% is at least the uncalibrated
+    two_stage4's, on average over KV groups; and neither beats the oracle."""
+    grid = list(two_text_profiles[0].grid.tolist())
+    cols = [grid.index(b) for b in (0.05, 0.1, 0.2)]
+    for text, prof in zip(("alice29", "lcet10"), two_text_profiles):
+        old = run_profile(model_path, text, context_len=1024, windows=1, queries=16, progress=False,
+                          prefill_blocks=0, selector=sel.UNCALIBRATED_SELECTOR)
+        new_c, old_c = (p.curves("runtime", "kv", "sinkless")[..., cols].mean((0, 1)) for p in (prof, old))
+        oracle = prof.curves("oracle", "kv", "sinkless")[..., cols].mean((0, 1))
+        assert (new_c >= old_c - 1e-4).all() and (new_c <= oracle + 1e-4).all(), (text, new_c, old_c, oracle)
