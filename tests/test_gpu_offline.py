@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu_offline
-CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "graph_replay", "no_host_sync", "fold_meta"]
+CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "label_scores", "graph_replay", "no_host_sync", "fold_meta"]
 
 
 def _env(interpret: bool) -> dict:
@@ -68,7 +68,8 @@ MAIN = [dict(arch=90, dtype="bf16", head_dim=128, group=g, page=16) for g in (1,
 def test_kernels_compile_for_sm90_sm80_without_spills():
     pytest.importorskip("triton")
     rows = _compile([dict(s) for s in MAIN])
-    assert len(rows) == 9 * len(MAIN)   # fold, score, select pages|shortlist, fine, attend sparse|dense, combine, prefill
+    assert len(rows) == 10 * len(MAIN)  # fold, score, select pages|shortlist, fine, label, attend sparse|dense, combine,
+    #                                     prefill
     spilled = [r for r in rows if r["spill_bytes"]]
     assert not spilled, spilled
 
