@@ -227,7 +227,8 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
 
     try:
         cfg = ShplbConfig(**options)
-        decode_selector(cfg)        # a selector the artifacts cannot feed is refused here, not in a worker
+        if not (cfg.budgets or cfg.plan):   # with artifacts: checked with them (model first) in _apply_artifacts
+            decode_selector(cfg)            # a selector this config cannot serve is refused here, not in a worker
     except (ConfigError, ArtifactError) as e:
         _fail(str(e))
 
