@@ -52,6 +52,25 @@ def fine_page_scores_torch(q, fmin, fmax, req_to_token, req_pool_indices, seq_le
 if triton is not None:
     from .sparse_decode import _load_meta
 
+    @triton.jit
+    def _shortlist_pages(r2t_ptr, rpi_ptr, npages_ptr, short_ptr, r, h, i, listed, s_r2t, width,
+                         H: tl.constexpr, P: tl.constexpr):
+        """A second stage's shortlist block: the request's page count, the positions' logical pages and
+        each page's first slot (label_score.py shares it)."""
+        n = tl.load(npages_ptr + r)
+        j = tl.load(short_ptr + (r.to(tl.int64) * H + h) * width + i, mask=listed, other=0)
+        row = tl.load(rpi_ptr + r).to(tl.int64)
+        first = tl.load(r2t_ptr + row * s_r2t + j.to(tl.int64) * P, mask=listed, other=0).to(tl.int64)
+        return n, j, first
+
+    @triton.jit
+    def _store_page_scores(row_out, i, width, score, j, n, sink, recent, listed):
+        """selection.choose_pages' re-rank rule on the shortlist: forced pages +inf, positions past c -inf."""
+        forced = (j < sink) | (j >= n - recent)
+        score = tl.where(forced, float("inf"), score)
+        score = tl.where(listed, score, float("-inf"))
+        tl.store(row_out + i, score, mask=i < width)
+
     @triton.jit(do_not_specialize=["width", "sink", "recent"])
     def _fine_kernel(q_ptr, fmin_ptr, fmax_ptr, r2t_ptr, rpi_ptr, npages_ptr, short_ptr, cnt_ptr, out_ptr,
                      s_qb, s_qh, s_qg, s_r2t, s_cb, width, sink, recent,
@@ -67,10 +86,7 @@ if triton is not None:
         if tl.program_id(2) * BLOCK_C >= c:             # past the shortlist: padding only
             tl.store(row_out + i, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=i < width)
         else:
-            n = tl.load(npages_ptr + r)
-            j = tl.load(short_ptr + (r.to(tl.int64) * H + h) * width + i, mask=listed, other=0)
-            row = tl.load(rpi_ptr + r).to(tl.int64)
-            first = tl.load(r2t_ptr + row * s_r2t + j.to(tl.int64) * P, mask=listed, other=0).to(tl.int64)
+            n, j, first = _shortlist_pages(r2t_ptr, rpi_ptr, npages_ptr, short_ptr, r, h, i, listed, s_r2t, width, H, P)
             g = tl.arange(0, BLOCK_G)
             q_row = q_ptr + r.to(tl.int64) * s_qb + h * s_qh
             best = tl.full([BLOCK_G, BLOCK_C], float("-inf"), tl.float32)
@@ -89,10 +105,7 @@ if triton is not None:
                     acc += tl.sum(tl.maximum(qe * lo[None, :, :], qe * hi[None, :, :]), axis=2)
                 best = tl.maximum(best, acc)
             score = tl.max(tl.where(g[:, None] < G, best, float("-inf")), axis=0)       # max over the group
-            forced = (j < sink) | (j >= n - recent)
-            score = tl.where(forced, float("inf"), score)
-            score = tl.where(listed, score, float("-inf"))
-            tl.store(row_out + i, score, mask=i < width)
+            _store_page_scores(row_out, i, width, score, j, n, sink, recent, listed)
 
 
 def fine_page_scores(q, fmin, fmax, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, page_size, sub,

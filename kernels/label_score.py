@@ -46,6 +46,8 @@ def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices,
 
 
 if triton is not None:
+    from .fine_score import _shortlist_pages, _store_page_scores
+
     @triton.jit(do_not_specialize=["width", "sink", "recent", "scale"])
     def _label_kernel(q_ptr, lab_ptr, ch_ptr, r2t_ptr, rpi_ptr, npages_ptr, short_ptr, cnt_ptr, out_ptr,
                       s_qb, s_qh, s_qg, s_r2t, s_cb, width, sink, recent, scale,
@@ -61,10 +63,7 @@ if triton is not None:
         if tl.program_id(2) * BLOCK_C >= c:             # past the shortlist: padding only
             tl.store(row_out + i, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=i < width)
         else:
-            n = tl.load(npages_ptr + r)
-            j = tl.load(short_ptr + (r.to(tl.int64) * H + h) * width + i, mask=listed, other=0)
-            row = tl.load(rpi_ptr + r).to(tl.int64)
-            first = tl.load(r2t_ptr + row * s_r2t + j.to(tl.int64) * P, mask=listed, other=0).to(tl.int64)
+            n, j, first = _shortlist_pages(r2t_ptr, rpi_ptr, npages_ptr, short_ptr, r, h, i, listed, s_r2t, width, H, P)
             g = tl.arange(0, BLOCK_G)
             k = tl.arange(0, BLOCK_R)
             km = k < R
@@ -82,10 +81,7 @@ if triton is not None:
                 m = m_new
             lse = m + tl.log(s)
             score = tl.max(tl.where(g[:, None] < G, lse, float("-inf")), axis=0)      # max over the group
-            forced = (j < sink) | (j >= n - recent)
-            score = tl.where(forced, float("inf"), score)
-            score = tl.where(listed, score, float("-inf"))
-            tl.store(row_out + i, score, mask=i < width)
+            _store_page_scores(row_out, i, width, score, j, n, sink, recent, listed)
 
 
 def label_page_scores(q, labels, channels, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, page_size,
