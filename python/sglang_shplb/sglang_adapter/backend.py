@@ -125,8 +125,7 @@ def _make_backend_class():
             return self.fine[layer_id]
 
         def _labels(self, layer_id: int):
-            if self.gpu is not None:
-                return self.gpu.labels[layer_id], self.channels[layer_id]
+            """(label cache, channels) of a layer on the CPU path (the CUDA path keeps its own in self.gpu)."""
             if layer_id not in self.labels:
                 k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
                 self.labels[layer_id] = new_label_cache(k_buf.shape[0], self.channels[layer_id], k_buf.dtype,
