@@ -53,6 +53,16 @@ if triton is not None:
     from .sparse_decode import _load_meta
 
     @triton.jit
+    def _shortlist_block(cnt_ptr, out_ptr, s_cb, width, H: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A second-stage program's (request, KV head, shortlist positions), the row's shortlist length c,
+        which positions are listed, and its output row (label_score.py shares it)."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        c = tl.load(cnt_ptr + r * s_cb + h)
+        i = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return r, h, c, i, i < c, out_ptr + (r.to(tl.int64) * H + h) * width
+
+    @triton.jit
     def _shortlist_pages(r2t_ptr, rpi_ptr, npages_ptr, short_ptr, r, h, i, listed, s_r2t, width,
                          H: tl.constexpr, P: tl.constexpr):
         """A second stage's shortlist block: the request's page count, the positions' logical pages and
@@ -77,12 +87,7 @@ if triton is not None:
                      H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, SUB: tl.constexpr,
                      BITS16: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
         # Program (request r, KV head h, block of shortlist positions).
-        r = tl.program_id(0)
-        h = tl.program_id(1)
-        c = tl.load(cnt_ptr + r * s_cb + h)
-        i = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        listed = i < c
-        row_out = out_ptr + (r.to(tl.int64) * H + h) * width
+        r, h, c, i, listed, row_out = _shortlist_block(cnt_ptr, out_ptr, s_cb, width, H, BLOCK_C)
         if tl.program_id(2) * BLOCK_C >= c:             # past the shortlist: padding only
             tl.store(row_out + i, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=i < width)
         else:

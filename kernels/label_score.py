@@ -46,7 +46,7 @@ def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices,
 
 
 if triton is not None:
-    from .fine_score import _shortlist_pages, _store_page_scores
+    from .fine_score import _shortlist_block, _shortlist_pages, _store_page_scores
 
     @triton.jit(do_not_specialize=["width", "sink", "recent", "scale"])
     def _label_kernel(q_ptr, lab_ptr, ch_ptr, r2t_ptr, rpi_ptr, npages_ptr, short_ptr, cnt_ptr, out_ptr,
@@ -54,12 +54,7 @@ if triton is not None:
                       H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
         # Program (request r, KV head h, block of shortlist positions).
-        r = tl.program_id(0)
-        h = tl.program_id(1)
-        c = tl.load(cnt_ptr + r * s_cb + h)
-        i = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        listed = i < c
-        row_out = out_ptr + (r.to(tl.int64) * H + h) * width
+        r, h, c, i, listed, row_out = _shortlist_block(cnt_ptr, out_ptr, s_cb, width, H, BLOCK_C)
         if tl.program_id(2) * BLOCK_C >= c:             # past the shortlist: padding only
             tl.store(row_out + i, tl.full([BLOCK_C], float("-inf"), tl.float32), mask=i < width)
         else:
