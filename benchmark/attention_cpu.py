@@ -42,7 +42,7 @@ def build_pool(bs, ctx, seed=0):
         update_page_minmax(*fine[sub], torch.arange(k_buf.shape[0]), k_buf, sub)
     for r in {s.keys for s in sel.SELECTORS.values() if s.label}:   # label caches (any fixed channels: timing)
         channels = torch.stack([torch.randperm(D, generator=g)[:r] for _ in range(HKV)])
-        fine[("label", r)] = (new_label_cache(k_buf.shape[0], channels, k_buf.dtype, "cpu"), channels)
+        fine[("label", r)] = (new_label_cache(k_buf.shape[0], channels, P, k_buf.dtype, "cpu"), channels)
         fold_labels(*fine[("label", r)], torch.arange(k_buf.shape[0]), k_buf)
     return k_buf, v_buf, req_to_token, kmin, kmax, fine
 

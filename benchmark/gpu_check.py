@@ -126,7 +126,7 @@ def correctness(run):
         sub = rule.sub
         slots = cache.k[0].shape[0]
         chans = label_channels(2, run.Hkv, run.D)[..., : rule.keys] if rule.label else None
-        ref_labels = [cpu.new_label_cache(slots, chans[l], torch.float32, "cpu") for l in range(2)] if rule.label else None
+        ref_labels = [cpu.new_label_cache(slots, chans[l], P, torch.float32, "cpu") for l in range(2)] if rule.label else None
         ref_meta = [cpu.new_page_metadata(slots, run.Hkv, run.D, P, "cpu") for _ in range(2)]
         ref_fine = [cpu.new_page_metadata(slots, run.Hkv, run.D, sub, "cpu") for _ in range(2)] if sub else None
         for layer in range(2):

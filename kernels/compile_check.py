@@ -62,7 +62,7 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
                      BLOCK_D=min(fine_score.FINE_BLOCK_D, _p2(D)))))
     sig = dict(q_ptr=T, lab_ptr="*bf16", ch_ptr="*i32", r2t_ptr="*i32", rpi_ptr="*i64", npages_ptr="*i32",
                short_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32, s_r2t=i32, s_cb=i32,
-               width=i32, sink=i32, recent=i32, scale=f32, H=ce, G=ce, R=ce, P=ce, BLOCK_C=ce, BLOCK_G=ce, BLOCK_R=ce)
+               s_lh=i32, width=i32, sink=i32, recent=i32, scale=f32, H=ce, G=ce, R=ce, P=ce, BLOCK_C=ce, BLOCK_G=ce, BLOCK_R=ce)
     r = min(label, D)
     out.append(("label_page_scores", label_score._label_kernel, sig,
                 dict(H=H, G=G, R=r, P=P, BLOCK_C=label_score.LABEL_BLOCK_C, BLOCK_G=_p2(G), BLOCK_R=_p2(r))))

@@ -6,9 +6,9 @@ from the label cache.
                                 the full logits are), max over the KV group; forced pages +inf
     label_page_scores_torch  -- the reference: selection.key_scores over the same rows
 
-The label cache (labels [slots, Hkv, r], sparse_attention.fold_labels) holds each key's `channels` [Hkv, r];
+The label cache (labels [Hkv, slots, r], sparse_attention.fold_labels) holds each key's `channels` [Hkv, r];
 a page's P tokens are its P contiguous slots from the slot of its first token (SGLang allocates whole
-pages). Shortlist and output are laid out as in fine_score.py: short_idx [bs, Hkv, C] logical pages, the
+pages), so a (page, KV head) is one contiguous run of P*r values. Shortlist and output are laid out as in fine_score.py: short_idx [bs, Hkv, C] logical pages, the
 first c[r, h] valid; out [bs, Hkv, C] float32, -inf past c. Slots of a request's last page past its
 length hold stale labels; that page is forced (+inf) anyway.
 """
@@ -27,7 +27,7 @@ LABEL_BLOCK_C = 16    # shortlist positions per program: [G, 16, r] logits tiles
 
 def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices, seq_lens, short_idx, short_cnt,
                             page_size, sink, recent):
-    """q [bs,Hkv,G,D]; labels [slots,Hkv,r]; channels [Hkv,r]; short_idx [bs,Hkv,C]; short_cnt [bs,Hkv]
+    """q [bs,Hkv,G,D]; labels [Hkv,slots,r]; channels [Hkv,r]; short_idx [bs,Hkv,C]; short_cnt [bs,Hkv]
     -> [bs,Hkv,C]."""
     from sglang_shplb import selection as S
 
@@ -40,7 +40,7 @@ def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices,
     slots = first.long().unsqueeze(-1) + torch.arange(P, device=q.device)                 # [bs,H,C,P]
     heads = torch.arange(H, device=q.device).view(1, H, 1, 1)
     rule = S.Selector("label", "max", None, 1.0, keys=r, label=True)
-    s = S.key_scores(rule, q, labels[slots, heads].float(), listed, channels)             # [bs,H,C]
+    s = S.key_scores(rule, q, labels[heads, slots].float(), listed, channels)             # [bs,H,C]
     forced = (j < sink) | (j >= n - recent)
     return s.masked_fill(forced, float("inf")).masked_fill(~listed, float("-inf"))
 
@@ -50,7 +50,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["width", "sink", "recent", "scale"])
     def _label_kernel(q_ptr, lab_ptr, ch_ptr, r2t_ptr, rpi_ptr, npages_ptr, short_ptr, cnt_ptr, out_ptr,
-                      s_qb, s_qh, s_qg, s_r2t, s_cb, width, sink, recent, scale,
+                      s_qb, s_qh, s_qg, s_r2t, s_cb, s_lh, width, sink, recent, scale,
                       H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, P: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr):
         # Program (request r, KV head h, block of shortlist positions).
@@ -67,8 +67,9 @@ if triton is not None:
                          mask=(g[:, None] < G) & km[None, :], other=0.0).to(tl.float32) * scale   # [BLOCK_G, BLOCK_R]
             m = tl.full([BLOCK_G, BLOCK_C], float("-inf"), tl.float32)             # online log-sum-exp over tokens
             s = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+            lab_h = lab_ptr + h.to(tl.int64) * s_lh                                  # the head's [slots, r]
             for p in tl.static_range(0, P):
-                lab = tl.load(lab_ptr + ((first + p) * H + h)[:, None] * R + k[None, :],
+                lab = tl.load(lab_h + (first + p)[:, None] * R + k[None, :],
                               mask=listed[:, None] & km[None, :], other=0.0).to(tl.float32)      # [BLOCK_C, BLOCK_R]
                 x = tl.sum(qt[:, None, :] * lab[None, :, :], axis=2)                  # [BLOCK_G, BLOCK_C]
                 m_new = tl.maximum(m, x)
@@ -81,7 +82,7 @@ if triton is not None:
 
 def label_page_scores(q, labels, channels, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, page_size,
                       sink, recent, out, bs=None):
-    """Triton: q [>=bs,Hkv,G,D] (last dim contiguous); labels [slots,Hkv,r] contiguous (any float dtype);
+    """Triton: q [>=bs,Hkv,G,D] (last dim contiguous); labels [Hkv,slots,r] contiguous (any float dtype);
     channels [Hkv,r] int32/int64 contiguous; n_pages [>=bs] int32; short_idx [>=bs,Hkv,W] int32 (W = out's width),
     short_cnt [>=bs,Hkv] int32 (any row stride); out [>=bs,Hkv,W] float32 contiguous: every position of rows
     r < bs is written. Returns out."""
@@ -90,12 +91,13 @@ def label_page_scores(q, labels, channels, req_to_token, req_pool_indices, n_pag
     R = labels.shape[-1]
     width = out.shape[2]
     assert q.stride(3) == 1 and out.is_contiguous() and labels.is_contiguous() and channels.is_contiguous()
-    assert short_idx.is_contiguous() and short_idx.shape[2] == width and tuple(channels.shape) == (H, R)
+    assert short_idx.is_contiguous() and short_idx.shape[2] == width and tuple(channels.shape) == (H, R) \
+        and labels.shape[0] == H
     if bs == 0 or width == 0:
         return out
     _label_kernel[(bs, H, triton.cdiv(width, LABEL_BLOCK_C))](
         q, labels, channels, req_to_token, req_pool_indices, n_pages, short_idx, short_cnt, out,
-        q.stride(0), q.stride(1), q.stride(2), req_to_token.stride(0), short_cnt.stride(0), width, sink, recent,
+        q.stride(0), q.stride(1), q.stride(2), req_to_token.stride(0), short_cnt.stride(0), labels.stride(0), width, sink, recent,
         D ** -0.5, H=H, G=G, R=R, P=page_size, BLOCK_C=LABEL_BLOCK_C, BLOCK_G=triton.next_power_of_2(G),
         BLOCK_R=triton.next_power_of_2(R))
     return out

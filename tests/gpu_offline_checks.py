@@ -49,7 +49,7 @@ class _Ref(list):
         self.sub = rule.sub
         self.fine = [cpu.new_page_metadata(slots, H, D, self.sub, "cpu") for _ in range(L)] if self.sub else None
         self.channels = channels[..., : rule.keys] if rule.label else None
-        self.labels = [cpu.new_label_cache(slots, self.channels[l], torch.float32, "cpu") for l in range(L)] \
+        self.labels = [cpu.new_label_cache(slots, self.channels[l], P, torch.float32, "cpu") for l in range(L)] \
             if rule.label else None
 
     def fold(self, layer, locs, k):
@@ -233,7 +233,7 @@ def check_label_scores():
             slots = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P].long()       # whole pages
             rows = slots[::P] // P
             kmin, kmax = lo[rows].float().transpose(0, 1), hi[rows].float().transpose(0, 1)      # [H, N, D]
-            lab = labels[slots].float().transpose(0, 1).unflatten(1, (-1, P))                    # [H, N, P, r]
+            lab = labels[:, slots].float().unflatten(1, (-1, P))                                 # [H, N, P, r]
 
             def fine_meta(idx):   # [H, C] -> [H, C, P, r]
                 return (lab.gather(1, idx[..., None, None].expand(*idx.shape, *lab.shape[-2:])),)

@@ -43,12 +43,12 @@ def fine_metadata(req_to_token, k_buf, seq_lens, sub):
     return fine
 
 
-def label_cache(req_to_token, k_buf, seq_lens, r, seed=0):
+def label_cache(req_to_token, k_buf, seq_lens, r, seed=0, page_size=P):
     """Channels [Hkv, r] (random, as calibration might give) and the label cache of the requests in rows
     1.., folded in chunks as the backend folds written keys."""
     g = torch.Generator().manual_seed(seed)
     channels = torch.stack([torch.randperm(k_buf.shape[-1], generator=g)[:r] for _ in range(k_buf.shape[1])])
-    cache = new_label_cache(k_buf.shape[0], channels, k_buf.dtype, "cpu")
+    cache = new_label_cache(k_buf.shape[0], channels, page_size, k_buf.dtype, "cpu")
     for row, s in enumerate(seq_lens):
         slots = req_to_token[row + 1, :s].long()
         for start in range(0, s, 5):
@@ -63,7 +63,7 @@ def test_label_cache_holds_each_keys_channels():
     for r, s in enumerate(seq_lens):
         for slot in req_to_token[r + 1, :s].tolist():
             for h in range(HKV):
-                assert cache[slot, h].tolist() == [k_buf[slot, h, c].item() for c in channels[h].tolist()]
+                assert cache[h, slot].tolist() == [k_buf[slot, h, c].item() for c in channels[h].tolist()]
 
 
 def dense_reference(q, k_buf, v_buf, req_to_token, rows, seq_lens, scale):
@@ -161,7 +161,8 @@ def test_variable_budgets_pick_brute_force_pages(selector):
     seq_lens = torch.tensor([300, 411, 90])
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), page_size=P16, seed=3)
     fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), rule.sub) if rule.sub else None
-    labels = label_cache(req_to_token, k_buf, seq_lens.tolist(), rule.keys // 4, seed=2) if rule.label else None
+    labels = label_cache(req_to_token, k_buf, seq_lens.tolist(), rule.keys // 4, seed=2, page_size=P16) \
+        if rule.label else None
     rows = torch.arange(1, 4)
     q = torch.randn(3, HKV, G, D, generator=torch.Generator().manual_seed(1))
     budgets = torch.tensor([0.2, 0.5, 0.05])

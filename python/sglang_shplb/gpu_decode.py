@@ -100,7 +100,8 @@ class GpuSparseDecode:
                 self.fine = [K.new_page_metadata(math.ceil(num_slots / self.sub), H, shape.head_dim,
                                                  meta_dtype, self.device) for _ in range(L)]
             if self.channels is not None:          # the label cache: each key's label channels
-                self.labels = [new_label_cache(num_slots, self.channels[l], meta_dtype, self.device) for l in range(L)]
+                self.labels = [new_label_cache(num_slots, self.channels[l], shape.page_size,
+                                               meta_dtype, self.device) for l in range(L)]
         self._sets: list[_Buffers] = []
         self.buf: _Buffers | None = None
         self.tokens_read = torch.zeros(L, dtype=torch.float64)   # host: KV tokens read per layer

@@ -41,15 +41,19 @@ def update_page_minmax(kmin: torch.Tensor, kmax: torch.Tensor, locs: torch.Tenso
     kmax.scatter_reduce_(0, idx, kf, "amax", include_self=True)
 
 
-def new_label_cache(num_slots: int, channels: torch.Tensor, dtype, device) -> torch.Tensor:
-    """Label cache [slots, Hkv, r] of a label selector (channels [Hkv, r]): each key's label channels."""
-    return torch.zeros(num_slots, channels.shape[0], channels.shape[1], dtype=dtype, device=device)
+def new_label_cache(num_slots: int, channels: torch.Tensor, page_size: int, dtype, device) -> torch.Tensor:
+    """Label cache [Hkv, slots, r] of a label selector (channels [Hkv, r]): each key's label channels.
+    Head-major, slots rounded up to whole pages, so one (page, KV head) is one contiguous P*r block:
+    the second stage reads a shortlisted page in one row (CPU gather) or one coalesced run (kernel)."""
+    slots = -(-num_slots // page_size) * page_size
+    return torch.zeros(channels.shape[0], slots, channels.shape[1], dtype=dtype, device=device)
 
 
 def fold_labels(labels: torch.Tensor, channels: torch.Tensor, locs: torch.Tensor, k: torch.Tensor) -> None:
     """Copy the label channels [Hkv, r] of keys k [n, Hkv, D] just written at slots `locs` into the label
     cache (no host sync, fixed shapes: CUDA-graph safe; a rewritten slot simply overwrites)."""
-    labels.index_copy_(0, locs.long(), k.gather(-1, channels.expand(k.shape[0], *channels.shape)).to(labels.dtype))
+    rows = k.gather(-1, channels.expand(k.shape[0], *channels.shape)).transpose(0, 1)     # [Hkv, n, r]
+    labels.index_copy_(1, locs.long(), rows.to(labels.dtype))
 
 
 @dataclass
@@ -76,7 +80,7 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
     size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors;
     `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors; `labels` = (label cache
-    [slots, Hkv, r], channels [Hkv, r]) (`new_label_cache`, `fold_labels`), needed by label selectors."""
+    [Hkv, slots, r], channels [Hkv, r]) (`new_label_cache`, `fold_labels`), needed by label selectors."""
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
@@ -118,14 +122,21 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
             raise ValueError(f"selector {selector!r} re-ranks from the label cache: pass labels=(cache, channels)")
         if not rule.label and k_buf is None:
             raise ValueError(f"selector {selector!r} re-ranks from the keys: pass the key cache (k_buf=)")
-        src = labels[0] if rule.label else k_buf
-        flat_k = src.reshape(-1, src.shape[-1])
+        if rule.label:   # [Hkv, slots, r]: a (page, head) is one row of P*r values
+            flat_pages = labels[0].view(Hkv * (labels[0].shape[1] // P), -1)
+            heads_pages = heads * (labels[0].shape[1] // P)
 
-        def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
-            phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)
-            slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
-            rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
-            return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D or r]
+            def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
+                rows = (page_ids.gather(1, idx.flatten(1)).view(idx.shape) + heads_pages).flatten()
+                return (flat_pages.index_select(0, rows).view(*idx.shape, P, -1),)   # [bs, Hkv, C, P, r]
+        else:
+            flat_k = k_buf.view(-1, k_buf.shape[-1])
+
+            def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
+                phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)
+                slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
+                rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
+                return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
                               sink, recent, labels[1] if rule.label else None)   # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]

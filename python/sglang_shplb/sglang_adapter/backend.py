@@ -128,8 +128,8 @@ def _make_backend_class():
             """(label cache, channels) of a layer on the CPU path (the CUDA path keeps its own in self.gpu)."""
             if layer_id not in self.labels:
                 k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)
-                self.labels[layer_id] = new_label_cache(k_buf.shape[0], self.channels[layer_id], k_buf.dtype,
-                                                        k_buf.device)
+                self.labels[layer_id] = new_label_cache(k_buf.shape[0], self.channels[layer_id], self.page_size,
+                                                        k_buf.dtype, k_buf.device)
             return self.labels[layer_id], self.channels[layer_id]
 
         def _fold_keys(self, layer, locs, k):
