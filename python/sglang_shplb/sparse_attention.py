@@ -69,14 +69,59 @@ class DecodeSelection:
         return self.valid.sum((0, 2))
 
 
+@dataclass
+class DecodePlan:
+    """What a decode step's page selection needs that no layer's data changes (SGLang's
+    init_forward_metadata, FlashInfer's plan()): made once per step, read by every layer."""
+    seq_lens: torch.Tensor      # [bs]
+    n_pages: torch.Tensor       # [bs] pages of each request's context
+    k_pages: torch.Tensor       # [L, bs, Hkv] pages each layer's heads keep (selection.pages_for_budget)
+    dense: list                 # [L] bool: every head of the layer covers its whole context
+    page_ids: torch.Tensor      # [bs, N] physical page of each logical page (0 past a request's end)
+    rows: torch.Tensor          # [bs] req_to_token rows of the requests
+    meta_rows: torch.Tensor     # [bs * Hkv * N] rows of [pages * Hkv, D] page metadata in [bs, Hkv, N] order
+
+
+def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                budgets: torch.Tensor, page_size: int, sink: int, recent: int,
+                ref_pages: int | None = None) -> DecodePlan:
+    """budgets [L, Hkv] (fraction of context; of a context of `ref_pages` pages when given, see
+    selection.pages_for_budget) -> the step's DecodePlan for all L layers."""
+    bs, P = seq_lens.shape[0], page_size
+    L, Hkv = budgets.shape
+    n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
+    k_pages = sel.pages_for_budget(budgets.view(L, 1, Hkv).double(), n_pages.view(1, bs, 1).double(), sink + recent,
+                                   ref_pages)
+    dense = (k_pages >= n_pages.view(1, bs, 1)).flatten(1).all(1).tolist()
+    rows = req_pool_indices.long()
+    max_pages = int(n_pages.max())
+    first_tok = (torch.arange(max_pages, device=seq_lens.device) * P).clamp(max=req_to_token.shape[1] - 1)
+    page_ids = (req_to_token[rows.view(bs, 1), first_tok.view(1, -1)] // P).long()         # [bs, N]
+    page_ids = page_ids.masked_fill(torch.arange(max_pages, device=seq_lens.device) >= n_pages.view(bs, 1), 0)
+    # One index_select per metadata tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids])
+    # is ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
+    meta_rows = (page_ids.unsqueeze(1) * Hkv + torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)).flatten()
+    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows)
+
+
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
                          fine: tuple[torch.Tensor, torch.Tensor] | None = None,
                          ref_pages: int | None = None, k_buf: torch.Tensor | None = None,
                          labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
-    """q [bs, Hkv, G, D]; budgets [Hkv] (fraction of context; of a context of `ref_pages` pages when
-    given, see selection.pages_for_budget). Each head keeps its top-k pages by
+    """One layer's selection with its own plan: budgets [Hkv]; the rest as `plan_decode` and `select_layer`."""
+    plan = plan_decode(req_to_token, req_pool_indices, seq_lens, budgets.view(1, -1), page_size, sink, recent,
+                       ref_pages)
+    return select_layer(plan, 0, q, kmin, kmax, req_to_token, page_size, sink, recent, selector, fine, k_buf, labels)
+
+
+def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                 req_to_token: torch.Tensor, page_size: int, sink: int, recent: int,
+                 selector: str = sel.DEFAULT_SELECTOR, fine: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 k_buf: torch.Tensor | None = None,
+                 labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
+    """q [bs, Hkv, G, D]: layer `layer` of the step `plan`. Each head keeps its top-k pages by
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
     size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors;
     `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors; `labels` = (label cache
@@ -84,27 +129,20 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
-    n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
-    k_pages = sel.pages_for_budget(budgets.view(1, Hkv).double(), n_pages.view(bs, 1).double(), sink + recent,
-                                   ref_pages)
-    rows = req_pool_indices.long().view(bs, 1)
-    if bool((k_pages >= n_pages.view(bs, 1)).all()):
+    seq_lens, n_pages, page_ids = plan.seq_lens, plan.n_pages, plan.page_ids
+    k_pages = plan.k_pages[layer]                                              # [bs, Hkv]
+    rows = plan.rows.view(bs, 1)
+    if plan.dense[layer]:
         T = int(seq_lens.max())
         pos = torch.arange(T, device=q.device).view(1, 1, T).expand(bs, Hkv, T)
         valid = pos < seq_lens.view(bs, 1, 1)
         slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
         return DecodeSelection(slots.long(), valid, dense=True)
 
-    max_pages = int(n_pages.max())
-    first_tok = (torch.arange(max_pages, device=q.device) * P).clamp(max=req_to_token.shape[1] - 1)
-    page_ids = (req_to_token[rows, first_tok.view(1, -1)] // P).long()         # [bs, N]
-    page_ids = page_ids.masked_fill(torch.arange(max_pages, device=q.device) >= n_pages.view(bs, 1), 0)
-    # One index_select per tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids]) is
-    # ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
+    max_pages = page_ids.shape[1]
     heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-    meta_rows = (page_ids.unsqueeze(1) * Hkv + heads).flatten()
-    lo = kmin.view(-1, kmin.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
-    hi = kmax.view(-1, kmax.shape[-1]).index_select(0, meta_rows).view(bs, Hkv, max_pages, -1)
+    lo = kmin.view(-1, kmin.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
+    hi = kmax.view(-1, kmax.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
     fine_meta = None
     if rule.sub:
         if fine is None:

@@ -22,8 +22,8 @@ import torch
 from ..config import ConfigError, ShplbConfig
 from ..selection import get_selector
 from ..serving import resolve
-from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, select_decode_tokens,
-                                update_page_minmax)
+from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, plan_decode,
+                                select_layer, update_page_minmax)
 from ..sparse_prefill import sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
@@ -95,6 +95,7 @@ def _make_backend_class():
                 raise ConfigError(f"the label channels of {self.cfg.plan or self.cfg.budgets} index past head_dim "
                                   f"{mc.head_dim}: they were made for another model; regenerate them")
             self.labels = {}
+            self.plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -188,14 +189,11 @@ def _make_backend_class():
             Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
             qg = q.reshape(-1, Hkv, Hq // Hkv, D)
             kmin, kmax = self._metadata(layer.layer_id)
-            budgets = self.budgets[layer.layer_id].to(q.device)
-            args = (qg, kmin, kmax, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                    forward_batch.seq_lens)
-            rest = (self.page_size, self.cfg.sink_pages, self.cfg.recent_pages)
-            chosen = select_decode_tokens(*args, budgets, *rest, self.selector,
-                                          self._fine(layer.layer_id) if self.sub else None, self.ref_pages,
-                                          self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                          self._labels(layer.layer_id) if self.channels is not None else None)
+            chosen = select_layer(self._decode_plan(forward_batch), layer.layer_id, qg, kmin, kmax,
+                                  self.req_to_token_pool.req_to_token, self.page_size, self.cfg.sink_pages,
+                                  self.cfg.recent_pages, self.selector, self._fine(layer.layer_id) if self.sub else None,
+                                  self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                  self._labels(layer.layer_id) if self.channels is not None else None)
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -209,6 +207,16 @@ def _make_backend_class():
             out = attend_selected(qg, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                          self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+        def _decode_plan(self, forward_batch):
+            """The step's page counts and page table, shared by every layer (made by init_forward_metadata;
+            made here if a caller skipped it for this batch, so a layer never reads another step's plan)."""
+            if self.plan_batch is not forward_batch:
+                self.plan = plan_decode(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                        forward_batch.seq_lens, self.budgets, self.page_size, self.cfg.sink_pages,
+                                        self.cfg.recent_pages, self.ref_pages)
+                self.plan_batch = forward_batch
+            return self.plan
 
         # ---------------------------------------------------------------- CUDA (issue 13): plan per step,
         # kernels per layer, decode CUDA graphs over fixed buffers. CPU behaviour above is unchanged.
@@ -242,6 +250,8 @@ def _make_backend_class():
             super().init_forward_metadata(forward_batch)
             if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
                 self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
+            if self.gpu is None and self.budgets is not None and forward_batch.forward_mode.is_decode():
+                self._decode_plan(forward_batch)                                # CPU: once per step
             if self.gpu is not None and forward_batch.forward_mode.is_decode():
                 self.gpu.plan(forward_batch.batch_size, forward_batch.seq_lens_cpu, forward_batch.seq_lens)
                 self.gpu.prepare(forward_batch.seq_lens)
