@@ -51,6 +51,17 @@ def sparse_recipe(start_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sparse_profile(start_server):
+    """A uniform budget with --shplb-profile: the default (label) selector on the profile's channels."""
+    profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
+        "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+    srv = start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-profile", str(profile),
+                        "--enable-metrics"], name="shplb-10pct-profile")
+    assert "selector two_stage_label32" in srv.log(), srv.log_tail()
+    return srv
+
+
+@pytest.fixture(scope="module")
 def shared_prefix_prompts(corpus_dir):
     prefix = (corpus_dir / "alice29.txt").read_text()[2000:3500]
     return [prefix + tail for tail in (" Alice said", " The Queen", " Then the Cat", " Suddenly")]
@@ -76,12 +87,12 @@ def kv_tokens_read(server) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
 
 
-@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys", "sparse_recipe"])
+@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys", "sparse_recipe", "sparse_profile"])
 def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
     needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.
-    For the uncalibrated selector (uniform budget), the key-re-ranking one, and the default recipe
-    (label cache, optimal budgets)."""
+    For the uncalibrated selector (uniform budget), the key-re-ranking one, the default recipe
+    (label cache, optimal budgets) and the label selector under a uniform budget (--shplb-profile)."""
     from transformers import AutoTokenizer
 
     sparse = request.getfixturevalue(server_fixture)

@@ -138,13 +138,19 @@ BAD_FLAGS = [  # (extra args, phrases); {plan3}/{budgets} are filled in
     (["--shplb-budget", "0.1", "--shplb-selector", "two_stage_label32"], ["two_stage_label32", "label channels",
                                                                            "--shplb-budgets", "two_stage4"]),
     (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32"], ["has none", "sglang_shplb.budget"]),
+    # --shplb-profile lends its channels to a uniform budget only; an artifact carries its own
+    (["--shplb-budgets", "{budgets}", "--shplb-profile", "{profile}"], ["--shplb-budgets carries its own",
+                                                                         "drop --shplb-profile"]),
+    (["--shplb-profile", "{profile}"], ["--shplb-profile", "add --shplb-budget"]),
+    (["--shplb-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"], ["--shplb-profile", "does not exist"]),
 ]
 
 
 @pytest.mark.parametrize("args,needles", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_refused(args, needles, good, model_path, capsys):
     nolabels = bad_file("budgets-labels-none", good, good)
-    args = [a.format(plan3=good / "plan3.json", budgets=good / "b.json", nolabels=nolabels) for a in args]
+    args = [a.format(plan3=good / "plan3.json", budgets=good / "b.json", nolabels=nolabels, profile=PROFILE)
+            for a in args]
     error = refused(capsys, "--model-path", model_path, *args)
     for n in needles:
         assert n in error, error
@@ -181,6 +187,10 @@ def test_profile_of_other_model_refused_at_serve(tmp_path, model_path, capsys):
     cli("sglang_shplb.budget", "--profile", tmp_path / "other.safetensors", "--mean-budget", "0.1",
         "--out", tmp_path / "b.json")
     assert "another model" in refused(capsys, "--model-path", model_path, "--shplb-budgets", tmp_path / "b.json")
+    # the same profile lending its label channels to a uniform budget
+    error = refused(capsys, "--model-path", model_path, "--shplb-budget", "0.1", "--shplb-profile",
+                    tmp_path / "other.safetensors")
+    assert "another model" in error and "other.safetensors" in error, error
 
 
 def test_profile_bit_flip_detected(tmp_path):

@@ -111,6 +111,16 @@ def test_label_channels_follow_each_ranks_heads(plan_file, tmp_path):
     assert got.selector == sel.DEFAULT_SELECTOR and torch.equal(got.labels, want)
     assert decode_selector(ShplbConfig(budget=0.1)) == sel.UNCALIBRATED_SELECTOR
     assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).labels is None
+    # a uniform budget with --shplb-profile: the profile's channels, each rank its own KV heads
+    assert decode_selector(ShplbConfig(budget=0.1, profile=str(PROFILE))) == sel.DEFAULT_SELECTOR
+    got = resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 30, 3, 1, 0)
+    assert got.selector == sel.DEFAULT_SELECTOR and torch.equal(got.labels, want)
+    for rank in range(3):
+        got = resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 30, 3, 3, rank)
+        assert torch.equal(got.labels, want[:, rank: rank + 1]) and torch.equal(got.decode, torch.full((30, 1), 0.1,
+                                                                                               dtype=torch.float64))
+    with pytest.raises(ArtifactError, match="another model"):
+        resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 24, 3, 1, 0)
     # an explicit other selector is served as asked, and needs no channels
     got = resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), selector="two_stage4"), 30, 3, 1, 0)
     assert got.selector == "two_stage4" and got.labels is None

@@ -25,6 +25,7 @@ class ShplbConfig:
     budget: Optional[float] = None          # uniform decode budget, fraction of context
     budgets: Optional[str] = None           # budgets artifact (per-head decode budgets)
     plan: Optional[str] = None              # plan artifact (placement + budgets per rank)
+    profile: Optional[str] = None           # profile whose label channels a uniform --shplb-budget reads
     page_size: int = 16                     # tokens per logical page used by selection
     sink_pages: int = 1                     # always-kept pages at the start of the context
     recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
@@ -62,9 +63,10 @@ class ShplbConfig:
         if self.selector and self.selector not in SELECTORS:
             raise ConfigError(f"--shplb-selector must be one of {sorted(SELECTORS)}, got {self.selector!r}")
         rule = SELECTORS[self.selector] if self.selector else None
-        if rule is not None and rule.label and not (self.budgets or self.plan):
+        if rule is not None and rule.label and not (self.budgets or self.plan or self.profile):
             raise ConfigError(f"--shplb-selector {self.selector} reads label channels calibrated by the profile, "
-                              "which come in a budgets or plan file: pass --shplb-budgets or --shplb-plan, or choose "
+                              "which come in a budgets or plan file (or, with a uniform --shplb-budget, from "
+                              "--shplb-profile): pass --shplb-budgets, --shplb-plan or --shplb-profile, or choose "
                               f"another --shplb-selector (e.g. {UNCALIBRATED_SELECTOR})")
         sub = rule.sub if rule is not None else None
         if sub and (sub > self.page_size or self.page_size % sub):
@@ -72,7 +74,13 @@ class ShplbConfig:
                               f"--shplb-page-size {self.page_size}; use a page size that is a multiple of {sub}")
         if self.budgets and self.plan:
             raise ConfigError("give either --shplb-budgets or --shplb-plan (a plan already holds budgets)")
-        for name in ("budgets", "plan"):
+        if self.profile and (self.budgets or self.plan):
+            raise ConfigError("--shplb-profile gives a uniform --shplb-budget the profile's label channels; "
+                              f"--shplb-{'plan' if self.plan else 'budgets'} carries its own: drop --shplb-profile")
+        if self.profile and self.budget is None:
+            raise ConfigError("--shplb-profile only serves a uniform decode budget: add --shplb-budget B "
+                              "(or make budgets from the profile with `python -m sglang_shplb.budget`)")
+        for name in ("budgets", "plan", "profile"):
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"--shplb-{name} file {path} does not exist")

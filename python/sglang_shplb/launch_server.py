@@ -29,6 +29,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-budget", type=float, help="uniform decode budget per head, fraction of context in (0, 1]")
     g.add_argument("--shplb-budgets", help="budgets artifact from `python -m sglang_shplb.budget` (per-head budgets)")
     g.add_argument("--shplb-plan", help="plan artifact from `python -m sglang_shplb.plan` (placement + budgets)")
+    g.add_argument("--shplb-profile", help="with --shplb-budget: the profile whose calibrated label channels the "
+                   "decode selector reads (budgets and plans carry their own)")
     g.add_argument("--shplb-page-size", type=int, default=16, help="tokens per selection page (default 16)")
     g.add_argument("--shplb-sink-pages", type=int, default=1, help="pages always kept at the start (default 1)")
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
@@ -163,9 +165,9 @@ def _shplb_page_size(argv: list[str], cfg: ShplbConfig) -> list[str]:
 
 
 def _apply_artifacts(cfg: ShplbConfig, model_path: str, argv: list[str]) -> list[str]:
-    """Refuse budgets/plans made for another model or TP size (at start-up, never mid-request),
+    """Refuse budgets/plans/profiles made for another model or TP size (at start-up, never mid-request),
     and pass the config overrides a plan's weights need (GQA expansion) to SGLang."""
-    if not (cfg.budgets or cfg.plan) or not os.path.isdir(os.path.expanduser(model_path)):
+    if not (cfg.budgets or cfg.plan or cfg.profile) or not os.path.isdir(os.path.expanduser(model_path)):
         return argv
     from .artifacts import ArtifactError, model_fingerprint, model_shape
     from .serving import rank_budgets
@@ -227,7 +229,7 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
 
     try:
         cfg = ShplbConfig(**options)
-        if not (cfg.budgets or cfg.plan):   # with artifacts: checked with them (model first) in _apply_artifacts
+        if not (cfg.budgets or cfg.plan or cfg.profile):   # artifacts: checked with them (model first) in _apply_artifacts
             decode_selector(cfg)            # a selector this config cannot serve is refused here, not in a worker
     except (ConfigError, ArtifactError) as e:
         _fail(str(e))

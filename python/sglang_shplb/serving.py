@@ -5,9 +5,9 @@ SGLang's TP rank r holds a contiguous block of KV heads (after our load-time per
 block the plan assigned). Decode budgets come from, in order: a plan (its rank's table), a budgets
 file (contiguous slice of its per-KV-group budgets), or one uniform fraction. Prefill budgets: the
 uniform --shplb-prefill-budget if given, else the artifact's optional prefill table, else dense.
-Label channels (the default selector's calibration) come with the decode budgets' artifact, mapped to
-the same local heads; `decode_selector` picks the selector: --shplb-selector, else the label default
-when the artifact carries channels, else the uncalibrated one.
+Label channels (the default selector's calibration) come with the decode budgets' artifact (for a
+uniform --shplb-budget: from --shplb-profile), mapped to the same local heads; `decode_selector` picks
+the selector: --shplb-selector, else the label default when channels are given, else the uncalibrated one.
 Each artifact file is read and checksummed once per process (`artifact`), whoever asks first.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .artifacts import ArtifactError
 from .config import ShplbConfig
 from .schema import Budgets, Plan
 
-_artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan
+_artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan | Profile
 _resolved: dict = {}      # (config, shape) -> RankBudgets
 
 
@@ -39,10 +39,15 @@ def _stamp(path: str | None):
 
 
 def artifact(kind: str, path: str, fingerprint: str | None = None):
-    """The typed artifact at `path` ('plan' | 'budget'), loaded and validated once per process."""
+    """The typed artifact at `path` ('plan' | 'budget' | 'profile'), loaded and validated once per process."""
     key = (kind, _stamp(path), fingerprint)
     if key not in _artifacts:
-        _artifacts[key] = (Plan if kind == "plan" else Budgets).load(path, fingerprint)
+        if kind == "profile":
+            from .profile import Profile
+
+            _artifacts[key] = Profile.load(path, fingerprint)
+        else:
+            _artifacts[key] = (Plan if kind == "plan" else Budgets).load(path, fingerprint)
     return _artifacts[key]
 
 
@@ -77,21 +82,33 @@ def _decode_source(cfg: ShplbConfig, fingerprint: str | None = None):
     return artifact("budget", cfg.budgets, fingerprint) if cfg.budgets else None
 
 
+def _profile_labels(cfg: ShplbConfig, fingerprint: str | None = None) -> Optional[torch.Tensor]:
+    """A uniform budget's label channels [layers, KV heads, r] from --shplb-profile (None without one)."""
+    if not cfg.profile:
+        return None
+    labels = artifact("profile", cfg.profile, fingerprint).label_channels("kv")
+    if labels is None:
+        raise ArtifactError(f"--shplb-profile {cfg.profile} has no label channels (made before label calibration); "
+                            "re-run `python -m sglang_shplb.profile`")
+    return labels
+
+
 def decode_selector(cfg: ShplbConfig, fingerprint: str | None = None) -> str:
     """The decode selector this configuration serves: --shplb-selector if given (a label selector only
-    with an artifact that carries calibrated channels), else selection.DEFAULT_SELECTOR when the decode
-    artifact carries them, else selection.UNCALIBRATED_SELECTOR."""
+    with calibrated channels: in the budgets/plan artifact, or from --shplb-profile for a uniform budget),
+    else selection.DEFAULT_SELECTOR when there are channels, else selection.UNCALIBRATED_SELECTOR."""
     src = _decode_source(cfg, fingerprint)
-    labels = None if src is None else src.labels
+    labels = _profile_labels(cfg, fingerprint) if src is None else src.labels
     name = cfg.selector or (sel.DEFAULT_SELECTOR if labels is not None else sel.UNCALIBRATED_SELECTOR)
     rule = sel.get_selector(name)
     if rule.label and labels is None:
-        where = f"{cfg.plan or cfg.budgets} has none" if src is not None else "no budgets or plan file was given"
+        where = f"{cfg.plan or cfg.budgets} has none" if src is not None else \
+            "no budgets, plan or profile file was given"
         raise ArtifactError(f"--shplb-selector {name} reads label channels calibrated by the profile, but {where}; "
                             "re-run `python -m sglang_shplb.budget` (and `plan`) from a profile made by this version, "
                             f"or choose another --shplb-selector (e.g. {sel.UNCALIBRATED_SELECTOR})")
     if rule.label and labels.shape[-1] < rule.keys:
-        raise ArtifactError(f"{cfg.plan or cfg.budgets} carries {labels.shape[-1]} label channels per head; "
+        raise ArtifactError(f"{cfg.plan or cfg.budgets or cfg.profile} carries {labels.shape[-1]} label channels per head; "
                             f"--shplb-selector {name} reads {rule.keys}; choose a label selector with fewer")
     if rule.sub and (rule.sub > cfg.page_size or cfg.page_size % rule.sub):
         raise ArtifactError(f"selector {name} scores {rule.sub}-token sub-pages, which do not tile --shplb-page-size "
@@ -111,7 +128,8 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
             fingerprint: str | None = None) -> RankBudgets:
     """This rank's budgets for both phases (cached: the backend, the weight hook and the launcher's
     checks share one object per process and configuration)."""
-    key = (cfg, _stamp(cfg.plan), _stamp(cfg.budgets), num_layers, num_kv_heads, tp_size, tp_rank, fingerprint)
+    key = (cfg, _stamp(cfg.plan), _stamp(cfg.budgets), _stamp(cfg.profile), num_layers, num_kv_heads, tp_size,
+           tp_rank, fingerprint)
     if key not in _resolved:
         plan = artifact("plan", cfg.plan, fingerprint) if cfg.plan else None
         if plan is not None and plan.tp_size != tp_size:
@@ -124,8 +142,15 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
         selector = decode_selector(cfg, fingerprint)
         labels = None
         if sel.get_selector(selector).label and tables["decode"] is not None:
-            labels = src.rank_labels(tp_rank) if plan is not None else \
-                src.labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
+            if plan is not None:
+                labels = src.rank_labels(tp_rank)
+            else:   # a budgets file's or the profile's channels, per KV head of the model
+                labels = src.labels if src is not None else _profile_labels(cfg, fingerprint)
+                if tuple(labels.shape[:2]) != (num_layers, num_kv_heads):
+                    raise ArtifactError(f"the label channels of {cfg.budgets or cfg.profile} are for "
+                                        f"{labels.shape[0]} layers x {labels.shape[1]} KV heads, the model has "
+                                        f"{num_layers} x {num_kv_heads}: they were made for another model")
+                labels = labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
             labels = labels[..., : sel.get_selector(selector).keys].contiguous()
         _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, selector, labels)
     return _resolved[key]
