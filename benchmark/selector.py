@@ -330,7 +330,7 @@ def main():
     p.add_argument("--texts", type=int, default=2)
     p.add_argument("--queries", type=int, default=16, help="sampled query positions per window and layer")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
-    p.add_argument("--selectors", nargs="+", default=list(sel.SELECTORS),
+    p.add_argument("--selectors", nargs="+", default=[s for s in sel.SELECTORS if s != "oracle_mass"],  # own oracle
                    help="names in selection.SELECTORS or LABEL_SELECTORS (these calibrate on common.LabelCalibration)")
     p.add_argument("--needle-contexts", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--needle-seeds", type=int, default=10)

@@ -122,8 +122,8 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
 
     pages = [keys[j * P:(j + 1) * P] for j in range(n)]
 
-    def agg(per_head, among):  # per_head [G][n] -> {page: score} over the candidate pages
-        rows = [torch.tensor([r[j] for j in among]) * q.shape[-1] ** -0.5 for r in per_head]
+    def agg(per_head, among, scale=q.shape[-1] ** -0.5):  # per_head [G][n] -> {page: score} over the candidates
+        rows = [torch.tensor([r[j] for j in among], dtype=torch.float64) * scale for r in per_head]
         if rule.aggregate == "sum":
             col = torch.stack(rows).sum(0)
         elif rule.aggregate == "max":
@@ -147,7 +147,7 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
             ch = channels if rule.label else sorted(range(len(qg)), key=lambda d: -abs(float(qg[d])))[: rule.keys]
             logits = [sum(float(qg[d]) * float(t[d]) for d in ch) * len(qg) ** -0.5 for t in pg]
             return math.log(sum(math.exp(x) for x in logits))
-        fine = {j: max(page_logmass(qg, pages[j]) for qg in q) for j in among}
+        fine = agg([[page_logmass(qg, pages[j]) if j in among else 0.0 for j in range(n)] for qg in q], among, 1.0)
         return set(ranked(fine)[:k])
     fine = agg([[max(bound(qg, pg[i: i + rule.sub]) for i in range(0, len(pg), rule.sub)) for pg in pages]
                 for qg in q], sorted(among))
@@ -181,6 +181,28 @@ def test_variable_budgets_pick_brute_force_pages(selector):
             assert got == want, (b, h)
     out = attend_selected(q, k_buf, v_buf, chosen, 0.3)
     assert out.shape == (3, HKV, G, D) and torch.isfinite(out).all()
+
+
+def test_oracle_mass_serves_the_true_mass_ranking():
+    """The diagnostic `oracle_mass` selector keeps, per (request, KV head), the pages with the most true
+    attention mass summed over the group's query heads: softmax over the request's whole context."""
+    P16, seq_lens = 16, [300, 411]
+    req_to_token, k_buf, _, kmin, kmax = paged_cache(seq_lens, page_size=P16, seed=5)
+    q = torch.randn(2, HKV, G, D, generator=torch.Generator().manual_seed(6))
+    budgets, sink, recent = torch.tensor([0.2, 0.1, 0.3]), 1, 2
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, torch.arange(1, 3), torch.tensor(seq_lens), budgets,
+                                  P16, sink, recent, "oracle_mass", k_buf=k_buf)
+    for b, s in enumerate(seq_lens):
+        n = math.ceil(s / P16)
+        k_pages = sel.pages_for_budget(budgets.double(), torch.tensor(float(n)), sink + recent)
+        for h in range(HKV):
+            keys = k_buf[req_to_token[b + 1, :s].long(), h]                              # [s, D]
+            mass = ((q[b, h] @ keys.T) * D ** -0.5).softmax(-1)                          # [G, s]
+            page_mass = torch.nn.functional.pad(mass.sum(0), (0, n * P16 - s)).view(n, P16).sum(-1)
+            want = set(sel.top_pages(page_mass, torch.tensor(n), int(k_pages[h]), sink, recent).tolist())
+            logical = req_to_token[b + 1, :s].tolist()                                    # slot -> position
+            got = {logical.index(t) // P16 for t in chosen.slots[b, h][chosen.valid[b, h]].tolist()}
+            assert got == want, (b, h, got ^ want)
 
 
 @pytest.mark.parametrize("selector", list(sel.LABEL_SELECTORS))

@@ -74,6 +74,10 @@ SELECTORS = {s.name: s for s in (
     Selector("two_stage_keys16", "max", None, 3.0, keys=16),
     Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
     Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
+    # Diagnostic, CPU only: every page scored from all its keys and channels, each head's softmax mass summed
+    # over the group, i.e. the oracle ranking. It reads every key (no speed-up): served, it separates what a
+    # budget loses from what a selector's ranking loses, through the real server.
+    Selector("oracle_mass", "psum", None, 0.0, keys=1 << 16),
 )}
 # Label selectors read calibrated channels (`label_channels`): the profile measures them, budgets and plans
 # carry them (`LABEL_RANK` per head, best first). Without them the server falls back to UNCALIBRATED_SELECTOR.
