@@ -208,10 +208,10 @@ def _make_backend_class():
                          self.token_to_kv_pool.get_value_buffer(layer.layer_id), chosen, layer.scaling)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
-        def _decode_plan(self, forward_batch):
-            """The step's page counts and page table, shared by every layer (made by init_forward_metadata;
-            made here if a caller skipped it for this batch, so a layer never reads another step's plan)."""
-            if self.plan_batch is not forward_batch:
+        def _decode_plan(self, forward_batch, fresh: bool = False):
+            """The step's page counts and page table, shared by every layer: made fresh by init_forward_metadata
+            each step, or here if a caller skipped it for this batch (a layer never reads another batch's plan)."""
+            if fresh or self.plan_batch is not forward_batch:
                 self.plan = plan_decode(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                                         forward_batch.seq_lens, self.budgets, self.page_size, self.cfg.sink_pages,
                                         self.cfg.recent_pages, self.ref_pages)
@@ -250,8 +250,8 @@ def _make_backend_class():
             super().init_forward_metadata(forward_batch)
             if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
                 self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
-            if self.gpu is None and self.budgets is not None and forward_batch.forward_mode.is_decode():
-                self._decode_plan(forward_batch)                                # CPU: once per step
+            if self.gpu is None and forward_batch.forward_mode.is_decode() and self.budgets is not None:
+                self._decode_plan(forward_batch, fresh=True)                    # CPU: once per step
             if self.gpu is not None and forward_batch.forward_mode.is_decode():
                 self.gpu.plan(forward_batch.batch_size, forward_batch.seq_lens_cpu, forward_batch.seq_lens)
                 self.gpu.prepare(forward_batch.seq_lens)
