@@ -212,10 +212,11 @@ def check_fine_scores():
 def check_label_scores():
     """The label selectors' kernels against their references: label_page_scores == label_page_scores_torch
     (selection.key_scores) on the shortlist, the mapped second top-k == selection.choose_pages' pages on the
-    same label cache (float32 and bf16), every label selector."""
+    same label cache (float32 and bf16), every label selector the kernels implement."""
     budgets = torch.full((1, H), 0.1, dtype=torch.float64)
     for selector, meta_dtype in ((S.DEFAULT_SELECTOR, torch.float32), (S.DEFAULT_SELECTOR, torch.bfloat16),
-                                 *((s, torch.float32) for s in S.LABEL_SELECTORS if s != S.DEFAULT_SELECTOR)):
+                                 *((s, torch.float32) for s in S.LABEL_SELECTORS
+                                   if s != S.DEFAULT_SELECTOR and s in gpu_selectors())):
         cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=selector, seed=2)
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)

@@ -74,6 +74,9 @@ SELECTORS = {s.name: s for s in (
     Selector("two_stage_keys16", "max", None, 3.0, keys=16),
     Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
     Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
+    # the same label estimate, aggregated as the group's estimated mass (each head's softmax over the shortlist,
+    # summed): CPU only for now (the CUDA label kernel aggregates by max)
+    Selector("two_stage_label32_psum", "psum", None, 3.0, keys=32, label=True),
     # Diagnostic, CPU only: every page scored from all its keys and channels, each head's softmax mass summed
     # over the group, i.e. the oracle ranking. It reads every key (no speed-up): served, it separates what a
     # budget loses from what a selector's ranking loses, through the real server.
