@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from conftest import Server
 from sglang_shplb.artifacts import write_json
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmark"))
@@ -29,15 +30,30 @@ def sparse(start_server):
                          "--enable-metrics"], name="shplb-10pct")
 
 
-@pytest.fixture(scope="module")
-def sparse_keys(start_server):
+@pytest.fixture
+def own_server(tmp_path):
+    """Like start_server, but this test's servers stop when it ends: a CPU server holds ~3 GB, so the
+    module keeps only its shared servers alive plus one of these (four at most, not six)."""
+    servers = []
+
+    def _start(args: list[str], name: str = "server") -> Server:
+        servers.append(Server(args, tmp_path / f"{name}.log"))
+        return servers[-1].wait_ready()
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def sparse_keys(own_server):
     """The selector that re-ranks its shortlist from the keys (selection.key_scores), in the server."""
-    return start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-selector", "two_stage_keys16",
+    return own_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-selector", "two_stage_keys16",
                          "--enable-metrics"], name="shplb-10pct-keys")
 
 
-@pytest.fixture(scope="module")
-def sparse_recipe(start_server, tmp_path_factory):
+@pytest.fixture
+def sparse_recipe(own_server, tmp_path_factory):
     """The default selector (label channels, from the committed profile) with optimal budgets at 10%."""
     from sglang_shplb.budget import main as budget_main
 
@@ -45,17 +61,17 @@ def sparse_recipe(start_server, tmp_path_factory):
     profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
     assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--out", str(out)]) == 0
-    srv = start_server(["--dtype", "float32", "--shplb-budgets", str(out), "--enable-metrics"], name="shplb-recipe")
+    srv = own_server(["--dtype", "float32", "--shplb-budgets", str(out), "--enable-metrics"], name="shplb-recipe")
     assert "selector two_stage_label32" in srv.log(), srv.log_tail()
     return srv
 
 
-@pytest.fixture(scope="module")
-def sparse_profile(start_server):
+@pytest.fixture
+def sparse_profile(own_server):
     """A uniform budget with --shplb-profile: the default (label) selector on the profile's channels."""
     profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-    srv = start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-profile", str(profile),
+    srv = own_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-profile", str(profile),
                         "--enable-metrics"], name="shplb-10pct-profile")
     assert "selector two_stage_label32" in srv.log(), srv.log_tail()
     return srv
