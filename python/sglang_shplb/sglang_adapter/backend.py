@@ -95,7 +95,7 @@ def _make_backend_class():
                 raise ConfigError(f"the label channels of {self.cfg.plan or self.cfg.budgets} index past head_dim "
                                   f"{mc.head_dim}: they were made for another model; regenerate them")
             self.labels = {}
-            self.plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
+            self.step_plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
             self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -212,11 +212,11 @@ def _make_backend_class():
             """The step's page counts and page table, shared by every layer: made fresh by init_forward_metadata
             each step, or here if a caller skipped it for this batch (a layer never reads another batch's plan)."""
             if fresh or self.plan_batch is not forward_batch:
-                self.plan = plan_decode(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                self.step_plan = plan_decode(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                                         forward_batch.seq_lens, self.budgets, self.page_size, self.cfg.sink_pages,
                                         self.cfg.recent_pages, self.ref_pages)
                 self.plan_batch = forward_batch
-            return self.plan
+            return self.step_plan
 
         # ---------------------------------------------------------------- CUDA (issue 13): plan per step,
         # kernels per layer, decode CUDA graphs over fixed buffers. CPU behaviour above is unchanged.
