@@ -38,18 +38,27 @@ class Server:
     """`python -m sglang_shplb.launch_server ARGS` on a free port, logging to a file."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args, self.log_path = args, log_path
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self._start()
+
+    def _start(self) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_shplb.launch_server", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+            [sys.executable, "-m", "sglang_shplb.launch_server", "--port", str(self.port), *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> "Server":
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S, port_retries: int = 2) -> "Server":
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if port_retries and "address already in use" in self.log():
+                # free_port() races other processes for the port; SGLang then hangs in shutdown: restart
+                self.stop()
+                port_retries -= 1
+                self._start()
+                continue
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:

@@ -169,6 +169,7 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
     cls = _make_backend_class()
     b = object.__new__(cls)
     b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu = Owned(), [False, True], True, None
+    b.budgets = None                              # no decode budgets: decode plans nothing on this path
     b.use_sliding_window_kv_pool = False          # torch_native's own per-step state
     folded = []
     b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, locs, k))
