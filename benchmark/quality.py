@@ -131,7 +131,8 @@ class SparseAttention:
             else:
                 ch = self.channels.get(self.layer)                                 # [Hkv, r] label selectors
                 top = sel.choose_pages(rule, qg[:, s:e], kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n, kp,
-                                       self.sink, self.recent, None if ch is None else ch.unsqueeze(1))
+                                       self.sink, self.recent, None if ch is None else ch.unsqueeze(1),
+                                       (torch.arange(s, e) + 1).expand(Hkv, -1))
             keep = torch.arange(top.shape[-1]).view(1, 1, -1) < kp.unsqueeze(-1)
             mask[:, s:e] = mask[:, s:e].scatter(-1, top, keep)
         return mask

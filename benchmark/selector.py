@@ -49,9 +49,10 @@ def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
     return torch.nn.functional.pad(probs, (0, n * P - probs.shape[-1])).unflatten(-1, (n, P)).sum(-1)
 
 
-def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None):
+def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None, seq_lens=None):
     """Pages [..., K] a selector keeps. q [Hkv, S, G, D], k [Hkv, L, D], group_mass [Hkv, S, N];
-    channels [Hkv, r]: a label selector's calibrated channels in this layer."""
+    channels [Hkv, r]: a label selector's calibrated channels in this layer; seq_lens [Hkv, S] each query's
+    context (the keys after it in its page are not its own)."""
     if name == "oracle":
         return sel.top_pages(group_mass, n_pages, int(k_pages.max()), SINK, RECENT)
     s = sel.get_selector(name)
@@ -62,7 +63,7 @@ def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None):
         h = torch.arange(idx.shape[0]).view(-1, 1, 1)
         return tuple(t[h, idx] for t in fine)
     return sel.choose_pages(s, q, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, k_pages, SINK, RECENT,
-                            None if channels is None else channels.unsqueeze(1))
+                            None if channels is None else channels.unsqueeze(1), seq_lens)
 
 
 class Probe:
@@ -108,7 +109,8 @@ class Probe:
             kp = sel.pages_for_budget(torch.tensor(b), n_pages, SINK + RECENT)
             for name in self.selectors:
                 ch = self.channels.get(name, {}).get(layer)
-                kept = sel.kept_mass(gm, chosen_by(name, qg, k.float(), gm, n_pages, kp, P, ch), kp)
+                chosen = chosen_by(name, qg, k.float(), gm, n_pages, kp, P, ch, (pos + 1).expand(Hkv, -1))
+                kept = sel.kept_mass(gm, chosen, kp)
                 rec = ((kept - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
                 self.stats.setdefault((name, b), []).append(rec.flatten())
 
@@ -131,7 +133,7 @@ class Probe:
         kp = sel.pages_for_budget(self.layer_budgets[layer].view(Hkv, 1).double(), n_pages.double(), SINK + RECENT,
                                   self.ref_pages)
         chosen = chosen_by(self.selector, qg.transpose(1, 2), k.float(), gm, n_pages, kp, P,
-                           self.channels.get(self.selector, {}).get(layer))                 # [Hkv, A, K]
+                           self.channels.get(self.selector, {}).get(layer), (pos + 1).expand(Hkv, -1))  # [Hkv, A, K]
         keep = torch.arange(chosen.shape[-1]) < kp.unsqueeze(-1)
         pages = torch.zeros(Hkv, A, gm.shape[-1], dtype=torch.bool).scatter(-1, chosen, keep)
         tok = pages.repeat_interleave(P, -1)[..., :L] & causal                     # [Hkv, A, L]

@@ -122,14 +122,21 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
 
     pages = [keys[j * P:(j + 1) * P] for j in range(n)]
 
-    def agg(per_head, among, scale=q.shape[-1] ** -0.5):  # per_head [G][n] -> {page: score} over the candidates
+    def agg(per_head, among, scale=q.shape[-1] ** -0.5, how=rule.aggregate):  # per_head [G][n] -> {page: score}
         rows = [torch.tensor([r[j] for j in among], dtype=torch.float64) * scale for r in per_head]
-        if rule.aggregate == "sum":
+        if how == "sum":
             col = torch.stack(rows).sum(0)
-        elif rule.aggregate == "max":
+        elif how == "max":
             col = torch.stack(rows).amax(0)
-        elif rule.aggregate == "norm":
+        elif how == "norm":
             col = torch.stack([r.log_softmax(0) for r in rows]).amax(0)
+        elif how == "mix":   # a page's better place in the max and the psum orders
+            def places(v):
+                order = sorted(range(len(among)), key=lambda i: (-float(v[i]), among[i]))
+                return {among[i]: p for p, i in enumerate(order)}
+            by_max = places(torch.stack(rows).amax(0))
+            by_psum = places(torch.stack([r.softmax(0) for r in rows]).sum(0))
+            return {j: -min(by_max[j], by_psum[j]) for j in among}
         else:
             col = torch.stack([r.softmax(0) for r in rows]).sum(0)
         return dict(zip(among, col.tolist()))
@@ -138,7 +145,7 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
 
     def ranked(score):
         return sorted(forced & set(score)) + sorted(set(score) - forced, key=lambda j: (-score[j], j))
-    coarse = agg([[bound(qg, pg) for pg in pages] for qg in q], list(range(n)))
+    coarse = agg([[bound(qg, pg) for pg in pages] for qg in q], list(range(n)), how=rule.coarse or rule.aggregate)
     if rule.sub is None and not rule.keys:
         return set(ranked(coarse)[:k])
     among = ranked(coarse)[: min(n, math.ceil(rule.shortlist * k - 1e-6))] if rule.shortlist else list(range(n))
@@ -261,3 +268,30 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     heads = torch.arange(HKV).view(1, HKV, 1)
     padded = _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, 0.3)
     assert torch.allclose(attend_selected(q, k_buf, v_buf, chosen, 0.3), padded, atol=1e-6)
+
+
+@pytest.mark.parametrize("selector", [n for n, s in sel.SELECTORS.items() if s.keys and s.aggregate != "max"])
+def test_stale_slots_of_the_last_page_do_not_move_a_normalised_selection(selector):
+    """A partial last page's unwritten slots hold whatever a freed request left there. They must not enter a
+    per-head normalisation over pages (psum / norm / mix): the same context with huge stale keys there selects
+    the same pages."""
+    rule, P16, seq_lens = sel.get_selector(selector), 16, [300, 411]          # 300 and 411: partial last pages
+    req_to_token, k_buf, _, kmin, kmax = paged_cache(seq_lens, page_size=P16, seed=7)
+    q = torch.randn(2, HKV, G, D, generator=torch.Generator().manual_seed(8))
+    args = (torch.arange(1, 3), torch.tensor(seq_lens), torch.tensor([0.2, 0.1, 0.3]), P16, 1, 2, selector)
+
+    def pick(keys):
+        labels = label_cache(req_to_token, keys, seq_lens, rule.keys // 4, seed=2, page_size=P16) if rule.label \
+            else None
+        if labels is not None:     # the label cache's stale slots too: fold every slot of the pages
+            every = torch.arange(keys.shape[0])
+            fold_labels(labels[0], labels[1], every, keys)
+        return select_decode_tokens(q, kmin, kmax, req_to_token, *args[:-1], args[-1], k_buf=keys, labels=labels)
+
+    clean = pick(k_buf)
+    stale = k_buf.clone()
+    for r, s in enumerate(seq_lens):   # the unwritten slots of each request's last page
+        last = int(req_to_token[r + 1, s - 1])
+        stale[last + 1: (last // P16 + 1) * P16] = 50.0 * q[r].mean(1).sign()   # keys every head would love
+    got = pick(stale)
+    assert torch.equal(got.slots[got.valid], clean.slots[clean.valid])

@@ -180,7 +180,7 @@ class _Collector:
             rows = (Hkv, *([g] * (lead - 1)), S)
             return sel.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), tuple(map(view, fine)),
                                          n_pages.expand(rows), k_pages.expand(*rows, -1), self.sink, self.recent,
-                                         None if ch is None else view(ch))
+                                         None if ch is None else view(ch), (pos + 1).expand(rows))
         curves = {  # each [Hkv, (g,) S, G] -> mean over sampled queries
             "oracle_q": sel.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),
             "oracle_kv": sel.recovery_curve(group_mass, group_mass.argsort(-1, descending=True), k_pages),

@@ -45,6 +45,7 @@ class Selector:
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
     keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
     label: bool = False           # the r channels are fixed per KV head (a label cache), not per query
+    coarse: str = ""              # the first stage's aggregate, if not `aggregate` (a shortlist wants recall: "max")
 
     @property
     def fine(self) -> bool:
@@ -77,6 +78,10 @@ SELECTORS = {s.name: s for s in (
     # the same label estimate, aggregated as the group's estimated mass (each head's softmax over the shortlist,
     # summed): CPU only for now (the CUDA label kernel aggregates by max)
     Selector("two_stage_label32_psum", "psum", None, 3.0, keys=32, label=True),
+    # the label estimate normalised per head (ShadowKV: log-softmax, then max), or a page's better place in the
+    # max and psum orders (`mix`); the shortlist stays the max bound's (normalised bounds lose needles, issue 12)
+    Selector("two_stage_label32_norm", "norm", None, 3.0, keys=32, label=True, coarse="max"),
+    Selector("two_stage_label32_mix", "mix", None, 3.0, keys=32, label=True, coarse="max"),
     # Diagnostic, CPU only: every page scored from all its keys and channels, each head's softmax mass summed
     # over the group, i.e. the oracle ranking. It reads every key (no speed-up): served, it separates what a
     # budget loses from what a selector's ranking loses, through the real server.
@@ -150,28 +155,39 @@ def group_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
     return (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).squeeze(-2)
 
 
-def aggregate(selector: Selector, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-head page scores b [..., G, N] -> one score per page [..., N]; valid [..., N] marks the
-    candidates a per-head normalisation runs over (others come out -inf)."""
-    if selector.aggregate == "sum":
+def aggregate(how: str, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-head page scores b [..., G, N] -> one score per page [..., N], by the rule `how` (a Selector's
+    `aggregate`); valid [..., N] marks the candidates a per-head normalisation runs over (others come out -inf)."""
+    if how == "sum":
         return b.sum(-2)
-    if selector.aggregate == "max":
+    if how == "max":
         return b.amax(-2)
     z = b.masked_fill(~valid.unsqueeze(-2), NEG_INF)
-    if selector.aggregate == "norm":    # ShadowKV: each head's scores as a log-softmax over its candidates
+    if how == "norm":    # ShadowKV: each head's scores as a log-softmax over its candidates
         return z.log_softmax(-1).amax(-2)
-    if selector.aggregate == "psum":    # estimated group mass: per-head softmax over candidates, summed
+    if how == "psum":    # estimated group mass: per-head softmax over candidates, summed
         return z.softmax(-1).sum(-2).masked_fill(~valid, NEG_INF)
-    raise ValueError(f"unknown aggregate {selector.aggregate!r}")
+    if how == "mix":     # union of the max and psum rankings: a page's better rank of the two
+        best = torch.minimum(_ranks(z.amax(-2)), _ranks(z.softmax(-1).sum(-2)))
+        return (-best.float()).masked_fill(~valid, NEG_INF)
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+def _ranks(score: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in descending order, ties to the lower index (the ranking rule's order)."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device)
+                                            .expand_as(order))
 
 
 def coarse_scores(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                   n_pages: torch.Tensor) -> torch.Tensor:
     """Page scores from page min/max: q [..., G, D], kmin/kmax [..., N, D], n_pages [...] -> [..., N]."""
-    if selector.aggregate == "sum":   # linear in the clamped queries: one matvec per page, not G
+    how = selector.coarse or selector.aggregate
+    if how == "sum":   # linear in the clamped queries: one matvec per page, not G
         return group_upper_bound(q, kmin, kmax)
     b = quest_upper_bound(q, kmin, kmax) * q.shape[-1] ** -0.5               # logit scale for normalisations
-    return aggregate(selector, b, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
+    return aggregate(how, b, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
 
 
 def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: torch.Tensor,
@@ -182,16 +198,18 @@ def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: t
     C, S, D = fmin.shape[-3:]
     b = quest_upper_bound(q, fmin.flatten(-3, -2), fmax.flatten(-3, -2))       # [..., G, C*S]
     b = torch.where(b.isnan(), NEG_INF, b)                                     # 0 * inf of an empty sub-page
-    return aggregate(selector, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
+    return aggregate(selector.aggregate, b.unflatten(-1, (C, S)).amax(-1) * D ** -0.5, valid)
 
 
 def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-               channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+               channels: Optional[torch.Tensor] = None, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Page scores from the pages' keys (SparQ): q [..., G, D], keys [..., C, P, D], valid [..., C] -> [..., C].
     Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
     tokens (an estimate of the page's log attention mass), aggregated over the group. A label selector:
     keys are label-cache rows [..., C, P, r], the KV head's `channels` [..., r] of each key; the logits
-    keep the full-dimension scale 1/sqrt(D), so the log-sum-exp is the mass estimate's own."""
+    keep the full-dimension scale 1/sqrt(D), so the log-sum-exp is the mass estimate's own. fill [..., C]: tokens
+    written in each page (the rest of a partial last page holds stale slots, which must not enter a
+    normalisation over pages); None: every page is full."""
     q = q.float()
     if selector.label:
         if channels is None:
@@ -201,14 +219,24 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
         top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
         q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))          # other channels zeroed
     logits = torch.einsum("...gd,...cpd->...gcp", q_r, keys.float()) * q.shape[-1] ** -0.5
-    return aggregate(selector, logits.logsumexp(-1), valid)
+    if fill is not None:
+        written = torch.arange(keys.shape[-2], device=keys.device) < fill.unsqueeze(-1)     # [..., C, P]
+        logits = logits.masked_fill(~written.unsqueeze(-3), NEG_INF)
+    return aggregate(selector.aggregate, logits.logsumexp(-1), valid)
 
 
-def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
-    """The finer page score of a `fine` selector: from the keys (or label cache), or from sub-page bounds."""
+def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
+                 seq_lens: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+    """The finer page score of a `fine` selector over candidate pages idx [..., C]: from the keys (or label
+    cache; a page's tokens past seq_lens [...] are not counted), or from sub-page bounds (which hold only
+    written keys)."""
     if selector.keys:
-        return lambda *a: key_scores(*a, channels=channels)
-    return fine_scores
+        def score(selector, q, idx, meta, valid):
+            P = meta[0].shape[-2]
+            fill = None if seq_lens is None else (seq_lens.unsqueeze(-1) - idx * P).clamp(0, P)
+            return key_scores(selector, q, *meta, valid, channels=channels, fill=fill)
+        return score
+    return lambda selector, q, idx, meta, valid: fine_scores(selector, q, *meta, valid)
 
 
 def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: int,
@@ -254,12 +282,13 @@ def top_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_max: int, sink: int
 def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int,
-                 channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 channels: Optional[torch.Tensor] = None, seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
     sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
     (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
-    are passed too; n_pages, k_pages [...]. Returns the chosen pages [..., K], K = k_pages.max(),
+    are passed too; n_pages, k_pages [...]; seq_lens [...] the tokens in the context (None: n_pages whole
+    pages), so a partial last page's stale slots do not enter a per-head normalisation. Returns the chosen pages [..., K], K = k_pages.max(),
     in rank order; a row's entries past its k are not selected (callers mask them)."""
     N = kmin.shape[-2]
     K = int(k_pages.max())
@@ -267,13 +296,14 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent)
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
-        fine = second_stage(selector, channels)(selector, q, *fine_meta(idx), idx < n_pages.unsqueeze(-1))
+        valid = idx < n_pages.unsqueeze(-1)
+        fine = second_stage(selector, channels, seq_lens)(selector, q, idx, fine_meta(idx), valid)
         return top_pages(fine, n_pages, K, sink, recent)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent)   # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
-    fine = second_stage(selector, channels)(selector, q, *fine_meta(short), listed)
+    fine = second_stage(selector, channels, seq_lens)(selector, q, short, fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
     fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
     fine = fine.masked_fill(~listed, NEG_INF)
@@ -327,11 +357,13 @@ def stage2_inputs(selector: Selector, keys: torch.Tensor, page_size: int,
 
 def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tensor, kmin, kmax,
                       fine: tuple[torch.Tensor, ...], n_pages: torch.Tensor, k_grid: torch.Tensor, sink: int,
-                      recent: int, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      recent: int, channels: Optional[torch.Tensor] = None,
+                      seq_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Recovery curve of a runtime selector (profiler, benchmarks): page_mass [..., N]; q [..., G, D];
     kmin/kmax [..., N, D] and `fine` = stage2_inputs(...), each [..., N, X, D] (full, broadcastable);
     k_grid [..., B] pages per budget. The selection depends on k (the shortlist is c*k), so each budget
-    selects afresh. channels: a label selector's, broadcastable against q's leading dims."""
+    selects afresh. channels: a label selector's, broadcastable against q's leading dims; seq_lens [...]: each
+    query's context in tokens (keys past it in its last page are not counted), None: whole pages."""
     if not selector.fine:
         order = rank_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, sink, recent)
         return recovery_curve(page_mass, order, k_grid)
@@ -345,6 +377,6 @@ def selector_recovery(selector: Selector, page_mass: torch.Tensor, q: torch.Tens
     out = []
     for b in range(k_grid.shape[-1]):
         k = k_grid[..., b].expand(n_pages.shape)
-        chosen = choose_pages(selector, q, kmin, kmax, fine_meta, n_pages, k, sink, recent, channels)
+        chosen = choose_pages(selector, q, kmin, kmax, fine_meta, n_pages, k, sink, recent, channels, seq_lens)
         out.append(kept_mass(page_mass, chosen, k))
     return torch.stack(out, -1)

@@ -176,7 +176,8 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
-                              sink, recent, labels[1] if rule.label else None)   # [bs, Hkv, K] logical pages
+                              sink, recent, labels[1] if rule.label else None,
+                              seq_lens.view(bs, 1).expand(bs, Hkv))            # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]
     pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
     page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
