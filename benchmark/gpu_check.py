@@ -241,7 +241,7 @@ def bench(run):
             row["score_ms"] = run.time_ms(lambda: K.page_scores(qg, kmin, kmax, *args[:2], dec.buf.n_pages, P,
                                                                 dec.buf.scores, dec.agg, grid_pages=dec.grid_pages))
             # the whole selector (coarse score, top-k; two-stage: shortlist, sub-page or label re-score, top-k)
-            row["select_ms"] = run.time_ms(lambda: dec.select(0, qg, *args[:2]))
+            row["select_ms"] = run.time_ms(lambda: dec.select(0, qg, *args[:3]))
             sparse_ms = run.time_ms(lambda: dec.decode(0, q, cache.k_dev[0], cache.v_dev[0], *args, run.D ** -0.5))
             dense_ms = run.time_ms(lambda: dec.decode(1, q, cache.k_dev[1], cache.v_dev[1], *args, run.D ** -0.5))
             row["attend_ms"] = sparse_ms - row["select_ms"]

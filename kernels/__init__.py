@@ -20,7 +20,7 @@ _interpreter_compat.apply()
 
 from .block_sparse_prefill import attend_selection, block_sparse_prefill, block_sparse_prefill_torch
 from .fine_score import fine_page_scores, fine_page_scores_torch
-from .label_score import label_page_scores, label_page_scores_torch
+from .label_score import aggregate_label_scores, label_page_scores, label_page_scores_torch
 from .page_meta import (fold_page_minmax, fold_page_minmax_torch, new_page_metadata, round_bf16, update_page_minmax,
                         update_page_minmax_torch)
 from .page_score import page_table_from_req_to_token, quest_scores, quest_scores_torch
@@ -36,4 +36,5 @@ __all__ = [
     "fold_page_minmax", "fold_page_minmax_torch", "new_page_metadata", "round_bf16",
     "AGGREGATIONS", "page_scores", "page_scores_torch", "sparse_decode_attend", "sparse_decode_attend_torch",
     "split_count", "fine_page_scores", "fine_page_scores_torch", "label_page_scores", "label_page_scores_torch",
+    "aggregate_label_scores",
 ]

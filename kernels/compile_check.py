@@ -31,7 +31,7 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
     """(name, fn, signature, constexprs[, launch options]) of every kernel the GPU serving path launches, at one shape.
     dtype: the model's K/V/query dtype (bf16, fp16 or fp32); page metadata is bf16. agg / sub: the coarse
     aggregation and the sub-page size of the sub-page selector (two_stage4: max, 4); label: the label
-    channels of the label selector (the default, two_stage_label32: 32)."""
+    channels of the label selectors (the default, two_stage_label32_norm: 32)."""
     T, D, G, P, H = f"*{dtype}", head_dim, group, page, kv_heads
     i32, i64, f32 = "i32", "i64", "fp32"
     ce = "constexpr"
@@ -61,11 +61,14 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
                 dict(H=H, G=G, D=D, P=P, SUB=sub, BITS16=True, BLOCK_C=fine_score.FINE_BLOCK_C, BLOCK_G=_p2(G),
                      BLOCK_D=min(fine_score.FINE_BLOCK_D, _p2(D)))))
     sig = dict(q_ptr=T, lab_ptr="*bf16", ch_ptr="*i32", r2t_ptr="*i32", rpi_ptr="*i64", npages_ptr="*i32",
-               short_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32, s_r2t=i32, s_cb=i32,
-               s_lh=i32, width=i32, sink=i32, recent=i32, scale=f32, H=ce, G=ce, R=ce, P=ce, BLOCK_C=ce, BLOCK_G=ce, BLOCK_R=ce)
+               seq_ptr="*i64", short_ptr="*i32", cnt_ptr="*i32", out_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32,
+               s_r2t=i32, s_cb=i32, s_lh=i32, width=i32, sink=i32, recent=i32, scale=f32, H=ce, G=ce, R=ce, P=ce,
+               BLOCK_C=ce, BLOCK_G=ce, BLOCK_R=ce, PER_HEAD=ce)
     r = min(label, D)
-    out.append(("label_page_scores", label_score._label_kernel, sig,
-                dict(H=H, G=G, R=r, P=P, BLOCK_C=label_score.LABEL_BLOCK_C, BLOCK_G=_p2(G), BLOCK_R=_p2(r))))
+    for per_head in (False, True):   # True: the normalised label selectors (norm, psum, mix) write per-head scores
+        out.append((f"label_page_scores[{'per_head' if per_head else 'max'}]", label_score._label_kernel, sig,
+                    dict(H=H, G=G, R=r, P=P, BLOCK_C=label_score.LABEL_BLOCK_C, BLOCK_G=_p2(G), BLOCK_R=_p2(r),
+                         PER_HEAD=per_head)))
     sig = dict(q_ptr=T, k_ptr=T, v_ptr=T, r2t_ptr="*i32", rpi_ptr="*i64", seq_ptr="*i64", kcnt_ptr="*i32",
                sel_ptr="*i32", po_ptr="*fp32", plse_ptr="*fp32", s_qb=i32, s_qh=i32, s_qg=i32, s_kn=i32,
                s_kh=i32, s_vn=i32, s_vh=i32, s_r2t=i32, s_kcb=i32, kcap=i32, nsplit=i32, scale=f32, H=ce, G=ce,

@@ -181,7 +181,7 @@ def check_fine_scores():
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)
         qg = cache.query(H * G).view(cache.bs, H, G, D)
-        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev)
+        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev, cache.seq_lens_dev)
         b, bs = dec.buf, cache.bs
         want = K.fine_page_scores_torch(qg, *dec.fine[0], cache.req_to_token, cache.req_pool_indices,
                                         cache.seq_lens, b.short_idx[:bs], b.c_pages[0, :bs], P, dec.sub, SINK, RECENT)
@@ -221,15 +221,16 @@ def check_label_scores():
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)
         qg = cache.query(H * G).view(cache.bs, H, G, D)
-        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev)
+        dec.select(0, qg, cache.req_to_token_dev, cache.req_pool_indices_dev, cache.seq_lens_dev)
         b, bs = dec.buf, cache.bs
         labels, channels = dec.labels[0], dec.channels[0]
+        rule = S.get_selector(selector)
         want = K.label_page_scores_torch(qg, labels, channels.long(), cache.req_to_token, cache.req_pool_indices,
-                                         cache.seq_lens, b.short_idx[:bs], b.c_pages[0, :bs], P, SINK, RECENT)
+                                         cache.seq_lens, b.short_idx[:bs], b.c_pages[0, :bs], P, SINK, RECENT,
+                                         rule.aggregate)
         torch.testing.assert_close(b.fine_scores[:bs], want, rtol=1e-5, atol=1e-4)
         n = (cache.seq_lens + P - 1) // P
         lo, hi = dec.meta[0]
-        rule = S.get_selector(selector)
         for r in range(bs):
             slots = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P].long()       # whole pages
             rows = slots[::P] // P
@@ -241,7 +242,7 @@ def check_label_scores():
 
             k = b.k_pages[0, r].long()
             chosen = S.choose_pages(rule, qg[r], kmin, kmax, fine_meta, n[r].expand(H), k, SINK, RECENT,
-                                    channels.long())
+                                    channels.long(), cache.seq_lens[r].expand(H))
             for h in range(H):
                 want_set = set(chosen[h, : int(k[h])].tolist())
                 got_set = set(b.sel_idx[r, h, : int(k[h])].tolist())

@@ -7,6 +7,7 @@ import pytest
 import requests
 
 from conftest import Server
+from sglang_shplb import selection as sel
 from sglang_shplb.artifacts import write_json
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmark"))
@@ -62,7 +63,7 @@ def sparse_recipe(own_server, tmp_path_factory):
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
     assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--out", str(out)]) == 0
     srv = own_server(["--dtype", "float32", "--shplb-budgets", str(out), "--enable-metrics"], name="shplb-recipe")
-    assert "selector two_stage_label32" in srv.log(), srv.log_tail()
+    assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
     return srv
 
 
@@ -73,7 +74,7 @@ def sparse_profile(own_server):
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
     srv = own_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-profile", str(profile),
                         "--enable-metrics"], name="shplb-10pct-profile")
-    assert "selector two_stage_label32" in srv.log(), srv.log_tail()
+    assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
     return srv
 
 

@@ -29,12 +29,17 @@ from .sparse_attention import fold_labels, new_label_cache
 
 def gpu_selectors() -> list[str]:
     """selection.SELECTORS the kernels implement: a coarse page bound aggregated over the KV group by
-    sum or max, optionally re-ranked on a shortlist (two-stage, max over the group) by sub-page bounds
-    or from the label cache. Not: per-head normalisations (norm, psum), the full sub-page scan and
-    re-ranking from whole keys (SparQ's per-query channels)."""
-    return sorted(name for name, r in sel.SELECTORS.items() if r.aggregate in ("sum", "max")
-                  and (not r.keys or r.label) and (r.sub is None and not r.keys
-                                                    or (r.shortlist > 0 and r.aggregate == "max")))
+    sum or max, optionally re-ranked on a shortlist (two-stage) by sub-page bounds (max over the group)
+    or from the label cache (any aggregate: the kernel's per-head page log-mass, combined by
+    selection.aggregate). Not: normalised coarse bounds, the full sub-page scan and re-ranking from whole
+    keys (SparQ's per-query channels)."""
+    def ok(r):
+        if (r.coarse or r.aggregate) not in ("sum", "max"):
+            return False
+        if r.label:
+            return r.shortlist > 0
+        return not r.keys and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max"))
+    return sorted(name for name, r in sel.SELECTORS.items() if ok(r))
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,10 @@ class GpuSparseDecode:
             raise ValueError(f"selector {selector!r} is not implemented by the CUDA kernels; use one of {gpu_selectors()}")
         self.K, self.shape, self.device = K, shape, torch.device(device)
         self.rule = sel.get_selector(selector)
-        self.agg = "sum" if self.rule.aggregate == "sum" else "max"
+        self.agg = self.rule.coarse or self.rule.aggregate     # the coarse bound's: "sum" or "max"
+        # label second stage normalised per head (norm, psum, mix): the kernel writes each query head's page
+        # log-mass, selection.aggregate combines them
+        self.per_head = self.rule.label and self.rule.aggregate != "max"
         L, H = shape.num_layers, shape.kv_heads
         b = torch.ones(L, H, dtype=torch.float64) if budgets is None else budgets.detach().double().cpu()
         assert b.shape == (L, H), (b.shape, L, H)
@@ -176,7 +184,7 @@ class GpuSparseDecode:
         if self.labels is not None:
             fold_labels(self.labels[layer_id], self.channels[layer_id], locs, k)
 
-    def select(self, layer_id: int, q: torch.Tensor, req_to_token, req_pool_indices) -> None:
+    def select(self, layer_id: int, q: torch.Tensor, req_to_token, req_pool_indices, seq_lens) -> None:
         """Scores and top-k pages of one layer into the static sel_idx / sel_cnt."""
         bs = q.shape[0]
         kmin, kmax = self.meta[layer_id]
@@ -191,7 +199,13 @@ class GpuSparseDecode:
         # two-stage: shortlist c pages by the coarse bound, re-score them (sub-page bounds or labels), keep k
         c = b.c_pages[layer_id]
         self.K.select_topk_pages_into(b.scores, b.n_pages, c, b.short_idx, b.sel_cnt, s.sink, s.recent, bs)
-        if self.labels is not None:
+        if self.per_head:
+            self.K.label_page_scores(q, self.labels[layer_id], self.channels[layer_id], req_to_token, req_pool_indices,
+                                     b.n_pages, b.short_idx, c, s.page_size, s.sink, s.recent, b.head_scores, bs,
+                                     seq_lens)
+            self.K.aggregate_label_scores(self.rule.aggregate, b.head_scores[:bs], b.short_idx, c, b.n_pages,
+                                          s.sink, s.recent, b.fine_scores)
+        elif self.labels is not None:
             self.K.label_page_scores(q, self.labels[layer_id], self.channels[layer_id], req_to_token, req_pool_indices,
                                      b.n_pages, b.short_idx, c, s.page_size, s.sink, s.recent, b.fine_scores, bs)
         else:
@@ -210,7 +224,7 @@ class GpuSparseDecode:
         if self.dense_layer[layer_id]:
             sel_idx = sel_cnt = None
         else:
-            self.select(layer_id, qg, req_to_token, req_pool_indices)
+            self.select(layer_id, qg, req_to_token, req_pool_indices, seq_lens)
             sel_idx, sel_cnt = self.buf.sel_idx, self.buf.k_pages[layer_id]
         return self.K.sparse_decode_attend(qg, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, sel_idx,
                                            sel_cnt, s.page_size, scale, out, self.buf.part_o, self.buf.part_lse,
@@ -235,6 +249,8 @@ class _Buffers:
         self.c_pages = torch.ones(s.num_layers if two else 0, capacity, H, dtype=torch.int32, device=dev)
         self.short_idx = torch.zeros(capacity if two else 0, H, dec.ccap, dtype=torch.int32, device=dev)
         self.fine_scores = torch.empty(capacity if two else 0, H, dec.ccap, dtype=torch.float32, device=dev)
+        per_head = two and dec.per_head and dec.labels is not None     # each query head's label page log-mass
+        self.head_scores = torch.empty(capacity if per_head else 0, H, G, dec.ccap, dtype=torch.float32, device=dev)
         self.short_width = torch.full((capacity if two else 0,), dec.ccap, dtype=torch.int32, device=dev)
         self.part_o = torch.empty(rows * G * DV, dtype=torch.float32, device=dev)
         self.part_lse = torch.empty(rows * G, dtype=torch.float32, device=dev)

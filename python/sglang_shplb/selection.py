@@ -91,7 +91,7 @@ SELECTORS = {s.name: s for s in (
 # carry them (`LABEL_RANK` per head, best first). Without them the server falls back to UNCALIBRATED_SELECTOR.
 LABEL_SELECTORS = {n: s for n, s in SELECTORS.items() if s.label}
 LABEL_RANK = 32
-DEFAULT_SELECTOR = "two_stage_label32"
+DEFAULT_SELECTOR = "two_stage_label32_norm"
 UNCALIBRATED_SELECTOR = "two_stage4"
 
 
