@@ -10,6 +10,7 @@ KV group's G query heads are combined and how tight the box is:
   * aggregate "max": each query head's own bound, max over the group (G matvecs per page);
     "norm": each head's bounds log-softmax-normalised over the pages first (ShadowKV), then max;
     "psum": each head's softmax over the pages summed over the group (an estimate of the group mass);
+    "mix": a page's better place in the max and the psum orders;
   * sub: min/max also per sub-page of `sub` tokens; a page scores the max over its sub-pages
     (a tighter box, P/sub times the metadata);
   * shortlist c: two stages — the coarse page bound ranks all pages, then only the c*k best are
@@ -40,7 +41,7 @@ NEG_INF = float("-inf")
 @dataclass(frozen=True)
 class Selector:
     name: str
-    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum"
+    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum" | "mix"
     sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
     keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
@@ -76,7 +77,7 @@ SELECTORS = {s.name: s for s in (
     Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
     Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
     # the same label estimate, aggregated as the group's estimated mass (each head's softmax over the shortlist,
-    # summed): CPU only for now (the CUDA label kernel aggregates by max)
+    # summed); its shortlist normalises the bounds too (CPU only: the CUDA shortlist aggregates by sum or max)
     Selector("two_stage_label32_psum", "psum", None, 3.0, keys=32, label=True),
     # the label estimate normalised per head (ShadowKV: log-softmax, then max), or a page's better place in the
     # max and psum orders (`mix`); the shortlist stays the max bound's (normalised bounds lose needles, issue 12)
@@ -288,8 +289,9 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
     (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
     are passed too; n_pages, k_pages [...]; seq_lens [...] the tokens in the context (None: n_pages whole
-    pages), so a partial last page's stale slots do not enter a per-head normalisation. Returns the chosen pages [..., K], K = k_pages.max(),
-    in rank order; a row's entries past its k are not selected (callers mask them)."""
+    pages), so a partial last page's stale slots do not enter a per-head normalisation. Returns the chosen
+    pages [..., K], K = k_pages.max(), in rank order; a row's entries past its k are not selected (callers
+    mask them)."""
     N = kmin.shape[-2]
     K = int(k_pages.max())
     if not selector.fine:
