@@ -53,10 +53,11 @@ class Server:
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S, port_retries: int = 2) -> "Server":
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if port_retries and "address already in use" in self.log():
+            if port_retries and self._lost_port():
                 # free_port() races other processes for the port; SGLang then hangs in shutdown: restart
                 self.stop()
                 port_retries -= 1
+                self.log_path.rename(self.log_path.with_name(f"{self.log_path.name}.lost-port-{self.port}"))
                 self._start()
                 continue
             if self.proc.poll() is not None:
@@ -68,6 +69,11 @@ class Server:
                 pass
             time.sleep(2)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log_tail()}")
+
+    def _lost_port(self) -> bool:
+        """The HTTP server could not bind our port (uvicorn: "... ('127.0.0.1', PORT): address already in use").
+        Only that port: a TP worker's own port retries are not a reason to kill a server that is starting."""
+        return any("address already in use" in line and f", {self.port})" in line for line in self.log().splitlines())
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
