@@ -1,11 +1,12 @@
 """Prefill on CPU: shplb block-sparse (10% budget) vs SGLang's torch_native dense, side by side in one run.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py [--budget 0.1] [--contexts 4096 8192]
-        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft]
+        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--estimate label]
 
 (1) Attention per layer, SmolLM2 shapes (3 KV heads x 3 query heads, head_dim 64, fp32, page 16,
     scrambled pages), one thread. Dense: TorchNativeAttnBackend._run_sdpa_forward_extend. Sparse:
-    fold the chunk's keys into the page metadata + sparse_prefill (select + blockwise attention).
+    fold the chunk's keys into the page metadata (and, for a label estimate, the label cache) +
+    sparse_prefill (select + blockwise attention).
     Rows "one chunk" (the whole prompt at once) and "served" (chunks of --chunk tokens after a
     cached prefix, what the server does with SGLang's default chunked prefill on this machine).
 (2) Time to first token via real servers (our launcher, fp32, 1 OpenMP thread): dense torch_native
@@ -24,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
 from common import write_result  # noqa: E402
 
-from sglang_shplb.sparse_attention import new_page_metadata, update_page_minmax  # noqa: E402
-from sglang_shplb.sparse_prefill import DENSE_TAIL, sparse_prefill  # noqa: E402
+from sglang_shplb.sparse_attention import fold_labels, new_label_cache, new_page_metadata, update_page_minmax  # noqa
+from sglang_shplb.sparse_prefill import DENSE_TAIL, ESTIMATES, LABEL_CHANNELS, LABEL_ESTIMATES, sparse_prefill  # noqa
 
 HKV, G, D, P = 3, 3, 64, 16
 
@@ -40,14 +41,18 @@ def build_pool(ctx, seed=0):
     return q, k_buf, v_buf, req_to_token
 
 
-def attention_pair(ctx, chunk, budget):
-    """(dense, sparse) callables running every chunk of one ctx-token prompt through one layer."""
+def attention_pair(ctx, chunk, budget, estimate):
+    """(dense, sparse) callables running every chunk of one ctx-token prompt through one layer. A label
+    estimate also folds each chunk's keys into a label cache (the decode selector's, which the server keeps
+    anyway) and reads it."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     q, k_buf, v_buf, req_to_token = build_pool(ctx)
     kmin, kmax = new_page_metadata(k_buf.shape[0], HKV, D, P, "cpu")
     chunks = [(s, min(s + chunk, ctx)) for s in range(0, ctx, chunk)]
     budgets, rows, scale = torch.full((HKV,), budget), torch.tensor([0]), D ** -0.5
+    channels = torch.stack([torch.randperm(D)[:LABEL_CHANNELS] for _ in range(HKV)])
+    cache = new_label_cache(k_buf.shape[0], channels, P, k_buf.dtype, "cpu") if estimate in LABEL_ESTIMATES else None
 
     def dense():
         for s, e in chunks:
@@ -59,8 +64,11 @@ def attention_pair(ctx, chunk, budget):
     def sparse():
         for s, e in chunks:
             update_page_minmax(kmin, kmax, req_to_token[0, s:e], k_buf[req_to_token[0, s:e]], P)
+            if cache is not None:
+                fold_labels(cache, channels, req_to_token[0, s:e], k_buf[req_to_token[0, s:e]])
             sparse_prefill(q[s:e].view(-1, HKV, G, D), k_buf, v_buf, kmin, kmax, req_to_token, rows, [s], [e - s],
-                           budgets, P, 1, 2, scale)
+                           budgets, P, 1, 2, scale, estimate=estimate,
+                           labels=None if cache is None else (cache, channels))
     return dense, sparse
 
 
@@ -80,7 +88,7 @@ def attention_rows(args):
         for label, chunk in (("one chunk", ctx), (f"served ({args.chunk})", args.chunk)):
             if chunk == ctx and label != "one chunk":
                 continue
-            d, s = interleaved(attention_pair(ctx, chunk, args.budget), args.repeats)
+            d, s = interleaved(attention_pair(ctx, chunk, args.budget, args.estimate), args.repeats)
             rows.append(f"| {ctx} | {label} | {d * 1e3:.0f} | {s * 1e3:.0f} | {d / s:.2f}x |")
             print(rows[-1], flush=True)
     return rows
@@ -104,7 +112,17 @@ def ttft_rows(args):
 
     ids = AutoTokenizer.from_pretrained(prepare_model())((prepare_corpus() / "lcet10.txt").read_text()).input_ids
     common = ["--dtype", "float32", "--max-total-tokens", "20000"]
-    flags = {"dense": ["--attention-backend", "torch_native"], "shplb": ["--shplb-prefill-budget", str(args.budget)]}
+    shplb = ["--shplb-prefill-budget", str(args.budget), "--shplb-prefill-estimate", args.estimate]
+    if args.estimate in LABEL_ESTIMATES:   # the label cache comes with a label decode selector's budgets file
+        from common import committed_profile
+
+        from sglang_shplb.artifacts import write_json
+        from sglang_shplb.budget import make_budgets
+
+        write_json(Path("/tmp/bench-prefill-budgets.json"), "budget",
+                   make_budgets(committed_profile(), args.budget, "uniform", "kv"))
+        shplb += ["--shplb-budgets", "/tmp/bench-prefill-budgets.json"]
+    flags = {"dense": ["--attention-backend", "torch_native"], "shplb": shplb}
     servers = {}
     rows = ["| prompt tokens | dense TTFT s | shplb TTFT s | speed-up |", "|---|---|---|---|"]
     try:
@@ -136,6 +154,9 @@ def main():
     p.add_argument("--ttft-contexts", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--ttft-repeats", type=int, default=2)
     p.add_argument("--skip-ttft", action="store_true")
+    p.add_argument("--estimate", choices=ESTIMATES, default="label",
+                   help="prefill page estimate (label: what the default recipe serves; its server also decodes sparse "
+                        "with uniform budgets, which the 1-token TTFT does not reach)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "prefill_cpu.md"))
     args = p.parse_args()
     if not 0 < args.budget <= 1:
@@ -146,7 +167,7 @@ def main():
         rows += ["", "## Time to first token, real servers", ""] + ttft_rows(args)
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
-                 "64-query blocks, sink 1 page, window = own pages + 1; key-box-centre page estimate; the blocks "
+                 f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {args.estimate}; the blocks "
                  f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults). "
                  "Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py " + " ".join(sys.argv[1:]))

@@ -95,11 +95,16 @@ class SparseAttention:
         lo, hi = sel.page_minmax(k, P)
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
                                          keys=k, scale=scale, dense_tail=self.prefill_dense_tail,
-                                         channels=self.channels.get(self.layer))
+                                         labels=self.label_keys(k))
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
         return out.permute(1, 2, 0, 3).reshape(Hq, L, -1)
+
+    def label_keys(self, k):
+        """(label keys [Hkv, L, r], channels) of this layer, as the server's label cache holds them, or None."""
+        ch = self.channels.get(self.layer)
+        return None if ch is None else (sel.gather_channels(k.float(), ch), ch)
 
     def page_mask(self, q, k, budgets, scale, start=0):
         """[Hkv, L, N]: pages selected for each query position (causal) from `start` on, by the shipping
@@ -180,10 +185,10 @@ def main():
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")
     p.add_argument("--label-source", choices=("profile", "calibration"), default="profile",
-                   help="a label decode selector's channels: the committed profile's (what the server reads from the "
+                   help="label channels (of a label decode selector or prefill estimate): the committed profile's (what the server reads from the "
                    "budgets), or calibrated on common.LabelCalibration's held-out text")
     p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES + sp.REFERENCE_ESTIMATES,
-                   help="page estimate of --selector prefill (label: calibrated channels, as the label selectors)")
+                   help="page estimate of --selector prefill (label estimates read the channels --label-source gives)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
                    "accumulate; the table shows every row of this selector/page/windows in it")
@@ -203,15 +208,17 @@ def main():
     text_ids = tokenizer((prepare_corpus() / "lcet10.txt").read_text()).input_ids
     attn.prefill_estimate = args.prefill_estimate
     rule = sel.LABEL_SELECTORS.get(args.decode_selector if args.selector == "decode" else "")
-    if rule is not None and args.label_source == "profile":
+    label_r = rule.keys if rule is not None else \
+        sp.LABEL_CHANNELS if args.selector == "prefill" and args.prefill_estimate in sp.LABEL_ESTIMATES else 0
+    if label_r and args.label_source == "profile":
         served = prof.label_channels("kv")
-        attn.channels = {layer: served[layer, :, : rule.keys] for layer in range(served.shape[0])}
-    elif rule is not None or args.prefill_estimate == "label":
-        calibrate_labels(attn, model, tokenizer, rule.keys if rule else sp.LABEL_CHANNELS)
+        attn.channels = {layer: served[layer, :, :label_r] for layer in range(served.shape[0])}
+    elif label_r:
+        calibrate_labels(attn, model, tokenizer, label_r)
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     tag = f"{args.selector}/page{page}/windows{args.windows}"
-    if args.selector == "prefill" and args.prefill_estimate != sp.DEFAULT_ESTIMATE:
+    if args.selector == "prefill" and args.prefill_estimate != "centre":   # "prefill/": centre, the default until 2026-12
         tag = f"prefill-{args.prefill_estimate}/page{page}/windows{args.windows}"
     if args.selector == "decode":
         source = "+profile" if rule is not None and args.label_source == "profile" else ""

@@ -55,15 +55,18 @@ def sparse_keys(own_server):
 
 @pytest.fixture
 def sparse_recipe(own_server, tmp_path_factory):
-    """The default selector (label channels, from the committed profile) with optimal budgets at 10%."""
+    """The default recipe: the default selector (label channels, from the committed profile) with optimal decode
+    and prefill budgets at 10%; the prefill ranks pages from the decode selector's label cache."""
     from sglang_shplb.budget import main as budget_main
 
     out = tmp_path_factory.mktemp("recipe") / "b.json"
     profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-    assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--out", str(out)]) == 0
+    assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--prefill-mean-budget", "0.1",
+                        "--out", str(out)]) == 0
     srv = own_server(["--dtype", "float32", "--shplb-budgets", str(out), "--enable-metrics"], name="shplb-recipe")
     assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
+    assert "(estimate label)" in srv.log(), srv.log_tail()
     return srv
 
 

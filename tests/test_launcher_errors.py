@@ -50,3 +50,8 @@ def test_bad_selector_refused():
                            "two_stage4")
     assert_one_clear_error(run_launcher("--shplb-budget", "0.1", "--shplb-selector", "two_stage8",
                                         "--shplb-page-size", "4"), "two_stage8", "--shplb-page-size 4")
+
+
+def test_label_prefill_estimate_needs_a_label_cache():
+    assert_one_clear_error(run_launcher("--shplb-prefill-budget", "0.1", "--shplb-prefill-estimate", "label"),
+                           "label cache", "--shplb-prefill-estimate centre")

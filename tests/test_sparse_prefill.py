@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_shplb import selection as sel
 from sglang_shplb.sparse_attention import new_page_metadata, update_page_minmax
 from sglang_shplb.sparse_prefill import (attend_blocks, block_recovery, block_scores, request_pages,
                                          select_prefill_pages, sparse_prefill)
@@ -39,11 +40,34 @@ def paged_pool(seq_lens, seed=0):
 LABEL = torch.tensor([[0, 3, 5, 6], [1, 2, 4, 7], [7, 6, 0, 1]])   # "label" channels of each KV head
 
 
+def label_cache(k_buf):
+    """The label cache [Hkv, slots, r] of a key pool [slots, Hkv, D], as the backend keeps it."""
+    return sel.gather_channels(k_buf.transpose(0, 1), LABEL)
+
+
+def label_mass(qm, page, h):
+    """log-sum-exp over the page's keys [P, D] of the mean query qm [D] on KV head h's label channels."""
+    ch = LABEL[h]
+    return float((page[:, ch] @ qm[ch] * D ** -0.5).logsumexp(0))
+
+
+def page_scores(qb, keys, ctx, estimate, h):
+    """Every causal page's estimate [ctx] for a block's queries qb [M, G, D] (KV head h), keys [L, D]. The
+    per-head label rules: each query head's block-mean estimate, then max over the group, or (norm) max over
+    the group of each head's log-share of its estimates over the block's causal pages."""
+    pages = [keys[j * P: (j + 1) * P] for j in range(ctx)]
+    if estimate in ("label_max", "label_norm"):
+        per = [[label_mass(qb[:, g].mean(0), page, h) for page in pages] for g in range(qb.shape[1])]
+        if estimate == "label_norm":
+            per = [[x - math.log(sum(math.exp(y) for y in row)) for x in row] for row in per]
+        return [max(row[j] for row in per) for j in range(ctx)]
+    return [page_score(qb.reshape(-1, D), page, estimate, h) for page in pages]
+
+
 def page_score(qs, page, estimate, h=0):
     """One page's estimate for a block's queries qs [M, D], from the page's own keys [P, D] (KV head h)."""
     if estimate == "label":   # mean query on the head's label channels, log-sum-exp over the page's tokens
-        ch = LABEL[h].tolist()
-        return math.log(sum(math.exp(float(qs.mean(0)[ch] @ t[ch]) * D ** -0.5) for t in page))
+        return label_mass(qs.mean(0), page, h)
     lo, hi = page.min(0).values, page.max(0).values
     if estimate == "centre":
         return float(qs.mean(0) @ ((lo + hi) / 2))
@@ -73,12 +97,11 @@ def brute_force_pages(q, keys, prefix, budgets, sink, recent, estimate="centre",
         window = set(range(max(0, first // P - (recent - 1)), last // P + 1))
         forced = window | set(range(min(sink, ctx)))
         for h in range(HKV):
-            qs = q[b * B: (b + 1) * B, h].reshape(-1, D)
             if estimate == "oracle":
                 pos = range(first, last + 1)
                 ub = true_page_mass(q[b * B: (b + 1) * B, h], pos, keys[:, h], scale, ctx).tolist()
             else:
-                ub = [page_score(qs, keys[j * P: min((j + 1) * P, L), h], estimate, h) for j in range(ctx)]
+                ub = page_scores(q[b * B: (b + 1) * B, h], keys[:L, h], ctx, estimate, h)
             k = min(max(math.ceil(float(budgets[h]) * ctx - 1e-6), len(forced)), ctx)
             if last >= L - dense_tail:
                 k = ctx
@@ -106,7 +129,7 @@ def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre",
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
                                   budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3,
-                                  dense_tail=dense_tail, channels=LABEL)
+                                  dense_tail=dense_tail, labels=(label_cache(k_buf)[:, slots], LABEL))
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -116,7 +139,7 @@ def as_sets(chosen):
             for b in range(lists.shape[0]) for h in range(lists.shape[1])}
 
 
-@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle", "label"])
+@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle", "label", "label_max", "label_norm"])
 @pytest.mark.parametrize("L,prefix,sink,recent,tail", [(150, 0, 1, 2, 0), (150, 67, 1, 2, 0), (101, 20, 2, 1, 0),
                                                        (60, 0, 0, 3, 0), (150, 0, 1, 2, 11), (150, 67, 1, 2, 20)])
 def test_selector_matches_brute_force(L, prefix, sink, recent, tail, estimate):
@@ -154,33 +177,38 @@ def test_full_budget_is_dense_causal():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_batch_on_paged_pool_matches_per_request():
-    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone."""
+@pytest.mark.parametrize("labelled", [False, True])
+def test_batch_on_paged_pool_matches_per_request(labelled):
+    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone, by the
+    estimate the server resolves: centre without a label cache, label with one (its rows by slot)."""
     seq_lens, prefixes = [75, 33, 50], [40, 0, 17]
     req_to_token, k_buf, v_buf, kmin, kmax = paged_pool(seq_lens, seed=5)
     extend = [s - p for s, p in zip(seq_lens, prefixes)]
     q = torch.randn(sum(extend), HKV, G, D)
     budgets = torch.tensor([0.25, 0.1, 0.6])
     got = sparse_prefill(q, k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2, 3]), prefixes, extend,
-                         budgets, P, 1, 2, 0.3, B, dense_tail=9)
+                         budgets, P, 1, 2, 0.3, B, dense_tail=9,
+                         labels=(label_cache(k_buf), LABEL) if labelled else None)
     start = 0
     for r, (s, p, n) in enumerate(zip(seq_lens, prefixes, extend)):
         slots = req_to_token[r + 1, :s]
         keys, vals = k_buf[slots], v_buf[slots]
         qr = q[start: start + n]
-        pages = brute_force_pages(qr, keys, p, budgets, 1, 2, dense_tail=9)
+        pages = brute_force_pages(qr, keys, p, budgets, 1, 2, "label" if labelled else "centre", dense_tail=9)
         torch.testing.assert_close(got[start: start + n], masked_reference(qr, keys, vals, p, pages, 0.3),
                                    atol=1e-5, rtol=1e-5)
         start += n
 
 
-def test_block_recovery_is_the_selected_mass():
-    """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps."""
+@pytest.mark.parametrize("channels", [None, LABEL])
+def test_block_recovery_is_the_selected_mass(channels):
+    """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps
+    (centre, or the label estimate when the profiler has label channels)."""
     g = torch.Generator().manual_seed(7)
     L, start = 120, 70
     q, k = torch.randn(HKV * G, L, D, generator=g), torch.randn(HKV, L, D, generator=g) * 2
     grid = torch.tensor([0.05, 0.3, 0.6, 1.0])
-    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B)
+    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B, channels=channels)
     kmin, kmax = new_page_metadata(L, HKV, D, P, "cpu")
     update_page_minmax(kmin, kmax, torch.arange(L), k.transpose(0, 1), P)
     qs = q[:, start: start + B].view(HKV, G, B, D).permute(2, 0, 1, 3)          # [B, Hkv, G, D]
@@ -189,7 +217,8 @@ def test_block_recovery_is_the_selected_mass():
     mass = torch.nn.functional.pad(logits.softmax(-1), (0, -L % P)).unflatten(-1, (-1, P)).sum(-1).mean((1, 2))
     for i, b in enumerate(grid.tolist()):
         chosen = select_prefill_pages(qs, kmin.transpose(0, 1), kmax.transpose(0, 1), start, torch.full((HKV,), b),
-                                      P, 1, 2, B, dense_tail=0)   # the profiler measures the body's selector
+                                      P, 1, 2, B, dense_tail=0,   # the profiler measures the body's selector
+                                      labels=None if channels is None else (sel.gather_channels(k, channels), channels))
         pages = as_sets(chosen)
         want = torch.tensor([float(mass[h, sorted(pages[0, h])].sum()) for h in range(HKV)])
         torch.testing.assert_close(rec[:, i], want, atol=1e-5, rtol=1e-5)
@@ -200,6 +229,27 @@ def test_block_recovery_is_the_selected_mass():
 def test_unknown_estimate_is_refused():
     with pytest.raises(ValueError, match="unknown prefill estimate"):
         block_scores(torch.zeros(1, 2, 1, 1, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), "magic")
+
+
+def test_served_estimate_follows_the_label_cache(tmp_path):
+    """label where the decode selector keeps a label cache (a budgets file from a profile with channels),
+    centre where it does not; a label estimate without a cache, or an unknown one, is refused at start-up."""
+    from sglang_shplb.artifacts import write_json
+    from sglang_shplb.budget import make_budgets
+    from sglang_shplb.config import ConfigError, ShplbConfig
+    from sglang_shplb.profile import Profile
+    from sglang_shplb.serving import resolve
+
+    prof = Profile.load(Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors")
+    write_json(tmp_path / "b.json", "budget", make_budgets(prof, 0.1, "optimal", "kv", prefill_mean=0.1))
+    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0).prefill_estimate == "label"
+    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), prefill_estimate="centre"), 30, 3, 1, 0
+                   ).prefill_estimate == "centre"
+    assert resolve(ShplbConfig(prefill_budget=0.1), 30, 3, 1, 0).prefill_estimate == "centre"   # dense decode
+    with pytest.raises(ConfigError, match="--shplb-prefill-estimate centre"):
+        resolve(ShplbConfig(budget=0.1, prefill_budget=0.1, prefill_estimate="label"), 30, 3, 1, 0)
+    with pytest.raises(ConfigError, match="--shplb-prefill-estimate must be one of"):
+        ShplbConfig(prefill_budget=0.1, prefill_estimate="magic")
 
 
 # ---------------------------------------------------------------- budgets: config, artifacts, planner

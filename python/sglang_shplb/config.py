@@ -30,7 +30,7 @@ class ShplbConfig:
     sink_pages: int = 1                     # always-kept pages at the start of the context
     recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
     prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
-    prefill_estimate: str = "centre"        # page estimate of the prefill selector (sparse_prefill.ESTIMATES)
+    prefill_estimate: str = ""              # prefill page estimate (sparse_prefill.ESTIMATES); "" = resolve_estimate
     prefill_dense_tail: int = PREFILL_DENSE_TAIL   # an extend's last queries that attend densely
     selector: str = ""                      # decode page selector (selection.SELECTORS); "" = serving.decode_selector
     log_stats: bool = False                 # log per-rank KV tokens read per layer
@@ -56,8 +56,8 @@ class ShplbConfig:
                 raise ConfigError(f"--shplb-{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         from .sparse_prefill import ESTIMATES
 
-        if self.prefill_estimate not in ESTIMATES:
-            raise ConfigError(f"prefill_estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
+        if self.prefill_estimate and self.prefill_estimate not in ESTIMATES:
+            raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
         from .selection import SELECTORS, UNCALIBRATED_SELECTOR
 
         if self.selector and self.selector not in SELECTORS:

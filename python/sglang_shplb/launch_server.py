@@ -39,6 +39,9 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-prefill-dense-tail", type=int, default=PREFILL_DENSE_TAIL,
                    help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
                         "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
+    g.add_argument("--shplb-prefill-estimate", default="", help="prefill page estimate, one of "
+                   "sglang_shplb.sparse_prefill.ESTIMATES (default: label, from the decode selector's label cache, "
+                   "when it keeps one; else centre, from the page min/max)")
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
                    "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR when the budgets or "
                    "plan carry the profile's label channels, else selection.UNCALIBRATED_SELECTOR)")
@@ -226,11 +229,13 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     options = {k[len("shplb_"):]: v for k, v in vars(ours).items()}
     from .artifacts import ArtifactError
     from .serving import decode_selector
+    from .sparse_prefill import resolve_estimate
 
     try:
         cfg = ShplbConfig(**options)
         if not (cfg.budgets or cfg.plan or cfg.profile):   # artifacts: checked with them (model first) in _apply_artifacts
             decode_selector(cfg)            # a selector this config cannot serve is refused here, not in a worker
+            resolve_estimate(cfg.prefill_estimate, False)   # no artifact: no label channels
     except (ConfigError, ArtifactError) as e:
         _fail(str(e))
 

@@ -22,6 +22,7 @@ from . import selection as sel
 from .artifacts import ArtifactError
 from .config import ShplbConfig
 from .schema import Budgets, Plan
+from .sparse_prefill import FALLBACK_ESTIMATE, resolve_estimate
 
 _artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan | Profile
 _resolved: dict = {}      # (config, shape) -> RankBudgets
@@ -64,6 +65,7 @@ class RankBudgets:
     ref_context: Optional[int] = None
     selector: str = sel.UNCALIBRATED_SELECTOR   # the decode selector (decode_selector)
     labels: Optional[torch.Tensor] = None       # its label channels [num_layers, local KV heads, r], best first
+    prefill_estimate: str = FALLBACK_ESTIMATE   # the prefill page estimate (sparse_prefill.resolve_estimate)
 
     def ref_pages(self, page_size: int) -> Optional[int]:
         """selection.pages_for_budget's reference length in pages of `page_size`."""
@@ -152,7 +154,8 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                                         f"{num_layers} x {num_kv_heads}: they were made for another model")
                 labels = labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
             labels = labels[..., : sel.get_selector(selector).keys].contiguous()
-        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, selector, labels)
+        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, selector, labels,
+                                     resolve_estimate(cfg.prefill_estimate, labels is not None))
     return _resolved[key]
 
 

@@ -13,31 +13,20 @@ and every answer token reads its KV: on needle prompts at 10%, block-shared page
 rows is what loses the answer (the first answer token survives, the rest does not), while the
 prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
 at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle_tail.md.
-Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA
-group) against the centre (min + max) / 2 of each page's key box, from the page min/max metadata
-decode already keeps; one matvec per page and block. Measured on SmolLM2 against the Quest upper
-bound of the summed block queries ("quest_sum") and the per-query Quest bound max over the block
-("quest_max", B*G times the cost), next-token agreement with dense / perplexity at 10% budget:
-2k: centre 0.748 / 37.0, quest_sum 0.725 / 36.8, quest_max 0.712 / 37.7 (dense 30.6);
-4k (3 windows): centre 0.790 / 33.2, quest_sum 0.766 / 33.6 (dense 28.2). The bound is loose for a
-pooled query (it rewards pages with wide key ranges), the centre tracks the mean logit. (The
-profile's block-mass recovery at 10% slightly favours quest_sum, 0.724 vs 0.713 sinkless; the model's
-own outputs favour centre, so centre is the default; `prefill_estimate` in the config switches.)
-"centre_max" (each query head's block-mean query against the centre, max over the group — the decode
-selector's aggregation) was measured (issue 12) at 4k, 2 texts, 5 blocks per layer incl. the last:
-sinkless block-mass recall at 5/10/20% centre 0.612/0.739/0.842, centre_max 0.610/0.735/0.840,
-quest_sum 0.614/0.752/0.844 — no gain, so the default stays.
-"label" (benchmarks only; it would read the decode selector's label cache): the block's mean query on the label
-channels (selection.label_channels, calibrated) against each of the page's tokens' label keys, log-sum-exp
-over the page (`label_block_scores`; the decode label selectors' estimate, pooled over the block). On one
-4k lcet10 window, 5 blocks per layer (a throwaway script over `block_recovery`): sinkless block-mass recall
-at 5/10/20% centre 0.544/0.654/0.780, label (r=32) 0.553/0.685/0.813; in layers 3-9 at 10%, 0.51 -> 0.61.
-Perplexity at 4k/10% 33.89 -> 33.69; needles with every block sparse 3/13 -> 5/13, with the dense tail
-11/13 -> 10/13 (benchmark/results/prefill_needle_label.md): with the served tail no gain, so centre stays.
-"oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a
-reference for benchmarks, not a serving estimate). With the same budgets and block sharing it keeps 10 of
-13 needle answers at 4k/8k where centre keeps 3, and quest_sum / quest_max do no better than centre
-(benchmark/results/prefill_needle*.md): at 10% the estimate loses retrieval, mostly in layers 0-9.
+Estimate (`DEFAULT_ESTIMATE` = "label", where the decode selector keeps a label cache; `resolve_estimate`): the
+block's mean query (over its queries and the GQA group) on the label channels against every key of the page, from
+the label cache the decode label selectors already keep (selection.label_channels, calibrated by the profile),
+log-sum-exp over the page: the decode selectors' estimate of a page's log-mass, for the block's mean query
+(`label_block_scores`). One batched matmul per KV head: r/(B*G*D) of a dense prefill's QK^T FLOPs (r = 32:
+0.3% for SmolLM2), with no metadata of its own. Kept share of the block's true page mass outside the forced pages, SmolLM2 at 10% (prose
+and RULER prompts, 2k/4k; benchmark/results/prefill_recall.md): centre 0.25-0.34, label 0.33-0.40, the oracle
+0.35-0.43. Per-head means with max / ShadowKV's norm over the group ("label_max", "label_norm") keep the same
+mass at G times the cost. Without a label cache: "centre", the pooled query against the centre (min + max) / 2
+of each page's key box, from the page min/max decode keeps (one matvec per page and block). "quest_sum",
+"quest_max" (Quest bounds of the pooled / each query) and "centre_max" rank no better than centre
+(benchmark/results/quality_prefill.md, prefill_needle*.md).
+"oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a reference for
+benchmarks, not a serving estimate).
 
 Chunked prefill and radix reuse come for free: a chunk's queries sit at positions
 prefix_len + i, its keys (prefix + itself) are in req_to_token, and the page metadata of the
@@ -54,12 +43,17 @@ import torch
 
 from . import selection as sel
 from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
+from .config import ConfigError
 
 QUERY_BLOCK = 64
-ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")   # servable: they read page metadata only
-REFERENCE_ESTIMATES = ("oracle", "label")                       # read keys: benchmarks only
-DEFAULT_ESTIMATE = "centre"
-LABEL_CHANNELS = 32                                              # r of the "label" estimate (two_stage_label32's)
+LABEL_ESTIMATES = {"label": "pooled", "label_max": "max", "label_norm": "norm"}   # read the label cache (group rule)
+METADATA_ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")          # read the page min/max only
+ESTIMATES = (*LABEL_ESTIMATES, *METADATA_ESTIMATES)                              # servable
+REFERENCE_ESTIMATES = ("oracle",)                                                # reads every key: benchmarks only
+DEFAULT_ESTIMATE = "label"            # where the decode selector keeps a label cache (`resolve_estimate`)
+FALLBACK_ESTIMATE = "centre"          # where it does not
+LABEL_CHANNELS = 32                   # r of the label cache in harnesses (two_stage_label32's)
+LABEL_LOGITS_PER_STEP = 1 << 22   # label estimate logits [blocks, heads, g, keys] per step: 16 MB
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
 
@@ -93,6 +87,19 @@ class BlockSelection:
         return torch.cat([win, self.rest], -1)
 
 
+def resolve_estimate(requested: str, has_labels: bool) -> str:
+    """The prefill estimate a process serves: `requested` if given, else the label estimate where the decode
+    selector keeps a label cache (its channels calibrated by the profile), else the page-box centre."""
+    name = requested or (DEFAULT_ESTIMATE if has_labels else FALLBACK_ESTIMATE)
+    if name not in ESTIMATES:
+        raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {name!r}")
+    if name in LABEL_ESTIMATES and not has_labels:
+        raise ConfigError(f"prefill estimate {name!r} reads the label cache of a label decode selector, and this "
+                         f"server keeps none (its decode selector is not a label selector, or decode is dense); "
+                         f"use --shplb-prefill-estimate {FALLBACK_ESTIMATE} or a label --shplb-selector")
+    return name
+
+
 def block_positions(prefix_len: int, extend_len: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute positions of each query block's first and last query: ([nb], [nb])."""
     starts = torch.arange(0, extend_len, block)
@@ -105,7 +112,7 @@ def block_window(first: torch.Tensor, last: torch.Tensor, page_size: int, recent
     return (first // page_size - (recent - 1)).clamp(min=0), last // page_size
 
 
-def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = DEFAULT_ESTIMATE):
+def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = FALLBACK_ESTIMATE):
     """q_blocks [nb, B, Hkv, G, D] (the queries of each block), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
     q = q_blocks.float()
     if estimate == "quest_sum":   # selection.group_upper_bound over the block's B*G queries, summed first
@@ -118,25 +125,40 @@ def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, est
         return torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1), (lo + hi) / 2)  # a sum ranks like the mean
     if estimate == "centre_max":  # each query head's block-mean query against the centre, max over the group
         return torch.einsum("bhgd,hnd->bhgn", q.mean(1), (lo + hi) / 2).amax(2)
-    raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
+    raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES + REFERENCE_ESTIMATES}")
 
 
-def label_block_scores(q_blocks: torch.Tensor, keys: torch.Tensor, channels: torch.Tensor, page_size: int,
-                       n: int):
-    """q_blocks [nb, B, Hkv, G, D] (the extend's n queries, zero-padded), keys [Hkv, L, D], channels [Hkv, r]
-    -> [nb, Hkv, N]: the block's mean query (over its real queries and the group) against every token of the
-    page on the label channels, log-sum-exp over the page."""
-    nb, B, D = q_blocks.shape[0], q_blocks.shape[1], keys.shape[-1]
-    idx = channels.unsqueeze(1)
-    lab = sel.page_keys(keys.float().gather(-1, idx.expand(-1, keys.shape[1], -1)), page_size)   # [Hkv, N, P, r]
-    real = (n - B * torch.arange(nb, device=keys.device)).clamp(max=B) * q_blocks.shape[3]     # queries per block
-    qm = q_blocks.float().sum((1, 3)) / real.view(-1, 1, 1)                                     # [nb, Hkv, D]
-    qm = qm.gather(-1, idx.squeeze(1).unsqueeze(0).expand(qm.shape[0], -1, -1))                 # [nb, Hkv, r]
-    scores = torch.einsum("bhr,hnpr->bhnp", qm, lab) * D ** -0.5
-    pad = lab.shape[1] * page_size - keys.shape[1]               # a partial last page: its padding is no key
-    if pad:
-        scores[..., -1, page_size - pad:] = -math.inf
-    return scores.logsumexp(-1)
+def label_block_scores(q_blocks: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, page_size: int,
+                       n: int, how: str = "pooled", ctx: torch.Tensor | None = None) -> torch.Tensor:
+    """q_blocks [nb, B, Hkv, G, D] (the extend's n queries, zero-padded), labels [Hkv, L, r] (the label
+    cache rows of the request's L keys: each key's `channels` [Hkv, r]) -> [nb, Hkv, N]: the block's mean
+    query on the label channels against every key of the page, log-sum-exp over the page (the decode label
+    selectors' estimate of a page's log-mass, for the block's mean query). how="pooled": one mean over the
+    block and the KV group; otherwise each query head's block mean, combined over the group by
+    selection.aggregate(how) over the block's causal pages (ctx [nb])."""
+    nb, B, D = q_blocks.shape[0], q_blocks.shape[1], q_blocks.shape[-1]
+    lab = sel.page_keys(labels.float(), page_size)                                               # [Hkv, N, P, r]
+    real = (n - B * torch.arange(nb, device=labels.device)).clamp(max=B)                       # queries per block
+    qm = q_blocks.float().sum(1) / real.view(-1, 1, 1, 1)                                       # [nb, Hkv, G, D]
+    if how == "pooled":
+        qm = qm.mean(2, keepdim=True)
+    qm = sel.gather_channels(qm, channels.long().unsqueeze(0)) * D ** -0.5                      # [nb, Hkv, g, r]
+    pad = lab.shape[1] * page_size - labels.shape[1]             # a partial last page: its padding is no key
+    step = max(1, LABEL_LOGITS_PER_STEP // (qm[0, ..., 0].numel() * lab.shape[1] * page_size))   # blocks per chunk
+    scores = torch.cat([_page_logsumexp(qm[b: b + step], lab, page_size - pad) for b in range(0, nb, step)])
+    if how == "pooled":
+        return scores.squeeze(2)
+    valid = torch.arange(scores.shape[-1], device=labels.device).view(1, 1, -1) < ctx.view(-1, 1, 1)
+    return sel.aggregate(how, scores, valid.expand(-1, scores.shape[1], -1))
+
+
+def _page_logsumexp(qm: torch.Tensor, lab: torch.Tensor, last_fill: int) -> torch.Tensor:
+    """qm [s, Hkv, g, r] against lab [Hkv, N, P, r] -> [s, Hkv, g, N]: log-sum-exp of the logits over each
+    page's keys (the last page's first `last_fill` only)."""
+    logits = torch.einsum("bhgr,hnpr->bhgnp", qm, lab)
+    if last_fill < lab.shape[2]:
+        logits[..., -1, last_fill:] = -math.inf
+    return logits.logsumexp(-1)
 
 
 def block_page_mass(q_blocks: torch.Tensor, keys: torch.Tensor, scale: float, first: torch.Tensor,
@@ -176,14 +198,16 @@ def dense_tail_start(n: int, block: int, dense_tail: int) -> int:
 
 def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, prefix_len: int,
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
-                         block: int = QUERY_BLOCK, estimate: str = DEFAULT_ESTIMATE,
+                         block: int = QUERY_BLOCK, estimate: str | None = None,
                          keys: torch.Tensor | None = None, scale: float | None = None,
-                         dense_tail: int = DENSE_TAIL, channels: torch.Tensor | None = None) -> BlockSelection:
+                         dense_tail: int = DENSE_TAIL,
+                         labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
     Blocks holding any of the extend's last `dense_tail` queries keep their whole context.
-    keys [Hkv, prefix_len + n, D] and scale only for the reference estimates ("oracle"; "label" also needs
-    channels [Hkv, r])."""
+    labels = (label keys [Hkv, prefix_len + n, r], channels [Hkv, r]) for the label estimates; keys
+    [Hkv, prefix_len + n, D] and scale only for the reference "oracle". estimate None: `resolve_estimate`'s."""
+    estimate = estimate or resolve_estimate("", labels is not None)
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
     first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
@@ -195,10 +219,10 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
         if keys is None or scale is None:
             raise ValueError("the 'oracle' prefill estimate reads every key: pass keys= and scale=")
         scores = block_page_mass(pad_blocks(q, block), keys, scale, first, page_size)
-    elif estimate == "label":
-        if keys is None or channels is None:
-            raise ValueError("the 'label' prefill estimate reads the keys' label channels: pass keys= and channels=")
-        scores = label_block_scores(pad_blocks(q, block), keys, channels, page_size, n)
+    elif estimate in LABEL_ESTIMATES:
+        if labels is None:
+            raise ValueError(f"the {estimate!r} prefill estimate reads the label cache: pass labels=(keys, channels)")
+        scores = label_block_scores(pad_blocks(q, block), *labels, page_size, n, LABEL_ESTIMATES[estimate], ctx)
     else:
         scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
     sinks = (j < sink) & ~in_win
@@ -297,11 +321,13 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                    kmax: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices, prefix_lens: list[int],
                    extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                    scale: float, block: int = QUERY_BLOCK, attend=None,
-                   estimate: str = DEFAULT_ESTIMATE, dense_tail: int = DENSE_TAIL) -> torch.Tensor:
+                   estimate: str | None = None, dense_tail: int = DENSE_TAIL,
+                   labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
     `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
-    the CPU path, which gathers the request's pages once and runs attend_blocks.
+    the CPU path, which gathers the request's pages once and runs attend_blocks. labels = (label cache
+    [Hkv, slots, r], channels [Hkv, r]) for a label estimate (the decode selector's cache, this batch folded in).
     A request's body and its dense tail are selected and attended apart: in one selection every
     block's page list would be padded to the tail's width, the whole context (at 32k, ~64 MB of page
     indices per layer and a context-wide top-k for every block). The CPU path runs the tail as one
@@ -313,6 +339,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         slots = req_to_token[r, : prefix + n]
         phys = slots[::page_size].long() // page_size
         lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
+        lab = None if labels is None else (labels[0][:, slots.long()], labels[1])          # [Hkv, L, r]
         qr, o = q[start: start + n], out[start: start + n]
         t = dense_tail_start(n, block, dense_tail)
         parts = [(0, t, 0), (t, n, n - t)]                      # (rows from, to, dense tail): body, then tail
@@ -323,7 +350,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                 o[a:b] = _dense_rows(qr[a:b], k_pages, v_pages, prefix + a, prefix + b, scale)
                 continue
             chosen = select_prefill_pages(qr[a:b], lo, hi, prefix + a, budgets, page_size, sink, recent, block,
-                                          estimate, dense_tail=tail)
+                                          estimate, dense_tail=tail, labels=lab)
             o[a:b] = (attend(qr[a:b], k_buf, v_buf, slots, chosen, prefix + a, scale, block) if attend is not None
                       else attend_blocks(qr[a:b], k_pages, v_pages, chosen, prefix + a, scale, block))
         start += n
@@ -332,11 +359,14 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
 
 def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.Tensor, page_size: int, sink: int,
                    recent: int, block_starts: list[int], block: int = QUERY_BLOCK,
-                   estimate: str = DEFAULT_ESTIMATE) -> tuple[torch.Tensor, torch.Tensor]:
+                   estimate: str | None = None, channels: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefill selector's recovery curve (profiler). q [Hq, L, D], k [Hkv, L, D] of one causal
     prefill. For each sampled query block: the true page mass (softmax per query, mean over the
     block's queries and the KV group) and the share of it the selector keeps at each grid budget.
-    Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks."""
+    Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks. channels [Hkv, r]:
+    the label channels of a label estimate (estimate None: `resolve_estimate`'s)."""
+    estimate = estimate or resolve_estimate("", channels is not None)
     Hq, L, D = q.shape
     Hkv, P = k.shape[0], page_size
     lo, hi = sel.page_minmax(k, P)                                               # [Hkv, N, D]
@@ -350,7 +380,12 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
         win_lo, win_hi = max(0, first // P - (recent - 1)), last // P
         j = torch.arange(N, device=q.device)
         forced = ((j >= win_lo) & (j <= win_hi)) | ((j < sink) & (j <= win_hi))
-        scores = block_scores(qb.permute(2, 0, 1, 3).unsqueeze(0), lo, hi, estimate)[0]   # [Hkv, N]
+        qs = qb.permute(2, 0, 1, 3).unsqueeze(0)                                  # [1, B, Hkv, g, D]
+        if estimate in LABEL_ESTIMATES:   # channels [Hkv, r]: the label cache's rows are these keys' channels
+            scores = label_block_scores(qs, sel.gather_channels(k.float(), channels.long()), channels, P, qs.shape[1],
+                                        LABEL_ESTIMATES[estimate], torch.tensor([win_hi + 1]))[0]
+        else:
+            scores = block_scores(qs, lo, hi, estimate)[0]                       # [Hkv, N]
         scores = scores.masked_fill(forced, math.inf).masked_fill(j > win_hi, -math.inf)
         order = scores.argsort(dim=-1, descending=True, stable=True)
         ctx = torch.tensor(float(win_hi + 1))

@@ -24,7 +24,7 @@ from ..selection import get_selector
 from ..serving import resolve
 from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, plan_decode,
                                 select_layer, update_page_minmax)
-from ..sparse_prefill import sparse_prefill
+from ..sparse_prefill import LABEL_ESTIMATES, sparse_prefill
 
 logger = logging.getLogger("sglang_shplb")
 LOG_EVERY_STEPS = 64
@@ -95,6 +95,7 @@ def _make_backend_class():
                 raise ConfigError(f"the label channels of {self.cfg.plan or self.cfg.budgets} index past head_dim "
                                   f"{mc.head_dim}: they were made for another model; regenerate them")
             self.labels = {}
+            self.prefill_estimate = rank.prefill_estimate   # a label estimate reads the label cache above
             self.step_plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -106,8 +107,9 @@ def _make_backend_class():
             if torch.device(model_runner.device).type == "cuda":
                 self._init_cuda(model_runner)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
-                        "selector %s, prefill budgets %s", self.tp_rank, self.page_size, self.cfg.sink_pages,
-                        self.cfg.recent_pages, _describe(self.budgets), self.selector, _describe(self.prefill_budgets))
+                        "selector %s, prefill budgets %s (estimate %s)", self.tp_rank, self.page_size, self.cfg.sink_pages,
+                        self.cfg.recent_pages, _describe(self.budgets), self.selector, _describe(self.prefill_budgets),
+                        self.prefill_estimate)
 
         def _metadata(self, layer_id: int):
             if self.gpu is not None and self.gpu.meta is not None:
@@ -166,8 +168,17 @@ def _make_backend_class():
                 _host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
                 _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
                 self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
-                estimate=self.cfg.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail)
+                estimate=self.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail,
+                labels=self._prefill_labels(layer.layer_id))
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+        def _prefill_labels(self, layer_id: int):
+            """(label cache [Hkv, slots, r], channels) for a label prefill estimate, else None."""
+            if self.prefill_estimate not in LABEL_ESTIMATES:
+                return None
+            if self.gpu is not None:
+                return self.gpu.labels[layer_id], self.gpu.channels[layer_id]
+            return self._labels(layer_id)
 
         def _sparse_prefill_layer(self, layer) -> bool:
             return (bool(self.prefill_sparse) and self.prefill_sparse[layer.layer_id] and not layer.is_cross_attention
