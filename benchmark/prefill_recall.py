@@ -8,8 +8,8 @@ A dense HF forward (SmolLM2 fp32) records every layer's queries and keys; the sh
 (`sparse_prefill.select_prefill_pages`, uniform budget per KV head, no dense tail) then picks pages for every
 64-query block, and `block_page_mass` (softmax per query, mean over the block and the group) scores
 --blocks sampled blocks per layer in the second half of the window. Reported: the kept share of the mass
-*outside* the forced pages (sinks and the diagonal window), the part the estimate decides. `oracle` ranks
-the pages by that true mass: the most any estimate can keep at these budgets.
+*outside* the forced pages (sinks and the diagonal window), the part the estimate decides. `oracle` fills
+the same number of pages per (block, KV head) with the most true mass: the most any estimate can keep.
 Texts: prose windows of alice29/asyoulik (the decode recall's texts), and RULER-style prompts
 (--needles families, seeds 0..--seeds-1). Label estimates use channels calibrated on
 common.LabelCalibration's held-out text, as the other harnesses do.
@@ -61,28 +61,31 @@ def layer_recall(q, k, scale, estimates, budgets, meta, channels, n_blocks):
     first, _ = sp.block_positions(0, L, B)
     mass = sp.block_page_mass(sp.pad_blocks(qb, B)[picks], k, scale, first[picks], P)   # [s, Hkv, N]
     out, times = {}, {}
-    for est in estimates:
-        for b in budgets:
+    j = torch.arange(N)
+    for b in budgets:
+        for est in estimates:
             t = time.perf_counter()
-            if est == "oracle":   # the true mass ranks the pages: the upper bound at these budgets
-                chosen = sp.select_prefill_pages(qb, lo, hi, 0, torch.full((Hkv,), b), P, meta["sink_pages"],
-                                                 meta["recent_pages"], estimate="oracle", keys=k, scale=scale,
-                                                 dense_tail=0)
-            else:
-                chosen = sp.select_prefill_pages(qb, lo, hi, 0, torch.full((Hkv,), b), P, meta["sink_pages"],
-                                                 meta["recent_pages"], estimate=est, keys=k, scale=scale,
-                                                 dense_tail=0, channels=channels)
-            times[est] = times.get(est, 0) + time.perf_counter() - t
-            j = torch.arange(N)
+            # oracle: the same pages kept per (block, head) as any estimate, the most true mass can fill them
+            chosen = sp.select_prefill_pages(qb, lo, hi, 0, torch.full((Hkv,), b), P, meta["sink_pages"],
+                                             meta["recent_pages"], estimate="centre" if est == "oracle" else est,
+                                             dense_tail=0, labels=(sel.gather_channels(k, channels), channels))
+            if est != "oracle":
+                times[est] = times.get(est, 0) + time.perf_counter() - t
             win = (j >= chosen.win_lo[picks].view(-1, 1)) & (j <= chosen.win_hi[picks].view(-1, 1))   # [s, N]
             forced = (win | (j < meta["sink_pages"])).unsqueeze(1)                                    # [s, 1, N]
-            kept = win.unsqueeze(1).expand(-1, Hkv, -1).clone()
-            rest = chosen.rest[picks]
-            kept.scatter_(-1, rest.clamp(min=0), (rest >= 0) | kept.gather(-1, rest.clamp(min=0)))
             free = mass.masked_fill(forced, 0)
+            if est == "oracle":
+                free_k = chosen.count[picks] - forced.sum(-1)                                       # [s, Hkv]
+                top = free.sort(-1, descending=True).values
+                kept_mass = (top * (torch.arange(N) < free_k.unsqueeze(-1))).sum(-1)
+            else:
+                kept = win.unsqueeze(1).expand(-1, Hkv, -1).clone()
+                rest = chosen.rest[picks]
+                kept.scatter_(-1, rest.clamp(min=0), (rest >= 0) | kept.gather(-1, rest.clamp(min=0)))
+                kept_mass = (free * kept).sum(-1)
             total = free.sum(-1)
             ok = total > 1e-6
-            rec = (free * kept).sum(-1)[ok] / total[ok]
+            rec = kept_mass[ok] / total[ok]
             s, c = out.get((est, b), (0.0, 0))
             out[(est, b)] = (s + float(rec.sum()), c + int(ok.sum()))
     return out, times
