@@ -43,8 +43,8 @@ def build_pool(ctx, seed=0):
 
 def attention_pair(ctx, chunk, budget, estimate):
     """(dense, sparse) callables running every chunk of one ctx-token prompt through one layer. A label
-    estimate also folds each chunk's keys into a label cache (the decode selector's, which the server keeps
-    anyway) and reads it."""
+    estimate also folds each chunk's keys into a label cache (the decode selector's, which a label server
+    keeps anyway: counted here all the same) and reads it."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     q, k_buf, v_buf, req_to_token = build_pool(ctx)
@@ -83,13 +83,18 @@ def interleaved(fns, repeats):
 
 
 def attention_rows(args):
-    rows = ["| context | chunks | dense ms | shplb ms | speed-up |", "|---|---|---|---|---|"]
+    """Dense and the sparse path with each of --compare-estimates (the served one first), interleaved."""
+    ests = [args.estimate] + [e for e in args.compare_estimates if e != args.estimate]
+    rows = ["| context | chunks | dense ms | " + " | ".join(f"shplb {e} ms | speed-up" for e in ests) + " |",
+            "|---|---|---|" + "---|---|" * len(ests)]
     for ctx in args.contexts:
         for label, chunk in (("one chunk", ctx), (f"served ({args.chunk})", args.chunk)):
-            if chunk == ctx and label != "one chunk":
+            if chunk >= ctx and label != "one chunk":
                 continue
-            d, s = interleaved(attention_pair(ctx, chunk, args.budget, args.estimate), args.repeats)
-            rows.append(f"| {ctx} | {label} | {d * 1e3:.0f} | {s * 1e3:.0f} | {d / s:.2f}x |")
+            pairs = [attention_pair(ctx, chunk, args.budget, e) for e in ests]
+            d, *s = interleaved([pairs[0][0]] + [sp for _, sp in pairs], args.repeats)
+            rows.append(f"| {ctx} | {label} | {d * 1e3:.0f} | " + " | ".join(f"{x * 1e3:.0f} | {d / x:.2f}x" for x in s)
+                        + " |")
             print(rows[-1], flush=True)
     return rows
 
@@ -154,6 +159,8 @@ def main():
     p.add_argument("--ttft-contexts", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--ttft-repeats", type=int, default=2)
     p.add_argument("--skip-ttft", action="store_true")
+    p.add_argument("--compare-estimates", nargs="*", choices=ESTIMATES, default=[],
+                   help="more prefill estimates timed side by side in the attention table")
     p.add_argument("--estimate", choices=ESTIMATES, default="label",
                    help="prefill page estimate (label: what the default recipe serves; its server also decodes sparse "
                         "with uniform budgets, which the 1-token TTFT does not reach)")
