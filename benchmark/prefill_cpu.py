@@ -1,7 +1,7 @@
 """Prefill on CPU: shplb block-sparse (10% budget) vs SGLang's torch_native dense, side by side in one run.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py [--budget 0.1] [--contexts 4096 8192]
-        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--estimate label]
+        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--estimate centre] [--compare-estimates label]
 
 (1) Attention per layer, SmolLM2 shapes (3 KV heads x 3 query heads, head_dim 64, fp32, page 16,
     scrambled pages), one thread. Dense: TorchNativeAttnBackend._run_sdpa_forward_extend. Sparse:
@@ -26,7 +26,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
 from common import write_result  # noqa: E402
 
 from sglang_shplb.sparse_attention import fold_labels, new_label_cache, new_page_metadata, update_page_minmax  # noqa
-from sglang_shplb.sparse_prefill import DENSE_TAIL, ESTIMATES, LABEL_CHANNELS, LABEL_ESTIMATES, sparse_prefill  # noqa
+from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
+                                         LABEL_ESTIMATES, sparse_prefill)
 
 HKV, G, D, P = 3, 3, 64, 16
 
@@ -161,9 +162,9 @@ def main():
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--compare-estimates", nargs="*", choices=ESTIMATES, default=[],
                    help="more prefill estimates timed side by side in the attention table")
-    p.add_argument("--estimate", choices=ESTIMATES, default="label",
-                   help="prefill page estimate (label: what the default recipe serves; its server also decodes sparse "
-                        "with uniform budgets, which the 1-token TTFT does not reach)")
+    p.add_argument("--estimate", choices=ESTIMATES, default=DEFAULT_ESTIMATE,
+                   help="prefill page estimate of the shplb server and the first sparse column (label: the server also "
+                        "decodes sparse with uniform budgets, for its label cache; the 1-token TTFT does not reach it)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "prefill_cpu.md"))
     args = p.parse_args()
     if not 0 < args.budget <= 1:

@@ -179,15 +179,15 @@ def test_full_budget_is_dense_causal():
 
 @pytest.mark.parametrize("labelled", [False, True])
 def test_batch_on_paged_pool_matches_per_request(labelled):
-    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone, by the
-    estimate the server resolves: centre without a label cache, label with one (its rows by slot)."""
+    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone: the default
+    estimate, and the label estimate reading a label cache (its rows by slot)."""
     seq_lens, prefixes = [75, 33, 50], [40, 0, 17]
     req_to_token, k_buf, v_buf, kmin, kmax = paged_pool(seq_lens, seed=5)
     extend = [s - p for s, p in zip(seq_lens, prefixes)]
     q = torch.randn(sum(extend), HKV, G, D)
     budgets = torch.tensor([0.25, 0.1, 0.6])
     got = sparse_prefill(q, k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2, 3]), prefixes, extend,
-                         budgets, P, 1, 2, 0.3, B, dense_tail=9,
+                         budgets, P, 1, 2, 0.3, B, dense_tail=9, estimate="label" if labelled else None,
                          labels=(label_cache(k_buf), LABEL) if labelled else None)
     start = 0
     for r, (s, p, n) in enumerate(zip(seq_lens, prefixes, extend)):
@@ -203,12 +203,13 @@ def test_batch_on_paged_pool_matches_per_request(labelled):
 @pytest.mark.parametrize("channels", [None, LABEL])
 def test_block_recovery_is_the_selected_mass(channels):
     """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps
-    (centre, or the label estimate when the profiler has label channels)."""
+    (the default estimate, and the label estimate from label channels)."""
     g = torch.Generator().manual_seed(7)
     L, start = 120, 70
     q, k = torch.randn(HKV * G, L, D, generator=g), torch.randn(HKV, L, D, generator=g) * 2
     grid = torch.tensor([0.05, 0.3, 0.6, 1.0])
-    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B, channels=channels)
+    est = None if channels is None else "label"
+    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B, estimate=est, channels=channels)
     kmin, kmax = new_page_metadata(L, HKV, D, P, "cpu")
     update_page_minmax(kmin, kmax, torch.arange(L), k.transpose(0, 1), P)
     qs = q[:, start: start + B].view(HKV, G, B, D).permute(2, 0, 1, 3)          # [B, Hkv, G, D]
@@ -217,7 +218,7 @@ def test_block_recovery_is_the_selected_mass(channels):
     mass = torch.nn.functional.pad(logits.softmax(-1), (0, -L % P)).unflatten(-1, (-1, P)).sum(-1).mean((1, 2))
     for i, b in enumerate(grid.tolist()):
         chosen = select_prefill_pages(qs, kmin.transpose(0, 1), kmax.transpose(0, 1), start, torch.full((HKV,), b),
-                                      P, 1, 2, B, dense_tail=0,   # the profiler measures the body's selector
+                                      P, 1, 2, B, est, dense_tail=0,   # the profiler measures the body's selector
                                       labels=None if channels is None else (sel.gather_channels(k, channels), channels))
         pages = as_sets(chosen)
         want = torch.tensor([float(mass[h, sorted(pages[0, h])].sum()) for h in range(HKV)])
@@ -231,9 +232,9 @@ def test_unknown_estimate_is_refused():
         block_scores(torch.zeros(1, 2, 1, 1, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), "magic")
 
 
-def test_served_estimate_follows_the_label_cache(tmp_path):
-    """label where the decode selector keeps a label cache (a budgets file from a profile with channels),
-    centre where it does not; a label estimate without a cache, or an unknown one, is refused at start-up."""
+def test_served_estimate_and_the_label_cache(tmp_path):
+    """centre unless asked; label where the decode selector keeps a label cache (a budgets file from a profile
+    with channels); a label estimate without a cache, or an unknown one, is refused at start-up."""
     from sglang_shplb.artifacts import write_json
     from sglang_shplb.budget import make_budgets
     from sglang_shplb.config import ConfigError, ShplbConfig
@@ -242,9 +243,9 @@ def test_served_estimate_follows_the_label_cache(tmp_path):
 
     prof = Profile.load(Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors")
     write_json(tmp_path / "b.json", "budget", make_budgets(prof, 0.1, "optimal", "kv", prefill_mean=0.1))
-    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0).prefill_estimate == "label"
-    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), prefill_estimate="centre"), 30, 3, 1, 0
-                   ).prefill_estimate == "centre"
+    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0).prefill_estimate == "centre"
+    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), prefill_estimate="label"), 30, 3, 1, 0
+                   ).prefill_estimate == "label"
     assert resolve(ShplbConfig(prefill_budget=0.1), 30, 3, 1, 0).prefill_estimate == "centre"   # dense decode
     with pytest.raises(ConfigError, match="--shplb-prefill-estimate centre"):
         resolve(ShplbConfig(budget=0.1, prefill_budget=0.1, prefill_estimate="label"), 30, 3, 1, 0)

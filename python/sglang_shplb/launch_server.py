@@ -40,8 +40,8 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
                         "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
     g.add_argument("--shplb-prefill-estimate", default="", help="prefill page estimate, one of "
-                   "sglang_shplb.sparse_prefill.ESTIMATES (default: label, from the decode selector's label cache, "
-                   "when it keeps one; else centre, from the page min/max)")
+                   "sglang_shplb.sparse_prefill.ESTIMATES (default centre, from the page min/max; label reads the "
+                   "label cache of a label decode selector)")
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
                    "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR when the budgets or "
                    "plan carry the profile's label channels, else selection.UNCALIBRATED_SELECTOR)")

@@ -11,9 +11,8 @@ of the query's context, at page granularity), the recovery ratio (share of softm
 per (layer, query head) and per (layer, KV group) (a group shares one page selection). Only the
 sampled queries' scores are formed ([heads, queries, L]), never L x L, so 8k context stays small.
 Plus `prefill_kv`: the block-sparse prefill selector (sparse_prefill.py: sink + diagonal window +
-top pages by the page estimate a server with the runtime selector serves (label with a label selector), per
-64-query block and KV group) on a few sampled query blocks, against the
-block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay valid.
+top pages by the served default page estimate, per 64-query block and KV group) on a few sampled query blocks,
+against the block's true page mass (`--prefill-blocks`, 0 to skip). Profiles without it stay valid.
 Plus the label-channel calibration (Double Sparsity): mean |q| per query head and mean |k| per KV head
 and channel over every token (`label_q_abs` [L, Hq, D], `label_k_abs` [L, Hkv, D]), from a first dense
 pass; a label runtime selector is profiled with the channels they give (`Profile.label_channels`), and
@@ -139,7 +138,7 @@ class _Collector:
 
     @property
     def prefill_estimate(self) -> str:
-        """The estimate a server with this runtime selector prefills with (sparse_prefill.resolve_estimate)."""
+        """The estimate a server prefills with by default (sparse_prefill.resolve_estimate)."""
         return resolve_estimate("", bool(self.channels))
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):

@@ -22,7 +22,7 @@ from . import selection as sel
 from .artifacts import ArtifactError
 from .config import ShplbConfig
 from .schema import Budgets, Plan
-from .sparse_prefill import FALLBACK_ESTIMATE, resolve_estimate
+from .sparse_prefill import DEFAULT_ESTIMATE, resolve_estimate
 
 _artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan | Profile
 _resolved: dict = {}      # (config, shape) -> RankBudgets
@@ -65,7 +65,7 @@ class RankBudgets:
     ref_context: Optional[int] = None
     selector: str = sel.UNCALIBRATED_SELECTOR   # the decode selector (decode_selector)
     labels: Optional[torch.Tensor] = None       # its label channels [num_layers, local KV heads, r], best first
-    prefill_estimate: str = FALLBACK_ESTIMATE   # the prefill page estimate (sparse_prefill.resolve_estimate)
+    prefill_estimate: str = DEFAULT_ESTIMATE    # the prefill page estimate (sparse_prefill.resolve_estimate)
 
     def ref_pages(self, page_size: int) -> Optional[int]:
         """selection.pages_for_budget's reference length in pages of `page_size`."""

@@ -13,18 +13,19 @@ and every answer token reads its KV: on needle prompts at 10%, block-shared page
 rows is what loses the answer (the first answer token survives, the rest does not), while the
 prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
 at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle_tail.md.
-Estimate (`DEFAULT_ESTIMATE` = "label", where the decode selector keeps a label cache; `resolve_estimate`): the
-block's mean query (over its queries and the GQA group) on the label channels against every key of the page, from
-the label cache the decode label selectors already keep (selection.label_channels, calibrated by the profile),
-log-sum-exp over the page: the decode selectors' estimate of a page's log-mass, for the block's mean query
-(`label_block_scores`). One batched matmul per KV head: r/(B*G*D) of a dense prefill's QK^T FLOPs (r = 32:
-0.3% for SmolLM2), with no metadata of its own. Kept share of the block's true page mass outside the forced pages, SmolLM2 at 10% (prose
-and RULER prompts, 2k/4k; benchmark/results/prefill_recall.md): centre 0.25-0.34, label 0.33-0.40, the oracle
-0.35-0.43. Per-head means with max / ShadowKV's norm over the group ("label_max", "label_norm") keep the same
-mass at G times the cost. Without a label cache: "centre", the pooled query against the centre (min + max) / 2
-of each page's key box, from the page min/max decode keeps (one matvec per page and block). "quest_sum",
-"quest_max" (Quest bounds of the pooled / each query) and "centre_max" rank no better than centre
-(benchmark/results/quality_prefill.md, prefill_needle*.md).
+Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA group) against
+the centre (min + max) / 2 of each page's key box, from the page min/max decode already keeps (one matvec per
+page and block). "label" (`--shplb-prefill-estimate label`, with a label decode selector): the block's mean query
+on the calibrated label channels against every key of the page, log-sum-exp over the page, read from the label
+cache that selector keeps (`label_block_scores`: one batched matmul per KV head, r/(B*G*D) of a dense prefill's
+QK^T FLOPs). It keeps more of each block's true page mass (at 10%, 63-83% of the gap from centre to the oracle
+at 2k/4k/8k; benchmark/results/prefill_recall.md) but not better answers: held-out perplexity at 10% is 0.3% /
+1.5% *worse* than centre's at 2k / 4k (3 lcet10 windows), server retrieval moves within noise, and it costs
+4-10% more prefill attention time on CPU (benchmark/results/prefill_quality_label.md). Block-mean mass recall
+is not what perplexity needs from the prefill, so centre stays the default. Per-head variants ("label_max",
+"label_norm": each query head's block mean, max / ShadowKV's norm over the group) add at most 0.007 recall for
+G times the cost. "quest_sum", "quest_max" (Quest bounds of the pooled / each query) and "centre_max" rank no
+better than centre (benchmark/results/quality_prefill.md, prefill_needle*.md).
 "oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a reference for
 benchmarks, not a serving estimate).
 
@@ -50,8 +51,7 @@ LABEL_ESTIMATES = {"label": "pooled", "label_max": "max", "label_norm": "norm"} 
 METADATA_ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")          # read the page min/max only
 ESTIMATES = (*LABEL_ESTIMATES, *METADATA_ESTIMATES)                              # servable
 REFERENCE_ESTIMATES = ("oracle",)                                                # reads every key: benchmarks only
-DEFAULT_ESTIMATE = "label"            # where the decode selector keeps a label cache (`resolve_estimate`)
-FALLBACK_ESTIMATE = "centre"          # where it does not
+DEFAULT_ESTIMATE = "centre"           # why not "label": the module docstring
 LABEL_CHANNELS = 32                   # r of the label cache in harnesses (two_stage_label32's)
 LABEL_LOGITS_PER_STEP = 1 << 22   # label estimate logits [blocks, heads, g, keys] per step: 16 MB
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
@@ -88,15 +88,15 @@ class BlockSelection:
 
 
 def resolve_estimate(requested: str, has_labels: bool) -> str:
-    """The prefill estimate a process serves: `requested` if given, else the label estimate where the decode
-    selector keeps a label cache (its channels calibrated by the profile), else the page-box centre."""
-    name = requested or (DEFAULT_ESTIMATE if has_labels else FALLBACK_ESTIMATE)
+    """The prefill estimate a process serves: `requested`, else DEFAULT_ESTIMATE. A label estimate reads the
+    label cache a label decode selector keeps (has_labels): without one it is refused, at start-up."""
+    name = requested or DEFAULT_ESTIMATE
     if name not in ESTIMATES:
         raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {name!r}")
     if name in LABEL_ESTIMATES and not has_labels:
         raise ConfigError(f"prefill estimate {name!r} reads the label cache of a label decode selector, and this "
-                         f"server keeps none (its decode selector is not a label selector, or decode is dense); "
-                         f"use --shplb-prefill-estimate {FALLBACK_ESTIMATE} or a label --shplb-selector")
+                          f"server keeps none (its decode selector is not a label selector, or decode is dense); "
+                          f"use --shplb-prefill-estimate {DEFAULT_ESTIMATE} or a label --shplb-selector")
     return name
 
 
@@ -112,7 +112,7 @@ def block_window(first: torch.Tensor, last: torch.Tensor, page_size: int, recent
     return (first // page_size - (recent - 1)).clamp(min=0), last // page_size
 
 
-def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = FALLBACK_ESTIMATE):
+def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = DEFAULT_ESTIMATE):
     """q_blocks [nb, B, Hkv, G, D] (the queries of each block), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
     q = q_blocks.float()
     if estimate == "quest_sum":   # selection.group_upper_bound over the block's B*G queries, summed first
