@@ -87,9 +87,7 @@ def main():
         for fam in args.families:
             for seed in range(args.seeds):
                 task = make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
-                prompt = tok.apply_chat_template([{"role": "user", "content": task.user_message},
-                                                  {"role": "assistant", "content": task.answer_prefix}],
-                                                 tokenize=False, continue_final_message=True)
+                prompt = task.prompt(tok)
                 ids = torch.tensor(tok(prompt, add_special_tokens=False).input_ids)
                 attn.budgets = None
                 with torch.no_grad():

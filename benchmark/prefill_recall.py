@@ -131,9 +131,7 @@ def main():
             for fam in args.needles:
                 for seed in range(args.seeds):
                     task = make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
-                    prompt = tok.apply_chat_template([{"role": "user", "content": task.user_message},
-                                                      {"role": "assistant", "content": task.answer_prefix}],
-                                                     tokenize=False, continue_final_message=True)
+                    prompt = task.prompt(tok)
                     sources.append((f"{fam} s{seed}", ctx, torch.tensor(tok(prompt, add_special_tokens=False).input_ids)))
     keys = [(e, b) for b in args.budgets for e in args.estimates]
     rows = ["| text | context | " + " | ".join(f"{e} @{b:g}" for e, b in keys) + " |", "|---|---|" + "---|" * len(keys)]

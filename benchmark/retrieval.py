@@ -90,8 +90,7 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
 
 def ask(server: Server, task) -> str:
     body = {"model": "default", "temperature": 0, "max_tokens": MAX_TOKENS, "continue_final_message": True,
-            "messages": [{"role": "user", "content": task.user_message},
-                         {"role": "assistant", "content": task.answer_prefix}]}
+            "messages": task.messages}
     r = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=900)
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"] or ""

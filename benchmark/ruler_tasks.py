@@ -42,6 +42,15 @@ class Task:
     def user_message(self) -> str:
         return f"{self.context}\n\n{self.question}"
 
+    @property
+    def messages(self) -> list[dict]:
+        """The chat as the server gets it: the user's question, then the answer prefix the model continues."""
+        return [{"role": "user", "content": self.user_message}, {"role": "assistant", "content": self.answer_prefix}]
+
+    def prompt(self, tokenizer) -> str:
+        """The text the server prefills for `messages` (SGLang's continue_final_message)."""
+        return tokenizer.apply_chat_template(self.messages, tokenize=False, continue_final_message=True)
+
     def score(self, output: str) -> float:
         """Share of the expected answers present in the output (RULER's string match), and 0 when
         the output names a distractor: listing every number seen is not retrieval."""

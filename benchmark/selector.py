@@ -189,8 +189,7 @@ def needle_tasks(tok, ctx, seeds, families=NEEDLE_FAMILIES):
 
 def encode(tok, task, P):
     """(prompt ids, pages holding the asked needle) of a task in the server's completion form."""
-    msgs = [{"role": "user", "content": task.user_message}, {"role": "assistant", "content": task.answer_prefix}]
-    prompt = tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+    prompt = task.prompt(tok)
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
     needle = [n for n in task.needles if task.answers[0] in n][0]
     a = prompt.index(needle)
