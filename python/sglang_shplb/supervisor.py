@@ -86,7 +86,10 @@ class Supervisor:
             self.known.setdefault(p.pid, p)
             try:
                 name = p.name()  # remembered: a dead process has no name to ask for
-                if name.startswith("sglang::") and p.status() != psutil.STATUS_ZOMBIE:
+                # A child a worker forked carries the worker's title: it is a helper, not the worker, and
+                # its exit is not the worker's death (a false "died" killed a serving tp3 server in CI).
+                if name.startswith("sglang::") and p.status() != psutil.STATUS_ZOMBIE and \
+                        p.pid not in self.workers and p.parent().name() != name:
                     self.workers[p.pid] = name
             except psutil.NoSuchProcess:
                 pass
