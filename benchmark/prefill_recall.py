@@ -166,7 +166,7 @@ def main():
                  "(`sparse_prefill.select_prefill_pages`, 64-query blocks, uniform budget per KV head, no dense tail) "
                  f"per estimate; {args.blocks} sampled blocks per layer in the window's second half. Recall = kept "
                  "share of the block's true page mass outside the forced pages (sinks + diagonal window), mean over "
-                 "blocks, KV heads and layers. `oracle` ranks by the true mass (the bound at these budgets). Label "
+                 "blocks, KV heads and layers. `oracle` fills the same page counts with the most true mass. Label "
                  f"estimates: r = {sp.LABEL_CHANNELS} channels calibrated on a held-out text.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_recall.py " + " ".join(sys.argv[1:]))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import selection as sel
-from .sparse_prefill import QUERY_BLOCK, block_recovery, resolve_estimate
+from .sparse_prefill import DEFAULT_ESTIMATE, QUERY_BLOCK, block_recovery
 from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
 
 BUDGET_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -136,11 +136,6 @@ class _Collector:
     calibrating: bool = False       # first pass: only the label statistics
     channels: dict = field(default_factory=dict)     # layer -> [Hkv, r] label channels (second pass)
 
-    @property
-    def prefill_estimate(self) -> str:
-        """The estimate a server prefills with by default (sparse_prefill.resolve_estimate)."""
-        return resolve_estimate("", bool(self.channels))
-
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -198,8 +193,7 @@ class _Collector:
         if self.prefill_blocks and L >= 2 * QUERY_BLOCK:
             starts = torch.linspace(L // 2, L - QUERY_BLOCK, self.prefill_blocks).long().tolist()
             stats["prefill_kv"], stats["sink_mass_prefill_kv"] = block_recovery(
-                q, k, scale, self.grid, P, self.sink, self.recent, starts, estimate=self.prefill_estimate,
-                channels=ch)
+                q, k, scale, self.grid, P, self.sink, self.recent, starts, estimate=DEFAULT_ESTIMATE)
         for name, v in stats.items():
             v = v.flatten(0, 1) if name.endswith("_q") else v                  # q heads in model order
             acc = self.sums.setdefault(name, {})
@@ -277,10 +271,9 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
         "corpus": [f.name for f in files], "selectors": {"oracle": "top pages by true softmax mass",
                                                          "runtime": f"selection.choose_pages, selector {selector}",
                                                          "prefill": f"per {QUERY_BLOCK}-query block: sink + window "
-                                                                    f"pages, then by the {col.prefill_estimate} "
-                                                                    "estimate"},
+                                                                    f"pages, then by the {DEFAULT_ESTIMATE} estimate"},
         "runtime_selector": selector, "runtime_dip": dip, "prefill_blocks": prefill_blocks,
-        "prefill_estimate": col.prefill_estimate,
+        "prefill_estimate": DEFAULT_ESTIMATE,
         "budget_grid": list(BUDGET_GRID),
         "budget_rule": "selection.pages_for_budget: sink+recent + ceil(f*(pages-sink-recent)), "
                        "f = (b*ref - sink - recent)/(ref - sink - recent), ref = the context's pages",

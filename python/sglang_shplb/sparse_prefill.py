@@ -206,8 +206,8 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
     Blocks holding any of the extend's last `dense_tail` queries keep their whole context.
     labels = (label keys [Hkv, prefix_len + n, r], channels [Hkv, r]) for the label estimates; keys
-    [Hkv, prefix_len + n, D] and scale only for the reference "oracle". estimate None: `resolve_estimate`'s."""
-    estimate = estimate or resolve_estimate("", labels is not None)
+    [Hkv, prefix_len + n, D] and scale only for the reference "oracle". estimate None: DEFAULT_ESTIMATE."""
+    estimate = estimate or DEFAULT_ESTIMATE
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
     first, last = (x.to(dev) for x in block_positions(prefix_len, n, block))
@@ -365,8 +365,8 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
     prefill. For each sampled query block: the true page mass (softmax per query, mean over the
     block's queries and the KV group) and the share of it the selector keeps at each grid budget.
     Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks. channels [Hkv, r]:
-    the label channels of a label estimate (estimate None: `resolve_estimate`'s)."""
-    estimate = estimate or resolve_estimate("", channels is not None)
+    the label channels of a label estimate (estimate None: DEFAULT_ESTIMATE)."""
+    estimate = estimate or DEFAULT_ESTIMATE
     Hq, L, D = q.shape
     Hkv, P = k.shape[0], page_size
     lo, hi = sel.page_minmax(k, P)                                               # [Hkv, N, D]
