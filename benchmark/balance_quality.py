@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, write_result  # noqa: E402
 from quality import SparseAttention, evaluate  # noqa: E402
 
+from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.budget import make_budgets  # noqa: E402
 from sglang_shplb.joint import make_joint_plan  # noqa: E402
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     attn = SparseAttention(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "decode")
-    attn.ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])   # budgets are fractions of it
+    ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])   # budgets are fractions of it
     AttentionInterface.register("shplb_balance_quality", attn)
     model_dir = prepare_model()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
@@ -91,6 +92,7 @@ def main() -> int:
                 d_ppl = math.exp(torch.cat([n for n, _ in dense]).mean())
                 t = time.time()
                 attn.budgets = torch.tensor(budgets)
+                attn.budget_ref = sel.BudgetRef.of(attn.budgets, ref_pages)
                 res = [evaluate(model, w) for w in windows]
                 raw[key] = {"ppl": math.exp(torch.cat([n for n, _ in res]).mean()), "dense_ppl": d_ppl,
                             "agree": float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())}

@@ -48,7 +48,7 @@ class SparseAttention:
         self.P, self.sink, self.recent, self.selector = page_size, sink, recent, selector
         self.decode_selector = decode_selector
         self.budgets = None  # [layers, Hkv] or None for dense
-        self.ref_pages = None  # pages of the context the budgets were made at (selection.pages_for_budget)
+        self.budget_ref = None  # where the budgets were made (selection.pages_for_budget)
         self.prefill_estimate = sp.DEFAULT_ESTIMATE
         self.prefill_dense_tail = sp.DENSE_TAIL  # the prompt's last queries that attend densely (as served)
         self.prefill_budgets = None  # "prefill" selector: [layers, Hkv] prompt budgets (None: self.budgets)
@@ -118,7 +118,7 @@ class SparseAttention:
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),
-                                       self.sink + self.recent, self.ref_pages)                    # [Hkv, L]
+                                       self.sink + self.recent, self.budget_ref)                   # [Hkv, L]
         mask = torch.zeros(Hkv, L, kmin.shape[1], dtype=torch.bool)
         heads = torch.arange(Hkv).view(-1, 1, 1)
 
@@ -236,7 +236,7 @@ def main():
             body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless",
                               phase=args.selector)
             attn.budgets = torch.tensor(body["budgets"])
-            attn.ref_pages = -(-body["context_len"] // page)
+            attn.budget_ref = sel.BudgetRef.of(attn.budgets, -(-body["context_len"] // page))
             t = time.time()
             res = [evaluate(model, w) for w in windows]
             raw[f"{tag}/{ctx}/{mean}/{method}"] = {

@@ -74,7 +74,7 @@ class Probe:
         self.P, self.selectors, self.budgets, self.n_queries = P, selectors, budgets, n_queries
         self.mode, self.stats = "dense", {}
         self.layer_budgets = None  # [layers, Hkv] for needle mode
-        self.ref_pages = None      # pages of the context the needle budgets were made at
+        self.budget_ref = None     # where the needle budgets were made (selection.pages_for_budget)
         self.selector = None
         self.needle_pages = None
         self.hits = []
@@ -131,7 +131,7 @@ class Probe:
         gm = page_mass_of(logits.softmax(-1), P).mean(1)                           # [Hkv, A, N]
         n_pages = (pos // P + 1).expand(Hkv, -1)
         kp = sel.pages_for_budget(self.layer_budgets[layer].view(Hkv, 1).double(), n_pages.double(), SINK + RECENT,
-                                  self.ref_pages)
+                                  self.budget_ref)
         chosen = chosen_by(self.selector, qg.transpose(1, 2), k.float(), gm, n_pages, kp, P,
                            self.channels.get(self.selector, {}).get(layer), (pos + 1).expand(Hkv, -1))  # [Hkv, A, K]
         keep = torch.arange(chosen.shape[-1]) < kp.unsqueeze(-1)
@@ -260,7 +260,7 @@ def run_needle(model, tok, probe, args, raw):
                     break
                 body = kv_budgets(m, b)
                 probe.layer_budgets = torch.tensor(body["budgets"])
-                probe.ref_pages = -(-body["context_len"] // probe.P)
+                probe.budget_ref = sel.BudgetRef.of(probe.layer_budgets, -(-body["context_len"] // probe.P))
                 probe.selector, probe.needle_pages, probe.hits = s, needle_pages, []
                 em = answer_run()
                 rows[f"{s}/{m}@{b}"] = {"em": em, "hits": probe.hits}

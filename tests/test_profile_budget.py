@@ -76,31 +76,41 @@ def test_recovery_matches_brute_force():
         assert torch.allclose(got, want.view(1), atol=1e-5)
 
 
-def test_budget_keeps_its_share_of_selectable_pages_at_every_length():
-    """A budget is a fraction of the reference context; at another length a head keeps the floor plus the
-    same share of the selectable pages (a head just above the floor at 4k must not drop to sink + recent
-    only at 2k, which lost every needle at 2k with optimal budgets)."""
+def test_budgets_read_their_mean_at_every_length(committed):
+    """Per-head budgets are fractions of the reference context; at any other length the model still reads
+    its mean budget (to within one page per head of rounding), a head just above the floor at 4k keeps a
+    free page at 2k (dropping it to sink + recent lost every needle at 2k), and a head at 1.0 stays dense."""
     floor, ref = 3, 256
     b = torch.tensor([3 / 256, 4 / 256, 5 / 256, 0.05, 0.1, 0.5, 1.0], dtype=torch.float64)
-    at_ref = sel.pages_for_budget(b, torch.tensor(float(ref)), floor, ref)
+    r = sel.BudgetRef.of(b, ref)
+    assert r.mean == pytest.approx(float(b[:-1].mean()))                      # of the sparse heads
+    at_ref = sel.pages_for_budget(b, torch.tensor(float(ref)), floor, r)
     assert torch.equal(at_ref, sel.pages_for_budget(b, torch.tensor(float(ref)), floor))   # same at the reference
     prev = None
-    for n in range(floor, 1025, 7):
-        k = sel.pages_for_budget(b, torch.tensor(float(n)), floor, ref)
+    for n in range(floor, 2049, 7):
+        k = sel.pages_for_budget(b, torch.tensor(float(n)), floor, r)
         assert (k >= floor).all() and (k <= n).all() and k[-1] == n
         assert (k.diff() >= 0).all()                                  # more budget never means fewer pages
         free_at_ref = at_ref > floor
-        if n > floor:
+        if r.mean * n > floor:
             assert (k[free_at_ref] > floor).all(), n                  # a head with free pages keeps some
         assert (k[~free_at_ref] == floor).all()
         if prev is not None:
             assert (k >= prev).all()                                  # longer context never means fewer pages
         prev = k
-    # the share of selectable pages is the reference's (to within one page of rounding)
-    n = torch.tensor(128.0)
-    f = (b * ref - floor) / (ref - floor)
-    k = sel.pages_for_budget(b, n, floor, ref)
-    assert ((k - floor) - f * (n - floor)).abs().max() < 1 + 1e-9
+    # the committed profile's optimal budgets (made at 4k) read their mean at 1k..32k
+    for mean in (0.05, 0.1, 0.2):
+        body = make_budgets(committed, mean, "optimal", "kv")
+        table = torch.tensor(body["budgets"], dtype=torch.float64)
+        ref_pages = body["context_len"] // body["page_size"]
+        r = sel.BudgetRef.of(table, ref_pages)
+        for n in (64, 128, 256, 500, 1000, 2000):
+            k = sel.pages_for_budget(table, torch.tensor(float(n)), body["floor_pages"], r).double()
+            assert 0 <= float(k.mean()) - mean * n < 1, (mean, n, float(k.mean()) / n)
+    uniform = torch.full((4,), 0.1, dtype=torch.float64)                       # a uniform table: plain ceil
+    for n in (64, 500):
+        assert torch.equal(sel.pages_for_budget(uniform, torch.tensor(float(n)), floor, sel.BudgetRef.of(uniform, ref)),
+                           sel.pages_for_budget(uniform, torch.tensor(float(n)), floor))
 
 
 def test_committed_profile_matches_default_model(committed, model_path):

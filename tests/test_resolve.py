@@ -49,7 +49,8 @@ def test_plan_is_read_once_and_shared_with_the_weight_hook(plan_file, monkeypatc
     with pytest.raises(ArtifactError, match="tp=3 but this server runs tp=1"):
         resolve(cfg, 30, 3, 1, 0)
     # pages_for_budget's reference: the context the plan's budgets were made at (the profile's)
-    assert ranks[0].ref_context == body["context_len"] == 4096 and ranks[0].ref_pages(16) == 256
+    assert ranks[0].ref_context == body["context_len"] == 4096 and ranks[0].budget_ref(16).pages == 256
+    assert ranks[0].budget_ref(16).mean == pytest.approx(0.1)    # the whole model's mean, on every rank
     assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).ref_context is None   # a uniform fraction has none
 
 

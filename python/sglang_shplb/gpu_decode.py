@@ -64,7 +64,7 @@ class GpuSparseDecode:
 
     def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
                  num_slots: int | None = None, selector: str = sel.UNCALIBRATED_SELECTOR, num_sms: int | None = None,
-                 ref_pages: int | None = None, channels: torch.Tensor | None = None):
+                 budget_ref: sel.BudgetRef | None = None, channels: torch.Tensor | None = None):
         import sglang_shplb_kernels as K
 
         if selector not in gpu_selectors():
@@ -80,11 +80,11 @@ class GpuSparseDecode:
         assert b.shape == (L, H), (b.shape, L, H)
         self.budgets = b
         self.floor = shape.sink + shape.recent
-        self.ref_pages = ref_pages      # the context the budgets were made at (selection.pages_for_budget)
+        self.budget_ref = budget_ref    # where the budgets were made (selection.pages_for_budget)
         self.dense_layer = [bool((row >= 1.0).all()) for row in b]             # host, fixed: no per-step branch
         sparse_b = b[[not d for d in self.dense_layer]]
         full = torch.tensor(float(shape.max_pages), dtype=torch.float64)
-        self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor, ref_pages)) if sparse_b.numel() else 1
+        self.kcap = int(sel.pages_for_budget(sparse_b.max(), full, self.floor, budget_ref)) if sparse_b.numel() else 1
         # two-stage: the coarse bound shortlists c = ceil(shortlist * k) pages, the sub-page bound (or the label
         # cache) picks k of them
         self.two_stage = self.rule.shortlist > 0
@@ -146,7 +146,7 @@ class GpuSparseDecode:
         if seq_lens_cpu is not None:
             seq = seq_lens_cpu[:bs].long()
             n = (seq + s.page_size - 1) // s.page_size
-            k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor, self.ref_pages)   # [L, bs, Hkv] host
+            k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor, self.budget_ref)   # [L, bs, Hkv] host
             buf.k_pages[:, :bs].copy_(k.to(torch.int32), non_blocking=True)
             if self.two_stage:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)), non_blocking=True)
@@ -158,7 +158,7 @@ class GpuSparseDecode:
             self.tokens_dense += float(seq[:rb].sum()) * s.kv_heads
         else:   # no host lengths: the same rule on the device, no sync (and no accounting)
             n = (seq_lens[:bs].long() + s.page_size - 1) // s.page_size
-            k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor, self.ref_pages)
+            k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor, self.budget_ref)
             buf.k_pages[:, :bs].copy_(k.to(torch.int32))
             if self.two_stage:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)))

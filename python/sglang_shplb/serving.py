@@ -63,13 +63,14 @@ class RankBudgets:
     prefill: Optional[torch.Tensor]
     plan: Optional[Plan]
     ref_context: Optional[int] = None
+    ref_mean: Optional[float] = None            # the whole model's mean sparse decode budget there (BudgetRef)
     selector: str = sel.UNCALIBRATED_SELECTOR   # the decode selector (decode_selector)
     labels: Optional[torch.Tensor] = None       # its label channels [num_layers, local KV heads, r], best first
     prefill_estimate: str = DEFAULT_ESTIMATE    # the prefill page estimate (sparse_prefill.resolve_estimate)
 
-    def ref_pages(self, page_size: int) -> Optional[int]:
-        """selection.pages_for_budget's reference length in pages of `page_size`."""
-        return None if self.ref_context is None else -(-self.ref_context // page_size)
+    def budget_ref(self, page_size: int) -> Optional[sel.BudgetRef]:
+        """selection.pages_for_budget's reference, in pages of `page_size` (None: a uniform budget)."""
+        return None if self.ref_context is None else sel.BudgetRef(-(-self.ref_context // page_size), self.ref_mean)
 
     def table(self, phase: str) -> Optional[torch.Tensor]:
         if phase not in ("decode", "prefill"):
@@ -141,6 +142,7 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                   for ph in ("decode", "prefill")}
         src = _decode_source(cfg, fingerprint)
         ref = None if src is None else src.ref_context        # decode budgets come from src when there is one
+        ref_mean = None if ref is None else sel.BudgetRef.of(src.decode, 1).mean   # of every rank's heads
         selector = decode_selector(cfg, fingerprint)
         labels = None
         if sel.get_selector(selector).label and tables["decode"] is not None:
@@ -154,8 +156,8 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                                         f"{num_layers} x {num_kv_heads}: they were made for another model")
                 labels = labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
             labels = labels[..., : sel.get_selector(selector).keys].contiguous()
-        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, selector, labels,
-                                     resolve_estimate(cfg.prefill_estimate, labels is not None))
+        _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, ref_mean,
+                                     selector, labels, resolve_estimate(cfg.prefill_estimate, labels is not None))
     return _resolved[key]
 
 

@@ -84,14 +84,14 @@ class DecodePlan:
 
 def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                 budgets: torch.Tensor, page_size: int, sink: int, recent: int,
-                ref_pages: int | None = None) -> DecodePlan:
-    """budgets [L, Hkv] (fraction of context; of a context of `ref_pages` pages when given, see
+                budget_ref: sel.BudgetRef | None = None) -> DecodePlan:
+    """budgets [L, Hkv] (fraction of context; of the context `budget_ref` names when given, see
     selection.pages_for_budget) -> the step's DecodePlan for all L layers."""
     bs, P = seq_lens.shape[0], page_size
     L, Hkv = budgets.shape
     n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
     k_pages = sel.pages_for_budget(budgets.view(L, 1, Hkv).double(), n_pages.view(1, bs, 1).double(), sink + recent,
-                                   ref_pages)
+                                   budget_ref)
     dense = (k_pages >= n_pages.view(1, bs, 1)).flatten(1).all(1).tolist()
     rows = req_pool_indices.long()
     max_pages = int(n_pages.max())
@@ -108,11 +108,11 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
                          req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, budgets: torch.Tensor,
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
                          fine: tuple[torch.Tensor, torch.Tensor] | None = None,
-                         ref_pages: int | None = None, k_buf: torch.Tensor | None = None,
+                         budget_ref: sel.BudgetRef | None = None, k_buf: torch.Tensor | None = None,
                          labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
     """One layer's selection with its own plan: budgets [Hkv]; the rest as `plan_decode` and `select_layer`."""
     plan = plan_decode(req_to_token, req_pool_indices, seq_lens, budgets.view(1, -1), page_size, sink, recent,
-                       ref_pages)
+                       budget_ref)
     return select_layer(plan, 0, q, kmin, kmax, req_to_token, page_size, sink, recent, selector, fine, k_buf, labels)
 
 

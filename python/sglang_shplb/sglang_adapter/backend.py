@@ -79,7 +79,7 @@ def _make_backend_class():
             # resolved once per process; the weight hook shares the same plan object
             rank = resolve(self.cfg, mc.num_hidden_layers, mc.get_total_num_kv_heads(), self.tp_size, self.tp_rank)
             self.budgets, self.prefill_budgets = rank.decode, rank.prefill
-            self.ref_pages = rank.ref_pages(self.page_size)       # the context the budgets were made at
+            self.budget_ref = rank.budget_ref(self.page_size)   # where the budgets were made (pages_for_budget)
             # Host-side per-layer flag: a layer whose heads all have full prefill budget runs SGLang's extend.
             self.prefill_sparse = [] if self.prefill_budgets is None else \
                 [bool((row < 1.0).any()) for row in self.prefill_budgets]
@@ -225,7 +225,7 @@ def _make_backend_class():
             if fresh or self.plan_batch is not forward_batch:
                 self.step_plan = plan_decode(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                                         forward_batch.seq_lens, self.budgets, self.page_size, self.cfg.sink_pages,
-                                        self.cfg.recent_pages, self.ref_pages)
+                                        self.cfg.recent_pages, self.budget_ref)
                 self.plan_batch = forward_batch
             return self.step_plan
 
@@ -247,7 +247,7 @@ def _make_backend_class():
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
-                                       selector=self.selector, ref_pages=self.ref_pages, channels=self.channels)
+                                       selector=self.selector, budget_ref=self.budget_ref, channels=self.channels)
             self.gpu_prefill = kernels.attend_selection
             # dense prefill/extend (dense layers, full-budget heads) through SGLang's own CUDA backend
             self.dense_extend, name = dense_extend_backend(model_runner)
