@@ -88,6 +88,30 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
     return flags + ["--shplb-budgets", str(path)], mean_of(body), mean if prefill else 1.0
 
 
+def decode_read(name: str, ctx: int, page: int = 16) -> float:
+    """Share of the KV one decode step reads at a prompt of ctx tokens: the shipping page-count rule
+    (`selection.pages_for_budget`) on the variant's budgets, so a table says what each column really read."""
+    import torch
+
+    from sglang_shplb import selection as sel
+    from sglang_shplb.config import ShplbConfig
+
+    flags = variant_flags(name, Path("/tmp"))[0]
+    n = torch.tensor(float(-(-ctx // page)))
+    if "--shplb-budgets" in flags:
+        body = json.loads(Path(flags[flags.index("--shplb-budgets") + 1]).read_text())
+        table = torch.tensor(body["budgets"], dtype=torch.float64)
+        ref = sel.BudgetRef.of(table, -(-body["context_len"] // body["page_size"]))
+        k = sel.pages_for_budget(table, n, body["floor_pages"], ref)
+    elif "--shplb-budget" in flags:
+        cfg = ShplbConfig()
+        k = sel.pages_for_budget(torch.tensor(float(flags[flags.index("--shplb-budget") + 1])), n,
+                                 cfg.sink_pages + cfg.recent_pages)
+    else:
+        return 1.0
+    return float(k.double().mean() / n)
+
+
 def ask(server: Server, task) -> str:
     body = {"model": "default", "temperature": 0, "max_tokens": MAX_TOKENS, "continue_final_message": True,
             "messages": task.messages}
@@ -174,6 +198,9 @@ def write_tables(args, names, tasks, raw, dense):
            for n in names}
     rows.append("| **mean Δ vs dense (pt, kept forms)** | " + " | ".join(f"{avg[n]:+.1f}" for n in names) + " |")
     rows.append("| **worst Δ vs dense (pt)** | " + " | ".join(f"{worst[n]:+.1f}" for n in names) + " |")
+    for ctx in args.contexts:
+        rows.append(f"| decode KV read at {ctx} (%) | " + " | ".join(f"{100 * decode_read(n, ctx):.1f}" for n in names)
+                    + " |")
     series = {}
     for n in names[1:]:
         method, rest = n.rsplit("@", 1)
