@@ -76,10 +76,11 @@ def test_recovery_matches_brute_force():
         assert torch.allclose(got, want.view(1), atol=1e-5)
 
 
-def test_budgets_read_their_mean_at_every_length(committed):
-    """Per-head budgets are fractions of the reference context; at any other length the model still reads
-    its mean budget (to within one page per head of rounding), a head just above the floor at 4k keeps a
-    free page at 2k (dropping it to sink + recent lost every needle at 2k), and a head at 1.0 stays dense."""
+def test_budget_page_counts_keep_the_share_below_and_the_mean_beyond_the_reference(committed):
+    """Per-head budgets are fractions of the reference context. Below it a head keeps its share of the
+    selectable pages (a head just above the floor at 4k keeps a free page at 2k: dropping it to sink +
+    recent lost every needle at 2k); beyond it the model reads its mean budget (to within one page per head
+    of rounding; the share alone read 9.6% at 8k). A head at 1.0 stays dense."""
     floor, ref = 3, 256
     b = torch.tensor([3 / 256, 4 / 256, 5 / 256, 0.05, 0.1, 0.5, 1.0], dtype=torch.float64)
     r = sel.BudgetRef.of(b, ref)
@@ -92,13 +93,16 @@ def test_budgets_read_their_mean_at_every_length(committed):
         assert (k >= floor).all() and (k <= n).all() and k[-1] == n
         assert (k.diff() >= 0).all()                                  # more budget never means fewer pages
         free_at_ref = at_ref > floor
-        if r.mean * n > floor:
+        if n > floor:
             assert (k[free_at_ref] > floor).all(), n                  # a head with free pages keeps some
         assert (k[~free_at_ref] == floor).all()
         if prev is not None:
             assert (k >= prev).all()                                  # longer context never means fewer pages
         prev = k
-    # the committed profile's optimal budgets (made at 4k) read their mean at 1k..32k
+        if n <= ref:                                                  # the share of selectable pages
+            share = (b * ref - floor).clamp(min=0) / (ref - floor)
+            assert ((k - floor) - share * (n - floor))[:-1].abs().max() < 1 + 1e-9
+    # the committed profile's optimal budgets (made at 4k) read their mean beyond 4k, and more below it
     for mean in (0.05, 0.1, 0.2):
         body = make_budgets(committed, mean, "optimal", "kv")
         table = torch.tensor(body["budgets"], dtype=torch.float64)
@@ -106,9 +110,12 @@ def test_budgets_read_their_mean_at_every_length(committed):
         r = sel.BudgetRef.of(table, ref_pages)
         for n in (64, 128, 256, 500, 1000, 2000):
             k = sel.pages_for_budget(table, torch.tensor(float(n)), body["floor_pages"], r).double()
-            assert 0 <= float(k.mean()) - mean * n < 1, (mean, n, float(k.mean()) / n)
-    uniform = torch.full((4,), 0.1, dtype=torch.float64)                       # a uniform table: plain ceil
-    for n in (64, 500):
+            if n >= ref_pages:
+                assert 0 <= float(k.mean()) - mean * n < 1, (mean, n, float(k.mean()) / n)
+            else:
+                assert float(k.mean()) >= mean * n, (mean, n)
+    uniform = torch.full((4,), 0.1, dtype=torch.float64)      # a uniform table beyond ref: plain ceil
+    for n in (256, 500, 2000):
         assert torch.equal(sel.pages_for_budget(uniform, torch.tensor(float(n)), floor, sel.BudgetRef.of(uniform, ref)),
                            sel.pages_for_budget(uniform, torch.tensor(float(n)), floor))
 

@@ -166,8 +166,11 @@ class _Collector:
         page_mass = torch.nn.functional.pad(probs, (0, n * P - L)).unflatten(-1, (n, P)).sum(-1)
         group_mass = page_mass.mean(1)                                         # [Hkv, S, N]
         n_pages = pos // P + 1                                                 # [S]
-        # every head at one grid budget b: the serving rule gives ceil(b * pages) at any length (BudgetRef)
-        k_pages = sel.pages_for_budget(self.grid[None, :].double(), n_pages[:, None].double(), self.sink + self.recent)
+        # budgets are fractions of this window's context (ref), as the server applies them to any length;
+        # every head at one grid budget b, so b is the mean (the queries sit at or below ref: the share rules)
+        grid = self.grid[None, :].double()
+        k_pages = sel.pages_for_budget(grid, n_pages[:, None].double(), self.sink + self.recent,
+                                       sel.BudgetRef(-(-L // P), grid))
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
         ch = self.channels.get(layer)                                          # [Hkv, r] (label selectors)
@@ -274,8 +277,9 @@ def run_profile(model_path: str | Path, corpus: str = "canterbury", context_len:
         "runtime_selector": selector, "runtime_dip": dip, "prefill_blocks": prefill_blocks,
         "prefill_estimate": DEFAULT_ESTIMATE,
         "budget_grid": list(BUDGET_GRID),
-        "budget_rule": "selection.pages_for_budget: ceil(b*pages), at least sink+recent (served per-head "
-                       "budgets: free pages scaled to keep the mean read at the mean budget, BudgetRef)",
+        "budget_rule": "selection.pages_for_budget: sink+recent + ceil(f*(pages-sink-recent)), "
+                       "f = (b*ref - sink - recent)/(ref - sink - recent), ref = the context's pages (queries at or "
+                       "below ref; beyond it the mean read is kept at the mean budget)",
     }
     return Profile(meta, tensors)
 
