@@ -166,11 +166,10 @@ class _Collector:
         page_mass = torch.nn.functional.pad(probs, (0, n * P - L)).unflatten(-1, (n, P)).sum(-1)
         group_mass = page_mass.mean(1)                                         # [Hkv, S, N]
         n_pages = pos // P + 1                                                 # [S]
-        # budgets are fractions of this window's context (ref), as the server applies them to any length;
-        # every head at one grid budget b, so b is the mean (the queries sit at or below ref: the share rules)
-        grid = self.grid[None, :].double()
-        k_pages = sel.pages_for_budget(grid, n_pages[:, None].double(), self.sink + self.recent,
-                                       sel.BudgetRef(-(-L // P), grid))
+        # budgets are fractions of this window's context (ref), as the server applies them to any length; the
+        # queries sit at or below ref, where each head keeps its share of the selectable pages whatever the mean
+        k_pages = sel.pages_for_budget(self.grid[None, :].double(), n_pages[:, None].double(), self.sink + self.recent,
+                                       sel.BudgetRef(-(-L // P), 1.0))
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
         ch = self.channels.get(layer)                                          # [Hkv, r] (label selectors)

@@ -243,9 +243,9 @@ def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
 @dataclass(frozen=True)
 class BudgetRef:
     """Where per-head budgets were made: a context of `pages` pages; `mean` is the mean budget of the
-    model's sparse heads (budget < 1) there (a tensor broadcasting with the budgets: one mean per column)."""
+    model's sparse heads (budget < 1) there."""
     pages: int
-    mean: float | torch.Tensor
+    mean: float
 
     @classmethod
     def of(cls, budgets: torch.Tensor, pages: int) -> "BudgetRef":
@@ -274,11 +274,10 @@ def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: i
         k = torch.ceil(budget * n_pages - 1e-6).long()
     else:
         free = (budget * ref.pages - floor_pages).clamp(min=0.0)
-        share = (n_pages - floor_pages).clamp(min=0.0) / (ref.pages - floor_pages)
-        mean = torch.as_tensor(ref.mean, dtype=torch.float64, device=n_pages.device)
-        room = mean * ref.pages - floor_pages      # free pages of a mean head at ref (none: the share rules)
-        keep_mean = torch.where(room > 0, (mean * n_pages - floor_pages) / room.clamp(min=1e-9), 0.0)
-        scale = torch.maximum(share, keep_mean)
+        scale = (n_pages - floor_pages).clamp(min=0.0) / (ref.pages - floor_pages)     # the share
+        room = ref.mean * ref.pages - floor_pages   # a mean head's free pages at ref (none: the share rules)
+        if room > 0:   # host floats only: no device tensor made here (decode steps run in CUDA graphs)
+            scale = torch.maximum(scale, (ref.mean * n_pages - floor_pages) / room)
         k = torch.where(budget >= 1.0, n, floor_pages + torch.ceil(free * scale - 1e-6).long())
     return torch.minimum(torch.clamp(k, min=floor_pages), n)
 
