@@ -259,16 +259,13 @@ def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: i
     """Pages a head keeps at a context of n_pages, at least the floor (sink + recent), at most the context.
 
     Without `ref` (a uniform budget): ceil(budget * n). Per-head budgets are fractions of the context they
-    were made at (`ref`, the profile's length); there a head keeps floor + free pages, free = budget *
-    ref - floor. At another length every sparse head's free pages scale by one factor, the larger of
-      * (n - floor) / (ref - floor): each head keeps its share of the selectable pages. It rules at
-        shorter contexts, where the fixed floor makes the mean read exceed the mean budget (11.4% at 2k
-        for 10% made at 4k) rather than take free pages from heads: a plain ceil(budget * n) dropped heads
-        just above the floor to sink + recent, and with them every needle they retrieve;
-      * (mean * n - floor) / (mean * ref - floor): the model reads its mean budget. It rules at longer
-        contexts, where the share alone read less than the budget (9.6% at 8k, 9.1% at 32k).
-    A head at the mean keeps ceil(mean * n) beyond the reference, as a uniform budget; a head at 1.0
-    stays dense."""
+    were made at (`ref`); there a head keeps floor + (budget * ref - floor) free pages. At another length
+    every sparse head's free pages scale by the larger of
+      * (n - floor) / (ref - floor), its share of the selectable pages: rules below ref, where the fixed
+        floor makes reads exceed the budget (11.4% at 2k for 10% at 4k); ceil(budget * n) there dropped
+        heads just above the floor to sink + recent, and with them every needle they retrieve;
+      * (mean * n - floor) / (mean * ref - floor), which reads the mean budget: rules beyond ref, where
+        the share alone read less (9.6% at 8k, 9.1% at 32k). A head at 1.0 stays dense."""
     n = n_pages.long()
     if ref is None or ref.pages <= floor_pages:
         k = torch.ceil(budget * n_pages - 1e-6).long()
