@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py [--budget 0.1] [--contexts 4096 8192]
         [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--estimate centre] [--compare-estimates label]
+        [--dense-kv-len 2048]
 
 (1) Attention per layer, SmolLM2 shapes (3 KV heads x 3 query heads, head_dim 64, fp32, page 16,
     scrambled pages), one thread. Dense: TorchNativeAttnBackend._run_sdpa_forward_extend. Sparse:
@@ -10,7 +11,7 @@
     Rows "one chunk" (the whole prompt at once) and "served" (chunks of --chunk tokens after a
     cached prefix, what the server does with SGLang's default chunked prefill on this machine).
 (2) Time to first token via real servers (our launcher, fp32, 1 OpenMP thread): dense torch_native
-    vs --shplb-prefill-budget; fresh corpus text per request (no radix hits), max_new_tokens 1.
+    vs --shplb-prefill-budget (and --shplb-prefill-dense-kv-len); fresh corpus text per request (no radix hits), max_new_tokens 1.
 Times are medians of interleaved repeats; ratios are what to read (the machine is shared).
 """
 import argparse
@@ -24,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
 from common import write_result  # noqa: E402
+
+from sglang_shplb.config import PREFILL_DENSE_KV_LEN  # noqa: E402
 
 from sglang_shplb.sparse_attention import fold_labels, new_label_cache, new_page_metadata, update_page_minmax  # noqa
 from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
@@ -118,7 +121,8 @@ def ttft_rows(args):
 
     ids = AutoTokenizer.from_pretrained(prepare_model())((prepare_corpus() / "lcet10.txt").read_text()).input_ids
     common = ["--dtype", "float32", "--max-total-tokens", "20000"]
-    shplb = ["--shplb-prefill-budget", str(args.budget), "--shplb-prefill-estimate", args.estimate]
+    shplb = ["--shplb-prefill-budget", str(args.budget), "--shplb-prefill-estimate", args.estimate,
+             "--shplb-prefill-dense-kv-len", str(args.dense_kv_len)]
     if args.estimate in LABEL_ESTIMATES:   # the label cache comes with a label decode selector's budgets file
         from common import committed_profile
 
@@ -165,6 +169,9 @@ def main():
     p.add_argument("--estimate", choices=ESTIMATES, default=DEFAULT_ESTIMATE,
                    help="prefill page estimate of the shplb server and the first sparse column (label: the server also "
                         "decodes sparse with uniform budgets, for its label cache; the 1-token TTFT does not reach it)")
+    p.add_argument("--dense-kv-len", type=int, default=PREFILL_DENSE_KV_LEN,
+                   help="the shplb server's --shplb-prefill-dense-kv-len (prompts this short prefill densely; 0: "
+                        "none). The attention table always runs the sparse path")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "prefill_cpu.md"))
     args = p.parse_args()
     if not 0 < args.budget <= 1:
@@ -176,7 +183,8 @@ def main():
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
                  f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {args.estimate}; the blocks "
-                 f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults). "
+                 f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults; the shplb "
+                 f"server's --shplb-prefill-dense-kv-len {args.dense_kv_len}, served default {PREFILL_DENSE_KV_LEN}). "
                  "Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py " + " ".join(sys.argv[1:]))
 

@@ -57,7 +57,8 @@ def sparse_keys(own_server):
 def sparse_recipe(own_server, tmp_path_factory):
     """The default recipe: the default selector (label channels, from the committed profile) with optimal decode
     and prefill budgets at 10%, the prefill ranking pages from the decode selector's label cache
-    (--shplb-prefill-estimate label: the served path of that option, in a real server)."""
+    (--shplb-prefill-estimate label: the served path of that option, in a real server). Prompts over 1024
+    tokens prefill sparsely (the default --shplb-prefill-dense-kv-len, 2048, would make the 1.5k needle dense)."""
     from sglang_shplb.budget import main as budget_main
 
     out = tmp_path_factory.mktemp("recipe") / "b.json"
@@ -66,9 +67,9 @@ def sparse_recipe(own_server, tmp_path_factory):
     assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--prefill-mean-budget", "0.1",
                         "--out", str(out)]) == 0
     srv = own_server(["--dtype", "float32", "--shplb-budgets", str(out), "--shplb-prefill-estimate", "label",
-                      "--enable-metrics"], name="shplb-recipe")
+                      "--shplb-prefill-dense-kv-len", "1024", "--enable-metrics"], name="shplb-recipe")
     assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
-    assert "(estimate label)" in srv.log(), srv.log_tail()
+    assert "(estimate label, dense up to 1024 tokens)" in srv.log(), srv.log_tail()
     return srv
 
 

@@ -200,6 +200,30 @@ def test_batch_on_paged_pool_matches_per_request(labelled):
         start += n
 
 
+def test_short_requests_attend_densely_and_long_ones_stay_sparse():
+    """--shplb-prefill-dense-kv-len: in one batch, a request whose prefix + extend fits the threshold attends
+    every causal key; a longer one keeps exactly the pages it keeps without the threshold."""
+    seq_lens, prefixes = [75, 33, 50], [40, 0, 17]
+    req_to_token, k_buf, v_buf, kmin, kmax = paged_pool(seq_lens, seed=11)
+    extend = [s - p for s, p in zip(seq_lens, prefixes)]
+    q = torch.randn(sum(extend), HKV, G, D)
+    budgets = torch.tensor([0.1, 0.1, 0.2])
+    args = (q, k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2, 3]), prefixes, extend, budgets, P, 1, 2,
+            0.3, B)
+    got = sparse_prefill(*args, dense_tail=0, dense_kv_len=50)          # requests of 33 and 50 tokens: dense
+    sparse = sparse_prefill(*args, dense_tail=0)
+    start = 0
+    for r, (s, p, n) in enumerate(zip(seq_lens, prefixes, extend)):
+        slots = req_to_token[r + 1, :s]
+        qr, keys, vals = q[start: start + n], k_buf[slots], v_buf[slots]
+        every = {(b, h): set(range(-(-s // P))) for b in range(-(-n // B)) for h in range(HKV)}   # every page
+        want = masked_reference(qr, keys, vals, p, every, 0.3) if s <= 50 else sparse[start: start + n]
+        torch.testing.assert_close(got[start: start + n], want, atol=1e-5, rtol=1e-5)
+        if s <= 50:   # and the threshold changed something: sparse attention differs from dense here
+            assert not torch.allclose(sparse[start: start + n], want, atol=1e-3)
+        start += n
+
+
 @pytest.mark.parametrize("channels", [None, LABEL])
 def test_block_recovery_is_the_selected_mass(channels):
     """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps
@@ -300,6 +324,10 @@ def test_prefill_budget_alone_makes_the_server_sparse():
     assert ShplbConfig(prefill_budget=0.1).sparse and not ShplbConfig().sparse
     with pytest.raises(ConfigError, match="--shplb-prefill-budget"):
         ShplbConfig(prefill_budget=1.5)
+    for bad in (-1, 1.5, True):   # a negative, fractional or boolean token count is refused, not clamped
+        with pytest.raises(ConfigError, match="--shplb-prefill-dense-kv-len must be an integer >= 0"):
+            ShplbConfig(prefill_budget=0.1, prefill_dense_kv_len=bad)
+    assert ShplbConfig(prefill_budget=0.1, prefill_dense_kv_len=0).prefill_dense_kv_len == 0
 
 
 # ---------------------------------------------------------------- GPU kernel: torch reference, Triton interpreted
@@ -409,16 +437,21 @@ def shared_prefix_prompts(corpus_dir):
 
 SERVER_ARGS = {"dense": ["--attention-backend", "torch_native"], "full": ["--shplb-prefill-budget", "1.0"],
                "covered": ["--shplb-prefill-budget", "0.999"],
-               "tail": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "64"],
-               "sparse": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "0"]}
+               "short": ["--shplb-prefill-budget", "0.1"],
+               "tail": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "64",
+                        "--shplb-prefill-dense-kv-len", "0"],
+               "sparse": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "0",
+                          "--shplb-prefill-dense-kv-len", "0"]}
 
 
 @pytest.fixture(scope="module")
 def server(start_server):
     """server(name), started on first use. dense: torch_native; full: prefill budget 1.0 (SGLang's
     extend); covered: 0.999 (our block-sparse path, but every head covers its context, so it must
-    match dense up to float order); tail: 0.1, but every 64-token chunk is its own dense tail (our path, dense
-    selections: --shplb-prefill-dense-tail reaches the workers); sparse: 0.1 with no dense tail."""
+    match dense up to float order); short: 0.1, but every prompt here is under the default
+    --shplb-prefill-dense-kv-len (2048), so it prefills densely; tail: 0.1, but every 64-token chunk is its own
+    dense tail (our path, dense selections: --shplb-prefill-dense-tail reaches the workers); sparse: 0.1 with no
+    dense tail. tail and sparse set --shplb-prefill-dense-kv-len 0, or these short prompts would not be sparse."""
     started = {}
 
     def get(name):
@@ -435,7 +468,7 @@ def batch_ids(server, prompts, n=12):
         return list(pool.map(lambda p: server.generate_ids(p, n), prompts))
 
 
-@pytest.mark.parametrize("name", ["full", "tail", pytest.param("covered", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["full", "short", "tail", pytest.param("covered", marks=pytest.mark.slow)])
 def test_full_prefill_budget_equals_torch_native(server, shared_prefix_prompts, name):
     """Chunked prefill (64-token chunks over ~400-token prompts), then the same batch again, which
     reuses the shared prefix from the radix cache (prefix KV and page metadata already there)."""

@@ -14,6 +14,7 @@ from typing import Optional
 
 ENV_VAR = "SGLANG_SHPLB_CONFIG"
 PREFILL_DENSE_TAIL = 256   # tokens; why: sparse_prefill's docstring (the prompt's question)
+PREFILL_DENSE_KV_LEN = 2048   # tokens; a prefill this short attends densely. Why: sparse_prefill's docstring
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class ShplbConfig:
     prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
     prefill_estimate: str = ""              # prefill page estimate (sparse_prefill.ESTIMATES); "" = resolve_estimate
     prefill_dense_tail: int = PREFILL_DENSE_TAIL   # an extend's last queries that attend densely
+    prefill_dense_kv_len: int = PREFILL_DENSE_KV_LEN   # an extend whose prefix + own tokens fit here: all dense
     selector: str = ""                      # decode page selector (selection.SELECTORS); "" = serving.decode_selector
     log_stats: bool = False                 # log per-rank KV tokens read per layer
     # Request limits at the API edge (sglang_adapter/request_limits.py); OpenAI's own caps by default.
@@ -50,7 +52,7 @@ class ShplbConfig:
         if self.sink_pages < 0 or self.recent_pages < 1:
             raise ConfigError("--shplb-sink-pages must be >= 0 and --shplb-recent-pages >= 1 "
                               f"(got {self.sink_pages}, {self.recent_pages})")
-        for name, low in (("prefill_dense_tail", 0), ("max_n", 1), ("max_n_tokens", 1), ("max_logprobs", 0), ("max_top_logprobs", 0)):
+        for name, low in (("prefill_dense_tail", 0), ("prefill_dense_kv_len", 0), ("max_n", 1), ("max_n_tokens", 1), ("max_logprobs", 0), ("max_top_logprobs", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"--shplb-{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")

@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from .config import PREFILL_DENSE_TAIL, ConfigError, ShplbConfig
+from .config import PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL, ConfigError, ShplbConfig
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
 # Beyond this many waiting requests SGLang answers 503 "The request queue is full." at once;
@@ -39,6 +39,9 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--shplb-prefill-dense-tail", type=int, default=PREFILL_DENSE_TAIL,
                    help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
                         "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
+    g.add_argument("--shplb-prefill-dense-kv-len", type=int, default=PREFILL_DENSE_KV_LEN,
+                   help="with sparse prefill, a prefill whose KV length (cached prefix + new tokens) is at most N "
+                        "attends densely, as SGLang's DSA backend does below 2048 (default %(default)s; 0 = none)")
     g.add_argument("--shplb-prefill-estimate", default="", help="prefill page estimate, one of "
                    "sglang_shplb.sparse_prefill.ESTIMATES (default centre, from the page min/max; label reads the "
                    "label cache of a label decode selector)")

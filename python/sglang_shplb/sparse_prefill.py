@@ -13,6 +13,10 @@ and every answer token reads its KV: on needle prompts at 10%, block-shared page
 rows is what loses the answer (the first answer token survives, the rest does not), while the
 prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
 at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle_tail.md.
+A request whose KV length (prefix + extend) is at most `dense_kv_len` is all tail (served default
+PREFILL_DENSE_KV_LEN = 2048, as SGLang's DSA backend). At 2k the forced window fills most of a 10% block budget,
+and 2k multi_value / variable_track answers were lost (7/12 vs dense prefill's 10/12) with the oracle ranking or
+twice the budget (only both kept them), for a 1.25x TTFT (benchmark/results/prefill_short_needle.md, _cpu.md).
 Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA group) against
 the centre (min + max) / 2 of each page's key box, from the page min/max decode already keeps (one matvec per
 page and block). "label" (`--shplb-prefill-estimate label`, with a label decode selector): the block's mean query
@@ -322,12 +326,13 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                    extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                    scale: float, block: int = QUERY_BLOCK, attend=None,
                    estimate: str | None = None, dense_tail: int = DENSE_TAIL,
-                   labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   labels: tuple[torch.Tensor, torch.Tensor] | None = None, dense_kv_len: int = 0) -> torch.Tensor:
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
     `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
     the CPU path, which gathers the request's pages once and runs attend_blocks. labels = (label cache
     [Hkv, slots, r], channels [Hkv, r]) for a label estimate (the decode selector's cache, this batch folded in).
+    A request with prefix + extend <= dense_kv_len is all tail (the server passes PREFILL_DENSE_KV_LEN).
     A request's body and its dense tail are selected and attended apart: in one selection every
     block's page list would be padded to the tail's width, the whole context (at 32k, ~64 MB of page
     indices per layer and a context-wide top-k for every block). The CPU path runs the tail as one
@@ -341,7 +346,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
         lab = None if labels is None else (labels[0][:, slots.long()], labels[1])          # [Hkv, L, r]
         qr, o = q[start: start + n], out[start: start + n]
-        t = dense_tail_start(n, block, dense_tail)
+        t = 0 if prefix + n <= dense_kv_len else dense_tail_start(n, block, dense_tail)   # short: all dense
         parts = [(0, t, 0), (t, n, n - t)]                      # (rows from, to, dense tail): body, then tail
         if attend is None:
             k_pages, v_pages = request_pages(k_buf, slots, page_size), request_pages(v_buf, slots, page_size)

@@ -96,6 +96,7 @@ def _make_backend_class():
                                   f"{mc.head_dim}: they were made for another model; regenerate them")
             self.labels = {}
             self.prefill_estimate = rank.prefill_estimate   # a label estimate reads the label cache above
+            self.extend_dense = False   # this step's extends are all short (--shplb-prefill-dense-kv-len)
             self.step_plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
             # Kept on the model's device: adding to them never forces a host sync mid-step.
             self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -107,9 +108,10 @@ def _make_backend_class():
             if torch.device(model_runner.device).type == "cuda":
                 self._init_cuda(model_runner)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
-                        "selector %s, prefill budgets %s (estimate %s)", self.tp_rank, self.page_size, self.cfg.sink_pages,
-                        self.cfg.recent_pages, _describe(self.budgets), self.selector, _describe(self.prefill_budgets),
-                        self.prefill_estimate)
+                        "selector %s, prefill budgets %s (estimate %s, dense up to %d tokens)", self.tp_rank,
+                        self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, _describe(self.budgets),
+                        self.selector, _describe(self.prefill_budgets), self.prefill_estimate,
+                        self.cfg.prefill_dense_kv_len)
 
         def _metadata(self, layer_id: int):
             if self.gpu is not None and self.gpu.meta is not None:
@@ -148,7 +150,7 @@ def _make_backend_class():
                 update_page_minmax(*self._fine(layer.layer_id), locs, k, self.sub)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            if not self._sparse_prefill_layer(layer):
+            if not self._sparse_prefill_layer(layer) or self.extend_dense:
                 dense = self.dense_extend if self.dense_extend is not None else super()
                 o = dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
                 if save_kv_cache and k is not None and self.keep_metadata:
@@ -169,7 +171,7 @@ def _make_backend_class():
                 _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
                 self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
                 estimate=self.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail,
-                labels=self._prefill_labels(layer.layer_id))
+                labels=self._prefill_labels(layer.layer_id), dense_kv_len=self.cfg.prefill_dense_kv_len)
             return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
         def _prefill_labels(self, layer_id: int):
@@ -261,6 +263,12 @@ def _make_backend_class():
             super().init_forward_metadata(forward_batch)
             if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
                 self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
+            fb = forward_batch
+            if self.prefill_sparse and fb.forward_mode.is_extend() and fb.extend_prefix_lens is not None:
+                # every request short: the whole step runs the dense extend (SGLang's kernel); mixed: sparse_prefill
+                kv = map(sum, zip(_host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
+                                  _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens)))
+                self.extend_dense = max(kv, default=0) <= self.cfg.prefill_dense_kv_len
             if self.gpu is None and forward_batch.forward_mode.is_decode() and self.budgets is not None:
                 self._decode_plan(forward_batch, fresh=True)                    # CPU: once per step
             if self.gpu is not None and forward_batch.forward_mode.is_decode():
