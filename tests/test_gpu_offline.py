@@ -150,7 +150,8 @@ def test_dense_extend_prefers_sglangs_flashinfer_then_triton(monkeypatch, caplog
 def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
     """forward_extend of a dense layer runs the owned SGLang backend (and its per-step plan runs once per
     extend step, never for decode); the keys it wrote still fold into the page metadata decode selects on.
-    A sparse-prefill layer does not reach it."""
+    A sparse-prefill layer does not reach it, unless every request of the step is within
+    --shplb-prefill-dense-kv-len (decided once per step in init_forward_metadata)."""
     import types
 
     import torch
@@ -172,16 +173,23 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
     b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu = Owned(), [False, True], True, None
     b.budgets = None                              # no decode budgets: decode plans nothing on this path
     b.use_sliding_window_kv_pool = False          # torch_native's own per-step state
+    b.cfg, b.extend_dense = types.SimpleNamespace(prefill_dense_kv_len=2048), False
     folded = []
     b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, locs, k))
 
     def mode(name):
         return types.SimpleNamespace(name=name, is_decode=lambda: name == "DECODE",
-                                     is_decode_or_idle=lambda: name in ("DECODE", "IDLE"))
+                                     is_decode_or_idle=lambda: name in ("DECODE", "IDLE"),
+                                     is_extend=lambda: name in ("EXTEND", "MIXED"))
+
+    def batch(name, prefix=(3000,), extend=(100,)):   # host lengths, as ForwardBatch carries them
+        return types.SimpleNamespace(forward_mode=mode(name), out_cache_loc=None, extend_prefix_lens=prefix,
+                                     extend_prefix_lens_cpu=prefix, extend_seq_lens=extend, extend_seq_lens_cpu=extend)
 
     for name in ("EXTEND", "DECODE", "IDLE", "MIXED"):
-        cls.init_forward_metadata(b, types.SimpleNamespace(forward_mode=mode(name), out_cache_loc=None))
+        cls.init_forward_metadata(b, batch(name))
     assert [c for c in calls if c[0] == "plan"] == [("plan", "EXTEND"), ("plan", "MIXED")]
+    assert not b.extend_dense                     # a 3.1k-token request: sparse layers stay sparse
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
     q, k, locs = torch.ones(3, 8), torch.randn(3, 8), torch.arange(3)
     out = b.forward_extend(q, k, k, layer, types.SimpleNamespace(out_cache_loc=locs))
@@ -189,3 +197,10 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
     assert len(folded) == 1 and folded[0][0] == 0 and folded[0][2] is k
     assert b._sparse_prefill_layer(types.SimpleNamespace(layer_id=1, is_cross_attention=False, attn_type=None,
                                                          sliding_window_size=None))
+    cls.init_forward_metadata(b, batch("EXTEND", (0, 1500), (2000, 548)))   # every request <= 2048 tokens
+    assert b.extend_dense
+    sparse_layer = types.SimpleNamespace(layer_id=1, is_cross_attention=False, attn_type=None, sliding_window_size=None)
+    assert torch.equal(b.forward_extend(q, k, k, sparse_layer, types.SimpleNamespace(out_cache_loc=locs)), q * 2)
+    assert ("extend", 1, True) in calls and folded[-1][0] == 1
+    cls.init_forward_metadata(b, batch("EXTEND", (0, 1500), (2000, 549)))   # one request of 2049: sparse_prefill
+    assert not b.extend_dense
