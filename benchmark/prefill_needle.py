@@ -9,7 +9,7 @@ budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
 Each prompt runs once per prefill estimate (`--estimates`; "oracle" ranks pages by the block's true
 mass: a reference that reads every key, same budgets and block sharing; the label estimates read the
 label channels the server's label cache holds (the committed profile's); NAME@A-B uses NAME only in
-layers A..B, to find where the served estimate loses the answer) and per dense tail (`--dense-tails`:
+layers A..B, to find where the served estimate loses the answer; dense@A-B prefills layers A..B densely) and per dense tail (`--dense-tails`:
 the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T` serves; 0 = every block
 sparse) and per prefill budget scale (`--prefill-scales`: the profile's prefill budgets times S, capped at
 1; a large S is dense prefill, i.e. decode-only). Every prompt here is sparse at prefill whatever its length
@@ -47,8 +47,9 @@ DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
 
 def estimate_arg(text: str) -> str:
     name, _, span = text.partition("@")
-    if name not in ESTIMATES + REFERENCE_ESTIMATES or (span and not re.fullmatch(r"\d+-\d+", span)):
-        raise argparse.ArgumentTypeError(f"{text!r}: want NAME or NAME@A-B, NAME in {ESTIMATES + REFERENCE_ESTIMATES}")
+    names = ESTIMATES + REFERENCE_ESTIMATES + ("dense",)
+    if name not in names or (span and not re.fullmatch(r"\d+-\d+", span)):
+        raise argparse.ArgumentTypeError(f"{text!r}: want NAME or NAME@A-B, NAME in {names}")
     return text
 
 

@@ -73,14 +73,18 @@ class SparseAttention:
             pf = self.budgets if self.prefill_budgets is None else self.prefill_budgets
             n = q.shape[1] if self.answer_from is None else self.answer_from   # the prompt, as the server prefills it
             out = torch.empty_like(q)
-            out[:, :n] = self.attend_prefill(q[:, :n], k[:, :n], v[:, :n], pf[layer], scale, self.estimate_of(layer))
+            est = self.estimate_of(layer)   # "dense" (harness only): this layer prefills with every page
+            b = torch.ones_like(pf[layer]) if est == "dense" else pf[layer]
+            out[:, :n] = self.attend_prefill(q[:, :n], k[:, :n], v[:, :n], b, scale,
+                                             sp.DEFAULT_ESTIMATE if est == "dense" else est)
             if self.answer_from is not None:   # the server decodes the answer: per-query decode selection
                 s = self.answer_from
                 out[:, s:] = self.attend(q, k, v, self.budgets[layer], scale, start=s)[:, s:]
         return out.transpose(0, 1).unsqueeze(0), None  # HF wants [B, L, H, D]
 
     def estimate_of(self, layer: int) -> str:
-        """`prefill_estimate` is NAME, or NAME@A-B: NAME in layers A..B, the served default elsewhere."""
+        """`prefill_estimate` is NAME, or NAME@A-B: NAME in layers A..B, the served default elsewhere
+        (NAME "dense": those layers prefill densely)."""
         name, _, span = self.prefill_estimate.partition("@")
         if not span:
             return name

@@ -19,11 +19,9 @@ KV group's G query heads are combined and how tight the box is:
     largest-|q| channels, its approximate logits over the page's tokens are log-sum-exp'ed into a page
     log-mass, aggregated over the group. An estimate of the mass, not a bound: no metadata beyond the
     coarse page bounds, but the shortlisted pages' keys are read.
-  * label: the same, but over r channels fixed per KV head by calibration (`label_channels`, Double
-    Sparsity's label cache): a per-token cache of those r channels of every key is all the second stage
-    reads (at r = D/2 the same bytes per page as 4-token sub-page min/max). The channels come from the
-    profile (its calibration pass) through the budgets or plan to each rank's heads; the default
-    selector when the artifacts carry them, else `UNCALIBRATED_SELECTOR`.
+  * label: the same over r channels calibrated per KV head (`label_channels`, Double Sparsity's label
+    cache of those channels of every key; r = D/2 reads what 4-token sub-page min/max does). The profile
+    calibrates them; budgets and plans carry them; the default when they do, else `UNCALIBRATED_SELECTOR`.
 The rule: forced pages (the `sink` first and the `recent` last valid pages) always come first, then
 pages by descending score, ties to the lower page index; pages past the context never.
 """
@@ -105,9 +103,8 @@ def get_selector(name: str) -> Selector:
 def label_channels(q_abs: torch.Tensor, k_abs: torch.Tensor, r: int) -> torch.Tensor:
     """The r channels of each KV head that carry the most of q.k (Double Sparsity's offline calibration):
     q_abs [..., G, D] mean |q| per channel of the group's query heads, k_abs [..., D] mean |k| over
-    calibration tokens -> channel indices [..., r]. At r = 32 one calibration window suffices on SmolLM2
-    (two different calibration texts: perplexity 31.30 vs 31.33 at 2k/10%); ranking channels by weight
-    norms alone instead was worse (32.40), so they come from activations."""
+    calibration tokens -> channel indices [..., r]. At r = 32 one calibration window suffices on SmolLM2 (two
+    texts: perplexity 31.30 vs 31.33 at 2k/10%); weight norms alone were worse (32.40)."""
     return (q_abs * k_abs.unsqueeze(-2)).sum(-2).topk(r, -1).indices      # sorted: the first r' are the best r'
 
 
@@ -207,10 +204,9 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     """Page scores from the pages' keys (SparQ): q [..., G, D], keys [..., C, P, D], valid [..., C] -> [..., C].
     Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
     tokens (an estimate of the page's log attention mass), aggregated over the group. A label selector:
-    keys are label-cache rows [..., C, P, r], the KV head's `channels` [..., r] of each key; the logits
-    keep the full-dimension scale 1/sqrt(D), so the log-sum-exp is the mass estimate's own. fill [..., C]: tokens
-    written in each page (the rest of a partial last page holds stale slots, which must not enter a
-    normalisation over pages); None: every page is full."""
+    keys are label-cache rows [..., C, P, r] (the KV head's `channels` [..., r]); logits keep the full 1/sqrt(D).
+    fill [..., C]: tokens written per page (a partial page's stale slots must not enter a normalisation over
+    pages); None: every page is full."""
     q = q.float()
     if selector.label:
         if channels is None:
