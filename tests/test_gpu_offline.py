@@ -204,3 +204,6 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
     assert ("extend", 1, True) in calls and folded[-1][0] == 1
     cls.init_forward_metadata(b, batch("EXTEND", (0, 1500), (2000, 549)))   # one request of 2049: sparse_prefill
     assert not b.extend_dense
+    cls.init_forward_metadata(b, batch("EXTEND", (0,), (100,)))
+    cls.init_forward_metadata(b, batch("EXTEND", None, None))   # a step without extend lengths: not left dense
+    assert not b.extend_dense

@@ -263,7 +263,7 @@ def _make_backend_class():
             super().init_forward_metadata(forward_batch)
             if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
                 self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
-            fb = forward_batch
+            fb, self.extend_dense = forward_batch, False   # set for this step only, never left from the last
             if self.prefill_sparse and fb.forward_mode.is_extend() and fb.extend_prefix_lens is not None:
                 # every request short: the whole step runs the dense extend (SGLang's kernel); mixed: sparse_prefill
                 kv = map(sum, zip(_host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
