@@ -51,7 +51,6 @@ class SparseAttention:
         self.budget_ref = None  # where the budgets were made (selection.pages_for_budget)
         self.prefill_estimate = sp.DEFAULT_ESTIMATE
         self.prefill_dense_tail = sp.DENSE_TAIL  # the prompt's last queries that attend densely (as served)
-        self.prefill_dense_kv_len = 0  # a prompt this short attends densely (served: config.PREFILL_DENSE_KV_LEN)
         self.prefill_budgets = None  # "prefill" selector: [layers, Hkv] prompt budgets (None: self.budgets)
         self.answer_from = None  # "prefill" selector: rows from here decode (sparse decode budgets), as served
         self.calibration = None  # common.LabelCalibration while calibrating a label selector's channels
@@ -99,8 +98,7 @@ class SparseAttention:
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
-                                         keys=k, scale=scale,
-                                         dense_tail=L if L <= self.prefill_dense_kv_len else self.prefill_dense_tail,
+                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail,
                                          labels=self.label_keys(k))
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
