@@ -6,18 +6,22 @@ budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
   * first token: the argmax at the last prompt position equals dense's (sparse prefill alone decides it);
   * answer: every answer token is dense's argmax (what the server's greedy answer needs), up to the shortest
     prefix of dense's answer that already scores full marks (what follows the answer does not count).
-Each prompt runs once per prefill estimate (`--estimates`; "oracle" ranks pages by the block's true
-mass: a reference that reads every key, same budgets and block sharing; the label estimates read the
-label channels the server's label cache holds (the committed profile's); NAME@A-B uses NAME only in
-layers A..B, to find where the served estimate loses the answer; dense@A-B prefills layers A..B densely) and per dense tail (`--dense-tails`:
-the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T` serves; 0 = every block
-sparse) and per prefill budget scale (`--prefill-scales`: the profile's prefill budgets times S, capped at
-1; a large S is dense prefill, i.e. decode-only). Every prompt here is sparse at prefill whatever its length
-(the server attends prompts of at most --shplb-prefill-dense-kv-len tokens densely). Prompts dense does not
-answer are skipped.
+Each prompt runs once per column:
+  * prefill estimate (`--estimates`): "oracle" ranks pages by the block's true mass (a reference that reads
+    every key, same budgets and block sharing); the label estimates read the label channels the server's label
+    cache holds (the committed profile's); NAME@A-B uses NAME only in layers A..B, to find where the served
+    estimate loses the answer; dense@A-B prefills layers A..B densely;
+  * dense tail (`--dense-tails`): the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T`
+    serves; 0 = every block sparse;
+  * prefill budget scale (`--prefill-scales`): the profile's prefill budgets times S, capped at 1; a large S is
+    dense prefill, i.e. decode-only;
+  * decode selector (`--decode-selectors`): "oracle" picks the answer's pages by the group's true mass at the
+    same page counts (is a loss the ranking's or the budget's?).
+Every prompt here is sparse at prefill whatever its length (the server attends prompts of at most
+--shplb-prefill-dense-kv-len tokens densely). Prompts dense does not answer are skipped.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_needle.py [--contexts 4096 8000] [--seeds 5] [--mean 0.1] \
-        [--estimates centre oracle] [--dense-tails 0 256] [--prefill-scales 1 2]
+        [--estimates centre oracle] [--dense-tails 0 256] [--prefill-scales 1 2] [--decode-selectors NAME oracle]
 """
 import argparse
 import json
@@ -65,6 +69,10 @@ def main():
                    help=f"prompt tails (tokens) that attend densely, each a column (served default {DENSE_TAIL})")
     p.add_argument("--prefill-scales", type=float, nargs="+", default=[1.0],
                    help="prefill budgets times S (capped at 1), each a column; 1000 = dense prefill")
+    p.add_argument("--decode-selectors", nargs="+", default=[sel.DEFAULT_SELECTOR],
+                   choices=sorted(sel.SELECTORS) + ["oracle"],
+                   help=f"decode selectors of the answer, each a column (served default {sel.DEFAULT_SELECTOR}; "
+                        "oracle: the pages with the most true mass of the group, same page counts)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=["single_needle", "multi_key"])
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
@@ -90,8 +98,10 @@ def main():
         p.error("--dense-tails: each must be >= 0 tokens")
     if any(x <= 0 for x in args.prefill_scales):
         p.error("--prefill-scales: each must be > 0")
-    columns = [(e, t, x, f"{e} tail{t}" + ("" if x == 1 else f" x{x:g}"))
-               for e in args.estimates for t in args.dense_tails for x in args.prefill_scales]
+    columns = [(e, t, x, d, f"{e} tail{t}" + ("" if x == 1 else f" x{x:g}")
+                + ("" if d == sel.DEFAULT_SELECTOR else f" decode {d}"))
+               for e in args.estimates for t in args.dense_tails for x in args.prefill_scales
+               for d in args.decode_selectors]
     raw = {c: {} for *_, c in columns}
     rows = ["| context | family | seed | " + " | ".join(f"{c}: first token | {c}: answer" for *_, c in columns) + " |",
             "|---|---|---|" + "---|---|" * len(columns)]
@@ -111,8 +121,8 @@ def main():
                 need = next(i for i in range(1, len(gold) + 1) if task.score(tok.decode(gold[:i])) >= 1)
                 attn.budgets, attn.answer_from = decode_budgets, len(ids)
                 cells, t = [], time.time()
-                for est, tail, scale, col in columns:
-                    attn.prefill_estimate, attn.prefill_dense_tail = est, tail
+                for est, tail, scale, dsel, col in columns:
+                    attn.prefill_estimate, attn.prefill_dense_tail, attn.decode_selector = est, tail, dsel
                     attn.prefill_budgets = (prefill_budgets * scale).clamp(max=1.0)
                     with torch.no_grad():
                         pred = model(torch.cat([ids, gold])[None]).logits[0, len(ids) - 1:-1].argmax(-1)
@@ -134,13 +144,16 @@ def main():
                  "harness). `oracle` = the block's true page mass (reads every key; a reference, not servable). "
                  "`tailT`: the prompt's last T queries attend densely (`--shplb-prefill-dense-tail`; served default "
                  f"{DENSE_TAIL}; tail0 is every block sparse, the served form before the tail). `xS`: prefill budgets "
-                 "times S (capped at 1; x1000 is dense prefill: decode-only). Every prompt is sparse at prefill here, "
+                 "times S (capped at 1; x1000 is dense prefill: decode-only). `decode NAME`: the answer's pages "
+                 "chosen by selector NAME (oracle: the most true mass, same page counts). Every prompt is sparse at "
+                 "prefill here, "
                  "whatever its length. "
                  "Issue 12 asks that the needle survive a 10% prefill budget at 7-8k.", rows,
                  f"OMP_NUM_THREADS=1 python benchmark/prefill_needle.py --contexts {' '.join(map(str, args.contexts))} "
                  f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)} "
                  f"--dense-tails {' '.join(map(str, args.dense_tails))} --families {' '.join(args.families)}"
                  f" --prefill-scales {' '.join(f'{x:g}' for x in args.prefill_scales)}"
+                 f" --decode-selectors {' '.join(args.decode_selectors)}"
                  + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"))
 
 
