@@ -33,6 +33,13 @@ if __name__ == "__main__":
     if mode in ("stubborn", "hang"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a main that never stops by itself
     print("ready", *[p.pid for p in procs], flush=True)
+    if mode == "cascade":   # a rank's death takes its sibling down soon after (gloo), then the main exits
+        while procs[1].is_alive():
+            time.sleep(0.01)
+        time.sleep(0.2)
+        procs[0].kill()
+        procs[0].join()
+        sys.exit(1)
     while True:
         time.sleep(1)
 '''
@@ -96,6 +103,18 @@ def test_worker_death_bounded_when_main_hangs(tmp_path):
     assert rc == 1 and took < 15, (rc, took, err)
     errors = error_lines(err)
     assert len(errors) == 1 and "sglang::fake_0" in errors[0] and "died" in errors[0], err
+    assert fake.left() == []
+
+
+def test_first_worker_to_die_is_named(tmp_path):
+    """On real SGLang the other ranks fail their next collective and exit soon after the one that died
+    (tests/test_failure_tp3.py): the error names the first, not every worker gone by the next poll."""
+    fake = Fake(tmp_path, "cascade")
+    fake.workers[1].kill()
+    rc, err, _ = fake.finish()
+    errors = error_lines(err)
+    assert rc == 1 and len(errors) == 1, err
+    assert "sglang::fake_1" in errors[0] and "sglang::fake_0" not in errors[0] and "died" in errors[0], err
     assert fake.left() == []
 
 
