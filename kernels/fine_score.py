@@ -45,7 +45,7 @@ def fine_page_scores_torch(q, fmin, fmax, req_to_token, req_pool_indices, seq_le
     lo, hi = fmin[rows, heads].float(), fmax[rows, heads].float()                         # [bs,H,C,S,D]
     b = S.quest_upper_bound(q, lo.flatten(2, 3), hi.flatten(2, 3))                        # [bs,H,G,C*S]
     s = b.unflatten(-1, (C, SUBS)).amax(-1).amax(-2)                                      # [bs,H,C]
-    forced = (j < sink) | (j >= n - recent)
+    forced = S.is_forced(j, n, sink, recent)
     return s.masked_fill(forced, float("inf")).masked_fill(~listed, float("-inf"))
 
 

@@ -46,7 +46,7 @@ def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices,
     rule = S.Selector("label", how, None, 1.0, keys=r, label=True)
     fill = (seq_lens.long().view(bs, 1, 1) - j * P).clamp(0, P)
     s = S.key_scores(rule, q, labels[heads, slots].float(), listed, channels, fill)      # [bs,H,C]
-    forced = (j < sink) | (j >= n - recent)
+    forced = S.is_forced(j, n, sink, recent)
     return s.masked_fill(forced, float("inf")).masked_fill(~listed, float("-inf"))
 
 
@@ -60,7 +60,7 @@ def aggregate_label_scores(how, head_lse, short_idx, short_cnt, n_pages, sink, r
     listed = torch.arange(W, device=head_lse.device) < short_cnt[:bs].unsqueeze(-1)
     j = short_idx[:bs].long()
     n = n_pages[:bs].long().view(bs, 1, 1)
-    forced = (j < sink) | (j >= n - recent)
+    forced = S.is_forced(j, n, sink, recent)
     s = S.aggregate(how, head_lse, listed)
     out[:bs].copy_(s.masked_fill(forced & listed, float("inf")).masked_fill(~listed, float("-inf")))
     return out

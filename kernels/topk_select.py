@@ -36,8 +36,10 @@ def select_topk_pages_torch(scores: torch.Tensor, n_pages: torch.Tensor, k_pages
     n = n_pages.long().to(dev)
     k = _clamped_k(k_pages, n)
     K = int(k.max()) if max_k is None else max_k
+    from sglang_shplb.selection import is_forced
+
     j = torch.arange(N, device=dev)
-    forced = ((j < sink) | ((j >= n[:, None] - recent) & (j < n[:, None])))[:, None, :]
+    forced = is_forced(j, n[:, None], sink, recent)[:, None, :]
     s = scores.float().masked_fill(forced, float("inf"))
     s = torch.where(s == 0, torch.zeros_like(s), s)                # -0.0 ties with +0.0, as in sort
     bits = s.view(torch.int32).long()

@@ -275,11 +275,14 @@ def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: i
     return torch.minimum(torch.clamp(k, min=floor_pages), n)
 
 
+def is_forced(j: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Logical pages j (broadcast against n_pages) kept whatever they score (the rule above; kernels inline it)."""
+    return (j < sink) | ((j >= n_pages - recent) & (j < n_pages))
+
+
 def forced_page_mask(n_pages: torch.Tensor, max_pages: int, sink: int, recent: int) -> torch.Tensor:
-    """[..., max_pages] True for sink pages and the `recent` pages ending at the last valid page."""
-    idx = torch.arange(max_pages, device=n_pages.device)
-    n = n_pages.unsqueeze(-1)
-    return (idx < sink) | ((idx >= n - recent) & (idx < n))
+    """[..., max_pages] is_forced for every page index."""
+    return is_forced(torch.arange(max_pages, device=n_pages.device), n_pages.unsqueeze(-1), sink, recent)
 
 
 def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
