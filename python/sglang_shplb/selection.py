@@ -280,17 +280,12 @@ def is_forced(j: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) ->
     return (j < sink) | ((j >= n_pages - recent) & (j < n_pages))
 
 
-def forced_page_mask(n_pages: torch.Tensor, max_pages: int, sink: int, recent: int) -> torch.Tensor:
-    """[..., max_pages] is_forced for every page index."""
-    return is_forced(torch.arange(max_pages, device=n_pages.device), n_pages.unsqueeze(-1), sink, recent)
-
-
 def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """THE ranking rule: forced pages first, then by descending score, ties to the lower page index,
     invalid pages last. scores [..., N]; n_pages [...] valid pages per row -> page indices [..., N]."""
     N = scores.shape[-1]
-    s = scores.float().masked_fill(forced_page_mask(n_pages, N, sink, recent), math.inf)
-    s = s.masked_fill(torch.arange(N, device=s.device) >= n_pages.unsqueeze(-1), NEG_INF)
+    j, n = torch.arange(N, device=scores.device), n_pages.unsqueeze(-1)
+    s = scores.float().masked_fill(is_forced(j, n, sink, recent), math.inf).masked_fill(j >= n, NEG_INF)
     return s.argsort(dim=-1, descending=True, stable=True)
 
 
@@ -326,7 +321,7 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
     fine = second_stage(selector, channels, seq_lens)(selector, q, short, fine_meta(short), listed)
     # re-rank the shortlist by THE rule: forced pages first, fine score, ties to the lower page index
-    fine = fine.masked_fill(forced_page_mask(n_pages, N, sink, recent).gather(-1, short), math.inf)
+    fine = fine.masked_fill(is_forced(short, n_pages.unsqueeze(-1), sink, recent), math.inf)
     fine = fine.masked_fill(~listed, NEG_INF)
     by_page = short.argsort(-1)                               # stable order needs ascending page index first
     order = fine.gather(-1, by_page).argsort(dim=-1, descending=True, stable=True)
