@@ -146,8 +146,7 @@ def main():
                  f"{DENSE_TAIL}; tail0 is every block sparse, the served form before the tail). `xS`: prefill budgets "
                  "times S (capped at 1; x1000 is dense prefill: decode-only). `decode NAME`: the answer's pages "
                  "chosen by selector NAME (oracle: the most true mass, same page counts). Every prompt is sparse at "
-                 "prefill here, "
-                 "whatever its length. "
+                 "prefill here, whatever its length. "
                  "Issue 12 asks that the needle survive a 10% prefill budget at 7-8k.", rows,
                  f"OMP_NUM_THREADS=1 python benchmark/prefill_needle.py --contexts {' '.join(map(str, args.contexts))} "
                  f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)} "

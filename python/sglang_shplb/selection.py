@@ -276,7 +276,7 @@ def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: i
 
 
 def is_forced(j: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Logical pages j (broadcast against n_pages) kept whatever they score (the rule above; kernels inline it)."""
+    """Logical pages j (broadcast against n_pages) kept whatever they score (the module docstring's rule; kernels inline it)."""
     return (j < sink) | ((j >= n_pages - recent) & (j < n_pages))
 
 

@@ -14,7 +14,7 @@ A worker that dies while the server runs gets SGLang `WORKER_GRACE_S` to exit by
 tree is killed. One `error:` line says what happened, naming the worker that died first: when one
 rank dies the others fail their next collective and exit within milliseconds, so the supervisor waits
 on each worker's pidfd (Linux >= 5.3) and wakes at the first exit, instead of finding them all gone at
-its next poll (elsewhere it polls). It imports no torch (~15 MB resident).
+its next poll (without pidfds it polls). It imports no torch (~15 MB resident).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self.known: dict[int, psutil.Process] = {}  # every descendant seen, to stop even re-parented ones
         self.workers: dict[int, str] = {}           # pid -> name of those SGLang named `sglang::...`
-        self.exits: dict[int, int] = {}             # worker pid -> its pidfd (readable once it has exited)
+        self.exits: dict[int, int | None] = {}      # worker pid -> its pidfd (readable once it has exited), if any
         self.stop_sig: int | None = None
         self.deadline = float("inf")
         self.dead_worker: str | None = None
