@@ -73,3 +73,24 @@ def test_malformed_task_is_refused():
         t.check()
     with pytest.raises(ValueError, match="unknown task family"):
         make_task("needle", 0, ["A sentence."], len, 100, 0)
+
+
+def test_paired_comparison_counts_flips_and_brackets_the_gap():
+    """retrieval.py's per-form paired report: prompts lost / gained vs dense, and a bootstrap interval that holds
+    the observed mean gap (and is a point when every prompt moves the same way)."""
+    from retrieval import paired
+
+    tasks = {f"multi_value/L1/2048/{s}": None for s in range(6)}
+    dense = [1.0, 1.0, 0.5, 0.0, 1.0, 0.5]
+    sparse = [1.0, 0.5, 0.5, 0.5, 0.0, 0.5]        # lost 2 (seeds 1, 4), gained 1 (seed 3): mean -16.7 pt
+    raw = {"dense": {k: {"score": d} for k, d in zip(tasks, dense)},
+           "v": {k: {"score": x} for k, x in zip(tasks, sparse)},
+           "same": {k: {"score": d - 0.5 if d else 0.5} for k, d in zip(tasks, dense)}}
+    lost, gained, lo, hi = paired(raw, "v", "multi_value/L1/2048", tasks)
+    assert (lost, gained) == (2, 1)
+    assert lo < -100 / 6 < hi and lo >= -100 and hi <= 100
+    lost, gained, lo, hi = paired(raw, "same", "multi_value/L1/2048", tasks)
+    assert (lost, gained) == (5, 1) and lo < hi
+    raw["all_lost"] = {k: {"score": 0.0} for k in tasks}
+    raw["dense"] = {k: {"score": 1.0} for k in tasks}
+    assert paired(raw, "all_lost", "multi_value/L1/2048", tasks) == (6, 0, -100.0, -100.0)
