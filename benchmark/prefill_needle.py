@@ -2,7 +2,7 @@
 fp32, served as the server serves them: the prompt through the block-sparse prefill selection
 (`sparse_prefill.select_prefill_pages` + `attend_blocks`, per-KV-group prefill budgets `optimal` at --mean
 from the committed profile), the answer through the decode selector (`selection.choose_pages`, decode
-budgets `optimal` at --mean), teacher-forced on dense greedy's answer. Scored on
+budgets `--decode-method`, served `optimal`, at --mean), teacher-forced on dense greedy's answer. Scored on
   * first token: the argmax at the last prompt position equals dense's (sparse prefill alone decides it);
   * answer: every answer token is dense's argmax (what the server's greedy answer needs), up to the shortest
     prefix of dense's answer that already scores full marks (what follows the answer does not count).
@@ -42,6 +42,7 @@ from ruler_tasks import FAMILIES, make_task  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
+from sglang_shplb.budget import METHODS, make_budgets  # noqa: E402
 from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
                                          REFERENCE_ESTIMATES)
 
@@ -73,6 +74,11 @@ def main():
                    choices=sorted(sel.SELECTORS) + ["oracle"],
                    help=f"decode selectors of the answer, each a column (served default {sel.DEFAULT_SELECTOR}; "
                         "oracle: the pages with the most true mass of the group, same page counts)")
+    p.add_argument("--decode-method", choices=METHODS, default="optimal",
+                   help="how the decode budgets are allocated over the KV groups at --mean (served recipe: optimal)")
+    p.add_argument("--decode-floor-pages", type=int, default=None,
+                   help="fewest pages any KV group's decode budget holds at the profile's context (default: sink + "
+                        "recent, as served); a larger floor is a uniform safeguard under the allocation")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=["single_needle", "multi_key"])
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
@@ -90,7 +96,8 @@ def main():
     attn.channels = {layer: served[layer, :, :LABEL_CHANNELS] for layer in range(served.shape[0])}
     pieces = corpus_pieces()
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
-    decode_budgets = torch.tensor(kv_budgets("optimal", args.mean)["budgets"])
+    decode_budgets = torch.tensor(make_budgets(prof, args.mean, args.decode_method, "kv",
+                                               floor_pages=args.decode_floor_pages)["budgets"])
     prefill_budgets = torch.tensor(kv_budgets("optimal", args.mean, phase="prefill")["budgets"])
     ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])
     attn.budget_ref = sel.BudgetRef.of(decode_budgets, ref_pages)   # decode page counts as served
@@ -138,8 +145,9 @@ def main():
     rows.append("| **all** | | | " + " | ".join(total) + " |")
     Path(args.out).with_suffix(".json").write_text(json.dumps(raw, indent=1))
     write_result(args.out, "Needles through block-sparse prefill, answers decoded sparse (as served)",
-                 f"SmolLM2 fp32 (HF), prefill and decode budgets `optimal` at mean {args.mean} per KV group from the "
-                 "committed profile; the prompt through `sparse_prefill.select_prefill_pages` with each prefill "
+                 f"SmolLM2 fp32 (HF), prefill budgets `optimal` and decode budgets `{args.decode_method}` (floor "
+                 f"{'sink + recent' if args.decode_floor_pages is None else args.decode_floor_pages} pages) at mean "
+                 f"{args.mean} per KV group from the committed profile; the prompt through `sparse_prefill.select_prefill_pages` with each prefill "
                  "estimate, the answer through the decode selector, teacher-forced on dense's answer (quality.py "
                  "harness). `oracle` = the block's true page mass (reads every key; a reference, not servable). "
                  "`tailT`: the prompt's last T queries attend densely (`--shplb-prefill-dense-tail`; served default "
@@ -153,6 +161,8 @@ def main():
                  f"--dense-tails {' '.join(map(str, args.dense_tails))} --families {' '.join(args.families)}"
                  f" --prefill-scales {' '.join(f'{x:g}' for x in args.prefill_scales)}"
                  f" --decode-selectors {' '.join(args.decode_selectors)}"
+                 + ("" if args.decode_method == "optimal" else f" --decode-method {args.decode_method}")
+                 + ("" if args.decode_floor_pages is None else f" --decode-floor-pages {args.decode_floor_pages}")
                  + ("" if args.out == DEFAULT_OUT else f" --out {args.out}"))
 
 
