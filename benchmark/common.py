@@ -33,11 +33,13 @@ def committed_profile():
     return Profile.load(PROFILE)
 
 
-def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, phase: str = "decode") -> dict:
+def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, phase: str = "decode",
+               floor_pages: int | None = None) -> dict:
     """A budgets artifact body [layers][kv groups] from the committed profile. `bubbles` is
     `optimal` then fill-bubbles of a balanced tp-`tp` plan: under-loaded ranks get extra budget up
     to the slowest rank's work, so its mean is above `mean` at the same step time. With
-    phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves)."""
+    phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves). floor_pages: the
+    fewest pages any group holds at the profile's context (None: sink + recent, as served)."""
     from sglang_shplb.budget import make_budgets
 
     prof = committed_profile()
@@ -52,7 +54,8 @@ def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, 
         plan = make_joint_plan(prof, mean, tp, "kv", metric=metric)
         body = make_budgets(prof, mean, "uniform", "kv", metric=metric)
         return {**body, "method": f"joint(tp{tp})", "budgets": [lay["unit_budgets"] for lay in plan["layers"]]}
-    body = make_budgets(prof, mean, "optimal" if method == "bubbles" else method, "kv", metric=metric)
+    body = make_budgets(prof, mean, "optimal" if method == "bubbles" else method, "kv", metric=metric,
+                        floor_pages=floor_pages)
     if method == "bubbles":
         from sglang_shplb.plan import make_plan
 

@@ -183,6 +183,8 @@ def main():
     p.add_argument("--windows", type=int, default=1)
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--floor-pages", type=int, help="decode budgets: the fewest pages any KV group holds at the "
+                   "profile's context (default sink + recent, as served); rows are tagged METHOD+floorK")
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
     p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), "oracle"],
                    default=sel.DEFAULT_SELECTOR,
@@ -228,7 +230,9 @@ def main():
         source = "+profile" if rule is not None and args.label_source == "profile" else ""
         tag = f"decode-{args.decode_selector}{source}/page{page}/windows{args.windows}"
     for ctx in args.contexts:
-        todo = [(m, meth) for m in args.means for meth in args.methods if f"{tag}/{ctx}/{m}/{meth}" not in raw]
+        floor = "" if args.floor_pages is None else f"+floor{args.floor_pages}"
+        todo = [(m, meth + floor) for m in args.means for meth in args.methods
+                if f"{tag}/{ctx}/{m}/{meth}{floor}" not in raw]
         if not todo:
             continue
         windows = [torch.tensor(text_ids[o: o + ctx]) for o in range(20000, 20000 + args.windows * ctx, ctx)]
@@ -237,8 +241,9 @@ def main():
         raw[f"{tag}/{ctx}/1.0/dense"] = {"ppl": math.exp(torch.cat([n for n, _ in dense]).mean()),
                                          "agree": 1.0, "real_mean": 1.0}
         for mean, method in todo:
-            body = kv_budgets(method.split("-")[0], mean, "total" if method.endswith("-total") else "sinkless",
-                              phase=args.selector)
+            base = method.split("+floor")[0]
+            body = kv_budgets(base.split("-")[0], mean, "total" if base.endswith("-total") else "sinkless",
+                              phase=args.selector, floor_pages=args.floor_pages)
             attn.budgets = torch.tensor(body["budgets"])
             attn.budget_ref = sel.BudgetRef.of(attn.budgets, -(-body["context_len"] // page))
             t = time.time()

@@ -13,7 +13,9 @@ Variants: `dense`; `METHOD@MEAN` with METHOD uniform (Quest-style), shift (the p
 (ours), bubbles (ours + fill-bubbles of a tp-3 plan: more budget at the same step time) for
 decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD@MEAN` (prefill
 budget = MEAN plus that decode method); `recipe+METHOD@MEAN` (the default recipe: one budgets file with
-per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
+per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); METHOD:floorK (e.g.
+`optimal:floor8@0.1`) makes the budgets with every KV group at >= K pages at the profile's context (`budget
+--floor-pages K`; the server's always-kept pages stay sink + recent); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
 (without it, the server's default selector). Raw outputs are kept in --raw (JSON) and reused, so an
 interrupted run resumes and new variants can be added later without re-running old ones.
 """
@@ -66,12 +68,15 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
         return ["--attention-backend", "torch_native"], 1.0, 1.0
     spec, mean = name.rsplit("@", 1)
     mean = float(mean)
+    spec, _, floor = spec.partition(":floor")   # METHOD:floorK: budgets made with every group >= K pages
+    floor = int(floor) if floor else None
     if spec.startswith("recipe+"):   # per-head prefill budgets travel in the budgets file, like decode's
         from sglang_shplb.artifacts import write_json
         from sglang_shplb.budget import make_budgets
 
-        body = make_budgets(committed_profile(), mean, spec.split("+", 1)[1], "kv", prefill_mean=mean)
-        path = tmp / f"retrieval-{spec}-{mean}.json"
+        body = make_budgets(committed_profile(), mean, spec.split("+", 1)[1], "kv", floor_pages=floor,
+                            prefill_mean=mean)
+        path = tmp / f"retrieval-{spec}-floor{floor}-{mean}.json"
         write_json(path, "budget", body)
         return ["--shplb-budgets", str(path)], mean_of(body), mean_of({"budgets": body["prefill_budgets"]})
     prefill = spec.startswith("prefill")
@@ -83,8 +88,8 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
         return flags + ["--shplb-budget", str(mean)], mean, mean if prefill else 1.0
     from sglang_shplb.artifacts import write_json
 
-    body = kv_budgets(method, mean)
-    path = tmp / f"retrieval-{method}-{mean}.json"
+    body = kv_budgets(method, mean, floor_pages=floor)
+    path = tmp / f"retrieval-{method}-floor{floor}-{mean}.json"
     write_json(path, "budget", body)
     return flags + ["--shplb-budgets", str(path)], mean_of(body), mean if prefill else 1.0
 
@@ -103,7 +108,7 @@ def decode_read(name: str, ctx: int, page: int = 16) -> float:
         body = json.loads(Path(flags[flags.index("--shplb-budgets") + 1]).read_text())
         table = torch.tensor(body["budgets"], dtype=torch.float64)
         ref = sel.BudgetRef.of(table, -(-body["context_len"] // body["page_size"]))
-        k = sel.pages_for_budget(table, n, body["floor_pages"], ref)
+        k = sel.pages_for_budget(table, n, body["sink_pages"] + body["recent_pages"], ref)   # the server's floor
     elif "--shplb-budget" in flags:
         cfg = ShplbConfig()
         k = sel.pages_for_budget(torch.tensor(float(flags[flags.index("--shplb-budget") + 1])), n,

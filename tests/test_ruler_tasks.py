@@ -94,3 +94,22 @@ def test_paired_comparison_counts_flips_and_brackets_the_gap():
     raw["all_lost"] = {k: {"score": 0.0} for k in tasks}
     raw["dense"] = {k: {"score": 1.0} for k in tasks}
     assert paired(raw, "all_lost", "multi_value/L1/2048", tasks) == (6, 0, -100.0, -100.0)
+
+
+def test_floor_variant_budgets_hold_the_floor(tmp_path):
+    """retrieval.py's METHOD:floorK@MEAN serves budgets where every KV group holds >= K pages at the profile's
+    context, at the same mean; the plain variant keeps some groups at sink + recent only."""
+    import json
+
+    from retrieval import variant_flags
+
+    def budgets(name):
+        flags, decode_mean, _ = variant_flags(name, tmp_path)
+        body = json.loads(Path(flags[flags.index("--shplb-budgets") + 1]).read_text())
+        pages = [b * body["context_len"] / body["page_size"] for row in body["budgets"] for b in row]
+        return body, pages, decode_mean
+
+    body, pages, mean = budgets("optimal:floor8@0.1")
+    assert body["floor_pages"] == 8 and min(pages) >= 8 - 1e-6 and abs(mean - 0.1) < 1e-6
+    plain, pages, _ = budgets("optimal@0.1")
+    assert min(pages) < 8 and plain["floor_pages"] == plain["sink_pages"] + plain["recent_pages"]
