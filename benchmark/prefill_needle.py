@@ -147,9 +147,10 @@ def main():
     write_result(args.out, "Needles through block-sparse prefill, answers decoded sparse (as served)",
                  f"SmolLM2 fp32 (HF), prefill budgets `optimal` and decode budgets `{args.decode_method}` (floor "
                  f"{'sink + recent' if args.decode_floor_pages is None else args.decode_floor_pages} pages) at mean "
-                 f"{args.mean} per KV group from the committed profile; the prompt through `sparse_prefill.select_prefill_pages` with each prefill "
-                 "estimate, the answer through the decode selector, teacher-forced on dense's answer (quality.py "
-                 "harness). `oracle` = the block's true page mass (reads every key; a reference, not servable). "
+                 f"{args.mean} per KV group from the committed profile; the prompt through "
+                 "`sparse_prefill.select_prefill_pages` with each prefill estimate, the answer through the decode "
+                 "selector, teacher-forced on dense's answer (quality.py harness). `oracle` = the block's true page "
+                 "mass (reads every key; a reference, not servable). "
                  "`tailT`: the prompt's last T queries attend densely (`--shplb-prefill-dense-tail`; served default "
                  f"{DENSE_TAIL}; tail0 is every block sparse, the served form before the tail). `xS`: prefill budgets "
                  "times S (capped at 1; x1000 is dense prefill: decode-only). `decode NAME`: the answer's pages "

@@ -15,9 +15,9 @@ decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD
 budget = MEAN plus that decode method); `recipe+METHOD@MEAN` (the default recipe: one budgets file with
 per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); METHOD:floorK (e.g.
 `optimal:floor8@0.1`) makes the budgets with every KV group at >= K pages at the profile's context (`budget
---floor-pages K`; the server's always-kept pages stay sink + recent); `VARIANT/SELECTOR` runs VARIANT with `--shplb-selector SELECTOR`
-(without it, the server's default selector). Raw outputs are kept in --raw (JSON) and reused, so an
-interrupted run resumes and new variants can be added later without re-running old ones.
+--floor-pages K`; the server's always-kept pages stay sink + recent); `VARIANT/SELECTOR` runs VARIANT with
+`--shplb-selector SELECTOR` (without it, the server's default selector). Raw outputs are kept in --raw (JSON)
+and reused, so an interrupted run resumes and new variants can be added later without re-running old ones.
 """
 import argparse
 import json
@@ -206,8 +206,9 @@ def write_tables(args, names, tasks, raw, dense):
         n if n == "dense" else f"{n} (decode {meta[n][0]:.3f}, prefill {meta[n][1]:.2f})" for n in names) + " |"
     rows = [head, "|" + "---|" * (len(names) + 1)]
     for f in sorted(dense, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
-        cells = [(f"{table[n][f]:.0f}" + ("" if n == "dense" else " (-{} +{})".format(*paired(raw, n, f, tasks)[:2])))
-                 if f in table[n] else ("dropped" if dense[f] < args.keep else "—") for n in names]
+        flips = {n: " (-{} +{})".format(*paired(raw, n, f, tasks)[:2]) for n in names[1:] if f in table[n]}
+        cells = [f"{table[n][f]:.0f}{flips.get(n, '')}" if f in table[n] else
+                 ("dropped" if dense[f] < args.keep else "—") for n in names]
         rows.append(f"| {f} | " + " | ".join(cells) + " |")
     kept = [f for f in dense if dense[f] >= args.keep]
     worst = {n: min((table[n][f] - dense[f] for f in kept if f in table[n]), default=float("nan")) for n in names}
@@ -235,8 +236,8 @@ def write_tables(args, names, tasks, raw, dense):
                  f"distractor is named). Task forms with dense score < {args.keep:.0f} are dropped. Decode-only "
                  "variants keep prefill dense, so the first answer token is computed densely; `prefill` variants "
                  "make prefill sparse too. Goals (issue 12): at 10% within 1 pt of dense on every kept form; at 5% ours "
-                 f">= uniform + 10 pt on the worst form. A sparse cell's (-a +b): prompts it scores lower / higher than dense. "
-                 f"Raw outputs: {Path(args.raw).name}.", rows,
+                 ">= uniform + 10 pt on the worst form. A sparse cell's (-a +b): prompts it scores lower / higher "
+                 f"than dense. Raw outputs: {Path(args.raw).name}.", rows,
                  "python benchmark/retrieval.py " + " ".join(sys.argv[1:]))
 
 
