@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", choices=METHODS, default="optimal")
     p.add_argument("--granularity", choices=("kv", "q"), default="kv")
     p.add_argument("--selector", choices=("runtime", "oracle"), default="runtime")
-    p.add_argument("--floor-pages", type=int, help="minimum pages per unit (default: sink + recent)")
+    p.add_argument("--floor-pages", type=int, help="minimum pages per unit at the profile's context (default: sink + "
+                   "recent); above that it is a uniform safeguard under the allocation (8 at 10%%: better perplexity, "
+                   "retrieval mixed; benchmark/results/SUMMARY.md)")
     p.add_argument("--metric", choices=("sinkless", "total"), default="sinkless",
                    help="recovery of the mass outside the sink pages (default) or of all mass (the paper)")
     p.add_argument("--prefill-mean-budget", type=float, help="also make per-KV-group prefill budgets at this mean "
