@@ -46,12 +46,12 @@ def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, 
     if phase == "prefill":
         if method == "bubbles":
             raise ValueError("bubble filling plans decode budgets; use uniform/shift/optimal for prefill")
-        body = make_budgets(prof, mean, method, "kv", metric=metric, prefill_mean=mean)
+        body = make_budgets(prof, mean, method, "kv", metric=metric, floor_pages=floor_pages, prefill_mean=mean)
         return {**body, "budgets": body["prefill_budgets"]}
     if method == "joint":   # the joint plan's budgets (tp `tp`), in model head order: same quality at any tp
         from sglang_shplb.joint import make_joint_plan
 
-        plan = make_joint_plan(prof, mean, tp, "kv", metric=metric)
+        plan = make_joint_plan(prof, mean, tp, "kv", metric=metric, floor_pages=floor_pages)
         body = make_budgets(prof, mean, "uniform", "kv", metric=metric)
         return {**body, "method": f"joint(tp{tp})", "budgets": [lay["unit_budgets"] for lay in plan["layers"]]}
     body = make_budgets(prof, mean, "optimal" if method == "bubbles" else method, "kv", metric=metric,

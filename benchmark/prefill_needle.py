@@ -42,7 +42,7 @@ from ruler_tasks import FAMILIES, make_task  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
-from sglang_shplb.budget import METHODS, make_budgets  # noqa: E402
+from sglang_shplb.budget import METHODS  # noqa: E402
 from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
                                          REFERENCE_ESTIMATES)
 
@@ -96,8 +96,8 @@ def main():
     attn.channels = {layer: served[layer, :, :LABEL_CHANNELS] for layer in range(served.shape[0])}
     pieces = corpus_pieces()
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
-    decode_budgets = torch.tensor(make_budgets(prof, args.mean, args.decode_method, "kv",
-                                               floor_pages=args.decode_floor_pages)["budgets"])
+    decode = kv_budgets(args.decode_method, args.mean, floor_pages=args.decode_floor_pages)
+    decode_budgets = torch.tensor(decode["budgets"])
     prefill_budgets = torch.tensor(kv_budgets("optimal", args.mean, phase="prefill")["budgets"])
     ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])
     attn.budget_ref = sel.BudgetRef.of(decode_budgets, ref_pages)   # decode page counts as served
