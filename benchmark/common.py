@@ -22,7 +22,22 @@ def write_result(path, title: str, note: str, rows: list[str], command: str) -> 
 
 
 PROFILE = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-BUDGET_METHODS = ("uniform", "shift", "optimal", "bubbles")
+BUDGET_METHODS = ("uniform", "shift", "optimal", "greedy", "bubbles")
+# A held-out text: CPython's language reference as pydoc ships it (pydoc_data.topics, ~0.1M SmolLM2 tokens of
+# technical prose with code). No profile, label calibration or needle haystack reads it, and every Python has it.
+HELD_OUT = "pydoc"
+TEXTS = ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", HELD_OUT)
+
+
+def corpus_text(name: str) -> str:
+    """A long text by name: one of the profile's corpus files, or HELD_OUT."""
+    if name == HELD_OUT:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    from sglang_shplb.models import prepare_corpus
+
+    return (prepare_corpus() / name).read_text(errors="replace")
 
 
 @functools.lru_cache(maxsize=1)

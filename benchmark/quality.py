@@ -9,9 +9,13 @@ attends only to the pages our decode selector would pick for it: `selection.choo
 `--decode-selector` (default the server's default), sink + recent pages always, then the group's
 top-k pages with k from its budget (the same code the server runs). Budgets:
 uniform (Quest-style), shift (the paper), optimal (ours) from the committed profile, at equal
-mean. The windows are taken from lcet10.txt at offsets the committed profile did not use... as far
-as one text allows: the profile used all four texts, so this measures in-distribution transfer.
-Reports next-token perplexity and top-1 agreement with dense, and a PNG (ratio vs mean budget).
+mean. The windows are taken from `--text` at token offset 20000: lcet10.txt by default, a text the profile
+also read (at other offsets), so that measures in-distribution transfer; `--text pydoc` is a held-out
+text (common.HELD_OUT, CPython's language reference: another genre, never seen by the profile).
+Reports next-token perplexity, top-1 agreement with dense, and the decode selector's recall: the share of
+each KV group's true attention mass outside the sink page that its kept pages hold (mean over its query
+heads and the window's second half), as the mean and the worst over all layers and groups; and a PNG
+(perplexity ratio vs mean budget).
 `bubbles` is optimal plus fill-bubbles of a tp-3 plan (its real mean, above the nominal one, is
 in the table). `--selector prefill` applies the sparse-prefill selector instead (query blocks of
 64 against the sink, the diagonal window and top-k pages; `sglang_shplb.sparse_prefill`): what a
@@ -28,12 +32,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from common import BUDGET_METHODS, PROFILE, LabelCalibration, kv_budgets, mean_of, write_result  # noqa: E402
+from common import (BUDGET_METHODS, PROFILE, TEXTS, LabelCalibration, corpus_text, kv_budgets, mean_of,  # noqa: E402
+                    write_result)
 from plots import line_plot  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import sparse_prefill as sp  # noqa: E402
-from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
+from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 
 # `optimal-total`: optimal on the paper's total-mass recovery, to show what the sinkless metric buys.
@@ -55,6 +60,7 @@ class SparseAttention:
         self.answer_from = None  # "prefill" selector: rows from here decode (sparse decode budgets), as served
         self.calibration = None  # common.LabelCalibration while calibrating a label selector's channels
         self.channels = {}       # {layer: [Hkv, r]} label channels of a label selector (calibrate_labels)
+        self.recall = None       # {layer: (sum over rows of recall [Hkv], rows)} while measuring (add_recall)
         self.layer = 0
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -157,9 +163,26 @@ class SparseAttention:
             e = min(L, s + Q_CHUNK)
             tok = pages[:, s:e].repeat_interleave(self.P, -1)[..., :L] & causal[s:e]   # [Hkv, c, L]
             logits = torch.einsum("hgcd,hld->hgcl", q[:, s:e].view(Hkv, G, e - s, D), k) * scale
+            if self.recall is not None and e > L // 2:
+                self.add_recall(logits.masked_fill(~causal[s:e], float("-inf")).softmax(-1), tok, max(s, L // 2) - s)
             logits = logits.masked_fill(~tok.unsqueeze(1), float("-inf"))
             out[:, s:e] = torch.einsum("hgcl,hld->hgcd", logits.softmax(-1), v).reshape(Hq, e - s, D)
         return out
+
+    def add_recall(self, probs, tok, first):
+        """Sinkless recall of each KV group's true mass (probs [Hkv, G, c, L]) by its kept tokens (tok [Hkv, c, L]),
+        summed over query heads and the chunk's rows from `first` on."""
+        probs, tok = probs[:, :, first:], tok[:, first:]
+        sink = probs[..., :self.sink * self.P].sum(-1)
+        kept = (probs * tok.unsqueeze(1)).sum(-1)
+        r = ((kept - sink) / (1 - sink).clamp(min=1e-9)).sum((1, 2))                  # [Hkv]
+        total, n = self.recall.get(self.layer, (0, 0))
+        self.recall[self.layer] = (total + r, n + probs.shape[1] * probs.shape[2])
+
+    def recall_summary(self) -> dict:
+        """Mean and worst recall over (layer, KV group) since `recall` was reset to {}."""
+        r = torch.stack([t / n for t, n in self.recall.values()])
+        return {"recall_mean": float(r.mean()), "recall_worst": float(r.min())}
 
 
 def calibrate_labels(attn: SparseAttention, model, tokenizer, r: int) -> None:
@@ -181,6 +204,8 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--means", type=float, nargs="+", default=[0.02, 0.05, 0.10, 0.20])
     p.add_argument("--windows", type=int, default=1)
+    p.add_argument("--text", choices=TEXTS, default="lcet10.txt",
+                   help="text the windows are cut from (pydoc: held out, see common.HELD_OUT)")
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--floor-pages", type=int, help="decode budgets: the fewest pages any KV group holds at the "
@@ -211,7 +236,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_quality").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text_ids = tokenizer((prepare_corpus() / "lcet10.txt").read_text()).input_ids
+    text_ids = tokenizer(corpus_text(args.text)).input_ids
     attn.prefill_estimate = args.prefill_estimate
     rule = sel.LABEL_SELECTORS.get(args.decode_selector if args.selector == "decode" else "")
     label_r = rule.keys if rule is not None else \
@@ -229,6 +254,8 @@ def main():
     if args.selector == "decode":
         source = "+profile" if rule is not None and args.label_source == "profile" else ""
         tag = f"decode-{args.decode_selector}{source}/page{page}/windows{args.windows}"
+    if args.text != "lcet10.txt":   # other texts' rows get their own tags (lcet10's keep the old ones)
+        tag = tag.replace("/", f"@{args.text}/", 1)
     for ctx in args.contexts:
         floor = "" if args.floor_pages is None else f"+floor{args.floor_pages}"
         todo = [(m, meth + floor) for m in args.means for meth in args.methods
@@ -246,11 +273,14 @@ def main():
                               phase=args.selector, floor_pages=args.floor_pages)
             attn.budgets = torch.tensor(body["budgets"])
             attn.budget_ref = sel.BudgetRef.of(attn.budgets, -(-body["context_len"] // page))
+            attn.recall = {} if args.selector == "decode" else None
             t = time.time()
             res = [evaluate(model, w) for w in windows]
             raw[f"{tag}/{ctx}/{mean}/{method}"] = {
                 "ppl": math.exp(torch.cat([n for n, _ in res]).mean()), "real_mean": mean_of(body),
-                "agree": float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean())}
+                "agree": float(torch.cat([(a == d).float() for (_, a), (_, d) in zip(res, dense)]).mean()),
+                **(attn.recall_summary() if attn.recall else {})}
+            attn.recall = None
             raw_path.write_text(json.dumps(raw, indent=1))  # resumable: a killed run loses one row at most
             print(ctx, mean, method, raw[f"{tag}/{ctx}/{mean}/{method}"], f"({time.time() - t:.0f}s)", flush=True)
     write_table(args, raw, tag, page)
@@ -259,8 +289,8 @@ def main():
 def write_table(args, raw: dict, tag: str, page: int) -> None:
     """One table over every row of this phase/page/windows in the raw file; decode rows of every
     decode selector side by side (the selector is part of the row's tag)."""
-    rows = ["| selector | context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| selector | context | mean budget | method | real mean | perplexity | vs dense | top-1 agreement | "
+            "recall mean / worst |", "|---|---|---|---|---|---|---|---|---|"]
     series = {}
     suffix = "/" + tag.split("/", 1)[1]
     tags = sorted({k.split("/")[0] for k in raw if k.split("/")[0].startswith(args.selector)
@@ -272,7 +302,8 @@ def write_table(args, raw: dict, tag: str, page: int) -> None:
         for ctx, mean, method in keys:
             r, d = raw[f"{t}{suffix}/{ctx}/{mean}/{method}"], raw[f"{t}{suffix}/{ctx}/1.0/dense"]
             rows.append(f"| {t} | {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "
-                        f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} |")
+                        f"{r['ppl'] / d['ppl']:.3f} | {r['agree']:.3f} | " + (f"{r['recall_mean']:.3f} / "
+                        f"{r['recall_worst']:.3f} |" if "recall_mean" in r else "— |"))
             if method != "dense":
                 series.setdefault(f"{t} {method} ({ctx})", []).append((float(mean), r["ppl"] / d["ppl"]))
     line_plot(Path(args.out).with_suffix(".png"), series, "nominal mean budget", "perplexity / dense",
@@ -280,7 +311,7 @@ def write_table(args, raw: dict, tag: str, page: int) -> None:
     what = ("the pages the decode selector picks" if args.selector == "decode" else
             "the pages the sparse-prefill selector picks for its 64-query block")
     write_result(args.out, f"Quality under {args.selector}-selector sparsity (perplexity, top-1 agreement)",
-                 f"SmolLM2-135M fp32, {args.windows} window(s) of lcet10.txt per context; every query position "
+                 f"SmolLM2-135M fp32, {args.windows} window(s) of {args.text} per context; every query position "
                  f"attends only to {what} (page {page}, sink 1, recent 2). Budgets per KV group from the committed "
                  "profile (`real mean`: bubbles adds budget). Goal (issue): at 10% perplexity within 1% of dense. "
                  f"Rows accumulate over runs in {Path(args.raw or Path(args.out).with_suffix('.json')).name}.",

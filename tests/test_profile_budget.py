@@ -150,6 +150,23 @@ def test_optimal_is_max_min():
             assert float(eval_curves(curves, grid, alt).min()) <= worst + 1e-6
 
 
+def test_greedy_is_max_sum():
+    """On synthetic concave curves, greedy's total recovery is the best any feasible allocation above the
+    floor reaches (up to one step's gain), and no unit is left below the floor."""
+    grid = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.5, 1.0])
+    curves = torch.stack([1 - (1 - grid) ** a for a in (1.0, 3.0, 10.0, 30.0)])
+    b = allocate(curves, grid, 0.1, "greedy", 0.01, 0.001)
+    assert float(b.min()) >= 0.01 - 1e-12 and abs(float(b.sum()) - 0.4) < 1e-9
+    total = float(eval_curves(curves, grid, b).sum())
+    assert total > float(eval_curves(curves, grid, allocate(curves, grid, 0.1, "uniform", 0.01, 0.001)).sum())
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        alt = 0.01 + torch.rand(4, generator=gen).double()
+        alt = 0.01 + (alt - 0.01) / (alt - 0.01).sum() * (0.4 - 0.04)
+        if float(alt.max()) <= 1:
+            assert float(eval_curves(curves, grid, alt).sum()) <= total + 1e-3
+
+
 def run_cli(module, *args):
     return subprocess.run([sys.executable, "-m", f"sglang_shplb.{module}", *args], capture_output=True, text=True)
 

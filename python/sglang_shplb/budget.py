@@ -1,7 +1,7 @@
 """Stage 2 — budget: per-head page budgets at a fixed total, from a profile's recovery curves.
 
     python -m sglang_shplb.budget --profile PROFILE --mean-budget 0.1 --out BUDGETS.json
-        [--method uniform|shift|optimal] [--granularity kv|q] [--selector runtime|oracle]
+        [--method uniform|shift|optimal|greedy] [--granularity kv|q] [--selector runtime|oracle]
         [--floor-pages K] [--metric sinkless|total] [--report budgets.png] [--prefill-mean-budget B]
 
 Budgets are fractions of a head's context. Each unit (a KV group at `kv`, a query head at `q`)
@@ -12,6 +12,8 @@ mean_budget x units, is met exactly.
            the lowest, until the move no longer helps;
   optimal  ours: the largest worst-case recovery tau whose budgets fit the total (bisection on tau
            over monotone curves), then what is left goes by marginal recovery gain.
+  greedy   the most total recovery: from the floor, each page goes to the unit it lifts most (the
+           max-sum allocation; what perplexity tracks rather than the worst unit).
 Recovery is measured on the mass outside the always-kept sink pages by default (`sinkless`):
 with the paper's `total` mass, sink-heavy heads look sparse and get starved, and per-head budgets
 then lose to uniform on perplexity (benchmark/results/quality.md).
@@ -28,7 +30,7 @@ import torch
 
 from .artifacts import ArtifactError, read_json, write_json
 
-METHODS = ("uniform", "shift", "optimal")
+METHODS = ("uniform", "shift", "optimal", "greedy")
 
 
 # ---------------------------------------------------------------- curves as functions
@@ -103,6 +105,11 @@ def optimal(curves, grid, mean, floor, step):
     return _spend_leftover(curves, grid, b, total - float(b.sum()), step)
 
 
+def greedy(curves, grid, mean, floor, step):
+    """Max-sum: start every unit at the floor, then spend the rest by marginal recovery gain."""
+    return _spend_leftover(curves, grid, floor.clone(), mean * len(curves) - float(floor.sum()), step)
+
+
 def _spend_leftover(curves, grid, b, leftover, step):
     """Greedy by marginal recovery per unit budget; the last partial step goes to the best unit."""
     def gain(i, amount):
@@ -131,7 +138,8 @@ def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str,
         raise ArtifactError(f"--mean-budget {mean} is below the floor of {floor_frac:.4f} (floor pages at the "
                             "profile's context length); raise it or lower --floor-pages")
     floor = torch.full(curves.shape[:1], floor_frac, dtype=torch.float64)
-    b = {"uniform": uniform, "shift": shift, "optimal": optimal}[method](curves, grid, mean, floor, step)
+    b = {"uniform": uniform, "shift": shift, "optimal": optimal, "greedy": greedy}[method](curves, grid, mean, floor,
+                                                                                        step)
     assert abs(float(b.sum()) - mean * len(b)) < 1e-6 * len(b), "budget total not met"
     return b
 
