@@ -38,6 +38,7 @@ from plots import line_plot  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import sparse_prefill as sp  # noqa: E402
+from sglang_shplb.budget import default_floor_pages  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 
@@ -209,7 +210,8 @@ def main():
     p.add_argument("--page-size", type=int, help="selection page size (default: the profile's)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--floor-pages", type=int, help="decode budgets: the fewest pages any KV group holds at the "
-                   "profile's context (default sink + recent, as served); rows are tagged METHOD+floorK")
+                   "profile's context (default: budget.default_floor_pages); rows are tagged METHOD+floorK (rows "
+                   "without a floor in older raw files: sink + recent, the default before 2026-12-02)")
     p.add_argument("--selector", choices=("decode", "prefill"), default="decode")
     p.add_argument("--decode-selector", choices=[*sorted(sel.SELECTORS), "oracle"],
                    default=sel.DEFAULT_SELECTOR,
@@ -256,10 +258,13 @@ def main():
         tag = f"decode-{args.decode_selector}{source}/page{page}/windows{args.windows}"
     if args.text != "lcet10.txt":   # other texts' rows get their own tags (lcet10's keep the old ones)
         tag = tag.replace("/", f"@{args.text}/", 1)
+    def label(meth, mean):   # rows name the floor their budgets were made with (uniform's has none)
+        if args.floor_pages is not None:
+            return f"{meth}+floor{args.floor_pages}"
+        return meth if meth == "uniform" else f"{meth}+floor{default_floor_pages(prof.meta, mean)}"
     for ctx in args.contexts:
-        floor = "" if args.floor_pages is None else f"+floor{args.floor_pages}"
-        todo = [(m, meth + floor) for m in args.means for meth in args.methods
-                if f"{tag}/{ctx}/{m}/{meth}{floor}" not in raw]
+        todo = [(m, label(meth, m)) for m in args.means for meth in args.methods
+                if f"{tag}/{ctx}/{m}/{label(meth, m)}" not in raw]
         if not todo:
             continue
         windows = [torch.tensor(text_ids[o: o + ctx]) for o in range(20000, 20000 + args.windows * ctx, ctx)]
@@ -297,8 +302,9 @@ def write_table(args, raw: dict, tag: str, page: int) -> None:
                    and k.startswith(k.split("/")[0] + suffix + "/")}) or [tag.split("/")[0]]
     for t in tags:
         keys = sorted((k.split("/")[3:] for k in raw if k.startswith(t + suffix + "/")),
-                      key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1, METHODS.index(x[2])
-                                     if x[2] in METHODS else -1))
+                      key=lambda x: (int(x[0]), float(x[1]) if x[2] != "dense" else -1,
+                                     METHODS.index(x[2].split("+")[0]) if x[2].split("+")[0] in METHODS else -1,
+                                     x[2]))
         for ctx, mean, method in keys:
             r, d = raw[f"{t}{suffix}/{ctx}/{mean}/{method}"], raw[f"{t}{suffix}/{ctx}/1.0/dense"]
             rows.append(f"| {t} | {ctx} | {float(mean):.2f} | {method} | {r['real_mean']:.3f} | {r['ppl']:.3f} | "

@@ -15,13 +15,15 @@ decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD
 budget = MEAN plus that decode method); `recipe+METHOD@MEAN` (the default recipe: one budgets file with
 per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); METHOD:floorK (e.g.
 `optimal:floor8@0.1`) makes the budgets with every KV group at >= K pages at the profile's context (`budget
---floor-pages K`; the server's always-kept pages stay sink + recent); `VARIANT/SELECTOR` runs VARIANT with
+--floor-pages K`; the server's always-kept pages stay sink + recent; a variant without :floorK is named and run
+with the default floor, `budget.default_floor_pages`); `VARIANT/SELECTOR` runs VARIANT with
 `--shplb-selector SELECTOR` (without it, the server's default selector). Raw outputs are kept in --raw (JSON)
 and reused, so an interrupted run resumes and new variants can be added later without re-running old ones.
 """
 import argparse
 import json
 import random
+import signal
 import sys
 import threading
 import time
@@ -56,6 +58,22 @@ def build_tasks(tok, contexts, seeds, families=FAMILIES) -> dict:
     pieces = corpus_pieces()
     return {f"{fam}/L{LEVELS[fam]}/{ctx}/{seed}": make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
             for ctx in contexts for fam in families for seed in range(seeds)}
+
+
+def canonical(name: str) -> str:
+    """The variant's name with its budgets' floor spelled out (METHOD:floorK@MEAN) wherever a budgets file
+    depends on it, so raw rows made under another default floor are never reused for this one. Rows named
+    without a floor in raw files older than 2026-12-02 were made at sink + recent (3 pages), the default then."""
+    base, slash, selector = name.partition("/")
+    if base == "dense" or ":floor" in base:
+        return name
+    spec, mean = base.rsplit("@", 1)
+    method = spec.split("+", 1)[1] if "+" in spec else (None if spec.startswith("prefill") else spec)
+    if method in (None, "uniform"):
+        return name
+    from sglang_shplb.budget import default_floor_pages
+
+    return f"{spec}:floor{default_floor_pages(committed_profile().meta, float(mean))}@{mean}{slash}{selector}"
 
 
 def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
@@ -170,6 +188,7 @@ def paired(raw: dict, name: str, f: str, tasks: dict) -> tuple[int, int, float, 
 
 
 def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # `kill` runs the finally blocks: no orphaned server
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--seeds", type=int, default=4)
@@ -187,7 +206,7 @@ def main():
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds, args.families)
     raw_path, tmp = Path(args.raw), Path("/tmp")
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    names = ["dense"] + [v for v in args.variants if v != "dense"]
+    names = ["dense"] + list(dict.fromkeys(canonical(v) for v in args.variants if v != "dense"))
     run_variant("dense", tasks, raw, raw_path, tmp)
     dense = scores_by_form(raw, "dense", tasks)
     kept = {k: t for k, t in tasks.items() if dense[form(k)] >= args.keep}

@@ -9,7 +9,8 @@ import torch
 
 from sglang_shplb import selection as sel
 from sglang_shplb.artifacts import ArtifactError, model_fingerprint, write_json
-from sglang_shplb.budget import METHODS, allocate, eval_curves, load_budgets, make_budgets
+from sglang_shplb.budget import METHODS, allocate, default_floor_pages, eval_curves, load_budgets, make_budgets
+from sglang_shplb.joint import make_joint_plan
 from sglang_shplb.profile import Profile, run_profile
 
 COMMITTED = Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
@@ -148,6 +149,19 @@ def test_optimal_is_max_min():
         alt = alt / alt.sum() * 0.4
         if float(alt.max()) <= 1:
             assert float(eval_curves(curves, grid, alt).min()) <= worst + 1e-6
+
+
+def test_default_floor_is_128_tokens_where_the_mean_holds_it(committed):
+    """Without --floor-pages every unit keeps 128 tokens (8 pages) at 5% and 10% of 4k; at 2% (5 pages) that
+    cannot fit, so the floor is sink + recent; prefill budgets get their own mean's floor; a given floor wins."""
+    forced = committed.meta["sink_pages"] + committed.meta["recent_pages"]
+    assert [default_floor_pages(committed.meta, m) for m in (0.02, 0.05, 0.1, 0.2)] == [forced, 8, 8, 8]
+    body = make_budgets(committed, 0.1, "optimal", "kv", prefill_mean=0.02)
+    pages = torch.tensor(body["budgets"]) * body["context_len"] / body["page_size"]
+    assert body["floor_pages"] == 8 and float(pages.min()) >= 8 - 1e-6
+    assert body["prefill_floor_pages"] == forced
+    assert make_budgets(committed, 0.1, "optimal", "kv", floor_pages=4)["floor_pages"] == 4
+    assert make_joint_plan(committed, 0.1, 3, "kv")["floor_pages"] == 8   # the joint solver's default too
 
 
 def test_greedy_is_max_sum():

@@ -98,7 +98,7 @@ def test_paired_comparison_counts_flips_and_brackets_the_gap():
 
 def test_floor_variant_budgets_hold_the_floor(tmp_path):
     """retrieval.py's METHOD:floorK@MEAN serves budgets where every KV group holds >= K pages at the profile's
-    context, at the same mean; the plain variant keeps some groups at sink + recent only."""
+    context, at the same mean; floor3 keeps some groups at sink + recent only; the plain variant has the default."""
     import json
 
     from retrieval import variant_flags
@@ -111,5 +111,19 @@ def test_floor_variant_budgets_hold_the_floor(tmp_path):
 
     body, pages, mean = budgets("optimal:floor8@0.1")
     assert body["floor_pages"] == 8 and min(pages) >= 8 - 1e-6 and abs(mean - 0.1) < 1e-6
-    plain, pages, _ = budgets("optimal@0.1")
-    assert min(pages) < 8 and plain["floor_pages"] == plain["sink_pages"] + plain["recent_pages"]
+    low, pages, _ = budgets("optimal:floor3@0.1")
+    assert min(pages) < 8 and low["floor_pages"] == low["sink_pages"] + low["recent_pages"] == 3
+    plain, pages, _ = budgets("optimal@0.1")          # the default floor at 10%: 128 tokens
+    assert plain["floor_pages"] == 8 and min(pages) >= 8 - 1e-6
+
+
+def test_variant_names_carry_their_floor():
+    """A budgets-file variant is named (and its raw rows keyed) with the floor it was made with, so rows made under
+    an older default floor are never reused; uniform, prefill-only and explicit-floor names are unchanged."""
+    from retrieval import canonical
+
+    assert canonical("optimal@0.1") == "optimal:floor8@0.1"
+    assert canonical("recipe+optimal@0.1/oracle_mass") == "recipe+optimal:floor8@0.1/oracle_mass"
+    assert canonical("optimal@0.02") == "optimal:floor3@0.02"          # 128 tokens do not fit under 2% of 4k
+    for name in ("dense", "uniform@0.1", "prefill@0.1", "optimal:floor3@0.1", "prefill+uniform@0.1"):
+        assert canonical(name) == name

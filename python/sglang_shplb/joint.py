@@ -25,7 +25,7 @@ import torch
 
 from . import placement as pl
 from .artifacts import ArtifactError
-from .budget import _spend_leftover, eval_curves, invert_curves, label_channels
+from .budget import _spend_leftover, default_floor_pages, eval_curves, invert_curves, label_channels
 from .plan import GRANULARITIES, _check_divisible, cost_coefs, load_cost_model, make_plan, uniform_step_time
 
 BISECT_ITERS = 40
@@ -184,7 +184,8 @@ def make_joint_plan(profile, mean: float, tp: int, granularity: str = "kv", head
         _check_divisible(Hkv if allowed[0] == "kv" else Hq, tp, allowed[0], Hq)   # raises, naming the fix
     allowed = fits
     ctx, page = meta["context_lens"][0], meta["page_size"]
-    floor_pages = meta["sink_pages"] + meta["recent_pages"] if floor_pages is None else floor_pages
+    given = floor_pages
+    floor_pages = default_floor_pages(meta, mean) if given is None else given
     floor, step = floor_pages * page / ctx, page / ctx
     cost_model = cost_model or load_cost_model(None)
     shape = {"context_len": ctx, "num_q_heads": Hq, "num_kv_heads": Hkv}
@@ -213,9 +214,11 @@ def make_joint_plan(profile, mean: float, tp: int, granularity: str = "kv", head
             **label_channels(profile, g)}
     if prefill_mean is not None:
         coef = cost_coefs(shape, "kv", head_dim or 1, cost_model)["prefill"]
-        pre = solve(profile.curves("prefill", "kv", metric), profile.grid, tp, prefill_mean, floor, step, coef,
-                    fixed_ranks=sol.ranks)
-        body.update(prefill_mean_budget=prefill_mean, prefill_budgets=pre.budgets.tolist())
+        pre_floor = default_floor_pages(meta, prefill_mean) if given is None else given
+        pre = solve(profile.curves("prefill", "kv", metric), profile.grid, tp, prefill_mean, pre_floor * step, step,
+                    coef, fixed_ranks=sol.ranks)
+        body.update(prefill_mean_budget=prefill_mean, prefill_floor_pages=pre_floor,
+                    prefill_budgets=pre.budgets.tolist())
     plan = make_plan(body, tp, "balanced", g, "decode", head_dim, cost_model, profile, placements=sol.ranks)
     plan["summary"]["uniform_step_time"] = ref
     plan["summary"]["uniform_granularity"] = ref_gran
