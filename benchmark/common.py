@@ -54,7 +54,7 @@ def kv_budgets(method: str, mean: float, metric: str = "sinkless", tp: int = 3, 
     `optimal` then fill-bubbles of a balanced tp-`tp` plan: under-loaded ranks get extra budget up
     to the slowest rank's work, so its mean is above `mean` at the same step time. With
     phase='prefill', "budgets" holds the prefill budgets (from the prefill selector's curves). floor_pages: the
-    fewest pages any group holds at the profile's context (None: sink + recent, as served)."""
+    fewest pages any group holds at the profile's context (None: budget.default_floor_pages, as served)."""
     from sglang_shplb.budget import make_budgets
 
     prof = committed_profile()

@@ -77,8 +77,8 @@ def main():
     p.add_argument("--decode-method", choices=METHODS, default="optimal",
                    help="how the decode budgets are allocated over the KV groups at --mean (served recipe: optimal)")
     p.add_argument("--decode-floor-pages", type=int, default=None,
-                   help="fewest pages any KV group's decode budget holds at the profile's context (default: sink + "
-                        "recent, as served); a larger floor is a uniform safeguard under the allocation")
+                   help="fewest pages any KV group's decode budget holds at the profile's context (default: "
+                        "budget.default_floor_pages, as served)")
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=["single_needle", "multi_key"])
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
@@ -146,7 +146,7 @@ def main():
     Path(args.out).with_suffix(".json").write_text(json.dumps(raw, indent=1))
     write_result(args.out, "Needles through block-sparse prefill, answers decoded sparse (as served)",
                  f"SmolLM2 fp32 (HF), prefill budgets `optimal` and decode budgets `{args.decode_method}` (floor "
-                 f"{'sink + recent' if args.decode_floor_pages is None else args.decode_floor_pages} pages) at mean "
+                 f"{'the default' if args.decode_floor_pages is None else args.decode_floor_pages} pages) at mean "
                  f"{args.mean} per KV group from the committed profile; the prompt through "
                  "`sparse_prefill.select_prefill_pages` with each prefill estimate, the answer through the decode "
                  "selector, teacher-forced on dense's answer (quality.py harness). `oracle` = the block's true page "
