@@ -121,7 +121,8 @@ def main():
     write_result(args.out, "Decode attention, CPU: shplb sparse vs torch_native dense",
                  f"One layer of SmolLM2 shapes, budget {args.budget}, page {P}, sink 1 + recent 2 pages, "
                  f"1 thread; shplb ms = the layer's selection and attention + 1/{LAYERS} of the step's plan "
-                 "(plan_decode, made once per decode step and shared by the model's layers). Goal: >= 4x at 8k.", rows, "OMP_NUM_THREADS=1 python benchmark/attention_cpu.py")
+                 "(plan_decode, made once per decode step and shared by the model's layers). Goal: >= 4x at 8k.", rows,
+                 "OMP_NUM_THREADS=1 python benchmark/attention_cpu.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
