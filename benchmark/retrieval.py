@@ -60,6 +60,11 @@ def build_tasks(tok, contexts, seeds, families=FAMILIES) -> dict:
             for ctx in contexts for fam in families for seed in range(seeds)}
 
 
+def method_of(spec: str) -> str | None:
+    """The decode budget method of a variant spec (PREFIX+METHOD or METHOD); None for `prefill` alone."""
+    return spec.split("+", 1)[1] if "+" in spec else (None if spec.startswith("prefill") else spec)
+
+
 def canonical(name: str) -> str:
     """The variant's name with its budgets' floor spelled out (METHOD:floorK@MEAN) wherever a budgets file
     depends on it, so raw rows made under another default floor are never reused for this one. Rows named
@@ -68,7 +73,7 @@ def canonical(name: str) -> str:
     if base == "dense" or ":floor" in base:
         return name
     spec, mean = base.rsplit("@", 1)
-    method = spec.split("+", 1)[1] if "+" in spec else (None if spec.startswith("prefill") else spec)
+    method = method_of(spec)
     if method in (None, "uniform"):
         return name
     from sglang_shplb.budget import default_floor_pages
@@ -99,7 +104,7 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
         return ["--shplb-budgets", str(path)], mean_of(body), mean_of({"budgets": body["prefill_budgets"]})
     prefill = spec.startswith("prefill")
     flags = ["--shplb-prefill-budget", str(mean)] if prefill else []
-    method = spec.split("+", 1)[1] if "+" in spec else (None if prefill else spec)
+    method = method_of(spec)
     if method is None:
         return flags, 1.0, mean
     if method == "uniform":

@@ -128,6 +128,9 @@ def _spend_leftover(curves, grid, b, leftover, step):
     return b
 
 
+ALLOCATORS = {"uniform": uniform, "shift": shift, "optimal": optimal, "greedy": greedy}   # METHODS, in order
+
+
 def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str, floor_frac: float,
              step: float) -> torch.Tensor:
     """curves [units, G] -> budgets [units] (fractions, float64) with sum == mean * units."""
@@ -139,8 +142,7 @@ def allocate(curves: torch.Tensor, grid: torch.Tensor, mean: float, method: str,
         raise ArtifactError(f"--mean-budget {mean} is below the floor of {floor_frac:.4f} (floor pages at the "
                             "profile's context length); raise it or lower --floor-pages")
     floor = torch.full(curves.shape[:1], floor_frac, dtype=torch.float64)
-    b = {"uniform": uniform, "shift": shift, "optimal": optimal, "greedy": greedy}[method](curves, grid, mean, floor,
-                                                                                        step)
+    b = ALLOCATORS[method](curves, grid, mean, floor, step)
     assert abs(float(b.sum()) - mean * len(b)) < 1e-6 * len(b), "budget total not met"
     return b
 
