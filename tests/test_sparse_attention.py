@@ -243,6 +243,26 @@ def test_label_selectors_pick_brute_force_pages(selector):
                              torch.tensor([40]), torch.full((HKV,), 0.2), P, 1, 1, selector)
 
 
+@pytest.mark.parametrize("selector", ["quest_max", "two_stage4", "two_stage_label32_norm"])
+def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
+    """THE rule's tie-break survives the two-stage re-rank (made in page space over the step's pins): pages
+    whose keys are identical score alike in both stages, so the chosen pages are the forced ones, then the
+    lowest page indices, in that order; the same with pins made once (a decode plan) as without."""
+    rule, P16, Dh, n, sink, recent = sel.get_selector(selector), 16, 64, 20, 1, 2
+    keys = torch.randn(1, P16, Dh).repeat(1, n, 1)                       # [1, n*P, D]: every page the same
+    q = torch.randn(1, G, Dh)
+    kmin, kmax = sel.page_minmax(keys, P16)
+    channels = torch.arange(rule.keys).view(1, -1) if rule.label else None
+    fine = sel.stage2_inputs(rule, keys, P16, channels) if rule.fine else ()
+    meta = (lambda idx: tuple(t[torch.zeros_like(idx), idx] for t in fine)) if rule.fine else None
+    k = torch.tensor([5])
+    want = [0, n - 2, n - 1, 1, 2]                                      # sink, recent (page order), then 1, 2
+    pins = sel.page_pins(torch.tensor([n]), n, sink, recent)
+    for p in (None, pins):
+        got = sel.choose_pages(rule, q, kmin, kmax, meta, torch.tensor([n]), k, sink, recent, channels, pins=p)
+        assert got[0].tolist() == want, (selector, p is None, got)
+
+
 def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     """Ragged decode: heads with very different budgets are batched apart (no padding to the
     largest k) and give exactly the padded computation's output; a split saving too few reads

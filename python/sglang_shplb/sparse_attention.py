@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import selection as sel
 
@@ -80,6 +81,9 @@ class DecodePlan:
     page_ids: torch.Tensor      # [bs, N] physical page of each logical page (0 past a request's end)
     rows: torch.Tensor          # [bs] req_to_token rows of the requests
     meta_rows: torch.Tensor     # [bs * Hkv * N] rows of [pages * Hkv, D] page metadata in [bs, Hkv, N] order
+    pins: sel.PagePins          # [bs, 1, N] the ranking rule's forced / past-the-end pages
+    page_fill: torch.Tensor     # [bs, N] tokens written in each logical page (P but in the last; 0 past the end)
+    dropped: torch.Tensor       # [L, bs, Hkv, N] rank j >= the head's k_pages: not selected
 
 
 def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -101,7 +105,13 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     # One index_select per metadata tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids])
     # is ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
     meta_rows = (page_ids.unsqueeze(1) * Hkv + torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)).flatten()
-    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows)
+    # what every layer's selection would otherwise rebuild from n_pages and k_pages: on a CPU each small op costs
+    # 10-30 us once the layer's gathers have evicted the caches, more than its arithmetic
+    j = torch.arange(max_pages, device=seq_lens.device)
+    pins = sel.page_pins(n_pages.view(bs, 1), max_pages, sink, recent)
+    page_fill = (seq_lens.long().view(bs, 1) - j * P).clamp(0, P)
+    dropped = j >= k_pages.unsqueeze(-1)
+    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, dropped)
 
 
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
@@ -177,14 +187,14 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
                               sink, recent, labels[1] if rule.label else None,
-                              seq_lens.view(bs, 1).expand(bs, Hkv))            # [bs, Hkv, K] logical pages
+                              seq_lens.view(bs, 1).expand(bs, Hkv), plan.pins)  # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]
-    pos = (chosen.unsqueeze(-1) * P + torch.arange(P, device=q.device)).flatten(2)   # [bs, Hkv, K*P]
-    page_ok = (torch.arange(K, device=q.device).view(1, 1, K) < k_pages.unsqueeze(-1))
-    valid = page_ok.repeat_interleave(P, -1) & (pos < seq_lens.view(bs, 1, 1))
-    pos = pos.clamp(max=req_to_token.shape[1] - 1)
-    slots = req_to_token.index_select(0, rows.flatten()).gather(1, pos.flatten(1)).view(pos.shape)
-    return DecodeSelection(slots.long(), valid, dense=False)
+    # a logical page's tokens are its physical page's P slots in order (SGLang allocates whole pages)
+    slots = (page_ids.gather(1, chosen.flatten(1)).view(bs, Hkv, K, 1) * P + torch.arange(P, device=q.device))
+    written = plan.page_fill.gather(1, chosen.flatten(1)).view(bs, Hkv, K)
+    written = written.masked_fill_(plan.dropped[layer, :, :, :K], 0)             # ranks past the head's k
+    valid = torch.arange(P, device=q.device) < written.unsqueeze(-1)
+    return DecodeSelection(slots.flatten(2), valid.flatten(2), dense=False)
 
 
 BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
@@ -228,9 +238,9 @@ def _rows(buf: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.
 def _attend(q, k_buf, v_buf, slots, valid, heads, scale):
     keys = _rows(k_buf, slots, heads).to(q.dtype)                              # [bs, h, T, D]
     values = _rows(v_buf, slots, heads).to(q.dtype)
-    logits = torch.einsum("bhgd,bhtd->bhgt", q, keys) * scale
-    logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    return torch.einsum("bhgt,bhtd->bhgd", logits.softmax(-1), values)
+    # a group's G queries are SDPA's query rows: one fused kernel (an einsum / mask / softmax / einsum chain
+    # was four passes); every row keeps its sink page, so no row is fully masked
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=valid.unsqueeze(2), scale=scale)
 
 
 def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, chosen: DecodeSelection,
