@@ -160,7 +160,7 @@ def aggregate(how: str, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return b.sum(-2)
     if how == "max":
         return b.amax(-2)
-    z = b.masked_fill(~valid.unsqueeze(-2), NEG_INF)
+    z = torch.where(valid.unsqueeze(-2), b, NEG_INF)
     if how == "norm":    # ShadowKV: each head's scores as a log-softmax over its candidates
         return z.log_softmax(-1).amax(-2)
     if how == "psum":    # estimated group mass: per-head softmax over candidates, summed
@@ -184,10 +184,10 @@ def coarse_scores(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax:
     how = selector.coarse or selector.aggregate
     if how == "sum":   # linear in the clamped queries: one matvec per page, not G
         return group_upper_bound(q, kmin, kmax)
-    b = quest_upper_bound(q, kmin, kmax) * q.shape[-1] ** -0.5               # logit scale for normalisations
-    if how == "max":   # needs no candidate mask (each decode layer runs this: an op saved is ~10-30 us on CPU)
+    b = quest_upper_bound(q, kmin, kmax)
+    if how == "max":   # order only: needs no logit scale or candidate mask (an op saved is ~10-30 us per CPU layer)
         return b.amax(-2)
-    return aggregate(how, b, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
+    return aggregate(how, b * q.shape[-1] ** -0.5, torch.arange(b.shape[-1], device=b.device) < n_pages.unsqueeze(-1))
 
 
 def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: torch.Tensor,
@@ -213,30 +213,29 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     if selector.label:
         if channels is None:
             raise ValueError(f"selector {selector.name!r} reads calibrated label channels: pass channels=")
-        q_r = gather_channels(q, channels[..., : keys.shape[-1]])
+        q_r = gather_channels(q, channels[..., : keys.shape[-1]]) * q.shape[-1] ** -0.5
     else:
         top = q.abs().topk(min(selector.keys, q.shape[-1]), -1).indices
-        q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top))          # other channels zeroed
+        q_r = torch.zeros_like(q).scatter(-1, top, q.gather(-1, top) * q.shape[-1] ** -0.5)  # others zeroed
     C, P = keys.shape[-3:-1]
     # one [G, r] x [r, C*P] matmul per head (an einsum here paid a layout copy: 2x slower on CPU)
     logits = torch.matmul(q_r, keys.float().flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (C, P))
-    logits = logits.mul_(q.shape[-1] ** -0.5)
-    if fill is not None:   # the stale slots' -inf as a [..., 1, C, P] bias: a broadcast masked_fill over G is slow
-        unwritten = torch.arange(P, device=keys.device) >= fill.unsqueeze(-1)               # [..., C, P]
-        logits = logits.add_(torch.zeros(unwritten.shape, device=keys.device).masked_fill_(unwritten, NEG_INF)
-                             .unsqueeze(-3))
+    if fill is not None:
+        logits = logits.masked_fill_((torch.arange(P, device=keys.device) >= fill.unsqueeze(-1)).unsqueeze(-3), NEG_INF)
     return aggregate(selector.aggregate, logits.logsumexp(-1), valid)
 
 
 def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
-                 seq_lens: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+                 seq_lens: Optional[torch.Tensor] = None,
+                 page_fill: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
     """The finer page score of a `fine` selector over candidate pages idx [..., C]: from the keys (or label
-    cache; a page's tokens past seq_lens [...] are not counted), or from sub-page bounds (which hold only
-    written keys)."""
+    cache; a page's tokens past seq_lens [...] are not counted; page_fill [..., N], the tokens written in each
+    page, says the same when the caller made it once), or from sub-page bounds (which hold only written keys)."""
     if selector.keys:
         def score(selector, q, idx, meta, valid):
             P = meta[0].shape[-2]
-            fill = None if seq_lens is None else (seq_lens.unsqueeze(-1) - idx * P).clamp(0, P)
+            fill = page_fill.gather(-1, idx) if page_fill is not None else \
+                None if seq_lens is None else (seq_lens.unsqueeze(-1) - idx * P).clamp(0, P)
             return key_scores(selector, q, *meta, valid, channels=channels, fill=fill)
         return score
     return lambda selector, q, idx, meta, valid: fine_scores(selector, q, *meta, valid)
@@ -321,14 +320,15 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int,
                  channels: Optional[torch.Tensor] = None, seq_lens: Optional[torch.Tensor] = None,
-                 pins: Optional[PagePins] = None) -> torch.Tensor:
+                 pins: Optional[PagePins] = None, page_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
     sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
     (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
     are passed too; n_pages, k_pages [...]; seq_lens [...] the tokens in the context (None: n_pages whole
     pages), so a partial last page's stale slots do not enter a per-head normalisation; pins: `page_pins` of
-    n_pages if the caller has them (made once per decode step). Returns the chosen
+    n_pages and page_fill [..., N] (tokens written per page, instead of seq_lens) if the caller has them (made once
+    per decode step). Returns the chosen
     pages [..., K], K = k_pages.max(), in rank order; a row's entries past its k are not selected (callers
     mask them)."""
     N = kmin.shape[-2]
@@ -339,13 +339,13 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     if not selector.shortlist:    # fine bound on every page
         idx = torch.arange(N, device=q.device).expand(*q.shape[:-2], N)
         valid = idx < n_pages.unsqueeze(-1)
-        fine = second_stage(selector, channels, seq_lens)(selector, q, idx, fine_meta(idx), valid)
+        fine = second_stage(selector, channels, seq_lens, page_fill)(selector, q, idx, fine_meta(idx), valid)
         return top_pages(fine, n_pages, K, sink, recent, pins)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent, pins)  # [..., C]
     c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
     listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
-    fine = second_stage(selector, channels, seq_lens)(selector, q, short, fine_meta(short), listed)
+    fine = second_stage(selector, channels, seq_lens, page_fill)(selector, q, short, fine_meta(short), listed)
     # re-rank the shortlist by THE rule, in page space: each listed page's fine score at its page index over the
     # pins (forced +inf stays, unlisted -inf), so a stable sort breaks ties to the lower page index
     by_page = torch.broadcast_to(pins.value, (*short.shape[:-1], N)).clone()

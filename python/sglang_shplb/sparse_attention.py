@@ -187,7 +187,7 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
                               sink, recent, labels[1] if rule.label else None,
-                              seq_lens.view(bs, 1).expand(bs, Hkv), plan.pins)  # [bs, Hkv, K] logical pages
+                              None, plan.pins, plan.page_fill.unsqueeze(1).expand(bs, Hkv, max_pages))  # [bs, Hkv, K]
     K = chosen.shape[-1]
     # a logical page's tokens are its physical page's P slots in order (SGLang allocates whole pages)
     slots = (page_ids.gather(1, chosen.flatten(1)).view(bs, Hkv, K, 1) * P + torch.arange(P, device=q.device))
