@@ -247,7 +247,7 @@ def test_label_selectors_pick_brute_force_pages(selector):
 def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
     """THE rule's tie-break survives the two-stage re-rank (made in page space over the step's pins): pages
     whose keys are identical score alike in both stages, so the chosen pages are the forced ones, then the
-    lowest page indices, in that order; the same with pins made once (a decode plan) as without."""
+    lowest page indices, in that order; the same with the ranks' inputs made once (a decode plan) as without."""
     rule, P16, Dh, n, sink, recent = sel.get_selector(selector), 16, 64, 20, 1, 2
     keys = torch.randn(1, P16, Dh).repeat(1, n, 1)                       # [1, n*P, D]: every page the same
     q = torch.randn(1, G, Dh)
@@ -257,10 +257,12 @@ def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
     meta = (lambda idx: tuple(t[torch.zeros_like(idx), idx] for t in fine)) if rule.fine else None
     k = torch.tensor([5])
     want = [0, n - 2, n - 1, 1, 2]                                      # sink, recent (page order), then 1, 2
-    pins = sel.page_pins(torch.tensor([n]), n, sink, recent)
-    for p in (None, pins):
-        got = sel.choose_pages(rule, q, kmin, kmax, meta, torch.tensor([n]), k, sink, recent, channels, pins=p)
-        assert got[0].tolist() == want, (selector, p is None, got)
+    n_pages = torch.tensor([n])
+    ranks = sel.LayerRanks(sel.page_pins(n_pages, n, sink, recent), torch.full((1, n), P16), 5,
+                           torch.arange(n) < sel.shortlist_len(rule, k, n_pages).unsqueeze(-1))
+    for r in (None, ranks):
+        got = sel.choose_pages(rule, q, kmin, kmax, meta, n_pages, k, sink, recent, channels, ranks=r)
+        assert got[0].tolist() == want, (selector, r is None, got)
 
 
 def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):

@@ -301,6 +301,22 @@ def page_pins(n_pages: torch.Tensor, N: int, sink: int, recent: int) -> PagePins
     return PagePins(inside & ~forced, torch.full(forced.shape, NEG_INF, device=n_pages.device).masked_fill_(forced, math.inf))
 
 
+@dataclass(frozen=True)
+class LayerRanks:
+    """choose_pages' inputs that no layer's data changes, when a decode step made them for all its layers at once
+    (FlashInfer's plan/run split: on a CPU each small op costs 10-30 us once a layer's gathers have evicted the
+    caches). listed [..., >= C]: rank < each row's `shortlist_len` (shortlist selectors only)."""
+    pins: PagePins
+    page_fill: torch.Tensor        # [..., N] tokens written in each page
+    k_max: int                     # int(k_pages.max())
+    listed: Optional[torch.Tensor] = None
+
+
+def shortlist_len(selector: Selector, k_pages: torch.Tensor, n_pages: torch.Tensor) -> torch.Tensor:
+    """Pages each row's first stage passes to the second: min(ceil(shortlist * k), n)."""
+    return torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
+
+
 def rank_pages(scores: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int,
                pins: Optional[PagePins] = None) -> torch.Tensor:
     """THE ranking rule: forced pages first, then by descending score, ties to the lower page index,
@@ -320,20 +336,20 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int,
                  channels: Optional[torch.Tensor] = None, seq_lens: Optional[torch.Tensor] = None,
-                 pins: Optional[PagePins] = None, page_fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 ranks: Optional[LayerRanks] = None) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
     sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
     (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
     are passed too; n_pages, k_pages [...]; seq_lens [...] the tokens in the context (None: n_pages whole
-    pages), so a partial last page's stale slots do not enter a per-head normalisation; pins: `page_pins` of
-    n_pages and page_fill [..., N] (tokens written per page, instead of seq_lens) if the caller has them (made once
-    per decode step). Returns the chosen
+    pages), so a partial last page's stale slots do not enter a per-head normalisation; ranks: the same inputs'
+    data-independent parts (`LayerRanks`, in place of seq_lens) if a decode step made them. Returns the chosen
     pages [..., K], K = k_pages.max(), in rank order; a row's entries past its k are not selected (callers
     mask them)."""
     N = kmin.shape[-2]
-    K = int(k_pages.max())
-    pins = pins if pins is not None else page_pins(n_pages, N, sink, recent)
+    K = ranks.k_max if ranks is not None else int(k_pages.max())
+    pins = ranks.pins if ranks is not None else page_pins(n_pages, N, sink, recent)
+    page_fill = ranks.page_fill if ranks is not None else None
     if not selector.fine:
         return top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, K, sink, recent, pins)
     if not selector.shortlist:    # fine bound on every page
@@ -343,8 +359,10 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         return top_pages(fine, n_pages, K, sink, recent, pins)
     C = min(N, math.ceil(selector.shortlist * K))
     short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent, pins)  # [..., C]
-    c_row = torch.minimum(torch.ceil(selector.shortlist * k_pages - 1e-6).long(), n_pages.long())
-    listed = torch.arange(C, device=q.device) < c_row.unsqueeze(-1)
+    if ranks is not None and ranks.listed is not None:
+        listed = ranks.listed[..., :C]
+    else:
+        listed = torch.arange(C, device=q.device) < shortlist_len(selector, k_pages, n_pages).unsqueeze(-1)
     fine = second_stage(selector, channels, seq_lens, page_fill)(selector, q, short, fine_meta(short), listed)
     # re-rank the shortlist by THE rule, in page space: each listed page's fine score at its page index over the
     # pins (forced +inf stays, unlisted -inf), so a stable sort breaks ties to the lower page index

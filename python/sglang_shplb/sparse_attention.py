@@ -10,7 +10,7 @@ Everything is batched over requests and heads: no Python loop per request or hea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,21 @@ class DecodePlan:
     pins: sel.PagePins          # [bs, 1, N] the ranking rule's forced / past-the-end pages
     page_fill: torch.Tensor     # [bs, N] tokens written in each logical page (P but in the last; 0 past the end)
     dropped: torch.Tensor       # [L, bs, Hkv, N] rank j >= the head's k_pages: not selected
+    k_max: list                 # [L] int: the layer's largest k_pages
+    listed: dict = field(default_factory=dict)   # selector.shortlist -> [L, bs, Hkv, N], made on first use
+
+    def ranks(self, layer: int, rule: sel.Selector) -> sel.LayerRanks:
+        """Layer `layer`'s share for selection.choose_pages; a shortlist's rank masks are made for every layer
+        at the step's first use (the plan does not know the selector; a benchmark may time several)."""
+        bs, N = self.page_ids.shape
+        listed = None
+        if rule.shortlist:
+            if rule.shortlist not in self.listed:
+                c_row = sel.shortlist_len(rule, self.k_pages, self.n_pages.view(1, bs, 1))       # [L, bs, Hkv]
+                self.listed[rule.shortlist] = torch.arange(N, device=c_row.device) < c_row.unsqueeze(-1)
+            listed = self.listed[rule.shortlist][layer]
+        Hkv = self.k_pages.shape[-1]
+        return sel.LayerRanks(self.pins, self.page_fill.unsqueeze(1).expand(bs, Hkv, N), self.k_max[layer], listed)
 
 
 def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -111,7 +126,8 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     pins = sel.page_pins(n_pages.view(bs, 1), max_pages, sink, recent)
     page_fill = (seq_lens.long().view(bs, 1) - j * P).clamp(0, P)
     dropped = j >= k_pages.unsqueeze(-1)
-    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, dropped)
+    k_max = k_pages.flatten(1).amax(1).tolist()
+    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, dropped, k_max)
 
 
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
@@ -187,7 +203,7 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
                               sink, recent, labels[1] if rule.label else None,
-                              None, plan.pins, plan.page_fill.unsqueeze(1).expand(bs, Hkv, max_pages))  # [bs, Hkv, K]
+                              None, plan.ranks(layer, rule))                   # [bs, Hkv, K] logical pages
     K = chosen.shape[-1]
     # a logical page's tokens are its physical page's P slots in order (SGLang allocates whole pages)
     slots = (page_ids.gather(1, chosen.flatten(1)).view(bs, Hkv, K, 1) * P + torch.arange(P, device=q.device))
