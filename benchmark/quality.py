@@ -36,6 +36,7 @@ from common import (BUDGET_METHODS, PROFILE, TEXTS, LabelCalibration, corpus_tex
                     write_result)
 from plots import line_plot  # noqa: E402
 
+from sglang_shplb import recovery  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import sparse_prefill as sp  # noqa: E402
 from sglang_shplb.budget import default_floor_pages  # noqa: E402
@@ -125,7 +126,7 @@ class SparseAttention:
         oracle = self.decode_selector == "oracle"
         rule = sel.get_selector("quest_max" if oracle else self.decode_selector)
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
-        fine = sel.stage2_inputs(rule, k, P, self.channels.get(self.layer))       # each [Hkv, N, X, D]
+        fine = recovery.stage2_inputs(rule, k, P, self.channels.get(self.layer))       # each [Hkv, N, X, D]
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
         n_pages = torch.arange(L) // P + 1                                         # [L]
         k_pages = sel.pages_for_budget(budgets.view(Hkv, 1).double(), n_pages.view(1, L).double(),

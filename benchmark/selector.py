@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, LabelCalibration, kv_budgets, write_result  # noqa: E402
 from ruler_tasks import FAMILIES  # noqa: E402
 
+from sglang_shplb import recovery  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 
@@ -57,7 +58,7 @@ def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None, s
         return sel.top_pages(group_mass, n_pages, int(k_pages.max()), SINK, RECENT)
     s = sel.get_selector(name)
     kmin, kmax = sel.page_minmax(k, P)
-    fine = sel.stage2_inputs(s, k, P, channels)                               # each [Hkv, N, X, D]
+    fine = recovery.stage2_inputs(s, k, P, channels)                               # each [Hkv, N, X, D]
 
     def fine_meta(idx):                                                        # idx [Hkv, S, C]
         h = torch.arange(idx.shape[0]).view(-1, 1, 1)
@@ -110,7 +111,7 @@ class Probe:
             for name in self.selectors:
                 ch = self.channels.get(name, {}).get(layer)
                 chosen = chosen_by(name, qg, k.float(), gm, n_pages, kp, P, ch, (pos + 1).expand(Hkv, -1))
-                kept = sel.kept_mass(gm, chosen, kp)
+                kept = recovery.kept_mass(gm, chosen, kp)
                 rec = ((kept - sink) / (1 - sink).clamp(min=1e-6)).clamp(0, 1)
                 self.stats.setdefault((name, b), []).append(rec.flatten())
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_shplb import recovery
 from sglang_shplb import selection as sel
 from sglang_shplb.artifacts import ArtifactError, model_fingerprint, write_json
 from sglang_shplb.budget import METHODS, allocate, default_floor_pages, eval_curves, load_budgets, make_budgets
@@ -73,7 +74,7 @@ def test_recovery_matches_brute_force():
         want = mass[:, sorted(chosen)].sum(-1).mean()
         mask = sel.select_pages(ub, torch.tensor(n), kp, sink, recent)
         assert set(mask.nonzero().flatten().tolist()) == chosen
-        got = sel.recovery_curve(mass.mean(0), sel.rank_pages(ub, torch.tensor(n), sink, recent), kp.view(1))
+        got = recovery.recovery_curve(mass.mean(0), sel.rank_pages(ub, torch.tensor(n), sink, recent), kp.view(1))
         assert torch.allclose(got, want.view(1), atol=1e-5)
 
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from sglang_shplb import recovery
 from sglang_shplb import selection as sel
 from sglang_shplb.sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata,
                                            select_decode_tokens, update_page_minmax)
@@ -227,7 +228,7 @@ def test_label_selectors_pick_brute_force_pages(selector):
         assert set(channels[h].tolist()) == set(sorted(range(Dh), key=lambda d: -imp[d])[: rule.keys])
     n, sink, recent = math.ceil(s / P16), 1, 2
     kmin, kmax = sel.page_minmax(keys, P16)
-    fine = sel.stage2_inputs(rule, keys, P16, channels)
+    fine = recovery.stage2_inputs(rule, keys, P16, channels)
     heads = torch.arange(HKV).view(-1, 1)
     k_pages = torch.tensor([3, 5, 8])
     chosen = sel.choose_pages(rule, q, kmin, kmax, lambda idx: tuple(t[heads, idx] for t in fine),
@@ -236,7 +237,7 @@ def test_label_selectors_pick_brute_force_pages(selector):
         want = brute_force_pages(rule, q[h], keys[h], n, int(k_pages[h]), P16, sink, recent, channels[h].tolist())
         assert set(chosen[h, : int(k_pages[h])].tolist()) == want, h
     with pytest.raises(ValueError, match="label channels"):
-        sel.stage2_inputs(rule, keys, P16)
+        recovery.stage2_inputs(rule, keys, P16)
     with pytest.raises(ValueError, match="label cache"):
         req_to_token, k_buf, _, kmin, kmax = paged_cache([40])
         select_decode_tokens(torch.randn(1, HKV, G, D), kmin, kmax, req_to_token, torch.tensor([1]),
@@ -253,7 +254,7 @@ def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
     q = torch.randn(1, G, Dh)
     kmin, kmax = sel.page_minmax(keys, P16)
     channels = torch.arange(rule.keys).view(1, -1) if rule.label else None
-    fine = sel.stage2_inputs(rule, keys, P16, channels) if rule.fine else ()
+    fine = recovery.stage2_inputs(rule, keys, P16, channels) if rule.fine else ()
     meta = (lambda idx: tuple(t[torch.zeros_like(idx), idx] for t in fine)) if rule.fine else None
     k = torch.tensor([5])
     want = [0, n - 2, n - 1, 1, 2]                                      # sink, recent (page order), then 1, 2

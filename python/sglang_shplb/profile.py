@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import recovery
 from . import selection as sel
 from .sparse_prefill import DEFAULT_ESTIMATE, QUERY_BLOCK, block_recovery
 from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
@@ -173,18 +174,18 @@ class _Collector:
 
         kmin, kmax = sel.page_minmax(k, P)                                     # [Hkv, N, D]
         ch = self.channels.get(layer)                                          # [Hkv, r] (label selectors)
-        fine = sel.stage2_inputs(self.rule, k, P, ch)                          # each [Hkv, N, X, D or r]
+        fine = recovery.stage2_inputs(self.rule, k, P, ch)                          # each [Hkv, N, X, D or r]
         g, S = qs.shape[1], len(pos)
 
         def runtime(mass, q, lead):  # the shipping selector; lead = dims before the (S, G, D) query rows
             view = lambda t: t.view(Hkv, *([1] * lead), *t.shape[1:])  # noqa: E731
             rows = (Hkv, *([g] * (lead - 1)), S)
-            return sel.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), tuple(map(view, fine)),
+            return recovery.selector_recovery(self.rule, mass, q, view(kmin), view(kmax), tuple(map(view, fine)),
                                          n_pages.expand(rows), k_pages.expand(*rows, -1), self.sink, self.recent,
                                          None if ch is None else view(ch), (pos + 1).expand(rows))
         curves = {  # each [Hkv, (g,) S, G] -> mean over sampled queries
-            "oracle_q": sel.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),
-            "oracle_kv": sel.recovery_curve(group_mass, group_mass.argsort(-1, descending=True), k_pages),
+            "oracle_q": recovery.recovery_curve(page_mass, page_mass.argsort(-1, descending=True), k_pages),
+            "oracle_kv": recovery.recovery_curve(group_mass, group_mass.argsort(-1, descending=True), k_pages),
             "runtime_q": runtime(page_mass, qs.unsqueeze(-2), 2),              # each q head selects alone
             "runtime_kv": runtime(group_mass, qs.transpose(1, 2), 1),
         }

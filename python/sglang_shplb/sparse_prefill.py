@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import recovery
 from . import selection as sel
 from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
 from .config import ConfigError
@@ -141,7 +142,7 @@ def label_block_scores(q_blocks: torch.Tensor, labels: torch.Tensor, channels: t
     block and the KV group; otherwise each query head's block mean, combined over the group by
     selection.aggregate(how) over the block's causal pages (ctx [nb])."""
     nb, B, D = q_blocks.shape[0], q_blocks.shape[1], q_blocks.shape[-1]
-    lab = sel.page_keys(labels.float(), page_size)                                               # [Hkv, N, P, r]
+    lab = recovery.page_keys(labels.float(), page_size)                                               # [Hkv, N, P, r]
     real = (n - B * torch.arange(nb, device=labels.device)).clamp(max=B)                       # queries per block
     qm = q_blocks.float().sum(1) / real.view(-1, 1, 1, 1)                                       # [nb, Hkv, G, D]
     if how == "pooled":
@@ -395,6 +396,6 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
         order = scores.argsort(dim=-1, descending=True, stable=True)
         ctx = torch.tensor(float(win_hi + 1))
         k_pages = sel.pages_for_budget(grid.double(), ctx, int(forced.sum()))
-        recs.append(sel.recovery_curve(mass, order, k_pages.to(q.device).expand(Hkv, -1)))
+        recs.append(recovery.recovery_curve(mass, order, k_pages.to(q.device).expand(Hkv, -1)))
         sinks.append(mass[:, :sink].sum(-1))
     return torch.stack(recs).mean(0), torch.stack(sinks).mean(0)
