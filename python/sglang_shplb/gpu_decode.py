@@ -166,8 +166,8 @@ class GpuSparseDecode:
         self.bs = bs
 
     def _shortlist(self, k: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        """Shortlist length per head: selection.choose_pages' c = min(ceil(shortlist * k), n)."""
-        return torch.minimum(torch.ceil(self.rule.shortlist * k - 1e-6).long(), n.long()).to(torch.int32)
+        """Shortlist length per head: selection.choose_pages' c, as int32 for the kernels."""
+        return sel.shortlist_len(self.rule, k, n).to(torch.int32)
 
     def prepare(self, seq_lens: torch.Tensor) -> None:
         """Device part of a step's metadata (graph-recordable: fixed shapes, no host values)."""
