@@ -46,8 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import recovery
-from . import selection as sel
+from . import recovery, selection as sel
 from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
 from .config import ConfigError
 
