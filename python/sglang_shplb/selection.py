@@ -225,6 +225,11 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     return aggregate(selector.aggregate, logits.logsumexp(-1), valid)
 
 
+def tokens_in_pages(seq_lens: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Tokens written in logical pages `pages` of a context of seq_lens tokens (broadcast): P but in the last, 0 past it."""
+    return (seq_lens - pages * page_size).clamp(0, page_size)
+
+
 def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
                  seq_lens: Optional[torch.Tensor] = None,
                  page_fill: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
@@ -235,7 +240,7 @@ def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
         def score(selector, q, idx, meta, valid):
             P = meta[0].shape[-2]
             fill = page_fill.gather(-1, idx) if page_fill is not None else \
-                None if seq_lens is None else (seq_lens.unsqueeze(-1) - idx * P).clamp(0, P)
+                None if seq_lens is None else tokens_in_pages(seq_lens.unsqueeze(-1), idx, P)
             return key_scores(selector, q, *meta, valid, channels=channels, fill=fill)
         return score
     return lambda selector, q, idx, meta, valid: fine_scores(selector, q, *meta, valid)

@@ -114,17 +114,17 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     dense = (k_pages >= n_pages.view(1, bs, 1)).flatten(1).all(1).tolist()
     rows = req_pool_indices.long()
     max_pages = int(n_pages.max())
-    first_tok = (torch.arange(max_pages, device=seq_lens.device) * P).clamp(max=req_to_token.shape[1] - 1)
+    j = torch.arange(max_pages, device=seq_lens.device)                      # logical pages
+    first_tok = (j * P).clamp(max=req_to_token.shape[1] - 1)
     page_ids = (req_to_token[rows.view(bs, 1), first_tok.view(1, -1)] // P).long()         # [bs, N]
-    page_ids = page_ids.masked_fill(torch.arange(max_pages, device=seq_lens.device) >= n_pages.view(bs, 1), 0)
+    page_ids = page_ids.masked_fill(j >= n_pages.view(bs, 1), 0)
     # One index_select per metadata tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids])
     # is ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
     meta_rows = (page_ids.unsqueeze(1) * Hkv + torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)).flatten()
     # what every layer's selection would otherwise rebuild from n_pages and k_pages: on a CPU each small op costs
     # 10-30 us once the layer's gathers have evicted the caches, more than its arithmetic
-    j = torch.arange(max_pages, device=seq_lens.device)
     pins = sel.page_pins(n_pages.view(bs, 1), max_pages, sink, recent)
-    page_fill = (seq_lens.long().view(bs, 1) - j * P).clamp(0, P)
+    page_fill = sel.tokens_in_pages(seq_lens.long().view(bs, 1), j, P)
     dropped = j >= k_pages.unsqueeze(-1)
     k_max = k_pages.flatten(1).amax(1).tolist()
     return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, dropped, k_max)
