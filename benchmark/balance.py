@@ -94,12 +94,11 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
             meta = decode_inputs(sel.DEFAULT_SELECTOR, fine)                # the default selector's metadata
             seq, idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV, G, D)
-            heads = torch.arange(HKV).view(1, HKV, 1)
             for name, b in sets.items():
                 ref = sel.BudgetRef.of(b, ref_pages) if name.startswith("optimal") else None   # file vs --shplb-budget
                 chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, budget_ref=ref, **meta)
                           for l in range(L)]
-                runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.slots, c.valid, heads, D ** -0.5) for c in chosen],
+                runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.rows, c.valid, D ** -0.5) for c in chosen],
                         "ragged": lambda: [attend_selected(q, k_buf, v_buf, c, D ** -0.5) for c in chosen]}
                 ts = {k: [] for k in runs}
                 for _ in range(repeats):          # interleaved: drift hits both alike

@@ -44,8 +44,8 @@ def label_page_scores_torch(q, labels, channels, req_to_token, req_pool_indices,
     slots = first.long().unsqueeze(-1) + torch.arange(P, device=q.device)                 # [bs,H,C,P]
     heads = torch.arange(H, device=q.device).view(1, H, 1, 1)
     rule = S.Selector("label", how, None, 1.0, keys=r, label=True)
-    fill = (seq_lens.long().view(bs, 1, 1) - j * P).clamp(0, P)
-    s = S.key_scores(rule, q, labels[heads, slots].float(), listed, channels, fill)      # [bs,H,C]
+    stale = torch.arange(P, device=q.device) >= S.tokens_in_pages(seq_lens.long().view(bs, 1, 1), j, P).unsqueeze(-1)
+    s = S.key_scores(rule, q, labels[heads, slots].float(), listed, channels, stale)     # [bs,H,C]
     forced = S.is_forced(j, n, sink, recent)
     return s.masked_fill(forced, float("inf")).masked_fill(~listed, float("-inf"))
 

@@ -7,7 +7,7 @@ import torch
 from sglang_shplb import recovery
 from sglang_shplb import selection as sel
 from sglang_shplb.sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata,
-                                           select_decode_tokens, update_page_minmax)
+                                           plan_decode, select_decode_tokens, update_page_minmax)
 
 P, HKV, G, D = 4, 3, 2, 8
 
@@ -244,6 +244,29 @@ def test_label_selectors_pick_brute_force_pages(selector):
                              torch.tensor([40]), torch.full((HKV,), 0.2), P, 1, 1, selector)
 
 
+@pytest.mark.parametrize("sink, recent", [(1, 2), (0, 1), (3, 1), (2, 4)])
+def test_written_slots_at_each_rank_are_known_before_scoring(sink, recent):
+    """plan_decode marks the written slots of the page at each rank before any page is scored
+    (selection.rank_fill): the rule puts the forced pages first, in page order, and with recent >= 1 the only
+    partial page, the last, is forced. Checked against the fill of the pages the rule really ranks there, for
+    scores with many ties and -inf, partial last pages and contexts of at most sink + recent pages."""
+    P16 = 16
+    seq_lens = torch.tensor([1, 16, 17, 40, 300, 411, 90])
+    n = (seq_lens + P16 - 1) // P16
+    N = int(n.max())
+    pins = sel.page_pins(n, N, sink, recent)
+    fill = sel.tokens_in_pages(seq_lens.view(-1, 1), torch.arange(N), P16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(-3, 3, (len(n), N), generator=g).float()
+        scores[scores == -3] = -math.inf
+        ranked = sel.rank_pages(scores, n, sink, recent, pins)
+        assert torch.equal(fill.gather(-1, ranked), sel.rank_fill(pins, fill))
+    with pytest.raises(ValueError, match="recent must be >= 1"):
+        plan_decode(torch.zeros(1, 64, dtype=torch.int32), torch.tensor([0]), torch.tensor([40]),
+                    torch.full((1, HKV), 0.5), P16, sink, 0)
+
+
 @pytest.mark.parametrize("selector", ["quest_max", "two_stage4", "two_stage_label32_norm"])
 def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
     """THE rule's tie-break survives the two-stage re-rank (made in page space over the step's pins): pages
@@ -288,8 +311,7 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     assert narrow * 4 < wide                                    # the small-budget heads are not padded
     for g, t in groups:                                         # nothing selected lies past a bucket's width
         assert not chosen.valid[:, g, t:].any()
-    heads = torch.arange(HKV).view(1, HKV, 1)
-    padded = _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, 0.3)
+    padded = _attend(q, k_buf, v_buf, chosen.rows, chosen.valid, 0.3)
     assert torch.allclose(attend_selected(q, k_buf, v_buf, chosen, 0.3), padded, atol=1e-6)
 
 

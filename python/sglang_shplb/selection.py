@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import torch
 
 NEG_INF = float("-inf")
+FLOOR = torch.finfo(torch.float32).min   # a masked logit that exp() sends to exactly 0, yet never makes inf - inf
+MASKING = ("norm", "psum", "mix")      # aggregates that already score non-candidates -inf
 
 
 @dataclass(frozen=True)
@@ -202,13 +204,12 @@ def fine_scores(selector: Selector, q: torch.Tensor, fmin: torch.Tensor, fmax: t
 
 
 def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
-               channels: Optional[torch.Tensor] = None, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+               channels: Optional[torch.Tensor] = None, stale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Page scores from the pages' keys (SparQ): q [..., G, D], keys [..., C, P, D], valid [..., C] -> [..., C].
     Each query head's logits from its `selector.keys` largest-|q| channels, log-sum-exp over the page's
     tokens (an estimate of the page's log attention mass), aggregated over the group. A label selector:
     keys are label-cache rows [..., C, P, r] (the KV head's `channels` [..., r]); logits keep the full 1/sqrt(D).
-    fill [..., C]: tokens written per page (a partial page's stale slots must not enter a normalisation over
-    pages); None: every page is full."""
+    stale [..., C, P]: unwritten slots (a partial page's must not enter a normalisation over pages); None: none."""
     q = q.float()
     if selector.label:
         if channels is None:
@@ -220,9 +221,11 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
     C, P = keys.shape[-3:-1]
     # one [G, r] x [r, C*P] matmul per head (an einsum here paid a layout copy: 2x slower on CPU)
     logits = torch.matmul(q_r, keys.float().flatten(-3, -2).transpose(-1, -2)).unflatten(-1, (C, P))
-    if fill is not None:
-        logits = logits.masked_fill_((torch.arange(P, device=keys.device) >= fill.unsqueeze(-1)).unsqueeze(-3), NEG_INF)
-    return aggregate(selector.aggregate, logits.logsumexp(-1), valid)
+    if stale is not None:   # a finite floor, so a page with none written stays finite (it is never a candidate)
+        logits = logits.masked_fill_(stale.unsqueeze(-3), FLOOR)
+    # torch.logsumexp's own steps, less its guard for an infinite max (the floor is finite): 6 ops, not 9
+    peak = logits.amax(-1, keepdim=True)
+    return aggregate(selector.aggregate, (logits - peak).exp_().sum(-1).log_().add_(peak.squeeze(-1)), valid)
 
 
 def tokens_in_pages(seq_lens: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -231,17 +234,20 @@ def tokens_in_pages(seq_lens: torch.Tensor, pages: torch.Tensor, page_size: int)
 
 
 def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
-                 seq_lens: Optional[torch.Tensor] = None,
-                 page_fill: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
+                 seq_lens: Optional[torch.Tensor] = None, page_fill: Optional[torch.Tensor] = None,
+                 stale: Optional[torch.Tensor] = None) -> Callable[..., torch.Tensor]:
     """The finer page score of a `fine` selector over candidate pages idx [..., C]: from the keys (or label
     cache; a page's tokens past seq_lens [...] are not counted; page_fill [..., N], the tokens written in each
-    page, says the same when the caller made it once), or from sub-page bounds (which hold only written keys)."""
+    page, or stale [..., C, P], the candidates' unwritten slots, says the same when the caller made it once), or
+    from sub-page bounds (which hold only written keys)."""
     if selector.keys:
         def score(selector, q, idx, meta, valid):
             P = meta[0].shape[-2]
-            fill = page_fill.gather(-1, idx) if page_fill is not None else \
-                None if seq_lens is None else tokens_in_pages(seq_lens.unsqueeze(-1), idx, P)
-            return key_scores(selector, q, *meta, valid, channels=channels, fill=fill)
+            unwritten = stale
+            if unwritten is None and (page_fill is not None or seq_lens is not None):
+                fill = page_fill.gather(-1, idx) if page_fill is not None else tokens_in_pages(seq_lens[..., None], idx, P)
+                unwritten = torch.arange(P, device=idx.device) >= fill.unsqueeze(-1)
+            return key_scores(selector, q, *meta, valid, channels=channels, stale=unwritten)
         return score
     return lambda selector, q, idx, meta, valid: fine_scores(selector, q, *meta, valid)
 
@@ -292,9 +298,8 @@ def is_forced(j: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) ->
 
 @dataclass(frozen=True)
 class PagePins:
-    """The rule's fixed places for rows of n_pages pages over N columns. Data-independent, so a decode step
-    makes them once for every layer (`page_pins`): free [..., N] pages ranked by their score; value [..., N]
-    +inf for a forced page, -inf for the rest (past the context, or free before it is scored)."""
+    """The rule's fixed places (`page_pins`; data-independent: a decode step makes them once): free [..., N] pages
+    ranked by their score; value [..., N] +inf for a forced page, -inf for the rest (past the context, or free)."""
     free: torch.Tensor
     value: torch.Tensor
 
@@ -306,15 +311,25 @@ def page_pins(n_pages: torch.Tensor, N: int, sink: int, recent: int) -> PagePins
     return PagePins(inside & ~forced, torch.full(forced.shape, NEG_INF, device=n_pages.device).masked_fill_(forced, math.inf))
 
 
+def rank_fill(pins: PagePins, page_fill: torch.Tensor) -> torch.Tensor:
+    """Tokens written in the page at each rank of the rule's order, known before any page is scored: forced pages
+    come first in page order (+inf pins, ties to the lower index), then free pages, then those past the context.
+    With recent >= 1 the last page, the only partial one, is forced, so every free page is full whichever the
+    scores pick. pins [..., N], page_fill [..., N] -> [..., N]."""
+    return page_fill.gather(-1, pins.value.argsort(dim=-1, descending=True, stable=True))
+
+
 @dataclass(frozen=True)
 class LayerRanks:
     """choose_pages' inputs that no layer's data changes, when a decode step made them for all its layers at once
     (FlashInfer's plan/run split: on a CPU each small op costs 10-30 us once a layer's gathers have evicted the
-    caches). listed [..., >= C]: rank < each row's `shortlist_len` (shortlist selectors only)."""
+    caches). listed [..., >= C]: rank < each row's `shortlist_len` (shortlist selectors only); rank_stale
+    [..., N, P]: slot t of the page at rank j is not written (`rank_fill`; needs recent >= 1)."""
     pins: PagePins
     page_fill: torch.Tensor        # [..., N] tokens written in each page
     k_max: int                     # int(k_pages.max())
     listed: Optional[torch.Tensor] = None
+    rank_stale: Optional[torch.Tensor] = None
 
 
 def shortlist_len(selector: Selector, k_pages: torch.Tensor, n_pages: torch.Tensor) -> torch.Tensor:
@@ -368,11 +383,14 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         listed = ranks.listed[..., :C]
     else:
         listed = torch.arange(C, device=q.device) < shortlist_len(selector, k_pages, n_pages).unsqueeze(-1)
-    fine = second_stage(selector, channels, seq_lens, page_fill)(selector, q, short, fine_meta(short), listed)
+    # the shortlist is in the rule's order, so its j-th page's unwritten slots are rank j's (rank_fill)
+    stale = ranks.rank_stale[..., :C, :] if ranks is not None and ranks.rank_stale is not None else None
+    fine = second_stage(selector, channels, seq_lens, page_fill, stale)(selector, q, short, fine_meta(short), listed)
     # re-rank the shortlist by THE rule, in page space: each listed page's fine score at its page index over the
     # pins (forced +inf stays, unlisted -inf), so a stable sort breaks ties to the lower page index
     by_page = torch.broadcast_to(pins.value, (*short.shape[:-1], N)).clone()
-    by_page.scatter_reduce_(-1, short, torch.where(listed, fine, NEG_INF), "amax")
+    by_page.scatter_reduce_(-1, short, fine if selector.aggregate in MASKING else torch.where(listed, fine, NEG_INF),
+                            "amax")
     return by_page.argsort(dim=-1, descending=True, stable=True)[..., :K]
 
 

@@ -59,10 +59,16 @@ def fold_labels(labels: torch.Tensor, channels: torch.Tensor, locs: torch.Tensor
 
 @dataclass
 class DecodeSelection:
-    """Which tokens each (request, KV head) attends to: slots/valid are [bs, Hkv, T]."""
-    slots: torch.Tensor
+    """Which tokens each (request, KV head) attends to: rows/valid are [bs, Hkv, T]; a row is slot * Hkv + head,
+    the token's row of a [slots * Hkv, D] view of the K/V buffers (one index_select reads K, one V)."""
+    rows: torch.Tensor
     valid: torch.Tensor
     dense: bool  # every head covers its whole context: caller may run plain dense attention
+    num_kv_heads: int
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.rows.div(self.num_kv_heads, rounding_mode="floor")
 
     @property
     def tokens_read(self) -> torch.Tensor:
@@ -83,9 +89,15 @@ class DecodePlan:
     meta_rows: torch.Tensor     # [bs * Hkv * N] rows of [pages * Hkv, D] page metadata in [bs, Hkv, N] order
     pins: sel.PagePins          # [bs, 1, N] the ranking rule's forced / past-the-end pages
     page_fill: torch.Tensor     # [bs, N] tokens written in each logical page (P but in the last; 0 past the end)
-    dropped: torch.Tensor       # [L, bs, Hkv, N] rank j >= the head's k_pages: not selected
+    kept: torch.Tensor          # [L, bs, Hkv, N] rank j < the head's k_pages: selected
     k_max: list                 # [L] int: the layer's largest k_pages
+    heads: torch.Tensor         # [1, Hkv, 1] KV head indices
+    kv_rows: torch.Tensor       # [bs, Hkv, N] K/V row (slot * Hkv + head) of each logical page's first token
+    tok_rows: torch.Tensor      # [P] row offset of a page's t-th token: t * Hkv
+    rank_written: torch.Tensor  # [bs, 1, N, P] slot t of the page at rank j is written (`selection.LayerRanks`)
+    rank_stale: torch.Tensor    # ~rank_written
     listed: dict = field(default_factory=dict)   # selector.shortlist -> [L, bs, Hkv, N], made on first use
+    label_rows: dict = field(default_factory=dict)   # label-cache pages -> [bs, Hkv, N] rows, made on first use
 
     def ranks(self, layer: int, rule: sel.Selector) -> sel.LayerRanks:
         """Layer `layer`'s share for selection.choose_pages; a shortlist's rank masks are made for every layer
@@ -98,7 +110,14 @@ class DecodePlan:
                 self.listed[rule.shortlist] = torch.arange(N, device=c_row.device) < c_row.unsqueeze(-1)
             listed = self.listed[rule.shortlist][layer]
         Hkv = self.k_pages.shape[-1]
-        return sel.LayerRanks(self.pins, self.page_fill.unsqueeze(1).expand(bs, Hkv, N), self.k_max[layer], listed)
+        return sel.LayerRanks(self.pins, self.page_fill.unsqueeze(1).expand(bs, Hkv, N), self.k_max[layer], listed,
+                              self.rank_stale)
+
+    def label_pages(self, pool_pages: int) -> torch.Tensor:
+        """[bs, Hkv, N]: each logical page's row in a [Hkv * pool_pages, P * r] view of the label cache."""
+        if pool_pages not in self.label_rows:
+            self.label_rows[pool_pages] = self.page_ids.unsqueeze(1) + self.heads * pool_pages
+        return self.label_rows[pool_pages]
 
 
 def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -108,6 +127,8 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     selection.pages_for_budget) -> the step's DecodePlan for all L layers."""
     bs, P = seq_lens.shape[0], page_size
     L, Hkv = budgets.shape
+    if recent < 1:   # rank_written relies on the last (only partial) page being forced
+        raise ValueError(f"recent must be >= 1 page (the current token's page), got {recent}")
     n_pages = (seq_lens.long() + P - 1) // P                                   # [bs]
     k_pages = sel.pages_for_budget(budgets.view(L, 1, Hkv).double(), n_pages.view(1, bs, 1).double(), sink + recent,
                                    budget_ref)
@@ -120,14 +141,19 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     page_ids = page_ids.masked_fill(j >= n_pages.view(bs, 1), 0)
     # One index_select per metadata tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids])
     # is ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
-    meta_rows = (page_ids.unsqueeze(1) * Hkv + torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)).flatten()
+    heads = torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)
+    meta_rows = (page_ids.unsqueeze(1) * Hkv + heads).flatten()
     # what every layer's selection would otherwise rebuild from n_pages and k_pages: on a CPU each small op costs
     # 10-30 us once the layer's gathers have evicted the caches, more than its arithmetic
     pins = sel.page_pins(n_pages.view(bs, 1), max_pages, sink, recent)
     page_fill = sel.tokens_in_pages(seq_lens.long().view(bs, 1), j, P)
-    dropped = j >= k_pages.unsqueeze(-1)
+    kept = j < k_pages.unsqueeze(-1)
     k_max = k_pages.flatten(1).amax(1).tolist()
-    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, dropped, k_max)
+    tokens = torch.arange(P, device=seq_lens.device)
+    kv_rows = page_ids.unsqueeze(1) * (P * Hkv) + heads
+    rank_written = tokens < sel.rank_fill(pins, page_fill.unsqueeze(1)).unsqueeze(-1)
+    return DecodePlan(seq_lens, n_pages, k_pages, dense, page_ids, rows, meta_rows, pins, page_fill, kept, k_max,
+                      heads, kv_rows, tokens * Hkv, rank_written, ~rank_written)
 
 
 def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, req_to_token: torch.Tensor,
@@ -158,15 +184,16 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
     seq_lens, n_pages, page_ids = plan.seq_lens, plan.n_pages, plan.page_ids
     k_pages = plan.k_pages[layer]                                              # [bs, Hkv]
     rows = plan.rows.view(bs, 1)
+    heads = plan.heads
     if plan.dense[layer]:
         T = int(seq_lens.max())
         pos = torch.arange(T, device=q.device).view(1, 1, T).expand(bs, Hkv, T)
         valid = pos < seq_lens.view(bs, 1, 1)
         slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
-        return DecodeSelection(slots.long(), valid, dense=True)
+        return DecodeSelection(slots.long() * Hkv + heads, valid, True, Hkv)
 
     max_pages = page_ids.shape[1]
-    heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
+    head_pages = page_ids.unsqueeze(1).expand(bs, Hkv, max_pages)   # a view: gathers by [bs, Hkv, C] page lists
     lo = kmin.view(-1, kmin.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
     hi = kmax.view(-1, kmax.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
     fine_meta = None
@@ -188,10 +215,10 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
             raise ValueError(f"selector {selector!r} re-ranks from the keys: pass the key cache (k_buf=)")
         if rule.label:   # [Hkv, slots, r]: a (page, head) is one row of P*r values
             flat_pages = labels[0].view(Hkv * (labels[0].shape[1] // P), -1)
-            heads_pages = heads * (labels[0].shape[1] // P)
+            label_pages = plan.label_pages(labels[0].shape[1] // P)
 
             def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
-                rows = (page_ids.gather(1, idx.flatten(1)).view(idx.shape) + heads_pages).flatten()
+                rows = label_pages.gather(-1, idx).flatten()
                 return (flat_pages.index_select(0, rows).view(*idx.shape, P, -1),)   # [bs, Hkv, C, P, r]
         else:
             flat_k = k_buf.view(-1, k_buf.shape[-1])
@@ -201,16 +228,15 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
                 rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
+    ranks = plan.ranks(layer, rule)
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
-                              sink, recent, labels[1] if rule.label else None,
-                              None, plan.ranks(layer, rule))                   # [bs, Hkv, K] logical pages
+                              sink, recent, labels[1] if rule.label else None, None, ranks)   # [bs, Hkv, K]
     K = chosen.shape[-1]
     # a logical page's tokens are its physical page's P slots in order (SGLang allocates whole pages)
-    slots = (page_ids.gather(1, chosen.flatten(1)).view(bs, Hkv, K, 1) * P + torch.arange(P, device=q.device))
-    written = plan.page_fill.gather(1, chosen.flatten(1)).view(bs, Hkv, K)
-    written = written.masked_fill_(plan.dropped[layer, :, :, :K], 0)             # ranks past the head's k
-    valid = torch.arange(P, device=q.device) < written.unsqueeze(-1)
-    return DecodeSelection(slots.flatten(2), valid.flatten(2), dense=False)
+    rows = plan.kv_rows.gather(-1, chosen).unsqueeze(-1) + plan.tok_rows
+    # chosen[..., j] holds rank j, whose written slots the plan knows (selection.LayerRanks); ranks past k are dropped
+    valid = plan.rank_written[:, :, :K] & plan.kept[layer, :, :, :K].unsqueeze(-1)
+    return DecodeSelection(rows.flatten(2), valid.flatten(2), False, Hkv)
 
 
 BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
@@ -242,18 +268,16 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
     return groups
 
 
-def _rows(buf: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """buf[slots, heads] ([slots, Hkv, D] -> [*slots.shape, D]) as one index_select over (slot, head) rows:
-    advanced indexing is several times slower on CPU."""
+def _rows(buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (slot * Hkv + head) of buf [slots, Hkv, D] -> [*rows.shape, D], as one index_select (advanced
+    indexing is several times slower on CPU)."""
     if not buf.is_contiguous():
-        return buf[slots, heads]
-    rows = (slots * buf.shape[1] + heads).flatten()
-    return buf.view(-1, buf.shape[-1]).index_select(0, rows).view(*slots.shape, buf.shape[-1])
+        return buf[rows.div(buf.shape[1], rounding_mode="floor"), rows % buf.shape[1]]
+    return buf.view(-1, buf.shape[-1]).index_select(0, rows.flatten()).view(*rows.shape, buf.shape[-1])
 
 
-def _attend(q, k_buf, v_buf, slots, valid, heads, scale):
-    keys = _rows(k_buf, slots, heads).to(q.dtype)                              # [bs, h, T, D]
-    values = _rows(v_buf, slots, heads).to(q.dtype)
+def _attend(q, k_buf, v_buf, rows, valid, scale):
+    keys, values = _rows(k_buf, rows).to(q.dtype), _rows(v_buf, rows).to(q.dtype)      # [bs, h, T, D]
     # a group's G queries are SDPA's query rows: one fused kernel (an einsum / mask / softmax / einsum chain
     # was four passes); every row keeps its sink page, so no row is fully masked
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=valid.unsqueeze(2), scale=scale)
@@ -267,11 +291,10 @@ def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, c
     Hkv = q.shape[1]
     groups = head_buckets(chosen)
     if len(groups) == 1:
-        heads = torch.arange(Hkv, device=q.device).view(1, Hkv, 1)
-        return _attend(q, k_buf, v_buf, chosen.slots, chosen.valid, heads, scale)
+        return _attend(q, k_buf, v_buf, chosen.rows, chosen.valid, scale)
     out = q.new_empty(*q.shape[:3], v_buf.shape[-1])
     for heads, t in groups:   # one batch per budget bucket (<= distinct budgets), never per request
         h = torch.tensor(heads, device=q.device)
-        out[:, h] = _attend(q[:, h], k_buf, v_buf, chosen.slots[:, h, :t].contiguous(),
-                            chosen.valid[:, h, :t].contiguous(), h.view(1, -1, 1), scale)
+        out[:, h] = _attend(q[:, h], k_buf, v_buf, chosen.rows[:, h, :t].contiguous(),
+                            chosen.valid[:, h, :t].contiguous(), scale)
     return out
