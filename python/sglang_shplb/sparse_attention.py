@@ -183,17 +183,15 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
     rule = sel.get_selector(selector)
     seq_lens, n_pages, page_ids = plan.seq_lens, plan.n_pages, plan.page_ids
     k_pages = plan.k_pages[layer]                                              # [bs, Hkv]
-    rows = plan.rows.view(bs, 1)
     heads = plan.heads
     if plan.dense[layer]:
         T = int(seq_lens.max())
         pos = torch.arange(T, device=q.device).view(1, 1, T).expand(bs, Hkv, T)
         valid = pos < seq_lens.view(bs, 1, 1)
-        slots = req_to_token[rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
+        slots = req_to_token[plan.rows.view(bs, 1, 1), pos.clamp(max=req_to_token.shape[1] - 1)]
         return DecodeSelection(slots.long() * Hkv + heads, valid, True, Hkv)
 
     max_pages = page_ids.shape[1]
-    head_pages = page_ids.unsqueeze(1).expand(bs, Hkv, max_pages)   # a view: gathers by [bs, Hkv, C] page lists
     lo = kmin.view(-1, kmin.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
     hi = kmax.view(-1, kmax.shape[-1]).index_select(0, plan.meta_rows).view(bs, Hkv, max_pages, -1)
     fine_meta = None
@@ -204,7 +202,7 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
         flat_lo, flat_hi = fine[0].view(-1, fine[0].shape[-1]), fine[1].view(-1, fine[1].shape[-1])
 
         def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
-            phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)          # physical pages
+            phys = page_ids.unsqueeze(1).expand(bs, Hkv, max_pages).gather(-1, idx)   # physical pages
             rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads.unsqueeze(-1)).flatten()
             shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
             return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
@@ -224,9 +222,7 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
             flat_k = k_buf.view(-1, k_buf.shape[-1])
 
             def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
-                phys = page_ids.gather(1, idx.flatten(1)).view(idx.shape)
-                slots = phys.unsqueeze(-1) * P + torch.arange(P, device=q.device)   # a page's P slots, in order
-                rows = (slots * Hkv + heads.unsqueeze(-1)).flatten()
+                rows = (plan.kv_rows.gather(-1, idx).unsqueeze(-1) + plan.tok_rows).flatten()   # P slots in order
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     ranks = plan.ranks(layer, rule)
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
@@ -288,7 +284,6 @@ def attend_selected(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, c
     """Attention of q [bs, Hkv, G, D] over each head's selected tokens -> [bs, Hkv, G, Dv].
     Heads run in width buckets (head_buckets): a head reads and multiplies only about its own
     budget's tokens, so unequal budgets cost what their pages cost (one batch when they are equal)."""
-    Hkv = q.shape[1]
     groups = head_buckets(chosen)
     if len(groups) == 1:
         return _attend(q, k_buf, v_buf, chosen.rows, chosen.valid, scale)
