@@ -312,10 +312,8 @@ def page_pins(n_pages: torch.Tensor, N: int, sink: int, recent: int) -> PagePins
 
 
 def rank_fill(pins: PagePins, page_fill: torch.Tensor) -> torch.Tensor:
-    """Tokens written in the page at each rank of the rule's order, known before any page is scored: forced pages
-    come first in page order (+inf pins, ties to the lower index), then free pages, then those past the context.
-    With recent >= 1 the last page, the only partial one, is forced, so every free page is full whichever the
-    scores pick. pins [..., N], page_fill [..., N] -> [..., N]."""
+    """pins, page_fill [..., N] -> tokens written in the page at each rank, known before scoring: forced pages rank
+    first in page order, and with recent >= 1 the only partial page (the last) is forced, so free pages are full."""
     return page_fill.gather(-1, pins.value.argsort(dim=-1, descending=True, stable=True))
 
 
@@ -323,8 +321,8 @@ def rank_fill(pins: PagePins, page_fill: torch.Tensor) -> torch.Tensor:
 class LayerRanks:
     """choose_pages' inputs that no layer's data changes, when a decode step made them for all its layers at once
     (FlashInfer's plan/run split: on a CPU each small op costs 10-30 us once a layer's gathers have evicted the
-    caches). listed [..., >= C]: rank < each row's `shortlist_len` (shortlist selectors only); rank_stale
-    [..., N, P]: slot t of the page at rank j is not written (`rank_fill`; needs recent >= 1)."""
+    caches). listed [..., >= C]: rank < each row's `shortlist_len` (shortlist selectors); rank_stale [..., N, P]:
+    slot t of the page at rank j is unwritten (`rank_fill`)."""
     pins: PagePins
     page_fill: torch.Tensor        # [..., N] tokens written in each page
     k_max: int                     # int(k_pages.max())
