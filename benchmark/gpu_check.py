@@ -103,11 +103,17 @@ def label_channels(layers: int, kv_heads: int, head_dim: int, seed: int = 0) -> 
                         for _ in range(layers)])
 
 
-def _decoder(run, cache, budgets, meta_dtype):
+def selectors(run) -> list[str]:
+    """The served default (or --selector) and the fallback served without calibrated label channels."""
+    return list(dict.fromkeys([run.args.selector, S.UNCALIBRATED_SELECTOR]))
+
+
+def _decoder(run, cache, budgets, meta_dtype, selector=None):
     shape = DecodeShape(budgets.shape[0], run.Hkv, run.Hq // run.Hkv, run.D, run.D, run.args.page_size, SINK, RECENT,
                         cache.req_to_token.shape[1])
     dec = GpuSparseDecode(shape, budgets, run.dev, meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0],
-                          selector=run.args.selector, channels=label_channels(budgets.shape[0], run.Hkv, run.D))
+                          selector=selector or run.args.selector,
+                          channels=label_channels(budgets.shape[0], run.Hkv, run.D))
     locs = cache.prefill_locs.to(run.dev)
     for layer in range(shape.num_layers):
         dec.fold(layer, cache.k_dev[layer][locs], locs)
@@ -115,14 +121,20 @@ def _decoder(run, cache, budgets, meta_dtype):
 
 
 def correctness(run):
+    """(a) + (b) for each served selector."""
+    for selector in selectors(run):
+        correctness_of(run, selector)
+
+
+def correctness_of(run, selector):
     """(a) + (b): the decode objects vs the CPU path, and host syncs per step."""
     P = run.args.page_size
     seq = [3000, 517, 8191, 40] if run.dev.type == "cuda" else [150, 17, 300]
     budgets = torch.tensor([[run.args.budget] * run.Hkv, [1.0] * run.Hkv], dtype=torch.float64)
     cache = PagedCache(seq, 2, run.Hkv, run.D, P, 8192 + 64, dtype=run.dtype, device=run.dev, seed=0)
     for meta_dtype in (torch.float32, torch.bfloat16):
-        dec = _decoder(run, cache, budgets, meta_dtype)
-        rule = S.get_selector(run.args.selector)
+        dec = _decoder(run, cache, budgets, meta_dtype, selector)
+        rule = S.get_selector(selector)
         sub = rule.sub
         slots = cache.k[0].shape[0]
         chans = label_channels(2, run.Hkv, run.D)[..., : rule.keys] if rule.label else None
@@ -164,22 +176,119 @@ def correctness(run):
             if meta_dtype == torch.float32:   # the CPU serving path on its own (float32) metadata
                 meta, fine = ref_meta[layer], (ref_fine[layer] if sub else None)
                 labels = ref_labels[layer] if ref_labels else None
-                label = f"decode {name} == CPU serving path ({run.args.selector}, f32 metadata)"
+                label = f"decode {name} == CPU serving path ({selector}, f32 metadata)"
             else:                             # the CPU path selecting on the kernels' bf16 (widened) metadata
                 meta = tuple(t.cpu().float() for t in dec.meta[layer])
                 fine = tuple(t.cpu().float() for t in dec.fine[layer]) if dec.fine is not None else None
                 labels = dec.labels[layer].cpu().float() if dec.labels is not None else None
-                label = f"decode {name} == CPU serving path on the same bf16 metadata ({run.args.selector})"
+                label = f"decode {name} == CPU serving path on the same bf16 metadata ({selector})"
             chosen = cpu.select_decode_tokens(qg.float(), *meta, cache.req_to_token, cache.req_pool_indices,
                                               cache.seq_lens, budgets[layer], P, SINK, RECENT,
-                                              selector=run.args.selector, fine=fine,
+                                              selector=selector, fine=fine,
                                               labels=None if labels is None else (labels, chans[layer]))
             want = cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen,
                                        run.D ** -0.5)
             err = float((outs[layer].float().cpu().view_as(want) - want).abs().max())
             run.check(label, err < (3e-2 if run.dtype != torch.float32 else 2e-4), f"max abs err {err:.2e}")
-        run.check(f"host syncs per decode step, per-layer part ({meta_dtype})", syncs["per-layer"] == 0,
+        run.check(f"host syncs per decode step, per-layer part ({selector}, {meta_dtype})", syncs["per-layer"] == 0,
                   f"{syncs['per-layer']} (set_sync_debug_mode)" if run.dev.type == "cuda" else "(CPU: not measured)")
+
+
+class Graph:
+    """A CUDA graph of `body` (eager calls on CPU: the dry run has no graphs, same buffers and calls)."""
+
+    def __init__(self, run, body):
+        self.body, self.graph = body, None
+        if run.dev.type == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()                                   # compile every kernel before capture
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outs = body()
+        else:
+            self.outs = body()
+
+    def replay(self) -> str | None:
+        """Run the step; the host sync it attempted, if any (raised under set_sync_debug_mode("error"))."""
+        if self.graph is None:
+            self.outs = self.body()
+            return None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self.graph.replay()
+        except RuntimeError as e:
+            return str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return None
+
+
+def graph_replay(run):
+    """(c) The shipping decode as SGLang runs it: one decoder per process with buffers reserved for the
+    captured batch size, the step captured once into a CUDA graph (prepare + every layer's fold and decode),
+    then replayed at growing lengths with only the host plan between replays. Checks: replays raise no host
+    sync (set_sync_debug_mode("error")), compile nothing new, and the last replay equals eager decode."""
+    for selector in selectors(run):
+        graph_replay_of(run, selector)
+
+
+def graph_replay_of(run, selector):
+    gpu, P = run.dev.type == "cuda", run.args.page_size
+    seq = [4000, 1500, 77] if gpu else [150, 40]
+    steps = 80 if gpu else 6
+    budgets = torch.tensor([[run.args.budget] * run.Hkv, [1.0] * run.Hkv], dtype=torch.float64)
+    cache = PagedCache(seq, 2, run.Hkv, run.D, P, max(seq) + steps + 64, dtype=run.dtype, device=run.dev, seed=2)
+    dec = _decoder(run, cache, budgets, torch.bfloat16, selector)
+    gbs, bs = len(seq) + 1, len(seq)                 # captured size: the real rows + one padded row
+    dec.reserve(gbs)
+    seq_s = torch.ones(gbs, dtype=torch.int64, device=run.dev)    # SGLang's static inputs, fill value 1
+    rpi_s = torch.zeros(gbs, dtype=torch.int64, device=run.dev)
+    locs_s = torch.zeros(gbs, dtype=torch.int64, device=run.dev)
+    q_s = torch.zeros(gbs, run.Hq * run.D, dtype=run.dtype, device=run.dev)
+    kn_s = [torch.zeros(gbs, run.Hkv, run.D, dtype=run.dtype, device=run.dev) for _ in range(2)]
+
+    def body():
+        dec.prepare(seq_s)
+        outs = []
+        for layer in range(2):
+            dec.fold(layer, kn_s[layer], locs_s)
+            outs.append(dec.decode(layer, q_s, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                                   rpi_s, seq_s, run.D ** -0.5))
+        return outs
+
+    dec.plan(gbs, seq_s.cpu(), seq_s, static=True)
+    graph = Graph(run, body)
+    before, synced = _kernel_cache_sizes(), None
+    for _ in range(steps):
+        locs, k_new = cache.step()
+        seq_s[:bs], rpi_s[:bs], locs_s[:bs] = cache.seq_lens_dev, cache.req_pool_indices_dev, locs
+        q = cache.query(run.Hq)
+        q_s[:bs] = q
+        for layer in range(2):
+            kn_s[layer][:bs] = k_new[layer]
+        seq_host = torch.ones(gbs, dtype=torch.int64)
+        seq_host[:bs] = cache.seq_lens
+        dec.plan(gbs, seq_host, seq_s, real_bs=bs, static=True)     # host work between replays
+        synced = graph.replay() or synced
+    run.sync()
+    extra = {k: v - before.get(k, 0) for k, v in _kernel_cache_sizes().items() if v - before.get(k, 0)}
+    grown = f"{steps} replays, lengths {seq} -> {cache.seq_lens.tolist()}"
+    run.check(f"CUDA graph replays: no host sync ({selector})", synced is None,
+              synced or grown + (" under set_sync_debug_mode('error')" if gpu else " (CPU: eager, not measured)"))
+    run.check(f"CUDA graph replays: no recompiles ({selector})", not extra or not gpu,
+              f"new variants {extra}" if extra else "none")
+    got = [o[:bs].float().clone() for o in graph.outs]
+    dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)                  # eager, the same step
+    dec.prepare(cache.seq_lens_dev)
+    qg = q_s[:bs]
+    for layer in range(2):
+        want = dec.decode(layer, qg, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                          cache.req_pool_indices_dev, cache.seq_lens_dev, run.D ** -0.5).float()
+        err = float((got[layer] - want).abs().max())
+        run.check(f"CUDA graph replay == eager decode, layer {layer} ({selector})", err < 1e-2, f"max abs err {err:.2e}")
 
 
 def _kernel_cache_sizes():
@@ -267,11 +376,10 @@ def bench(run):
                 qd, kc, vc, enable_gqa=True))
             row["speedup_vs_sdpa"] = row["sdpa_dense_ms"] / sparse_ms
             del kc, vc
-            try:
-                import flashinfer  # noqa: F401
-                row["flashinfer"] = "importable (not timed in this version)"
-            except ImportError:
-                pass
+            row["flashinfer_dense_ms"] = flashinfer_dense_ms(run, cache, q)
+            dense_bytes = int(cache.seq_lens.sum()) * run.Hkv * 2 * run.D * cache.k[0].element_size()
+            row["bound_sparse_ms"] = (kv_bytes + meta_bytes) / bw * 1e3 if bw else None
+            row["bound_dense_ms"] = dense_bytes / bw * 1e3 if bw else None
             run.rows.append(row)
             print(json.dumps(row), flush=True)
             if compiled_after_warmup is None:
@@ -279,12 +387,38 @@ def bench(run):
             del cache, dec
             if gpu:
                 torch.cuda.empty_cache()
-    final = _kernel_cache_sizes()
-    if compiled_after_warmup is not None:
-        extra = {k: final[k] - compiled_after_warmup.get(k, 0) for k in final}
-        run.notes.append(f"compiled variants after the first config: {compiled_after_warmup}; later: {final}")
-        run.check("no recompiles across lengths and batch sizes", not any(extra.values()) or not gpu,
-                  f"extra variants {extra}" if gpu else "(interpreter: not measured)")
+    if compiled_after_warmup is not None:   # a new decoder per config: its top-k width differs, serving's never does
+        run.notes.append(f"compiled variants after the first config: {compiled_after_warmup}; after all configs "
+                         f"(one decoder each, so per-width top-k variants): {_kernel_cache_sizes()}; serving's "
+                         "recompile check is the graph replay's")
+
+
+def flashinfer_dense_ms(run, cache, q):
+    """FlashInfer's paged dense decode over the same pages (page table from req_to_token), when importable."""
+    try:
+        import flashinfer
+    except ImportError:
+        if "flashinfer" not in " ".join(run.notes):
+            run.notes.append("flashinfer not importable here: its dense decode is not timed")
+        return None
+    P, bs = run.args.page_size, cache.bs
+    n = ((cache.seq_lens + P - 1) // P).tolist()
+    rows = cache.req_to_token[cache.req_pool_indices]
+    pages = torch.cat([rows[r, : n[r] * P: P] // P for r in range(bs)]).int().to(run.dev)
+    indptr = torch.tensor([0] + n, dtype=torch.int32).cumsum(0).int().to(run.dev)
+    last = (cache.seq_lens - (torch.tensor(n) - 1) * P).int().to(run.dev)
+    try:
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device=run.dev)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        w.plan(indptr, pages, last, run.Hq, run.Hkv, run.D, P, q_data_type=run.dtype, kv_data_type=run.dtype)
+        k = cache.k_dev[0].view(-1, P, run.Hkv, run.D)
+        v = cache.v_dev[0].view(-1, P, run.Hkv, run.D)
+        qh = q.view(bs, run.Hq, run.D)
+        return run.time_ms(lambda: w.run(qh, (k, v)))
+    except Exception as e:  # noqa: BLE001 - an API or JIT problem is reported, never hidden
+        run.notes.append(f"flashinfer {getattr(flashinfer, '__version__', '?')} dense decode failed: "
+                         f"{type(e).__name__}: {str(e)[:200]}")
+        return None
 
 
 def report(run):
@@ -292,13 +426,18 @@ def report(run):
              "", f"torch {torch.__version__}, triton {__import__('triton').__version__}, budget {run.args.budget}, "
              f"selector {run.args.selector}", "",
              "| ctx | bs | plan ms | fold ms | coarse score ms | select ms (all stages) | attend ms | sparse layer ms | "
-             "dense layer ms | dense/sparse | SDPA dense ms | SDPA/sparse | selected GB/s | % roofline |",
-             "|" + "---|" * 14]
+             "bound ms (bytes/bw) | dense layer ms | dense bound ms | dense/sparse | SDPA dense ms | SDPA/sparse | "
+             "FlashInfer dense ms | FlashInfer/sparse | selected GB/s | % roofline |",
+             "|" + "---|" * 18]
     for r in run.rows:
         pct = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.0f}"
+        fi = r.get("flashinfer_dense_ms")
+        fi_ratio = "" if fi is None else f"{fi / r['sparse_layer_ms']:.2f}"
         lines.append(f"| {r['ctx']} | {r['bs']} | {r['plan_ms']:.3f} | {r['fold_ms']:.3f} | {r['score_ms']:.3f} | "
-                     f"{r['select_ms']:.3f} | {r['attend_ms']:.3f} | {r['sparse_layer_ms']:.3f} | {r['dense_layer_ms']:.3f} "
+                     f"{r['select_ms']:.3f} | {r['attend_ms']:.3f} | {r['sparse_layer_ms']:.3f} | "
+                     f"{_ms(r.get('bound_sparse_ms'))} | {r['dense_layer_ms']:.3f} | {_ms(r.get('bound_dense_ms'))} "
                      f"| {r['speedup_vs_dense']:.2f} | {r['sdpa_dense_ms']:.3f} | {r['speedup_vs_sdpa']:.2f} "
+                     f"| {_ms(fi)} | {fi_ratio} "
                      f"| {r['selected_GBps']:.1f} | {pct} |")
     lines += ["", "| check | ok | detail |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'PASS' if c['ok'] else 'FAIL'} | {c['detail']} |" for c in run.checks]
@@ -307,10 +446,14 @@ def report(run):
     return "\n".join(lines) + "\n"
 
 
+def _ms(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def main():
     args = parse_args()
     run = Run(args)
-    for stage in (correctness, bench, prefill_check):
+    for stage in (correctness, graph_replay, bench, prefill_check):
         stage(run)
     text = report(run)
     print(text)

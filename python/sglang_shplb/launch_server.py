@@ -113,6 +113,63 @@ def gpu_defaults(argv: list[str], cfg: ShplbConfig) -> list[str]:
     return ["--cuda-graph-backend-prefill", "disabled"]
 
 
+ATTENTION_FLAGS = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend")
+
+
+def _cuda_serving() -> bool:
+    """True to serve on CUDA; one error line when this is a GPU install that cannot use its GPU (never a quiet
+    fall back to a CPU path the install was not built for)."""
+    from .sglang_adapter.platform_check import cuda_problem, cuda_usable
+
+    if cuda_usable()[0]:
+        return True
+    problem = cuda_problem()
+    if problem:
+        _fail(problem)
+    return False
+
+
+def flashinfer_fallback(argv: list[str]) -> list[str]:
+    """On CUDA without a way to build FlashInfer's kernels: SGLang's Triton attention and PyTorch sampling
+    (said in one line), or one error line when the user asked for FlashInfer by name."""
+    from .sglang_adapter.platform_check import flashinfer_unbuildable
+
+    why = flashinfer_unbuildable()
+    if why is None:
+        return []
+    asked = [f for f in ATTENTION_FLAGS + ("--sampling-backend",) if _value(argv, f) == "flashinfer"]
+    if asked:
+        _fail(f"{asked[0]} flashinfer: {why}; or pick another backend")
+    extra = [] if _given(argv, "--attention-backend") else ["--attention-backend", "triton"]
+    extra += [] if _given(argv, "--sampling-backend") else ["--sampling-backend", "pytorch"]
+    if extra:
+        print(f"[sglang-shplb] {why}: serving with {' '.join(extra)} instead", flush=True)
+    return extra
+
+
+def _refuse_unsupported(argv: list[str]) -> None:
+    """SGLang settings the shplb backend cannot serve, refused before SGLang starts (the workers check again)."""
+    import argparse
+    import contextlib
+    import io
+
+    from sglang.srt.server_args import ServerArgs, add_attention_backend_choices
+
+    from .sglang_adapter.refusals import server_problems
+
+    add_attention_backend_choices(["shplb"])   # what the plugin does in SGLang's own processes
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    ServerArgs.add_cli_args(parser)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, _ = parser.parse_known_args(argv)
+    except (SystemExit, argparse.ArgumentError):   # SGLang itself will name the bad flag
+        return
+    problems = server_problems(args)
+    if problems:
+        _fail("; ".join(problems))
+
+
 def _fail(msg: str) -> "NoReturn":  # noqa: F821
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -253,9 +310,8 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
 
     env = dict(os.environ)
     env["SGLANG_SHPLB_CONFIG"] = cfg.to_env()
-    import torch
-
-    if not torch.cuda.is_available():
+    cuda = _cuda_serving()
+    if not cuda:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")  # 2-core hosts: more threads make decode erratic
         rest = rest + cpu_defaults(rest, cfg)
@@ -264,10 +320,14 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
             env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_core_binding(tp, sorted(os.sched_getaffinity(0)))
     elif cfg.sparse and not _given(rest, "--attention-backend"):
         rest = rest + ["--attention-backend", "shplb"]
+    if cuda:
+        rest = rest + flashinfer_fallback(rest)
     if _value(rest, "--attention-backend") == "shplb":
         rest = rest + _shplb_page_size(rest, cfg)
-        if torch.cuda.is_available():
+        if cuda:
             rest = rest + gpu_defaults(rest, cfg)
+    if "shplb" in {_value(rest, f) for f in ATTENTION_FLAGS}:
+        _refuse_unsupported(rest)
     _check_tp_divides_heads(rest, cfg, _value(rest, "--model-path") or _value(rest, "--model"))
     rest = _apply_artifacts(cfg, _value(rest, "--model-path") or _value(rest, "--model"), rest)
 

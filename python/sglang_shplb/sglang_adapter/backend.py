@@ -25,6 +25,7 @@ from ..serving import resolve
 from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, plan_decode,
                                 select_layer, update_page_minmax)
 from ..sparse_prefill import LABEL_ESTIMATES, sparse_prefill
+from .refusals import refuse_at_startup
 
 logger = logging.getLogger("sglang_shplb")
 LOG_EVERY_STEPS = 64
@@ -69,6 +70,7 @@ def _make_backend_class():
         def __init__(self, model_runner):
             super().__init__(model_runner)
             self.cfg = ShplbConfig.from_env()
+            refuse_at_startup(model_runner)
             self.page_size = self.cfg.page_size
             pool_page = model_runner.page_size or 1
             if pool_page % self.page_size:
@@ -149,17 +151,27 @@ def _make_backend_class():
             if self.sub:
                 update_page_minmax(*self._fine(layer.layer_id), locs, k, self.sub)
 
+        def _write_and_fold(self, layer, forward_batch, k, v, save_kv_cache):
+            """Write this step's K/V unless the model already did, then fold the keys into the page metadata."""
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+            self._fold_new_keys(layer, forward_batch, k)
+
+        def _fold_new_keys(self, layer, forward_batch, k):
+            """Fold whenever keys arrive, save_kv_cache or not: with a fused rope + KV write (SGLang on CUDA, bf16
+            pool: `enable_fused_set_kv_buffer`) the model has written K/V itself and calls attention with
+            save_kv_cache=False, and pages never folded would keep their empty (+inf, -inf) boxes."""
+            if k is not None and self.keep_metadata:
+                self._fold_keys(layer, forward_batch.out_cache_loc, k)
+
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if not self._sparse_prefill_layer(layer) or self.extend_dense:
                 dense = self.dense_extend if self.dense_extend is not None else super()
                 o = dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-                if save_kv_cache and k is not None and self.keep_metadata:
-                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+                self._fold_new_keys(layer, forward_batch, k)
                 return o
-            if save_kv_cache and k is not None and v is not None:
-                self.token_to_kv_pool.set_kv_buffer(
-                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
-                self._fold_keys(layer, forward_batch.out_cache_loc, k)   # before selecting: own pages count
+            self._write_and_fold(layer, forward_batch, k, v, save_kv_cache)   # before selecting: own pages count
             Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
             kmin, kmax = self._metadata(layer.layer_id)
             fb = forward_batch
@@ -192,13 +204,9 @@ def _make_backend_class():
                 return self._forward_decode_cuda(q, k, v, layer, forward_batch, save_kv_cache)
             if self.budgets is None or layer.is_cross_attention or layer.layer_id in self.torch_dense_layers:
                 o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
-                if save_kv_cache and k is not None and self.keep_metadata:   # later chunks select over these pages
-                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+                self._fold_new_keys(layer, forward_batch, k)   # later chunks select over these pages
                 return o
-            if save_kv_cache and k is not None and v is not None:
-                self.token_to_kv_pool.set_kv_buffer(
-                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
-                self._fold_keys(layer, forward_batch.out_cache_loc, k)
+            self._write_and_fold(layer, forward_batch, k, v, save_kv_cache)
             Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
             qg = q.reshape(-1, Hkv, Hq // Hkv, D)
             kmin, kmax = self._metadata(layer.layer_id)
@@ -300,11 +308,7 @@ def _make_backend_class():
                 self.gpu.prepare(forward_batch.seq_lens)
 
         def _forward_decode_cuda(self, q, k, v, layer, forward_batch, save_kv_cache):
-            if save_kv_cache and k is not None and v is not None:
-                self.token_to_kv_pool.set_kv_buffer(
-                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
-                if self.gpu.meta is not None:
-                    self._fold_keys(layer, forward_batch.out_cache_loc, k)
+            self._write_and_fold(layer, forward_batch, k, v, save_kv_cache)
             return self.gpu.decode(layer.layer_id, q, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                                    self.token_to_kv_pool.get_value_buffer(layer.layer_id),
                                    self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,

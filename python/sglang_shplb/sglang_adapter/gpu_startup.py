@@ -73,16 +73,26 @@ def _declare_gpu_settings(server_args) -> None:
         declare_resolution(server_args, "sglang_shplb", cuda_graph_config=with_phase(graphs, Phase.PREFILL,
                                                                                      backend=Backend.DISABLED))
     shplb = ShplbConfig.from_env()
-    explicit = (getattr(server_args, "_raw_input", None) or {}).get("mem_fraction_static") is not None
-    if shplb.sparse and cfg.mem_fraction_static and not explicit:
-        from ..serving import decode_selector
+    if shplb.sparse and cfg.mem_fraction_static:
+        declare_resolution(server_args, "sglang_shplb", mem_fraction_static=metadata_fraction(
+            shplb, cfg.mem_fraction_static, _head_dim(cfg), explicit=_explicit(server_args, "mem_fraction_static")))
 
-        scale = metadata_memory_scale(shplb, _head_dim(cfg))
-        frac = round(cfg.mem_fraction_static * scale, 3)
-        logger.warning("[sglang-shplb] mem_fraction_static %.3f -> %.3f: page min/max metadata (%.3f of the KV "
-                       "pool, selector %s) is allocated at start-up", cfg.mem_fraction_static, frac, 1 / scale - 1,
-                       decode_selector(shplb))
-        declare_resolution(server_args, "sglang_shplb", mem_fraction_static=frac)
+
+def _explicit(server_args, field: str) -> bool:
+    return (getattr(server_args, "_raw_input", None) or {}).get(field) is not None
+
+
+def metadata_fraction(shplb: ShplbConfig, frac: float, head_dim: int | None, explicit: bool) -> float:
+    """The mem_fraction_static SGLang sizes weights + KV pool with, so that the page metadata allocated at
+    start-up fits inside `frac` too: a fraction the user gave is the whole budget, never silently exceeded."""
+    from ..serving import decode_selector
+
+    scale = metadata_memory_scale(shplb, head_dim)
+    out = round(frac * scale, 3)
+    logger.warning("[sglang-shplb] mem_fraction_static %.3f%s -> %.3f for SGLang: page metadata (%.3f of the KV "
+                   "pool, selector %s) is allocated at start-up inside it", frac,
+                   " (--mem-fraction-static)" if explicit else "", out, 1 / scale - 1, decode_selector(shplb))
+    return out
 
 
 def register_server_args_hook() -> None:
@@ -164,10 +174,14 @@ def dense_extend_backend(model_runner):
 
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
+    from .platform_check import flashinfer_unbuildable
+
     reasons = []
     for name in DENSE_EXTEND_BACKENDS:
         if name == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
             reasons.append("flashinfer: not installed")
+        elif name == "flashinfer" and flashinfer_unbuildable():
+            reasons.append(f"flashinfer: {flashinfer_unbuildable()}")
         elif name not in ATTENTION_BACKENDS:
             reasons.append(f"{name}: not registered in this SGLang")
         else:

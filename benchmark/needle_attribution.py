@@ -1,0 +1,292 @@
+"""Issue 33, item 2: why does sparse decode lose a needle's later digits? In-process attribution (HF fp32).
+
+Reads lm-eval's logged RULER samples (the exact prompt strings the server got), prefills each prompt densely
+(decode-only sparsity, as `--shplb-budgets` without prefill budgets serves it), then decodes the answer token
+by token with an HF attention function that, for every decode query, picks each KV group's pages with the
+package's own rule (`selection.choose_pages`, the default selector `two_stage_label32_norm`, label channels
+and per-head budgets from a budgets file, `selection.pages_for_budget` with the file's BudgetRef) and attends
+over those pages only. Diagnostics per decode step, layer and KV head: the group's true page mass (dense
+softmax, mean over the group's query heads), the oracle's pages at the same k, the selector's pages, the
+recall of mass, and where the needle's pages rank.
+
+Modes:
+  --teacher: teacher-forced on dense greedy's answer; reports per step whether sparse argmax == dense token.
+  --greedy:  free-running greedy with the variant (what the server would answer).
+Variants (`--variants`), all on the same prompts:
+  dense, sparse (served default), oracle (true group mass, same k), sparse-Lx (sparse only in layers x..y),
+  plus fixes applied inside this script only (the package is not edited):
+  nbr: every selected free page also brings its right neighbour (j+1), up to the context;
+  nbrM: only the top-M selected free pages (selector order) bring their neighbours j-1 and j+1;
+  persistM: the M pages with the most attention weight (exact weights over the selected pages, computed
+            anyway) at the previous decode step stay selected (TidalDecode-style position persistence);
+  plusM: the selector's top k+M pages (same extra read as the fixes: the control).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmark/needle_attribution.py --samples S.jsonl --docs 0 3 \
+        --budgets dec10.json --variants dense sparse oracle persist8 nbr4 plus8 --greedy --teacher
+"""
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmark")]
+
+from sglang_shplb import recovery  # noqa: E402
+from sglang_shplb import selection as sel  # noqa: E402
+from sglang_shplb.models import prepare_model  # noqa: E402
+
+
+class Attr:
+    """HF attention function: dense for prompt rows, per-head page selection for decode rows."""
+
+    def __init__(self, P, sink, recent, budgets, ref, channels, n_prompt):
+        self.P, self.sink, self.recent = P, sink, recent
+        self.budgets, self.ref, self.channels, self.n_prompt = budgets, ref, channels, n_prompt
+        self.variant = "dense"
+        self.sparse_layers = None       # None: all layers; else a set
+        self.record = None              # list to append per-(step, layer) diagnostics to
+        self.carry = {}                 # persistM: layer -> [Hkv, M] pages carried from the previous step
+        self.step = 0
+        self.reads = []                 # (layer, Hkv) tokens read per decode step
+
+    # ---------------------------------------------------------------------------------------------
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        layer = module.layer_idx
+        Lq, Lk = query.shape[2], key.shape[2]
+        sparse_here = self.variant != "dense" and (self.sparse_layers is None or layer in self.sparse_layers)
+        if Lq > 1 or Lk <= self.n_prompt or not sparse_here:
+            if Lq > 1:
+                return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
+            out, probs = self.decode_dense(query[0], key[0], value[0], scaling or module.scaling)
+            if self.record is not None and Lk > self.n_prompt:
+                self.diagnose(layer, query[0], key[0], probs, None, None)
+            return out, None
+        return self.decode_sparse(layer, query[0], key[0], value[0], scaling or module.scaling), None
+
+    def decode_dense(self, q, k, v, scale):
+        Hq, Hkv = q.shape[0], k.shape[0]
+        G = Hq // Hkv
+        logits = torch.einsum("hgd,hld->hgl", q.float().view(Hkv, G, -1), k.float()) * scale
+        probs = logits.softmax(-1)
+        out = torch.einsum("hgl,hld->hgd", probs, v.float()).reshape(1, 1, Hq, -1)
+        return out.to(q.dtype), probs
+
+    def decode_sparse(self, layer, q, k, v, scale):
+        Hq, Hkv, D = q.shape[0], k.shape[0], q.shape[-1]
+        G, L, P = Hq // Hkv, k.shape[1], self.P
+        qg = q.float().view(Hkv, 1, G, D)                                     # [Hkv, 1(row), G, D]
+        n_pages = torch.full((Hkv, 1), (L - 1) // P + 1)
+        seq = torch.full((Hkv, 1), L)
+        kp = sel.pages_for_budget(self.budgets[layer].view(Hkv, 1).double(), n_pages.double(),
+                                  self.sink + self.recent, self.ref)           # [Hkv, 1]
+        logits = torch.einsum("hgd,hld->hgl", qg[:, 0], k.float()) * scale      # [Hkv, G, L]
+        probs = logits.softmax(-1)
+        N = int(n_pages.max())
+        mass = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)  # [Hkv, N]
+        v_name = self.variant
+        extra = 0
+        if v_name.startswith("plus"):
+            extra = int(v_name[4:])
+            kp = torch.minimum(kp + extra, n_pages)
+        if v_name == "oracle":
+            chosen = sel.top_pages(mass.view(Hkv, 1, N), n_pages, int(kp.max()), self.sink, self.recent)
+        else:
+            chosen = self.choose(layer, qg, k, n_pages, kp, seq)                 # [Hkv, 1, K]
+        keep = torch.arange(chosen.shape[-1]).view(1, 1, -1) < kp.unsqueeze(-1)
+        mask = torch.zeros(Hkv, 1, N, dtype=torch.bool).scatter(-1, chosen, keep)[:, 0]   # [Hkv, N]
+        base = mask.clone()
+        if v_name == "nbr" or (v_name.startswith("nbr") and v_name[3:].isdigit()):
+            m = int(v_name[3:]) if v_name[3:] else None
+            free = [[int(j) for j, ok in zip(chosen[h, 0], keep[h, 0]) if ok and not
+                     sel.is_forced(j, n_pages[h, 0], self.sink, self.recent)] for h in range(Hkv)]
+            for h in range(Hkv):
+                top = free[h] if m is None else free[h][:m]
+                for j in top:
+                    for nb in ((j + 1,) if m is None else (j - 1, j + 1)):
+                        if 0 <= nb < N:
+                            mask[h, nb] = True
+        if v_name.startswith("persist"):
+            prev = self.carry.get(layer)
+            if prev is not None:
+                for h in range(Hkv):
+                    mask[h, prev[h][prev[h] < N]] = True
+        tok = mask.repeat_interleave(P, -1)[:, :L]                              # [Hkv, L]
+        sl = logits.masked_fill(~tok.unsqueeze(1), float("-inf")).softmax(-1)    # [Hkv, G, L]
+        if v_name.startswith("persist"):                                      # pages with the most weight now
+            m = int(v_name[7:])
+            w = torch.nn.functional.pad(sl, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)   # [Hkv, N]
+            forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)               # [Hkv, N]
+            self.carry[layer] = w.masked_fill(forced, -1).topk(min(m, N), -1).indices
+        self.reads.append((layer, (mask.sum(-1) * P).tolist()))
+        out = torch.einsum("hgl,hld->hgd", sl, v.float()).reshape(1, 1, Hq, -1).to(q.dtype)
+        if self.record is not None:
+            self.diagnose(layer, q, k, probs, mask, base, kp, qg, n_pages, seq)
+        return out
+
+    def choose(self, layer, qg, k, n_pages, kp, seq):
+        rule = sel.get_selector(self.selector)
+        Hkv = k.shape[0]
+        kmin, kmax = sel.page_minmax(k.float(), self.P)
+        fine = recovery.stage2_inputs(rule, k.float(), self.P, self.channels[layer])
+        heads = torch.arange(Hkv).view(-1, 1, 1)
+
+        def fine_meta(idx):
+            return tuple(t[heads, idx] for t in fine)
+        return sel.choose_pages(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, kp,
+                                self.sink, self.recent, self.channels[layer].unsqueeze(1), seq)
+
+    def selector_ranks(self, layer, qg, k, n_pages, kp, seq):
+        """Diagnostics only: each page's coarse rank, whether shortlisted, its fine score/rank within the shortlist."""
+        rule = sel.get_selector(self.selector)
+        Hkv, P = k.shape[0], self.P
+        kmin, kmax = sel.page_minmax(k.float(), P)
+        coarse = sel.coarse_scores(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), n_pages)     # [Hkv,1,N]
+        order = sel.rank_pages(coarse, n_pages, self.sink, self.recent)                        # [Hkv,1,N]
+        N = coarse.shape[-1]
+        crank = torch.empty_like(order).scatter_(-1, order, torch.arange(N).expand_as(order))
+        C = min(N, int(torch.ceil(rule.shortlist * kp.max().double() - 1e-6)))
+        short = order[..., :C]
+        fine = recovery.stage2_inputs(rule, k.float(), P, self.channels[layer])
+        heads = torch.arange(Hkv).view(-1, 1, 1)
+        listed = torch.arange(C) < sel.shortlist_len(rule, kp, n_pages).unsqueeze(-1)
+        fs = sel.second_stage(rule, self.channels[layer].unsqueeze(1), seq)(
+            rule, qg, short, tuple(t[heads, short] for t in fine), listed)                    # [Hkv,1,C]
+        fscore = torch.full((Hkv, 1, N), float("nan")).scatter(-1, short, fs)
+        return crank[:, 0], fscore[:, 0], coarse[:, 0]
+
+    def diagnose(self, layer, q, k, probs, mask, base, kp=None, qg=None, n_pages=None, seq=None):
+        Hkv, G, L = probs.shape
+        P = self.P
+        N = (L - 1) // P + 1
+        mass = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)   # [Hkv, N]
+        rec = {"step": self.step, "layer": layer, "mass": mass}
+        if mask is not None:
+            rec.update(mask=mask, base=base, k=kp[:, 0])
+            rec["crank"], rec["fscore"], rec["coarse"] = self.selector_ranks(layer, qg, k, n_pages, kp, seq)
+            kmin, kmax = sel.page_minmax(k.float(), P)
+            b = sel.quest_upper_bound(qg[:, 0], kmin, kmax)                       # [Hkv, G, N] per query head
+            rec["head_bound"] = b
+            rec["head_mass"] = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1)  # [Hkv,G,N]
+            rec["qnorm"] = qg[:, 0].norm(dim=-1)
+        self.record.append(rec)
+
+
+def needle_positions(tok, ids, value):
+    """Token positions of the needle's value digits in the prompt (first occurrence)."""
+    vid = tok(" " + value, add_special_tokens=False).input_ids[1:]   # ' ' then digits
+    for i in range(len(ids) - len(vid)):
+        if ids[i:i + len(vid)] == vid:
+            return list(range(i, i + len(vid)))
+    raise ValueError("needle not found")
+
+
+def run(model, attn, ids, cache0, first_tok, steps, feed=None):
+    """Decode `steps` tokens from the prefilled cache. feed: teacher-forced tokens (None: greedy).
+    Returns the argmax token of every step (the first is the prefill's)."""
+    cache = copy.deepcopy(cache0)
+    attn.carry, attn.step = {}, 0
+    out = [first_tok]
+    cur = first_tok
+    for s in range(steps):
+        attn.step = s
+        inp = feed[s] if feed is not None else cur
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[inp]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        cur = int(logits.argmax())
+        out.append(cur)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, help="lm-eval samples jsonl (dense run)")
+    p.add_argument("--docs", type=int, nargs="+", default=[0])
+    p.add_argument("--budgets", required=True)
+    p.add_argument("--selector", default=sel.DEFAULT_SELECTOR)
+    p.add_argument("--variants", nargs="+", default=["dense", "sparse", "oracle"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--teacher", action="store_true")
+    p.add_argument("--layer-scan", action="store_true", help="teacher-forced: sparse in one layer only / all but one")
+    p.add_argument("--diagnose", action="store_true", help="per step/layer/head diagnostics of `sparse`")
+    p.add_argument("--out", default="/tmp/issue33/attr")
+    args = p.parse_args()
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)
+    b = json.loads(Path(args.budgets).read_text())
+    budgets = torch.tensor(b["budgets"], dtype=torch.float64)
+    P, sink, recent = b["page_size"], b["sink_pages"], b["recent_pages"]
+    ref = sel.BudgetRef.of(budgets, -(-b["context_len"] // P))
+    channels = {l: torch.tensor(c)[:, :sel.LABEL_RANK] for l, c in enumerate(b["label_channels"])}
+    md = prepare_model()
+    tok = AutoTokenizer.from_pretrained(md)
+    attn = Attr(P, sink, recent, budgets, ref, channels, 0)
+    attn.selector = args.selector
+    AttentionInterface.register("shplb_attr", attn)
+    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32, attn_implementation="shplb_attr").eval()
+    samples = [json.loads(x) for x in Path(args.samples).read_text().splitlines()]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from transformers import DynamicCache
+    for d in args.docs:
+        s = next(x for x in samples if x["doc_id"] == d)
+        prompt = s["arguments"]["gen_args_0"]["arg_0"]
+        value = s["target"][0] if isinstance(s["target"], list) else s["target"]
+        value = value.strip("[]'\" ")
+        ids = tok(prompt).input_ids
+        npos = needle_positions(tok, ids, value)
+        attn.n_prompt = len(ids)
+        attn.variant = "dense"
+        t0 = time.time()
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            first = int(model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        print(f"doc {d}: {len(ids)} tokens, needle {value} at {npos[0]}..{npos[-1]} pages "
+              f"{sorted({x // P for x in npos})}, prefill {time.time() - t0:.0f}s", flush=True)
+        gold = run(model, attn, ids, cache, first, args.steps)
+        print("  dense greedy:", repr(tok.decode(gold)), flush=True)
+        res = {"doc": d, "value": value, "n_prompt": len(ids), "needle_pos": npos, "gold": gold,
+               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {}}
+        for v in args.variants:
+            attn.variant, attn.sparse_layers = v, None
+            if args.greedy:
+                attn.reads = []
+                g = run(model, attn, ids, cache, first, args.steps)
+                res["greedy"][v] = tok.decode(g)
+                if attn.reads:   # mean tokens read per (sparse layer, KV head, step)
+                    res["reads"][v] = sum(sum(r) / len(r) for _, r in attn.reads) / len(attn.reads)
+            if args.teacher:
+                attn.reads = []
+                t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
+                res["teacher"][v] = [int(a == bb) for a, bb in zip(t[1:], gold[1:])]
+            print(f"  {v:10s} greedy {res['greedy'].get(v)!r} teacher {res['teacher'].get(v)} "
+                  f"reads/step {res['reads'].get(v, 0):.0f}", flush=True)
+        if args.layer_scan:
+            scan = {}
+            L = model.config.num_hidden_layers
+            for l in range(L):
+                attn.variant, attn.sparse_layers = "sparse", {l}
+                t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
+                only = [int(a == bb) for a, bb in zip(t[1:], gold[1:])]
+                attn.sparse_layers = set(range(L)) - {l}
+                t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
+                allbut = [int(a == bb) for a, bb in zip(t[1:], gold[1:])]
+                scan[l] = {"only": only, "all_but": allbut}
+                print(f"  layer {l:2d}: sparse only here {only}  dense only here {allbut}", flush=True)
+            res["layer_scan"] = scan
+            attn.sparse_layers = None
+        if args.diagnose:
+            attn.variant, attn.record = "sparse", []
+            run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
+            torch.save({"records": attn.record, "res": res, "ids": ids}, f"{args.out}/diag_doc{d}.pt")
+            attn.record = None
+        Path(f"{args.out}/doc{d}.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

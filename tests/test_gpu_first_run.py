@@ -1,0 +1,279 @@
+"""What a first GPU run needs to be right or to say why not (issue 36), proven on CPU:
+
+- keys written by the model itself (a fused rope + KV kernel, `save_kv_cache=False`) still fold into the page
+  metadata page selection reads;
+- configurations the backend cannot serve are refused at start-up with one line;
+- a GPU install whose torch cannot use the GPU (driver older than its CUDA) says so instead of serving on CPU;
+  FlashInfer without nvcc falls back to SGLang's Triton attention and says so;
+- the prepared device script's dry run passes under the Triton interpreter.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
+LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, PAGE = 30, 3, 9, 64, 16    # SmolLM2-135M's shape: the profile's channels fit
+
+
+def _backend(monkeypatch):
+    """A real CPU shplb backend (its own __init__) over SGLang's real pools, at a 25% uniform budget with the
+    committed profile's label channels: the default label selector, page and label metadata kept."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from sglang_shplb.config import ShplbConfig
+    from sglang_shplb.sglang_adapter import backend as B
+
+    monkeypatch.setenv("SGLANG_SHPLB_CONFIG", ShplbConfig(budget=0.25, profile=str(PROFILE)).to_env())
+    monkeypatch.setattr(B, "_parallel", lambda: (1, 0))
+    mc = types.SimpleNamespace(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, context_len=4096,
+                               get_total_num_kv_heads=lambda: KV_HEADS)
+    runner = types.SimpleNamespace(
+        device="cpu", page_size=PAGE, model_config=mc, model=None, server_args=None,
+        req_to_token_pool=ReqToTokenPool(size=2, max_context_len=512, device="cpu", enable_memory_saver=False),
+        token_to_kv_pool=MHATokenToKVPool(size=1024, page_size=PAGE, dtype=torch.float32, head_num=KV_HEADS,
+                                          head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
+                                          enable_memory_saver=False, enable_alt_stream=False))
+    return B.ShplbAttnBackend(runner)
+
+
+def _decode_batch(slot: int, seq_len: int):
+    mode = types.SimpleNamespace(is_decode=lambda: True, is_decode_or_idle=lambda: True, is_extend=lambda: False,
+                                 is_idle=lambda: False, is_mixed=lambda: False)
+    return types.SimpleNamespace(forward_mode=mode, out_cache_loc=torch.tensor([slot]), batch_size=1,
+                                 req_pool_indices=torch.tensor([1]), seq_lens=torch.tensor([seq_len]),
+                                 seq_lens_cpu=torch.tensor([seq_len]), extend_prefix_lens=None,
+                                 extend_prefix_lens_cpu=None, extend_seq_lens=None, extend_seq_lens_cpu=None)
+
+
+def _state(b, layer_id):
+    kmin, kmax = b._metadata(layer_id)
+    return [kmin, kmax, b._labels(layer_id)[0]]
+
+
+def test_keys_written_by_a_fused_kv_kernel_are_folded(monkeypatch):
+    """Decoding 200 tokens one at a time: a backend that writes K/V itself (save_kv_cache=True) and one whose
+    model wrote them already (fused rope + KV write, save_kv_cache=False) hold the same page metadata and
+    label cache, select the same pages and attend to the same output; without the fold the second backend's
+    pages keep their empty boxes and selection reads +-inf."""
+    g = torch.Generator().manual_seed(0)
+    own, fused = _backend(monkeypatch), _backend(monkeypatch)
+    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=Q_HEADS, tp_k_head_num=KV_HEADS, qk_head_dim=HEAD_DIM,
+                                  v_head_dim=HEAD_DIM, scaling=HEAD_DIM ** -0.5, is_cross_attention=False,
+                                  attn_type=None, sliding_window_size=None, logit_cap=0.0)
+    for b in (own, fused):
+        b.req_to_token_pool.req_to_token[1, :200] = torch.arange(200) + 7   # slots 7..206 for request 1
+    for t in range(200):
+        q = torch.randn(1, Q_HEADS * HEAD_DIM, generator=g)
+        k, v = torch.randn(1, KV_HEADS, HEAD_DIM, generator=g), torch.randn(1, KV_HEADS, HEAD_DIM, generator=g)
+        fb = _decode_batch(t + 7, t + 1)
+        outs = []
+        for b, save in ((own, True), (fused, False)):
+            b.init_forward_metadata(fb)
+            if not save:      # what the model's fused rope + KV kernel did before calling attention
+                b.token_to_kv_pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+            outs.append(b.forward_decode(q, k, v, layer, fb, save_kv_cache=save))
+        assert torch.equal(outs[0], outs[1]), f"step {t}: outputs differ"
+    for a, c in zip(_state(own, 0), _state(fused, 0)):
+        assert torch.equal(a, c)
+    kmin = _state(fused, 0)[0]
+    assert torch.isfinite(kmin[:(200 + 7) // PAGE]).all()    # every written page has a real box
+    assert float(own.kv_read[0]) < float(own.kv_dense[0])     # the budget was sparse on most steps
+
+
+def test_dense_extend_with_fused_kv_write_folds():
+    """The dense extend path (SGLang's own kernel) folds the keys it is handed even when save_kv_cache=False."""
+    from sglang_shplb.sglang_adapter.backend import _make_backend_class
+
+    class Owned:
+        def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
+            return q
+
+    b = object.__new__(_make_backend_class())
+    b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu, b.extend_dense = Owned(), [False], True, None, False
+    folded = []
+    b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, k))
+    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
+    k = torch.randn(3, 8)
+    b.forward_extend(torch.ones(3, 8), k, k, layer, types.SimpleNamespace(out_cache_loc=torch.arange(3)),
+                     save_kv_cache=False)
+    assert folded and folded[0][1] is k
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("flags, says", [
+    (dict(pp_size=2), "pipeline parallelism (--pp-size 2)"),
+    (dict(enable_two_batch_overlap=True), "two-batch overlap"),
+    (dict(enable_pdmux=True), "PD multiplexing"),
+    (dict(enable_hierarchical_cache=True), "hierarchical cache"),
+    (dict(kv_cache_dtype="nvfp4"), "packed KV cache (--kv-cache-dtype nvfp4)"),
+    (dict(kv_cache_dtype="fp4_mx_block16"), "packed KV cache"),
+])
+def test_server_settings_refused(flags, says):
+    from sglang_shplb.sglang_adapter.refusals import server_problems
+
+    base = dict(pp_size=1, enable_two_batch_overlap=False, enable_pdmux=False, enable_hierarchical_cache=False,
+                kv_cache_dtype="auto")
+    assert server_problems(types.SimpleNamespace(**base)) == []
+    problems = server_problems(types.SimpleNamespace(**{**base, **flags}))
+    assert len(problems) == 1 and says in problems[0] and "not supported by the shplb backend" in problems[0]
+
+
+def test_model_settings_refused():
+    from sglang_shplb.sglang_adapter.refusals import model_problems
+
+    class Attn(torch.nn.Module):
+        def __init__(self, sinks):
+            super().__init__()
+            self.sinks = torch.nn.Parameter(torch.zeros(4)) if sinks else None
+
+    def runner(**kw):
+        base = dict(is_hybrid_swa=False, model=torch.nn.Sequential(Attn(False)), kv_cache_dtype=torch.float16,
+                    dtype=torch.float16)
+        return types.SimpleNamespace(**{**base, **kw})
+
+    assert model_problems(runner()) == []
+    assert model_problems(runner(kv_cache_dtype=torch.float32, dtype=torch.float32)) == []
+    assert "attention sinks" in model_problems(runner(model=torch.nn.Sequential(Attn(True))))[0]
+    assert "hybrid sliding-window" in model_problems(runner(is_hybrid_swa=True))[0]
+    bf16 = model_problems(runner(kv_cache_dtype=torch.bfloat16))
+    assert len(bf16) == 1 and "bfloat16 KV cache under a float16 model" in bf16[0]
+
+
+def test_backend_refuses_at_construction(monkeypatch):
+    """A worker of stock `sglang.launch_server --attention-backend shplb` (no launcher) refuses too."""
+    from sglang_shplb.config import ConfigError
+    from sglang_shplb.sglang_adapter import refusals
+
+    monkeypatch.setattr(refusals, "model_problems", lambda runner: [])
+    runner = types.SimpleNamespace(server_args=types.SimpleNamespace(pp_size=2))
+    with pytest.raises(ConfigError, match=r"^shplb: pipeline parallelism"):
+        refusals.refuse_at_startup(runner)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--pp-size", "2"], "pipeline parallelism (--pp-size 2)"),
+    (["--enable-hierarchical-cache"], "the hierarchical cache"),
+    (["--kv-cache-dtype", "nvfp4"], "packed KV cache"),
+])
+def test_launcher_refuses_before_sglang_starts(argv, says, capsys, tmp_path):
+    from sglang_shplb.launch_server import build
+
+    with pytest.raises(SystemExit) as e:
+        build(["--shplb-budget", "0.1", "--model-path", str(tmp_path), "--port", "30999", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0]
+
+
+def test_explicit_mem_fraction_still_pays_for_the_metadata(caplog):
+    from sglang_shplb.config import ShplbConfig
+    from sglang_shplb.sglang_adapter.gpu_startup import metadata_fraction, metadata_memory_scale
+
+    cfg = ShplbConfig(budget=0.1)
+    assert metadata_fraction(cfg, 0.8, 64, explicit=True) == round(0.8 * metadata_memory_scale(cfg, 64), 3) < 0.8
+    assert "(--mem-fraction-static)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ platform detection
+def _gpu_install_without_a_usable_gpu(monkeypatch, gpus=("NVIDIA H100 80GB HBM3",), patches=False):
+    """torch's CUDA view as a cu130 wheel shows it on a host whose driver predates CUDA 13."""
+    from sglang_shplb.sglang_adapter import platform_check as pc
+
+    def is_available():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 12040).")
+        return False
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(pc, "nvidia_gpus", lambda: list(gpus))
+    monkeypatch.setattr(pc, "driver_version", lambda: "550.54.15")
+    monkeypatch.setattr(pc, "cpu_patches_applied", lambda: patches)
+
+
+def test_gpu_install_with_too_old_driver_says_why(monkeypatch, capsys, tmp_path):
+    from sglang_shplb.launch_server import build
+
+    _gpu_install_without_a_usable_gpu(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        build(["--model-path", str(tmp_path), "--port", "30999"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    for part in ("error: torch", "built for CUDA 13.0", "cannot use the GPU NVIDIA H100", "driver 550.54.15",
+                 "too old (found version 12040)", "make install PROFILE=cpu"):
+        assert part in err[0], err[0]
+
+
+def test_gpu_install_on_a_host_without_gpu(monkeypatch):
+    from sglang_shplb.sglang_adapter.platform_check import cuda_problem
+
+    _gpu_install_without_a_usable_gpu(monkeypatch, gpus=())
+    assert "finds no GPU on this host" in cuda_problem()
+    _gpu_install_without_a_usable_gpu(monkeypatch, gpus=(), patches=True)   # the CPU profile, on purpose
+    assert cuda_problem() is None
+
+
+def test_cpu_install_serves_on_cpu():
+    from sglang_shplb.sglang_adapter.platform_check import cpu_patches_applied, cuda_problem
+
+    assert cuda_problem() is None and cpu_patches_applied()
+
+
+def test_flashinfer_without_nvcc(monkeypatch, capsys):
+    import importlib.util
+
+    from sglang_shplb import launch_server as L
+    from sglang_shplb.sglang_adapter import platform_check as pc
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flashinfer" else
+                        (None if n in pc.FLASHINFER_PREBUILT else real(n, *a)))
+    monkeypatch.setattr(pc, "nvcc_path", lambda: None)
+    assert "nvcc" in pc.flashinfer_unbuildable()
+    assert L.flashinfer_fallback([]) == ["--attention-backend", "triton", "--sampling-backend", "pytorch"]
+    assert "serving with --attention-backend triton --sampling-backend pytorch instead" in capsys.readouterr().out
+    assert L.flashinfer_fallback(["--attention-backend", "shplb"]) == ["--sampling-backend", "pytorch"]
+    with pytest.raises(SystemExit):
+        L.flashinfer_fallback(["--attention-backend", "flashinfer"])
+    assert "--attention-backend flashinfer: FlashInfer has no prebuilt kernels" in capsys.readouterr().err
+    monkeypatch.setattr(pc, "nvcc_path", lambda: "/usr/local/cuda/bin/nvcc")
+    assert pc.flashinfer_unbuildable() is None and L.flashinfer_fallback([]) == []
+
+
+def test_dense_extend_skips_flashinfer_without_nvcc(monkeypatch):
+    import importlib.util
+
+    from sglang.srt.layers.attention import attention_registry as reg
+
+    from sglang_shplb.sglang_adapter import platform_check as pc
+    from sglang_shplb.sglang_adapter.gpu_startup import dense_extend_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flashinfer" else
+                        (None if n in pc.FLASHINFER_PREBUILT else real(n, *a)))
+    monkeypatch.setattr(pc, "nvcc_path", lambda: None)
+    monkeypatch.setattr(reg, "ATTENTION_BACKENDS", {"flashinfer": lambda r: "fi", "triton": lambda r: "tr"})
+    assert dense_extend_backend("runner") == ("tr", "triton")
+
+
+# ------------------------------------------------------------------------------------ the device script
+def test_gpu_first_run_dry_run(tmp_path):
+    """benchmark/gpu_first_run.sh --dry-run: the device script's own steps, under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "g.md")}
+    p = subprocess.run(["bash", str(ROOT / "benchmark" / "gpu_first_run.sh"), "--dry-run"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=1500)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-6000:]
+    assert "FAIL" not in p.stdout and "[PASS] first run: all checks" in p.stdout, out[-6000:]
+    for selector in ("two_stage_label32_norm", "two_stage4"):   # the default and the uncalibrated fallback
+        assert f"[PASS] decode 10% == CPU serving path ({selector}, f32 metadata)" in p.stdout
+        assert f"[PASS] CUDA graph replay == eager decode, layer 0 ({selector})" in p.stdout
+    assert "| 256 | 2 |" in (tmp_path / "g.md").read_text()      # the timing table was written
