@@ -111,6 +111,20 @@ class Attr:
                     for nb in ((j + 1,) if m is None else (j - 1, j + 1)):
                         if 0 <= nb < N:
                             mask[h, nb] = True
+        if v_name.startswith("persistlab"):   # carry the previous step's best second-stage (label) pages: no extra pass
+            m = int(v_name[10:])
+            rule = sel.get_selector(self.selector)
+            if self.carry.get(layer) is not None:                                # carried pages are read too
+                for h in range(Hkv):
+                    mask[h, self.carry[layer][h][self.carry[layer][h] < N]] = True
+            idx = torch.arange(N).expand(Hkv, 1, N)
+            lab = recovery.stage2_inputs(rule, k.float(), P, self.channels[layer])
+            heads = torch.arange(Hkv).view(-1, 1, 1)
+            fs = sel.second_stage(rule, self.channels[layer].unsqueeze(1), seq)(
+                rule, qg, idx, tuple(t[heads, idx] for t in lab), mask.unsqueeze(1))[:, 0]   # label score, selected pages
+            forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)
+            fs = fs.masked_fill(forced | ~mask, float("-inf"))
+            cur = fs.topk(min(m, N), -1).indices
         if v_name.startswith("persist"):
             prev = self.carry.get(layer)
             if prev is not None:
@@ -118,7 +132,9 @@ class Attr:
                     mask[h, prev[h][prev[h] < N]] = True
         tok = mask.repeat_interleave(P, -1)[:, :L]                              # [Hkv, L]
         sl = logits.masked_fill(~tok.unsqueeze(1), float("-inf")).softmax(-1)    # [Hkv, G, L]
-        if v_name.startswith("persist"):                                      # pages with the most weight now
+        if v_name.startswith("persistlab"):
+            self.carry[layer] = cur
+        elif v_name.startswith("persist"):                                    # pages with the most weight now
             m = int(v_name[7:])
             w = torch.nn.functional.pad(sl, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)   # [Hkv, N]
             forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)               # [Hkv, N]

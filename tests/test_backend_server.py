@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 
 from conftest import Server
 from sglang_shplb import selection as sel
@@ -54,23 +55,44 @@ def sparse_keys(own_server):
 
 
 @pytest.fixture
-def sparse_recipe(own_server, tmp_path_factory):
-    """The default recipe: the default selector (label channels, from the committed profile) with optimal decode
-    and prefill budgets at 10%, the prefill ranking pages from the decode selector's label cache
-    (--shplb-prefill-estimate label: the served path of that option, in a real server). Prompts over 1024
-    tokens prefill sparsely (the default --shplb-prefill-dense-kv-len, 2048, would make the 1.5k needle dense)."""
-    from sglang_shplb.budget import main as budget_main
-
-    out = tmp_path_factory.mktemp("recipe") / "b.json"
-    profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
-        "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-    assert budget_main(["--profile", str(profile), "--mean-budget", "0.1", "--prefill-mean-budget", "0.1",
-                        "--out", str(out)]) == 0
-    srv = own_server(["--dtype", "float32", "--shplb-budgets", str(out), "--shplb-prefill-estimate", "label",
-                      "--shplb-prefill-dense-kv-len", "1024", "--enable-metrics"], name="shplb-recipe")
+def sparse_recipe(own_server):
+    """The default recipe as the launcher serves it with no budget flag: the default selector (label channels,
+    from the committed profile) with optimal decode and prefill budgets at 10%, solved at start-up; here the
+    prefill ranks pages from the decode selector's label cache (--shplb-prefill-estimate label: the served
+    path of that option) and prompts over 1024 tokens prefill sparsely (the default, 2048, would make the
+    1.5k needle dense)."""
+    srv = own_server(["--dtype", "float32", "--shplb-prefill-estimate", "label", "--shplb-prefill-dense-kv-len",
+                      "1024", "--enable-metrics"], name="shplb-recipe")
+    assert "S-HPLB default recipe: per-head budgets, decode and prefill at mean budget 0.1" in srv.log(), srv.log_tail()
     assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
     assert "(estimate label, dense up to 1024 tokens)" in srv.log(), srv.log_tail()
     return srv
+
+
+def recipe_reads_per_layer(seq_lens: list[int]) -> torch.Tensor:
+    """KV tokens the default recipe's budgets read per layer over decode steps at these lengths (every
+    selected page full: an upper bound, within one page per head and step of the truth)."""
+    from sglang_shplb.budget import make_budgets
+    from sglang_shplb.profile import Profile
+    from sglang_shplb.recipe import COMMITTED_PROFILES, DEFAULT_MEAN_BUDGET
+
+    body = make_budgets(Profile.load(COMMITTED_PROFILES[0]), DEFAULT_MEAN_BUDGET, "optimal",
+                        prefill_mean=DEFAULT_MEAN_BUDGET)
+    b, P = torch.tensor(body["budgets"], dtype=torch.float64), body["page_size"]
+    ref = sel.BudgetRef.of(b, -(-body["context_len"] // P))
+    total = torch.zeros(b.shape[0], dtype=torch.float64)
+    for s in seq_lens:
+        n = torch.tensor(-(-s // P))
+        k = sel.pages_for_budget(b, n, body["sink_pages"] + body["recent_pages"], ref)
+        total += (k * P).clamp(max=s).sum(-1)
+    return total
+
+
+def kv_tokens_read_per_layer(server) -> torch.Tensor:
+    metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+    rows = {int(l.split('layer="')[1].split('"')[0]): float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines()
+            if l.startswith("sglang:shplb_kv_tokens_read{")}
+    return torch.tensor([rows[i] for i in sorted(rows)], dtype=torch.float64)
 
 
 @pytest.fixture
@@ -133,6 +155,7 @@ def test_sparse_retrieves_where_selection_decides(server_fixture, request, model
     needle_at = len(tok(task.user_message[: task.user_message.index(task.needles[0])]).input_ids)
     assert 16 * 4 < needle_at < len(ids) - 16 * 4, "needle inside the always-kept pages: the test would not test"
     before = kv_tokens_read(sparse)
+    per_layer_before = kv_tokens_read_per_layer(sparse)
     r = requests.post(f"{sparse.url}/v1/chat/completions", timeout=600, json={
         "model": "default", "temperature": 0, "max_tokens": 12, "continue_final_message": True,
         "messages": [{"role": "user", "content": task.user_message},
@@ -143,6 +166,12 @@ def test_sparse_retrieves_where_selection_decides(server_fixture, request, model
     n_prompt, n_out = r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]
     dense = 30 * 3 * sum(n_prompt + i for i in range(1, n_out))   # decode steps: layers x KV heads x context
     assert 0.05 < read / dense < 0.2, (read, dense)
+    if server_fixture == "sparse_recipe":   # each layer reads what the recipe's per-head budgets give it
+        steps = [n_prompt + i for i in range(1, n_out)]
+        got, want = kv_tokens_read_per_layer(sparse) - per_layer_before, recipe_reads_per_layer(steps)
+        slack = len(steps) * 3 * 16                                  # a partial last page per head and step
+        assert ((want - got >= 0) & (want - got <= slack)).all(), (got.tolist(), want.tolist())
+        assert want.max() > 2 * want.min()                           # the layers' budgets do differ
 
 
 def test_sparse_reads_about_its_budget(sparse, shared_prefix_prompts):

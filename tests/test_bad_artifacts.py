@@ -141,7 +141,14 @@ BAD_FLAGS = [  # (extra args, phrases); {plan3}/{budgets} are filled in
     # --shplb-profile lends its channels to a uniform budget only; an artifact carries its own
     (["--shplb-budgets", "{budgets}", "--shplb-profile", "{profile}"], ["--shplb-budgets carries its own",
                                                                          "drop --shplb-profile"]),
-    (["--shplb-profile", "{profile}"], ["--shplb-profile", "add --shplb-budget"]),
+    # the default recipe (no budget flag): its own flags, and the profile it is solved from
+    (["--shplb-profile", "/no/such/p.safetensors"], ["profile file /no/such/p.safetensors", "does not exist"]),
+    (["--shplb-mean-budget", "0"], ["--shplb-mean-budget", "(0, 1]"]),
+    (["--shplb-mean-budget", "0.2", "--shplb-budget", "0.1"], ["--shplb-mean-budget", "--shplb-budget replaces"]),
+    (["--shplb-mean-budget", "0.2", "--shplb-dense"], ["--shplb-dense replaces"]),
+    (["--shplb-dense", "--shplb-budgets", "{budgets}"], ["--shplb-dense serves stock attention",
+                                                         "drop --shplb-budgets"]),
+    (["--tp", "2"], ["--tp 2", "9 query heads"]),
     (["--shplb-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"], ["--shplb-profile", "does not exist"]),
 ]
 

@@ -57,6 +57,14 @@ def test_greedy_tokens_equal_hf(server, hf_ids):
         assert server.generate_ids(prompt, NEW_TOKENS) == expected, prompt
 
 
+def test_serves_the_default_recipe(server):
+    """No S-HPLB flag: the shplb backend with the default recipe's per-head budgets (its greedy tokens on these
+    short prompts equal dense: every head covers a context shorter than its 128-token floor)."""
+    log = server.log()
+    assert "S-HPLB default recipe: per-head budgets, decode and prefill at mean budget 0.1" in log
+    assert "shplb backend" in log and "decode budgets mean" in log
+
+
 def test_plugin_loaded_in_scheduler(server):
     lines = [l for l in server.log().splitlines() if "[sglang-shplb] plugin loaded" in l]
     assert any("run_scheduler_process" in l for l in lines), lines

@@ -14,6 +14,7 @@ import socket
 import sys
 
 from .config import PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL, ConfigError, ShplbConfig
+from .recipe import DEFAULT_MEAN_BUDGET
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
 # Beyond this many waiting requests SGLang answers 503 "The request queue is full." at once;
@@ -26,11 +27,16 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
                                 allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("S-HPLB options (everything else is a stock SGLang flag)")
+    g.add_argument("--shplb-mean-budget", type=float, help="mean budget of the default recipe (per-head decode and "
+                   f"prefill budgets, solved at start-up from the model's profile), in (0, 1] (default "
+                   f"{DEFAULT_MEAN_BUDGET:g})")
+    g.add_argument("--shplb-dense", action="store_true", help="serve stock dense attention (no S-HPLB)")
     g.add_argument("--shplb-budget", type=float, help="uniform decode budget per head, fraction of context in (0, 1]")
     g.add_argument("--shplb-budgets", help="budgets artifact from `python -m sglang_shplb.budget` (per-head budgets)")
     g.add_argument("--shplb-plan", help="plan artifact from `python -m sglang_shplb.plan` (placement + budgets)")
-    g.add_argument("--shplb-profile", help="with --shplb-budget: the profile whose calibrated label channels the "
-                   "decode selector reads (budgets and plans carry their own)")
+    g.add_argument("--shplb-profile", help="the profile the default recipe is solved from (default: the model's "
+                   "committed or cached one; 'auto': profile the model once and cache it); with --shplb-budget: the "
+                   "profile whose calibrated label channels the decode selector reads")
     g.add_argument("--shplb-page-size", type=int, default=16, help="tokens per selection page (default 16)")
     g.add_argument("--shplb-sink-pages", type=int, default=1, help="pages always kept at the start (default 1)")
     g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
@@ -273,8 +279,11 @@ def _merge_overrides(argv: list[str], overrides: dict) -> list[str]:
     return kept + [flag, json.dumps({**user, **overrides})]
 
 
-def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
-    """Validate and return (sglang argv, environment, URL). Exits with one error line on bad input."""
+RECIPE_FLAGS = ("budget", "budgets", "plan", "prefill_budget")   # a config given by hand: no default recipe
+
+
+def _options(argv: list[str]) -> tuple[dict, list[str]]:
+    """(our options by ShplbConfig field, plus mean_budget and dense; SGLang's argv)."""
     if "-h" in argv or "--help" in argv:
         from sglang.srt.server_args import ServerArgs
 
@@ -286,19 +295,46 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     unknown = [a for a in rest if a.startswith("--shplb")]
     if unknown:
         _fail(f"unknown option {unknown[0]}; see --help for the --shplb-* options")
-    options = {k[len("shplb_"):]: v for k, v in vars(ours).items()}
+    return {k[len("shplb_"):]: v for k, v in vars(ours).items()}, rest
+
+
+def _serves_recipe(options: dict, rest: list[str]) -> bool:
+    """The default recipe unless dense is asked for (--shplb-dense, or another --attention-backend by name) or a
+    budget is given by hand; the flags that only make sense with one or the other are refused."""
+    by_hand = [f for f in RECIPE_FLAGS if options[f] is not None]
+    other_backend = _value(rest, "--attention-backend") not in (None, "shplb")
+    if options["dense"] and by_hand:
+        _fail(f"--shplb-dense serves stock attention; drop --shplb-{by_hand[0].replace('_', '-')}")
+    recipe = not (options["dense"] or by_hand or other_backend)
+    mean = options["mean_budget"]
+    if mean is not None and not recipe:
+        why = "--shplb-dense" if options["dense"] else (f"--shplb-{by_hand[0].replace('_', '-')}" if by_hand else
+                                                       f"--attention-backend {_value(rest, '--attention-backend')}")
+        _fail(f"--shplb-mean-budget sets the default recipe's mean, which {why} replaces; drop one of them")
+    if mean is not None and not 0.0 < mean <= 1.0:
+        _fail(f"--shplb-mean-budget must be in (0, 1], got {mean}")
+    return recipe
+
+
+def _config(options: dict, recipe: bool) -> ShplbConfig:
     from .artifacts import ArtifactError
     from .serving import decode_selector
     from .sparse_prefill import resolve_estimate
 
+    fields = {k: v for k, v in options.items() if k not in ("mean_budget", "dense")}
+    if recipe:
+        fields["profile"] = None        # the recipe's profile, not a uniform budget's label channels
     try:
-        cfg = ShplbConfig(**options)
-        if not (cfg.budgets or cfg.plan or cfg.profile):   # artifacts: checked with them (model first) in _apply_artifacts
+        cfg = ShplbConfig(**fields)
+        if not (cfg.budgets or cfg.plan or cfg.profile or recipe):   # artifacts: checked in _apply_artifacts
             decode_selector(cfg)            # a selector this config cannot serve is refused here, not in a worker
             resolve_estimate(cfg.prefill_estimate, False)   # no artifact: no label channels
     except (ConfigError, ArtifactError) as e:
         _fail(str(e))
+    return cfg
 
+
+def _with_model_path(rest: list[str]) -> list[str]:
     if not (_given(rest, "--model-path") or _given(rest, "--model")):
         from .models import PrepareError, prepare_model
 
@@ -307,6 +343,42 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
         except PrepareError as e:
             _fail(f"could not prepare the default model: {e}")
     _check_model_path(_value(rest, "--model-path") or _value(rest, "--model"))
+    return rest
+
+
+def _apply_recipe(cfg: ShplbConfig, options: dict, rest: list[str]) -> ShplbConfig:
+    """Solve the default recipe for this model and TP size; the config then serves its artifact."""
+    import dataclasses
+
+    from .artifacts import ArtifactError, model_fingerprint, model_shape
+    from .recipe import resolve_profile, solve
+
+    model = os.path.expanduser(_value(rest, "--model-path") or _value(rest, "--model"))
+    if not os.path.isdir(model):
+        _fail(f"the default recipe needs a local checkpoint directory to find its profile, got {model}; pass "
+              "--shplb-dense, or budgets made with `python -m sglang_shplb.budget` (--shplb-budgets)")
+    try:
+        fingerprint = model_fingerprint(model)
+        profile = resolve_profile(options["profile"], model, fingerprint)
+        recipe = solve(profile, options["mean_budget"] or DEFAULT_MEAN_BUDGET, _tp_size(rest), fingerprint,
+                       model_shape(model)["head_dim"])
+    except ArtifactError as e:
+        _fail(str(e))
+    print(f"[sglang-shplb] {recipe.describe()}", flush=True)
+    return dataclasses.replace(cfg, **{recipe.kind: str(recipe.path)})
+
+
+def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
+    """Validate and return (sglang argv, environment, URL). Exits with one error line on bad input."""
+    options, rest = _options(argv)
+    recipe = _serves_recipe(options, rest)
+    cfg = _config(options, recipe)
+    rest = _with_model_path(rest)
+    if recipe:
+        _check_tp_divides_heads(rest, ShplbConfig(budget=1.0), _value(rest, "--model-path") or _value(rest, "--model"))
+        cfg = _apply_recipe(cfg, options, rest)
+    elif not cfg.sparse:
+        print("[sglang-shplb] serving stock dense attention (no S-HPLB)", flush=True)
 
     env = dict(os.environ)
     env["SGLANG_SHPLB_CONFIG"] = cfg.to_env()
