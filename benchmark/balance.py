@@ -34,7 +34,7 @@ from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import placement as pl  # noqa: E402
 from sglang_shplb.budget import allocate, eval_curves  # noqa: E402
 from sglang_shplb.joint import solve, step_time  # noqa: E402
-from sglang_shplb.plan import main as plan_main  # noqa: E402
+from sglang_shplb.plan_cli import main as plan_main  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.2)

@@ -13,7 +13,8 @@ import pytest
 from sglang_shplb import placement as pl
 from sglang_shplb.artifacts import ArtifactError, write_json
 from sglang_shplb.budget import make_budgets
-from sglang_shplb.plan import check_plan, load_plan, main as plan_main, make_plan, rank_budget_table
+from sglang_shplb.plan import check_plan, load_plan, make_plan, rank_budget_table
+from sglang_shplb.plan_cli import main as plan_main
 from sglang_shplb.profile import Profile
 
 PROFILE = Path(__file__).parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"

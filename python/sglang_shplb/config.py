@@ -12,13 +12,12 @@ import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from .errors import ConfigError
+from .sparse_prefill import ESTIMATES, PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL
+
+__all__ = ["ConfigError", "ShplbConfig", "PREFILL_DENSE_KV_LEN", "PREFILL_DENSE_TAIL", "ENV_VAR"]
 ENV_VAR = "SGLANG_SHPLB_CONFIG"
-PREFILL_DENSE_TAIL = 256   # tokens; why: sparse_prefill's docstring (the prompt's question)
-PREFILL_DENSE_KV_LEN = 2048   # tokens; a prefill this short attends densely. Why: sparse_prefill's docstring
 
-
-class ConfigError(ValueError):
-    """Bad serving option; the message names the option and the fix."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,6 @@ class ShplbConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"--shplb-{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-        from .sparse_prefill import ESTIMATES
-
         if self.prefill_estimate and self.prefill_estimate not in ESTIMATES:
             raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
         from .selection import SELECTORS, UNCALIBRATED_SELECTOR

@@ -166,7 +166,7 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         b = fill_bubbles(b0, lay["rank_units"], coefs[objective], curves[l], profile.grid, step) if fill else b0
         entry = _layer_entry(l, lay, row, b.tolist(), coefs, objective, tp, pre)
         if curves is not None:
-            from .budget import eval_curves
+            from .curves import eval_curves
             rec_before.append(eval_curves(curves[l], profile.grid, b0))
             rec_after.append(eval_curves(curves[l], profile.grid, b))
             entry["unit_recovery"] = rec_after[-1].tolist()
@@ -294,12 +294,7 @@ def rank_budget_table(plan: dict, tp_rank: int) -> list[list[float]]:
     return [x["rank_budgets"][tp_rank] for x in plan["layers"]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI (plan_cli.py)."""
-    from .plan_cli import main as cli_main
+if __name__ == "__main__":   # `python -m sglang_shplb.plan` runs the CLI; the library never imports it
+    from sglang_shplb.plan_cli import main
 
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -215,7 +215,7 @@ def token_windows(tokenizer, files: list[Path], context_len: int, windows: int) 
 
 def budget90(curves: torch.Tensor, grid: torch.Tensor, target: float = 0.9) -> torch.Tensor:
     """Smallest budget (linear interpolation on the grid) reaching `target` recovery. [..., G] -> [...]"""
-    from .budget import invert_curves
+    from .curves import invert_curves
 
     return invert_curves(curves, grid, torch.full(curves.shape[:-1], target))
 

@@ -20,7 +20,7 @@ def _figure():
 def budget_report(profile, budgets: dict, path: str) -> None:
     """Left: budget heatmap (layers x units). Right: recovery curves of the least and most elastic
     units, with the budget each was given."""
-    from .budget import eval_curves
+    from .curves import eval_curves
 
     plt = _figure()
     b = torch.tensor(budgets["budgets"])

@@ -47,8 +47,11 @@ from dataclasses import dataclass
 import torch
 
 from . import recovery, selection as sel
-from .config import PREFILL_DENSE_TAIL as DENSE_TAIL
-from .config import ConfigError
+from .errors import ConfigError
+
+PREFILL_DENSE_TAIL = 256      # tokens: an extend's last queries attend densely (the prompt's question; above)
+PREFILL_DENSE_KV_LEN = 2048   # tokens: a prefill this short attends densely (above)
+DENSE_TAIL = PREFILL_DENSE_TAIL
 
 QUERY_BLOCK = 64
 LABEL_ESTIMATES = {"label": "pooled", "label_max": "max", "label_norm": "norm"}   # read the label cache (group rule)
