@@ -108,12 +108,12 @@ def selectors(run) -> list[str]:
     return list(dict.fromkeys([run.args.selector, S.UNCALIBRATED_SELECTOR]))
 
 
-def _decoder(run, cache, budgets, meta_dtype, selector=None):
+def _decoder(run, cache, budgets, meta_dtype, selector=None, carry_rows=None):
     shape = DecodeShape(budgets.shape[0], run.Hkv, run.Hq // run.Hkv, run.D, run.D, run.args.page_size, SINK, RECENT,
                         cache.req_to_token.shape[1])
     dec = GpuSparseDecode(shape, budgets, run.dev, meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0],
                           selector=selector or run.args.selector,
-                          channels=label_channels(budgets.shape[0], run.Hkv, run.D))
+                          channels=label_channels(budgets.shape[0], run.Hkv, run.D), carry_rows=carry_rows)
     locs = cache.prefill_locs.to(run.dev)
     for layer in range(shape.num_layers):
         dec.fold(layer, cache.k_dev[layer][locs], locs)
@@ -241,7 +241,7 @@ def graph_replay_of(run, selector):
     steps = 80 if gpu else 6
     budgets = torch.tensor([[run.args.budget] * run.Hkv, [1.0] * run.Hkv], dtype=torch.float64)
     cache = PagedCache(seq, 2, run.Hkv, run.D, P, max(seq) + steps + 64, dtype=run.dtype, device=run.dev, seed=2)
-    dec = _decoder(run, cache, budgets, torch.bfloat16, selector)
+    dec = _decoder(run, cache, budgets, torch.bfloat16, selector, carry_rows=cache.req_to_token.shape[0])
     gbs, bs = len(seq) + 1, len(seq)                 # captured size: the real rows + one padded row
     dec.reserve(gbs)
     seq_s = torch.ones(gbs, dtype=torch.int64, device=run.dev)    # SGLang's static inputs, fill value 1
@@ -262,6 +262,7 @@ def graph_replay_of(run, selector):
     dec.plan(gbs, seq_s.cpu(), seq_s, static=True)
     graph = Graph(run, body)
     before, synced = _kernel_cache_sizes(), None
+    carried = None
     for _ in range(steps):
         locs, k_new = cache.step()
         seq_s[:bs], rpi_s[:bs], locs_s[:bs] = cache.seq_lens_dev, cache.req_pool_indices_dev, locs
@@ -272,6 +273,7 @@ def graph_replay_of(run, selector):
         seq_host = torch.ones(gbs, dtype=torch.int64)
         seq_host[:bs] = cache.seq_lens
         dec.plan(gbs, seq_host, seq_s, real_bs=bs, static=True)     # host work between replays
+        carried = None if dec.carry is None else dec.carry.clone()  # what this step starts from (eager below)
         synced = graph.replay() or synced
     run.sync()
     extra = {k: v - before.get(k, 0) for k, v in _kernel_cache_sizes().items() if v - before.get(k, 0)}
@@ -281,6 +283,10 @@ def graph_replay_of(run, selector):
     run.check(f"CUDA graph replays: no recompiles ({selector})", not extra or not gpu,
               f"new variants {extra}" if extra else "none")
     got = [o[:bs].float().clone() for o in graph.outs]
+    if carried is not None:   # the replays carried pages from step to step; eager starts where the last one did
+        run.check(f"CUDA graph replays carry pages between steps ({selector})",
+                  bool((dec.carry[:, cache.req_pool_indices_dev] >= 0).any()), "")
+        dec.carry.copy_(carried)
     dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)                  # eager, the same step
     dec.prepare(cache.seq_lens_dev)
     qg = q_s[:bs]

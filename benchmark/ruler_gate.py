@@ -103,7 +103,9 @@ def collect(args, raw: dict, key_of) -> None:
     """Run every (variant, task, length) whose rows are missing or stale; one server per variant."""
     from sglang_shplb.models import prepare_model
 
-    ckpt, venv = prepare_model(), lmeval_python(Path(args.lmeval_venv))
+    ckpt, venv = prepare_model(), Path(args.lmeval_venv)
+    lmeval_python(venv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     for name in ["dense", *args.variants]:
         todo = [(t, n) for t in args.tasks for n in args.lengths if key_of(name, t, n) not in raw]
         if not todo:

@@ -21,6 +21,7 @@ K = import_kernels()
 
 from sglang_shplb import selection as S  # noqa: E402
 from sglang_shplb import sparse_attention as cpu  # noqa: E402
+from sglang_shplb.carry import new_carry  # noqa: E402
 from sglang_shplb.gpu_decode import DecodeShape, GpuSparseDecode, gpu_selectors  # noqa: E402
 
 BIG = "--big" in sys.argv
@@ -66,13 +67,14 @@ class _Ref(list):
         return (self.labels[layer] if labels is None else labels.float()), self.channels[layer]
 
 
-def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0, selector=S.DEFAULT_SELECTOR):
+def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed=0, selector=S.DEFAULT_SELECTOR,
+           carry_rows=None):
     L = budgets.shape[0]
     cache = PagedCache(seq, L, H, D, P, MAX_CTX, dtype=dtype, seed=seed)
     shape = DecodeShape(L, H, G, D, D, P, SINK, RECENT, MAX_CTX)
     channels = _channels(L, seed)
     dec = GpuSparseDecode(shape, budgets, "cpu", meta_dtype=meta_dtype, num_slots=cache.k[0].shape[0], num_sms=3,
-                          selector=selector, channels=channels)
+                          selector=selector, channels=channels, carry_rows=carry_rows)
     ref_meta = _Ref(cache.k[0].shape[0], L, selector, channels)
     locs = cache.prefill_locs
     for layer in range(L):
@@ -82,7 +84,7 @@ def _setup(budgets, meta_dtype=torch.float32, seq=SEQ, dtype=torch.float32, seed
     return cache, dec, ref_meta
 
 
-def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None, labels=None):
+def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None, labels=None, carry=None):
     """The CPU serving path of the backend (selection with the same selector + attention) on the same cache;
     meta/fine/labels: other page metadata or label cache to select on (default: the CPU path's own)."""
     qg = q.view(cache.bs, H, G, D)
@@ -90,7 +92,7 @@ def _cpu_decode(cache, ref_meta, layer, q, budgets, meta=None, fine=None, labels
     fine = (ref_meta.fine[layer] if ref_meta.fine else None) if fine is None else fine
     chosen = cpu.select_decode_tokens(qg, *meta, cache.req_to_token, cache.req_pool_indices, cache.seq_lens,
                                       budgets[layer], P, SINK, RECENT, selector=ref_meta.selector, fine=fine,
-                                      labels=ref_meta.label_args(layer, labels))
+                                      labels=ref_meta.label_args(layer, labels), carry=carry)
     return cpu.attend_selected(qg.float(), cache.k[layer].float(), cache.v[layer].float(), chosen, SCALE)
 
 
@@ -170,6 +172,36 @@ def _decode_bf16(budgets, selector):
                 got = torch.zeros(scores.shape[-1], dtype=torch.bool)
                 got[got_idx[r, h, : int(k[r, h])].long()] = True
                 assert torch.equal(got, want_mask[r, h]), (r, h)
+
+
+def check_carry():
+    """Pages carried between steps (carry.py): over 8 decode steps the GPU objects, carrying in their own state
+    buffer, decode what the CPU path does carrying in its own, and carry the same pages; a new prompt in a row
+    (forget) clears only that row."""
+    budgets = torch.tensor([[0.1] * H, [0.05] * H], dtype=torch.float64)
+    for selector in (S.DEFAULT_SELECTOR, S.UNCALIBRATED_SELECTOR):
+        cache, dec, ref_meta = _setup(budgets, selector=selector, carry_rows=cache_rows(SEQ))
+        ref_carry = new_carry(budgets.shape[0], cache_rows(SEQ), H, "cpu")
+        for _ in range(8):
+            locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
+            dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
+            dec.prepare(cache.seq_lens_dev)
+            for layer in range(cache.L):
+                dec.fold(layer, k_new[layer], locs)
+                q = cache.query(H * G)
+                got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
+                                 cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
+                want = _cpu_decode(cache, ref_meta, layer, q, budgets, carry=ref_carry[layer])
+                torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
+        rows = cache.req_pool_indices
+        assert (ref_carry[:, rows] >= 0).any(), "nothing was carried: the check would not check"
+        assert torch.equal(dec.carry[:, rows].sort(-1).values, ref_carry[:, rows].sort(-1).values), selector
+        dec.forget(rows[:1])
+        assert (dec.carry[:, rows[:1]] == -1).all() and torch.equal(dec.carry[:, rows[1:]], ref_carry[:, rows[1:]])
+
+
+def cache_rows(seq):
+    return len(seq) + 2          # PagedCache's req_to_token rows
 
 
 def check_fine_scores():
@@ -355,9 +387,10 @@ def _normalised(log):
 
 
 def check_no_host_sync():
-    """Per layer (fold, score, top-k, attend) and the in-graph prepare: no host sync from our code."""
+    """Per layer (fold, score, top-k with carried pages, attend) and the in-graph prepare: no host sync from our
+    code."""
     budgets = torch.tensor([[0.1] * H, [1.0] * H], dtype=torch.float64)
-    cache, dec, ref_meta = _setup(budgets)
+    cache, dec, ref_meta = _setup(budgets, carry_rows=cache_rows(SEQ))
     locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
     dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)      # host work between steps (host tensors only)
     q = cache.query(H * G)
@@ -436,7 +469,7 @@ def check_fold_meta():
 
 
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_fine_scores,
-                                                   check_label_scores,
+                                                   check_label_scores, check_carry,
                                                    check_graph_replay, check_no_host_sync, check_fold_meta)}
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def test_gpu_install_with_too_old_driver_says_why(monkeypatch, capsys, tmp_path)
 
     _gpu_install_without_a_usable_gpu(monkeypatch)
     with pytest.raises(SystemExit) as e:
-        build(["--model-path", str(tmp_path), "--port", "30999"])
+        build(["--model-path", str(tmp_path), "--port", "30999", "--shplb-dense"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     for part in ("error: torch", "built for CUDA 13.0", "cannot use the GPU NVIDIA H100", "driver 550.54.15",

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu_offline
-CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "label_scores", "graph_replay", "no_host_sync", "fold_meta"]
+CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "label_scores", "carry", "graph_replay", "no_host_sync",
+          "fold_meta"]
 
 
 def _env(interpret: bool) -> dict:

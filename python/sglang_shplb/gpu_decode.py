@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import selection as sel
+from .carry import forget, new_carry, next_carry, promote
 from .sparse_attention import fold_labels, new_label_cache
 
 
@@ -64,7 +65,8 @@ class GpuSparseDecode:
 
     def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
                  num_slots: int | None = None, selector: str = sel.UNCALIBRATED_SELECTOR, num_sms: int | None = None,
-                 budget_ref: sel.BudgetRef | None = None, channels: torch.Tensor | None = None):
+                 budget_ref: sel.BudgetRef | None = None, channels: torch.Tensor | None = None,
+                 carry_rows: int | None = None):
         import sglang_shplb_kernels as K
 
         if selector not in gpu_selectors():
@@ -110,6 +112,9 @@ class GpuSparseDecode:
             if self.channels is not None:          # the label cache: each key's label channels
                 self.labels = [new_label_cache(num_slots, self.channels[l], shape.page_size,
                                                meta_dtype, self.device) for l in range(L)]
+        # pages carried between steps per request row (carry.py): a two-stage selector's, when the caller keeps rows
+        self.carry = new_carry(L, carry_rows, H, self.device) if carry_rows and self.two_stage and budgets is not None \
+            else None
         self._sets: list[_Buffers] = []
         self.buf: _Buffers | None = None
         self.tokens_read = torch.zeros(L, dtype=torch.float64)   # host: KV tokens read per layer
@@ -198,6 +203,9 @@ class GpuSparseDecode:
             return
         # two-stage: shortlist c pages by the coarse bound, re-score them (sub-page bounds or labels), keep k
         c = b.c_pages[layer_id]
+        rows = req_pool_indices.long()
+        if self.carry is not None:    # last step's best pages join the shortlist (torch ops: graph-safe, no sync)
+            b.scores[:bs].copy_(promote(b.scores[:bs], self.carry[layer_id].index_select(0, rows)))
         self.K.select_topk_pages_into(b.scores, b.n_pages, c, b.short_idx, b.sel_cnt, s.sink, s.recent, bs)
         if self.per_head:
             self.K.label_page_scores(q, self.labels[layer_id], self.channels[layer_id], req_to_token, req_pool_indices,
@@ -211,8 +219,24 @@ class GpuSparseDecode:
         else:
             self.K.fine_page_scores(q, *self.fine[layer_id], req_to_token, req_pool_indices, b.n_pages, b.short_idx,
                                     c, s.page_size, self.sub, s.sink, s.recent, b.fine_scores, bs)
+        if self.carry is not None:
+            self.carry[layer_id].index_copy_(0, rows, self._next_carry(c[:bs], bs))
         self.K.select_topk_pages_into(b.fine_scores, b.short_width, b.k_pages[layer_id], b.sel_idx, b.sel_cnt,
                                       0, 0, bs, page_map=b.short_idx)
+
+    def _next_carry(self, c: torch.Tensor, bs: int) -> torch.Tensor:
+        """carry.next_carry over this layer's shortlist: its listed, free pages by their second-stage score."""
+        b, s = self.buf, self.shape
+        short = b.short_idx[:bs].long()
+        n = b.n_pages[:bs].long().view(bs, 1, 1)
+        listed = torch.arange(short.shape[-1], device=short.device) < c.unsqueeze(-1)
+        ok = listed & ~sel.is_forced(short, n, s.sink, s.recent) & (short < n)
+        return next_carry(short, b.fine_scores[:bs], ok, self.carry.shape[-1])
+
+    def forget(self, req_pool_indices: torch.Tensor) -> None:
+        """New prompts in these request rows (their prefill): nothing carried into their first decode step."""
+        if self.carry is not None:
+            forget(self.carry, req_pool_indices)
 
     def decode(self, layer_id: int, q: torch.Tensor, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens,
                scale: float) -> torch.Tensor:

@@ -354,9 +354,9 @@ def _apply_recipe(cfg: ShplbConfig, options: dict, rest: list[str]) -> ShplbConf
     from .recipe import resolve_profile, solve
 
     model = os.path.expanduser(_value(rest, "--model-path") or _value(rest, "--model"))
-    if not os.path.isdir(model):
-        _fail(f"the default recipe needs a local checkpoint directory to find its profile, got {model}; pass "
-              "--shplb-dense, or budgets made with `python -m sglang_shplb.budget` (--shplb-budgets)")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        _fail(f"the default recipe needs a local checkpoint directory (with config.json) to find its profile, got "
+              f"{model}; pass --shplb-dense, or budgets made with `python -m sglang_shplb.budget` (--shplb-budgets)")
     try:
         fingerprint = model_fingerprint(model)
         profile = resolve_profile(options["profile"], model, fingerprint)

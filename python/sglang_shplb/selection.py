@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .carry import next_carry, promote
+
 NEG_INF = float("-inf")
 FLOOR = torch.finfo(torch.float32).min   # a masked logit that exp() sends to exactly 0, yet never makes inf - inf
 MASKING = ("norm", "psum", "mix")      # aggregates that already score non-candidates -inf
@@ -354,14 +356,15 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
                  fine_meta: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
                  n_pages: torch.Tensor, k_pages: torch.Tensor, sink: int, recent: int,
                  channels: Optional[torch.Tensor] = None, seq_lens: Optional[torch.Tensor] = None,
-                 ranks: Optional[LayerRanks] = None) -> torch.Tensor:
+                 ranks: Optional[LayerRanks] = None, carry: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The selector, end to end. q [..., G, D]; kmin/kmax [..., N, D] page metadata (may broadcast);
     fine_meta(idx [..., C]) -> the second stage's inputs for those logical pages (two-stage selectors only):
     sub-page (min, max) [..., C, S, D] for a `sub` selector, (keys [..., C, P, D],) for a `keys` one,
     (labels [..., C, P, r],) for a label one, whose `channels` [..., r] (broadcast against q's leading dims)
     are passed too; n_pages, k_pages [...]; seq_lens [...] the tokens in the context (None: n_pages whole
     pages), so a partial last page's stale slots do not enter a per-head normalisation; ranks: the same inputs'
-    data-independent parts (`LayerRanks`, in place of seq_lens) if a decode step made them. Returns the chosen
+    data-independent parts (`LayerRanks`, in place of seq_lens) if a decode step made them; carry [..., M]: pages
+    carried from the previous step into a shortlist (carry.py), updated in place for the next. Returns the chosen
     pages [..., K], K = k_pages.max(), in rank order; a row's entries past its k are not selected (callers
     mask them)."""
     N = kmin.shape[-2]
@@ -376,7 +379,8 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         fine = second_stage(selector, channels, seq_lens, page_fill)(selector, q, idx, fine_meta(idx), valid)
         return top_pages(fine, n_pages, K, sink, recent, pins)
     C = min(N, math.ceil(selector.shortlist * K))
-    short = top_pages(coarse_scores(selector, q, kmin, kmax, n_pages), n_pages, C, sink, recent, pins)  # [..., C]
+    coarse = coarse_scores(selector, q, kmin, kmax, n_pages)
+    short = top_pages(coarse if carry is None else promote(coarse, carry), n_pages, C, sink, recent, pins)  # [..., C]
     if ranks is not None and ranks.listed is not None:
         listed = ranks.listed[..., :C]
     else:
@@ -384,6 +388,9 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     # the shortlist is in the rule's order, so its j-th page's unwritten slots are rank j's (rank_fill)
     stale = ranks.rank_stale[..., :C, :] if ranks is not None and ranks.rank_stale is not None else None
     fine = second_stage(selector, channels, seq_lens, page_fill, stale)(selector, q, short, fine_meta(short), listed)
+    if carry is not None:
+        free = torch.broadcast_to(pins.free, (*short.shape[:-1], N)).gather(-1, short)
+        carry.copy_(next_carry(short, fine, listed & free, carry.shape[-1]))
     # re-rank the shortlist by THE rule, in page space: each listed page's fine score at its page index over the
     # pins (forced +inf stays, unlisted -inf), so a stable sort breaks ties to the lower page index
     by_page = torch.broadcast_to(pins.value, (*short.shape[:-1], N)).clone()

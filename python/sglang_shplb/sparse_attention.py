@@ -161,23 +161,27 @@ def select_decode_tokens(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor
                          page_size: int, sink: int, recent: int, selector: str = sel.DEFAULT_SELECTOR,
                          fine: tuple[torch.Tensor, torch.Tensor] | None = None,
                          budget_ref: sel.BudgetRef | None = None, k_buf: torch.Tensor | None = None,
-                         labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
+                         labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         carry: torch.Tensor | None = None) -> DecodeSelection:
     """One layer's selection with its own plan: budgets [Hkv]; the rest as `plan_decode` and `select_layer`."""
     plan = plan_decode(req_to_token, req_pool_indices, seq_lens, budgets.view(1, -1), page_size, sink, recent,
                        budget_ref)
-    return select_layer(plan, 0, q, kmin, kmax, req_to_token, page_size, sink, recent, selector, fine, k_buf, labels)
+    return select_layer(plan, 0, q, kmin, kmax, req_to_token, page_size, sink, recent, selector, fine, k_buf, labels,
+                        carry)
 
 
 def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                  req_to_token: torch.Tensor, page_size: int, sink: int, recent: int,
                  selector: str = sel.DEFAULT_SELECTOR, fine: tuple[torch.Tensor, torch.Tensor] | None = None,
                  k_buf: torch.Tensor | None = None,
-                 labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeSelection:
+                 labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 carry: torch.Tensor | None = None) -> DecodeSelection:
     """q [bs, Hkv, G, D]: layer `layer` of the step `plan`. Each head keeps its top-k pages by
     `selection.choose_pages` (sink + recent first). `fine` = (fmin, fmax): the same metadata at page
     size `selector.sub` ([slots / sub, Hkv, D], `new_page_metadata(..., sub)`), needed by sub-page selectors;
     `k_buf` ([slots, Hkv, D], the key cache), needed by `keys` selectors; `labels` = (label cache
-    [Hkv, slots, r], channels [Hkv, r]) (`new_label_cache`, `fold_labels`), needed by label selectors."""
+    [Hkv, slots, r], channels [Hkv, r]) (`new_label_cache`, `fold_labels`), needed by label selectors;
+    `carry` [request rows, Hkv, M]: this layer's pages carried between steps (carry.py; shortlist selectors)."""
     bs, Hkv = q.shape[:2]
     P = page_size
     rule = sel.get_selector(selector)
@@ -225,8 +229,11 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
                 rows = (plan.kv_rows.gather(-1, idx).unsqueeze(-1) + plan.tok_rows).flatten()   # P slots in order
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     ranks = plan.ranks(layer, rule)
+    carried = carry.index_select(0, plan.rows) if carry is not None and rule.shortlist else None
     chosen = sel.choose_pages(rule, q, lo, hi, fine_meta, n_pages.view(bs, 1).expand(bs, Hkv), k_pages,
-                              sink, recent, labels[1] if rule.label else None, None, ranks)   # [bs, Hkv, K]
+                              sink, recent, labels[1] if rule.label else None, None, ranks, carried)   # [bs, Hkv, K]
+    if carried is not None:
+        carry.index_copy_(0, plan.rows, carried)
     K = chosen.shape[-1]
     # a logical page's tokens are its physical page's P slots in order (SGLang allocates whole pages)
     rows = plan.kv_rows.gather(-1, chosen).unsqueeze(-1) + plan.tok_rows

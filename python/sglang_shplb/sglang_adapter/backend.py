@@ -20,6 +20,7 @@ import logging
 import torch
 
 from ..config import ConfigError, ShplbConfig
+from ..carry import forget, new_carry
 from ..selection import get_selector
 from ..serving import resolve
 from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, plan_decode,
@@ -109,11 +110,18 @@ def _make_backend_class():
             self.torch_dense_layers = set()
             if torch.device(model_runner.device).type == "cuda":
                 self._init_cuda(model_runner)
+            # pages carried between decode steps per request row, layer and local KV head (carry.py)
+            self.carry = self.gpu.carry if self.gpu is not None else None if self.budgets is None or not \
+                get_selector(self.selector).shortlist else new_carry(mc.num_hidden_layers, self._rows(),
+                                                                     self.budgets.shape[1], model_runner.device)
             logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
                         "selector %s, prefill budgets %s (estimate %s, dense up to %d tokens)", self.tp_rank,
                         self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, _describe(self.budgets),
                         self.selector, _describe(self.prefill_budgets), self.prefill_estimate,
                         self.cfg.prefill_dense_kv_len)
+
+        def _rows(self) -> int:
+            return self.req_to_token_pool.req_to_token.shape[0]
 
         def _metadata(self, layer_id: int):
             if self.gpu is not None and self.gpu.meta is not None:
@@ -214,7 +222,8 @@ def _make_backend_class():
                                   self.req_to_token_pool.req_to_token, self.page_size, self.cfg.sink_pages,
                                   self.cfg.recent_pages, self.selector, self._fine(layer.layer_id) if self.sub else None,
                                   self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                                  self._labels(layer.layer_id) if self.channels is not None else None)
+                                  self._labels(layer.layer_id) if self.channels is not None else None,
+                                  None if self.carry is None else self.carry[layer.layer_id])
             self._account(layer.layer_id, chosen, forward_batch.seq_lens, Hkv)
             if chosen.dense:  # SGLang's own dense decode: bit-identical to torch_native
                 o = torch.empty_like(q.reshape(-1, Hq * layer.v_head_dim))
@@ -257,7 +266,8 @@ def _make_backend_class():
                                 self.cfg.recent_pages, mc.context_len)
             slots = self.token_to_kv_pool.get_key_buffer(0).shape[0] if self.keep_metadata else None
             self.gpu = GpuSparseDecode(shape, self.budgets, model_runner.device, num_slots=slots,
-                                       selector=self.selector, budget_ref=self.budget_ref, channels=self.channels)
+                                       selector=self.selector, budget_ref=self.budget_ref, channels=self.channels,
+                                       carry_rows=self._rows())
             self.gpu_prefill = kernels.attend_selection
             # dense prefill/extend (dense layers, full-budget heads) through SGLang's own CUDA backend
             self.dense_extend, name = dense_extend_backend(model_runner)
@@ -272,6 +282,8 @@ def _make_backend_class():
             if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
                 self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
             fb, self.extend_dense = forward_batch, False   # set for this step only, never left from the last
+            if self.carry is not None and fb.forward_mode.is_extend():
+                forget(self.carry, fb.req_pool_indices)     # a new prompt in these rows: nothing carried yet
             if self.prefill_sparse and fb.forward_mode.is_extend() and fb.extend_prefix_lens is not None:
                 # every request short: the whole step runs the dense extend (SGLang's kernel); mixed: sparse_prefill
                 kv = map(sum, zip(_host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),

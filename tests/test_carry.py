@@ -1,0 +1,70 @@
+"""Pages carried between decode steps (carry.py), on the default selector's own code (selection.choose_pages).
+
+The failure it fixes (issue 33): a needle page whose keys form a narrow box (digits) loses the page-bound
+shortlist to haystack pages with wide boxes, though it holds nearly all of the head's attention; the answer then
+loses the needle's last digits. The GPU objects carry the same pages (tests/gpu_offline_checks.py: carry)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sglang_shplb import selection as S
+from sglang_shplb.carry import forget, new_carry, next_carry
+
+P, D, N, NEEDLE, SINK, RECENT = 16, 32, 40, 20, 1, 2
+
+
+def _context():
+    """Keys of N pages: haystack tokens each put 3.0 on one channel (a wide box: bound 48, best logit 3 for an
+    all-ones query), the needle page's tokens 1.0 on every channel (a narrow box: bound 32, logit 32)."""
+    keys = torch.zeros(N, P, D)
+    t = torch.arange(N * P).view(N, P)
+    keys.scatter_(-1, (t % D).unsqueeze(-1), 3.0)
+    keys[NEEDLE] = 1.0
+    kmin, kmax = keys.amin(1), keys.amax(1)
+    return keys, kmin.view(1, 1, N, D), kmax.view(1, 1, N, D)
+
+
+def _choose(k_pages: int, carry=None):
+    rule = S.get_selector(S.DEFAULT_SELECTOR)
+    keys, kmin, kmax = _context()
+    channels = torch.arange(D)[: rule.keys].view(1, 1, -1)
+    q = torch.ones(1, 1, 1, D)
+    chosen = S.choose_pages(rule, q, kmin, kmax, lambda idx: (keys[idx][..., channels.flatten()],),
+                            torch.tensor([[N]]), torch.tensor([[k_pages]]), SINK, RECENT, channels, None, None, carry)
+    return set(chosen[0, 0, :k_pages].tolist())
+
+
+def test_the_bound_alone_drops_the_needle_page():
+    assert NEEDLE not in _choose(6)                              # shortlist of 18 pages: the needle ranks last
+    assert NEEDLE in _choose(14)                                 # a shortlist of every page: the label stage finds it
+
+
+def test_a_page_found_once_stays_while_it_ranks_high():
+    carry = torch.full((1, 1, 2), -1, dtype=torch.long)
+    assert NEEDLE in _choose(14, carry)                          # a step whose shortlist held it
+    assert carry[0, 0, 0] == NEEDLE                              # the best free page by the label estimate
+    for _ in range(3):                                           # later steps: the bound alone would drop it
+        assert NEEDLE in _choose(6, carry) and carry[0, 0, 0] == NEEDLE
+
+
+def test_a_carried_page_is_promoted_not_forced():
+    """A carried haystack page joins the shortlist, but the label stage ranks it with the rest (ties to the
+    lower page index): it is not read just because it was carried."""
+    carry = torch.tensor([[[30, -1]]])
+    chosen = _choose(6, carry)
+    assert 30 not in chosen and len(chosen) == 6
+    assert carry[0, 0, 0] != 30
+
+
+def test_next_carry_and_forget():
+    short = torch.tensor([[0, 5, 7, 9, 39]])
+    fine = torch.tensor([[math.inf, 1.0, 3.0, 2.0, 9.0]])
+    ok = torch.tensor([[False, True, True, True, False]])        # forced page 0, unlisted page 39
+    assert next_carry(short, fine, ok).tolist() == [[7, 9]]
+    assert next_carry(short, fine, torch.zeros_like(ok)).tolist() == [[-1, -1]]
+    carry = new_carry(2, 4, 3, "cpu")
+    carry[:, 1], carry[:, 2] = 5, 6
+    forget(carry, torch.tensor([1]))
+    assert (carry[:, 1] == -1).all() and (carry[:, 2] == 6).all()
