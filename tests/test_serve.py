@@ -1,5 +1,6 @@
 """End to end: our launcher serves the real default model on CPU through SGLang's HTTP API."""
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -63,6 +64,18 @@ def test_serves_the_default_recipe(server):
     log = server.log()
     assert "S-HPLB default recipe: per-head budgets, decode and prefill at mean budget 0.1" in log
     assert "shplb backend" in log and "decode budgets mean" in log
+
+
+def test_default_keeps_a_needle_to_its_last_digit(server):
+    """lm-eval 0.4.13's RULER niah_single_1 at 4096 tokens, its prompt 2 (tests/data; needle 1235580 in repeated
+    noise), through the completions API as lm-eval sends it. Without carried pages (carry.py) the default recipe
+    answered `123558.`: the page-bound shortlist of layer 18 dropped the needle's page mid-answer."""
+    prompt = (Path(__file__).parent / "data" / "niah_single_1_4096_doc2.txt").read_text()
+    r = requests.post(f"{server.url}/v1/completions", timeout=600, json={
+        "model": "default", "prompt": prompt, "temperature": 0, "max_tokens": 12})
+    r.raise_for_status()
+    assert r.json()["usage"]["prompt_tokens"] > 3500
+    assert "1235580" in r.json()["choices"][0]["text"], r.json()["choices"][0]["text"]
 
 
 def test_plugin_loaded_in_scheduler(server):
