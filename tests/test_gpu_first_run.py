@@ -91,13 +91,13 @@ def test_keys_written_by_a_fused_kv_kernel_are_folded(monkeypatch):
 
 def test_dense_extend_with_fused_kv_write_folds():
     """The dense extend path (SGLang's own kernel) folds the keys it is handed even when save_kv_cache=False."""
-    from sglang_shplb.sglang_adapter.backend import _make_backend_class
+    from sglang_shplb.sglang_adapter.backend import ShplbAttnBackend
 
     class Owned:
         def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
             return q
 
-    b = object.__new__(_make_backend_class())
+    b = object.__new__(ShplbAttnBackend)
     b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu, b.extend_dense = Owned(), [False], True, None, False
     folded = []
     b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, k))

@@ -175,7 +175,7 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
 
     import torch
 
-    from sglang_shplb.sglang_adapter.backend import _make_backend_class
+    from sglang_shplb.sglang_adapter.backend import ShplbAttnBackend
 
     calls = []
 
@@ -187,10 +187,10 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
             calls.append(("extend", layer.layer_id, save_kv_cache))
             return q * 2
 
-    cls = _make_backend_class()
+    cls = ShplbAttnBackend
     b = object.__new__(cls)
     b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu = Owned(), [False, True], True, None
-    b.budgets = None                              # no decode budgets: decode plans nothing on this path
+    b.budgets = b.carry = None                    # no decode budgets: decode plans (and carries) nothing
     b.use_sliding_window_kv_pool = False          # torch_native's own per-step state
     b.cfg, b.extend_dense = types.SimpleNamespace(prefill_dense_kv_len=2048), False
     folded = []
