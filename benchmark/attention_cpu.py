@@ -1,6 +1,11 @@
-"""Decode attention on CPU: shplb sparse (10% budget) vs SGLang's torch_native dense, side by side.
+"""Decode attention on CPU: shplb sparse (the default recipe's budgets) vs SGLang's torch_native dense, side by side.
 
-    OMP_NUM_THREADS=1 python benchmark/attention_cpu.py [--budget 0.1] [--contexts 2048 4096 8192]
+    OMP_NUM_THREADS=1 python benchmark/attention_cpu.py [--budget B] [--contexts 2048 4096 8192]
+
+Budgets: the default recipe's per-head decode budgets (what `make serve` serves: `optimal` at the recipe's mean
+from the committed profile, each layer's own; every one of the 30 layers is timed and the mean per layer
+reported), or with --budget B one uniform budget (layer 0 timed). Shortlist selectors carry pages between steps
+as served (carry.py), its cost included.
 
 SmolLM2 shapes per layer (3 KV heads x 3 query heads, head_dim 64, fp32), a paged KV pool with
 scrambled pages as SGLang's allocator leaves it. Dense is SGLang's own
@@ -21,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
+from sglang_shplb.carry import new_carry  # noqa: E402
+from sglang_shplb.recipe import DEFAULT_MEAN_BUDGET  # noqa: E402
 from sglang_shplb.sparse_attention import (attend_selected, fold_labels, new_label_cache,  # noqa: E402
                                            new_page_metadata, plan_decode, select_layer, update_page_minmax)
 
@@ -55,6 +62,19 @@ def decode_inputs(name: str, fine: dict) -> dict:
     return {"fine": fine.get(rule.sub), "labels": fine.get(("label", rule.keys)) if rule.label else None}
 
 
+def model_budgets(uniform: float | None):
+    """(budgets [LAYERS, HKV], their BudgetRef, the layers to time): the default recipe's, or one uniform budget."""
+    if uniform is not None:
+        return torch.full((LAYERS, HKV), uniform), None, [0]
+    from common import committed_profile
+
+    from sglang_shplb.budget import make_budgets
+
+    body = make_budgets(committed_profile(), DEFAULT_MEAN_BUDGET, "optimal", prefill_mean=DEFAULT_MEAN_BUDGET)
+    b = torch.tensor(body["budgets"], dtype=torch.float64)
+    return b, sel.BudgetRef.of(b, -(-body["context_len"] // P)), list(range(LAYERS))
+
+
 def timed(fn, repeats):
     fn()
     out = []
@@ -67,10 +87,11 @@ def timed(fn, repeats):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--budget", type=float, help="one uniform budget instead of the default recipe's per-head ones")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--no-carry", action="store_true", help="without carried pages (their cost, by difference)")
     p.add_argument("--selectors", nargs="+",
                    default=sorted({"quest_sum", sel.UNCALIBRATED_SELECTOR, sel.DEFAULT_SELECTOR}),
                    choices=sorted(sel.SELECTORS), help="decode selectors timed side by side (selection cost included)")
@@ -88,7 +109,8 @@ def main():
             seq_lens, rows_idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV * G, D)
             out = torch.empty_like(q)
-            budgets = torch.full((LAYERS, HKV), args.budget)   # the whole model's: the plan's work is per step
+            budgets, ref, layers = model_budgets(args.budget)   # the whole model's: the plan's work is per step
+            carry = None if args.no_carry else new_carry(LAYERS, bs, HKV, "cpu")
 
             def dense():
                 TorchNativeAttnBackend._run_sdpa_forward_decode(
@@ -96,18 +118,19 @@ def main():
                     enable_gqa=True)
 
             def plan():   # with every timed selector's shortlist masks, which a step makes at its first layer
-                step = plan_decode(req_to_token, rows_idx, seq_lens, budgets, P, 1, 2)
+                step = plan_decode(req_to_token, rows_idx, seq_lens, budgets, P, 1, 2, ref)
                 for n in names:
                     step.ranks(0, sel.get_selector(n))
                 return step
 
             step_plan = plan()
 
-            def sparse(name):   # one layer as served: select on the step's plan, then attend
+            def sparse(name):   # each timed layer as served: select on the step's plan (carrying pages), attend
                 qg = q.view(bs, HKV, G, D)
-                chosen = select_layer(step_plan, 0, qg, kmin, kmax, req_to_token, P, 1, 2, name, k_buf=k_buf,
-                                      **decode_inputs(name, fine))
-                attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
+                for layer in layers:
+                    chosen = select_layer(step_plan, layer, qg, kmin, kmax, req_to_token, P, 1, 2, name, k_buf=k_buf,
+                                          carry=None if carry is None else carry[layer], **decode_inputs(name, fine))
+                    attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
 
             td, tp, ts = [], [], {n: [] for n in names}
             for _ in range(3):  # interleave so drift hits all alike
@@ -117,13 +140,16 @@ def main():
                     ts[n] += timed(lambda: sparse(n), args.repeats // 3)
             d = statistics.median(td) * 1e3
             per_layer_plan = statistics.median(tp) * 1e3 / LAYERS    # the step's plan, its share per layer
-            ms = {n: statistics.median(ts[n]) * 1e3 + per_layer_plan for n in names}
+            ms = {n: statistics.median(ts[n]) * 1e3 / len(layers) + per_layer_plan for n in names}
             cells = [f"{ms[n]:.2f} | {d / ms[n]:.2f}x" for n in names]
             rows.append(f"| {ctx} | {bs} | {d:.2f} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
+    what = f"uniform budget {args.budget} (layer 0)" if args.budget else \
+        f"the default recipe's per-head budgets (mean {DEFAULT_MEAN_BUDGET}; mean over all {LAYERS} layers)"
     write_result(args.out, "Decode attention, CPU: shplb sparse vs torch_native dense",
-                 f"One layer of SmolLM2 shapes, budget {args.budget}, page {P}, sink 1 + recent 2 pages, "
-                 f"1 thread; shplb ms = the layer's selection and attention + 1/{LAYERS} of the step's plan "
+                 f"SmolLM2 shapes, {what}, page {P}, sink 1 + recent 2 pages, "
+                 f"{'no carried pages' if args.no_carry else 'carried pages (as served)'}, "
+                 f"1 thread; shplb ms = a layer's selection and attention + 1/{LAYERS} of the step's plan "
                  "(plan_decode for all 30 layers with every timed selector's shortlist masks, made once per decode step and "
                  "shared by the model's layers). Goal: >= 4x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/attention_cpu.py " + " ".join(sys.argv[1:]))
