@@ -10,8 +10,9 @@
     sparse_prefill (select + blockwise attention).
     Rows "one chunk" (the whole prompt at once) and "served" (chunks of --chunk tokens after a
     cached prefix, what the server does with SGLang's default chunked prefill on this machine).
-(2) Time to first token via real servers (our launcher, fp32, 1 OpenMP thread): dense torch_native
-    vs --shplb-prefill-budget (and --shplb-prefill-dense-kv-len); fresh corpus text per request (no radix hits), max_new_tokens 1.
+(2) Time to first token via real servers (our launcher, fp32, 1 OpenMP thread): dense (--shplb-dense) vs the
+    default recipe (no flag; --ttft-variant uniform: --shplb-prefill-budget and --shplb-prefill-dense-kv-len);
+    fresh corpus text per request (no radix hits), max_new_tokens 1.
 Times are medians of interleaved repeats; ratios are what to read (the machine is shared).
 """
 import argparse
@@ -132,7 +133,9 @@ def ttft_rows(args):
         write_json(Path("/tmp/bench-prefill-budgets.json"), "budget",
                    make_budgets(committed_profile(), args.budget, "uniform", "kv"))
         shplb += ["--shplb-budgets", "/tmp/bench-prefill-budgets.json"]
-    flags = {"dense": ["--attention-backend", "torch_native"], "shplb": shplb}
+    if args.ttft_variant == "default":   # what `make serve` serves: the default recipe, no flag
+        shplb = []
+    flags = {"dense": ["--shplb-dense"], "shplb": shplb}
     servers = {}
     rows = ["| prompt tokens | dense TTFT s | shplb TTFT s | speed-up |", "|---|---|---|---|"]
     try:
@@ -164,6 +167,9 @@ def main():
     p.add_argument("--ttft-contexts", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--ttft-repeats", type=int, default=2)
     p.add_argument("--skip-ttft", action="store_true")
+    p.add_argument("--ttft-variant", choices=("default", "uniform"), default="default",
+                   help="the shplb TTFT server: the default recipe as `make serve` serves it (per-head decode and "
+                        "prefill budgets), or --budget/--estimate/--dense-kv-len as one uniform prefill budget")
     p.add_argument("--compare-estimates", nargs="*", choices=ESTIMATES, default=[],
                    help="more prefill estimates timed side by side in the attention table")
     p.add_argument("--estimate", choices=ESTIMATES, default=DEFAULT_ESTIMATE,
