@@ -68,8 +68,8 @@ def test_serves_the_default_recipe(server):
 
 def test_default_keeps_a_needle_to_its_last_digit(server):
     """lm-eval 0.4.13's RULER niah_single_1 at 4096 tokens, its prompt 2 (tests/data; needle 1235580 in repeated
-    noise), through the completions API as lm-eval sends it. Without carried pages (carry.py) the default recipe
-    answered `123558.`: the page-bound shortlist of layer 18 dropped the needle's page mid-answer."""
+    noise), through the completions API as lm-eval sends it. With carried pages (carry.py) removed, the default
+    recipe answers ` 1235.` here (checked): the page-bound shortlist of layer 18 drops the needle's page mid-answer."""
     prompt = (Path(__file__).parent / "data" / "niah_single_1_4096_doc2.txt").read_text()
     r = requests.post(f"{server.url}/v1/completions", timeout=600, json={
         "model": "default", "prompt": prompt, "temperature": 0, "max_tokens": 12})
