@@ -115,8 +115,9 @@ def check_decode_vs_cpu():
         _decode_bf16(budgets, selector)
 
 
-def _decode_steps(budgets, selector, steps):
-    cache, dec, ref_meta = _setup(budgets, selector=selector)
+def _run_steps(cache, dec, ref_meta, budgets, selector, steps, ref_carry=None):
+    """Decode `steps` steps with the GPU objects and the CPU path side by side (each carrying pages in its own
+    state when ref_carry is given); yields each (step, layer) after checking their outputs agree."""
     for _ in range(steps):
         locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
         dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
@@ -126,16 +127,22 @@ def _decode_steps(budgets, selector, steps):
             q = cache.query(H * G)
             got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                              cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
-            want = _cpu_decode(cache, ref_meta, layer, q, budgets)
+            want = _cpu_decode(cache, ref_meta, layer, q, budgets, carry=None if ref_carry is None else ref_carry[layer])
             torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
-            if not dec.dense_layer[layer]:   # the metadata itself is the CPU path's, bit for bit
-                assert torch.equal(dec.meta[layer][0], ref_meta[layer][0])
-                assert torch.equal(dec.meta[layer][1], ref_meta[layer][1])
-                if dec.fine is not None:
-                    assert torch.equal(dec.fine[layer][0], ref_meta.fine[layer][0])
-                    assert torch.equal(dec.fine[layer][1], ref_meta.fine[layer][1])
-                if dec.labels is not None:
-                    assert torch.equal(dec.labels[layer], ref_meta.labels[layer])
+            yield layer
+
+
+def _decode_steps(budgets, selector, steps):
+    cache, dec, ref_meta = _setup(budgets, selector=selector)
+    for layer in _run_steps(cache, dec, ref_meta, budgets, selector, steps):
+        if not dec.dense_layer[layer]:   # the metadata itself is the CPU path's, bit for bit
+            assert torch.equal(dec.meta[layer][0], ref_meta[layer][0])
+            assert torch.equal(dec.meta[layer][1], ref_meta[layer][1])
+            if dec.fine is not None:
+                assert torch.equal(dec.fine[layer][0], ref_meta.fine[layer][0])
+                assert torch.equal(dec.fine[layer][1], ref_meta.fine[layer][1])
+            if dec.labels is not None:
+                assert torch.equal(dec.labels[layer], ref_meta.labels[layer])
     # accounting: tokens read per layer on the host, dense layer reads everything
     assert dec.tokens_read[1] == dec.tokens_dense[1] and (dec.tokens_read[0] < dec.tokens_dense[0])
 
@@ -182,17 +189,8 @@ def check_carry():
     for selector in (S.DEFAULT_SELECTOR, S.UNCALIBRATED_SELECTOR):
         cache, dec, ref_meta = _setup(budgets, selector=selector, carry_rows=cache_rows(SEQ))
         ref_carry = new_carry(budgets.shape[0], cache_rows(SEQ), H, "cpu")
-        for _ in range(8):
-            locs, k_new, bs = _step(cache, dec, ref_meta, budgets)
-            dec.plan(bs, cache.seq_lens, cache.seq_lens_dev)
-            dec.prepare(cache.seq_lens_dev)
-            for layer in range(cache.L):
-                dec.fold(layer, k_new[layer], locs)
-                q = cache.query(H * G)
-                got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
-                                 cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
-                want = _cpu_decode(cache, ref_meta, layer, q, budgets, carry=ref_carry[layer])
-                torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
+        for _ in _run_steps(cache, dec, ref_meta, budgets, selector, 8, ref_carry):
+            pass
         rows = cache.req_pool_indices
         assert (ref_carry[:, rows] >= 0).any(), "nothing was carried: the check would not check"
         assert torch.equal(dec.carry[:, rows].sort(-1).values, ref_carry[:, rows].sort(-1).values), selector
