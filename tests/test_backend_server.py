@@ -132,7 +132,8 @@ def kv_tokens_read(server) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
 
 
-@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_keys", "sparse_recipe", "sparse_profile"])
+@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_recipe"] + [
+    pytest.param(f, marks=pytest.mark.slow) for f in ("sparse_keys", "sparse_profile")])
 def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
     needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.

@@ -27,13 +27,14 @@ def q_plan(tmp_path_factory, model_path):
     return d / "plan.json"
 
 
+@pytest.mark.slow   # two TP-3 servers; test_serve's TP-3 default (the joint plan) is in make test
 def test_q_plan_tp3_same_greedy_as_plain_tp3(start_server, q_plan):
     from sglang_shplb.plan import load_plan
 
     plan = load_plan(q_plan)
     rank0 = plan["layers"][0]["rank_units"][0]
     assert rank0 != list(range(len(rank0))), "plan should be non-trivial"
-    plain = start_server(["--dtype", "float32", "--tp", "3"], name="plain-tp3")
+    plain = start_server(["--dtype", "float32", "--tp", "3", "--shplb-dense"], name="plain-tp3")
     placed = start_server(["--dtype", "float32", "--tp", "3", "--attention-backend", "torch_native",
                            "--shplb-plan", str(q_plan)], name="plan-tp3")
     for p in PROMPTS:

@@ -28,6 +28,7 @@ def committed():
     return Profile.load(COMMITTED)
 
 
+@pytest.mark.slow   # profiles two texts (~5 min): make test-slow
 def test_head_ranking_is_stable_across_texts(two_text_profiles):
     from scipy.stats import spearmanr
     a, b = (p.tensors["budget90_kv"].flatten() for p in two_text_profiles)
@@ -35,6 +36,7 @@ def test_head_ranking_is_stable_across_texts(two_text_profiles):
     assert rho >= 0.8, rho
 
 
+@pytest.mark.slow   # profiles two texts (~5 min): make test-slow
 def test_curves_are_sane(two_text_profiles):
     for prof in two_text_profiles:
         for gran in ("q", "kv"):
@@ -45,6 +47,7 @@ def test_curves_are_sane(two_text_profiles):
                 assert torch.allclose(c[..., -1], torch.ones(()), atol=1e-4)  # full budget keeps all mass
 
 
+@pytest.mark.slow   # profiles two texts (~5 min): make test-slow
 def test_sinkless_metric_is_a_recovery(two_text_profiles):
     """Share of the non-sink mass: in [0, 1], monotone, 1 at full budget, never above total."""
     for prof in two_text_profiles:
@@ -231,6 +234,7 @@ def test_profile_rejects_short_corpus(tmp_path, model_path):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+@pytest.mark.slow   # profiles two texts (~5 min): make test-slow
 def test_label_statistics_are_the_attention_inputs(two_text_profiles, model_path):
     """The profile's label calibration is mean |q| per query head and mean |k| per KV head over the
     window's post-RoPE attention inputs (what the server's label cache holds channels of)."""
@@ -260,6 +264,7 @@ def test_label_statistics_are_the_attention_inputs(two_text_profiles, model_path
     assert ch.shape == (len(seen), 3, sel.LABEL_RANK) and prof.meta["runtime_selector"] == sel.DEFAULT_SELECTOR
 
 
+@pytest.mark.slow   # profiles two texts (~5 min): make test-slow
 def test_default_selector_recovers_at_least_the_uncalibrated_one(two_text_profiles, model_path):
     """On both texts the default (label) selector's runtime recovery at 5-20% is at least the uncalibrated
     two_stage4's, on average over KV groups; and neither beats the oracle."""
