@@ -191,7 +191,8 @@ def main():
                  f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {args.estimate}; the blocks "
                  f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults; the shplb "
                  f"server's --shplb-prefill-dense-kv-len {args.dense_kv_len}, served default {PREFILL_DENSE_KV_LEN}). "
-                 "Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
+                 f"TTFT servers: {'the default recipe as served (no flag)' if args.ttft_variant == 'default' else 'the uniform prefill budget above'} "
+                 "vs --shplb-dense. Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py " + " ".join(sys.argv[1:]))
 
 
