@@ -25,7 +25,7 @@ def _run(server, cases, seed):
 
 
 def test_fuzz_short(server):
-    _run(server, 200, seed=0)
+    _run(server, 80, seed=0)
 
 
 @pytest.mark.slow
