@@ -176,12 +176,12 @@ def dense_extend_backend(model_runner):
 
     from .platform_check import flashinfer_unbuildable
 
-    reasons = []
+    reasons, unbuildable = [], flashinfer_unbuildable()
     for name in DENSE_EXTEND_BACKENDS:
         if name == "flashinfer" and importlib.util.find_spec("flashinfer") is None:
             reasons.append("flashinfer: not installed")
-        elif name == "flashinfer" and flashinfer_unbuildable():
-            reasons.append(f"flashinfer: {flashinfer_unbuildable()}")
+        elif name == "flashinfer" and unbuildable:
+            reasons.append(f"flashinfer: {unbuildable}")
         elif name not in ATTENTION_BACKENDS:
             reasons.append(f"{name}: not registered in this SGLang")
         else:
