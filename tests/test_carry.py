@@ -68,3 +68,25 @@ def test_next_carry_and_forget():
     carry[:, 1], carry[:, 2] = 5, 6
     forget(carry, torch.tensor([1]))
     assert (carry[:, 1] == -1).all() and (carry[:, 2] == 6).all()
+
+
+def test_a_prefill_seeds_the_carry_with_a_page_the_bound_never_lists():
+    """After a (sparse) prefill the needle page may never rank inside the decode shortlist: the prompt's last query
+    seeds the carry from every page's label estimate (carry_seed.py), so the first decode step already reads it."""
+    from sglang_shplb.carry_seed import plan_seed, seed
+
+    rule = S.get_selector(S.DEFAULT_SELECTOR)
+    keys, _, _ = _context()
+    channels = torch.arange(D)[: rule.keys].view(1, -1)                        # [Hkv, r]
+    labels = keys.reshape(1, N * P, D)[..., channels[0]]                       # [Hkv, slots, r]
+    req_to_token = torch.arange(2 * N * P).view(2, N * P).flip(0) % (N * P)    # row 1 holds the prompt
+    extend = 5                                                                  # the last chunk's tokens
+    q = torch.zeros(3 + extend, 1, 1, D)                                       # another request's 3 tokens first
+    q[-1] = 1.0                                                                # the prompt's last query
+    plan = plan_seed(req_to_token, torch.tensor([0, 1]), torch.tensor([3 * P, N * P]), torch.tensor([3, extend]),
+                     P, SINK, RECENT)
+    carry = new_carry(1, 2, 1, "cpu")[0]
+    seed(carry, plan, q, labels, channels, rule)
+    assert carry[1, 0, 0] == NEEDLE                                            # the best free page of request 1
+    assert NEEDLE in _choose(6, carry[1:2])                                   # step 1 reads it, the bound alone not
+    assert (carry[0] < 3).all()                                                # request 0: only its own 3 pages

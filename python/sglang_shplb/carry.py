@@ -7,6 +7,8 @@ content, so a page that holds nearly all of a head's attention can fall out of t
 last digits. So each (request, KV head) carries its best free pages by the second stage's score into the next
 step's shortlist, where the second stage ranks them again with every other candidate: a page that stops
 mattering drops out, and nothing is read that the budget does not pay for.
+
+A page must be found once to be carried; carry_seed.py seeds the carry at the end of each prefill.
 """
 from __future__ import annotations
 
@@ -44,3 +46,4 @@ def next_carry(short: torch.Tensor, fine: torch.Tensor, ok: torch.Tensor, m: int
 def forget(carry: torch.Tensor, rows: torch.Tensor) -> None:
     """A request row starts a new prompt (its prefill): nothing is carried into its first decode step."""
     carry.index_fill_(1, rows.long(), -1)
+

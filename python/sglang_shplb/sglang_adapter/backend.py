@@ -23,6 +23,7 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from ..carry import forget, new_carry
+from ..carry_seed import plan_seed, seed
 from ..config import ConfigError, ShplbConfig
 from ..selection import get_selector
 from ..serving import resolve
@@ -101,6 +102,9 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
         self.prefill_estimate = rank.prefill_estimate   # a label estimate reads the label cache above
         self.extend_dense = False   # this step's extends are all short (--shplb-prefill-dense-kv-len)
         self.step_plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
+        self.seed_plan = None                      # an extend step's carry_seed.SeedPlan
+        # layers with a sparse decode head: the only ones whose carry is read (a host list: no sync per layer)
+        self.carried_layers = [] if self.budgets is None else (self.budgets < 1).any(-1).tolist()
         # Kept on the model's device: adding to them never forces a host sync mid-step.
         self.kv_read = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
         self.kv_dense = torch.zeros(mc.num_hidden_layers, dtype=torch.float64, device=model_runner.device)
@@ -178,6 +182,7 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             dense = self.dense_extend if self.dense_extend is not None else super()
             o = dense.forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
             self._fold_new_keys(layer, forward_batch, k)
+            self._seed_carry(layer, q)
             return o
         self._write_and_fold(layer, forward_batch, k, v, save_kv_cache)   # before selecting: own pages count
         Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
@@ -192,7 +197,18 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
             estimate=self.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail,
             labels=self._prefill_labels(layer.layer_id), dense_kv_len=self.cfg.prefill_dense_kv_len)
+        self._seed_carry(layer, q)
         return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
+
+    def _seed_carry(self, layer, q):
+        """The prompt's last query picks the pages carried into its first decode step (carry_seed.py)."""
+        if self.seed_plan is None or not self.carried_layers[layer.layer_id]:
+            return
+        Hq, Hkv, D = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        labels, channels = (self.gpu.labels[layer.layer_id], self.gpu.channels[layer.layer_id]) \
+            if self.gpu is not None else self._labels(layer.layer_id)
+        seed(self.carry[layer.layer_id], self.seed_plan, q.reshape(-1, Hkv, Hq // Hkv, D), labels, channels,
+             get_selector(self.selector))
 
     def _prefill_labels(self, layer_id: int):
         """(label cache [Hkv, slots, r], channels) for a label prefill estimate, else None."""
@@ -282,8 +298,13 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
         if self.dense_extend is not None and not forward_batch.forward_mode.is_decode_or_idle():
             self.dense_extend.init_forward_metadata(forward_batch)      # its plan(), once per step
         fb, self.extend_dense = forward_batch, False   # set for this step only, never left from the last
+        self.seed_plan = None
         if self.carry is not None and fb.forward_mode.is_extend():
             forget(self.carry, fb.req_pool_indices)     # a new prompt in these rows: nothing carried yet
+            if self.channels is not None and get_selector(self.selector).label and fb.extend_seq_lens is not None:
+                self.seed_plan = plan_seed(self.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
+                                           fb.extend_seq_lens, self.page_size, self.cfg.sink_pages,
+                                           self.cfg.recent_pages)
         if self.prefill_sparse and fb.forward_mode.is_extend() and fb.extend_prefix_lens is not None:
             # every request short: the whole step runs the dense extend (SGLang's kernel); mixed: sparse_prefill
             kv = map(sum, zip(_host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
