@@ -93,7 +93,7 @@ def main():
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-carry", action="store_true", help="without carried pages (their cost, by difference)")
     p.add_argument("--selectors", nargs="+",
-                   default=sorted({"quest_sum", sel.UNCALIBRATED_SELECTOR, sel.DEFAULT_SELECTOR}),
+                   default=sorted(sel.SELECTORS),
                    choices=sorted(sel.SELECTORS), help="decode selectors timed side by side (selection cost included)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_cpu.md"))
     args = p.parse_args()

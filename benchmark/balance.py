@@ -95,7 +95,7 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
             seq, idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV, G, D)
             for name, b in sets.items():
-                ref = sel.BudgetRef.of(b, ref_pages) if name.startswith("optimal") else None   # file vs --shplb-budget
+                ref = sel.BudgetRef.of(b, ref_pages) if name.startswith("optimal") else None   # file vs --shplb-uniform-budget
                 chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, budget_ref=ref, **meta)
                           for l in range(L)]
                 runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.rows, c.valid, D ** -0.5) for c in chosen],

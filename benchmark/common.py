@@ -86,7 +86,7 @@ def mean_of(body: dict) -> float:
 
 
 class LabelCalibration:
-    """Label channels of the `selection.LABEL_SELECTORS` (Double Sparsity's offline calibration): mean |q| and
+    """Label channels of the label selectors (Double Sparsity's offline calibration): mean |q| and
     mean |k| per channel and KV head, accumulated by a harness's attention function during dense runs over
     TEXT, a text no recall or perplexity window is taken from (selector.py: alice29/asyoulik; quality.py:
     lcet10); needle haystacks draw sentences from every text."""

@@ -32,8 +32,8 @@ HEALTH_TRIES = 3  # a 2-core machine shared with other jobs can starve one 20-s 
 VOCAB = 49152
 # every prompt sparse; at most 512 tokens of output per request, so a mutated max_tokens (None: the context length, or
 # 10^5) is refused (400) rather than generating for minutes, which the hang check could not tell from a hang
-SERVER_ARGS = ["--shplb-budget", "0.1", "--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-kv-len", "0",
-               "--shplb-max-n-tokens", "512"]
+SERVER_ARGS = ["--shplb-uniform-budget", "0.1", "--shplb-uniform-prefill-budget", "0.1",
+               "--shplb-prefill-dense-kv-len", "0", "--shplb-max-n-tokens", "512"]
 
 # ---------------------------------------------------------------- field values
 # A body is valid with extreme-but-legal values, or that with one or two fields replaced by an edge

@@ -66,7 +66,7 @@ elif [[ -z "${SHPLB_MODEL:-}" ]]; then
   result "end-to-end server" SKIP "(set SHPLB_MODEL to a checkpoint directory: the device has no network)"
 else
   log=/tmp/gpu_first_run_server.log
-  $PY -m sglang_shplb.launch_server --model-path "$SHPLB_MODEL" --shplb-budget 0.1 --port 31777 > $log 2>&1 &
+  $PY -m sglang_shplb.launch_server --model-path "$SHPLB_MODEL" --shplb-uniform-budget 0.1 --port 31777 > $log 2>&1 &
   pid=$!
   ok=0
   for _ in $(seq 1 120); do

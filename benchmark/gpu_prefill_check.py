@@ -16,11 +16,9 @@ import math
 import torch
 
 import sglang_shplb_kernels as K
-from sglang_shplb.sparse_attention import fold_labels, new_label_cache
-from sglang_shplb.sparse_prefill import DENSE_TAIL, LABEL_CHANNELS, select_prefill_pages, sparse_prefill
+from sglang_shplb.sparse_prefill import DENSE_TAIL, select_prefill_pages, sparse_prefill
 
 BLOCK = 64
-ESTIMATES_CHECKED = ("label", "centre")   # the served estimate with a label decode selector, and without one
 
 
 class PrefillCase:
@@ -39,35 +37,27 @@ class PrefillCase:
         run.update(self.k[self.slots], self.slots, self.kmin, self.kmax, P)
         self.prefix, self.n, self.P = ctx - n, n, P
         self.q = torch.randn(n, run.Hq, run.D, dtype=dtype, device=dev)
-        # the decode label selector's cache, as GpuSparseDecode keeps it (int32 channels, cache in the KV dtype),
-        # which the served prefill estimate reads
-        self.channels = torch.stack([torch.randperm(run.D)[:LABEL_CHANNELS] for _ in range(run.Hkv)]).to(
-            dev, torch.int32)
-        self.labels = new_label_cache(shape[0], self.channels, P, dtype, dev)
-        fold_labels(self.labels, self.channels, self.slots, self.k[self.slots])
 
-    def select(self, run, budget, estimate="centre"):
+    def select(self, run, budget):
         phys = self.slots[:: self.P] // self.P
         q4 = self.q.view(self.n, run.Hkv, -1, run.D)
         return select_prefill_pages(q4, self.kmin[phys].float().transpose(0, 1),
                                     self.kmax[phys].float().transpose(0, 1), self.prefix,
-                                    self._budgets(run, budget), self.P, 1, 2, run.block, estimate,
-                                    labels=(self.labels[:, self.slots], self.channels) if estimate == "label" else None)
+                                    self._budgets(run, budget), self.P, 1, 2, run.block)
 
     @staticmethod
     def _budgets(run, budget):
         b = torch.full((run.Hkv,), budget) * torch.linspace(0.5, 1.5, run.Hkv) if budget < 1 else torch.ones(run.Hkv)
         return b.clamp(max=1.0)
 
-    def sparse(self, run, kernel, budget, dense_tail=DENSE_TAIL, estimate="centre"):
+    def sparse(self, run, kernel, budget, dense_tail=DENSE_TAIL):
         """The server's own extend path (sparse_prefill.sparse_prefill), attending with the Triton kernel
         (kernel=K.block_sparse_prefill, what the backend passes on CUDA) or the CPU path (the torch reference)."""
         attend = K.attend_selection if kernel is K.block_sparse_prefill else None
         out = sparse_prefill(self.q.view(self.n, run.Hkv, -1, run.D), self.k, self.v, self.kmin, self.kmax,
                              self.slots.view(1, -1), torch.zeros(1, dtype=torch.int64), [self.prefix], [self.n],
                              self._budgets(run, budget), self.P, 1, 2, run.D ** -0.5, block=run.block, attend=attend,
-                             dense_tail=dense_tail, estimate=estimate,
-                             labels=(self.labels, self.channels) if estimate == "label" else None)
+                             dense_tail=dense_tail)
         return out.reshape(self.n, run.Hq, -1)
 
     def dense(self, run):
@@ -86,11 +76,10 @@ def prefill_check(run):
     run.block = BLOCK if gpu else 16
     small = PrefillCase(run, 2048 if gpu else 200, 1024 if gpu else 120)
     tail = small.n // 4              # a sparse body and a dense tail (the served default 256 on the GPU case)
-    for est in ESTIMATES_CHECKED:
-        got, want = (small.sparse(run, k, run.args.budget, tail, est) for k in (kernel, K.block_sparse_prefill_torch))
-        err = float((got.float() - want.float()).abs().max())
-        run.check(f"sparse_prefill ({est} estimate): Triton kernel == CPU path (ctx={small.prefix + small.n}, "
-                  f"chunk {small.n}, dense tail {tail})", err < 2e-2, f"max abs err {err:.2e}")
+    got, want = (small.sparse(run, k, run.args.budget, tail) for k in (kernel, K.block_sparse_prefill_torch))
+    err = float((got.float() - want.float()).abs().max())
+    run.check(f"sparse_prefill: Triton kernel == CPU path (ctx={small.prefix + small.n}, "
+              f"chunk {small.n}, dense tail {tail})", err < 2e-2, f"max abs err {err:.2e}")
     for ctx in ((8192, 32768) if gpu else (64, 200)):
         if run.elapsed() > run.args.time_limit:
             run.notes.append(f"skipped prefill ctx={ctx}: past --time-limit")
@@ -101,10 +90,9 @@ def prefill_check(run):
         rel = float((full.float() - dense.float()).abs().max() / dense.float().abs().max())
         run.check(f"prefill sparse@100% == dense causal SDPA (ctx={ctx})", rel < 2e-2, f"max rel err {rel:.2e}")
         run.timed(f"prefill dense causal SDPA ctx={ctx} (per layer)", lambda: case.dense(run))
-        for est in ESTIMATES_CHECKED:
-            run.timed(f"prefill shplb {run.args.budget:.0%} {est} select+{run.impl} ctx={ctx} (per layer)",
-                      lambda: case.sparse(run, kernel, run.args.budget, estimate=est))
-            run.timed(f"prefill {est} select only ctx={ctx}", lambda: case.select(run, run.args.budget, est))
+        run.timed(f"prefill shplb {run.args.budget:.0%} select+{run.impl} ctx={ctx} (per layer)",
+                  lambda: case.sparse(run, kernel, run.args.budget))
+        run.timed(f"prefill select only ctx={ctx}", lambda: case.select(run, run.args.budget))
         del case
         if gpu:
             torch.cuda.empty_cache()

@@ -98,8 +98,7 @@ class Attr:
             chosen = sel.top_pages(mass.view(Hkv, 1, N), n_pages, int(kp.max()), self.sink, self.recent)
         elif v_name == "labelall":   # diagnostic: the default's second stage on every page (no page-bound shortlist)
             name = self.selector
-            sel.SELECTORS["label32_norm_all"] = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
-            self.selector = "label32_norm_all"
+            self.selector = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
             try:
                 chosen = self.choose(layer, qg, k, n_pages, kp, seq)
             finally:

@@ -1,17 +1,15 @@
 """Prefill on CPU: shplb block-sparse (10% budget) vs SGLang's torch_native dense, side by side in one run.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py [--budget 0.1] [--contexts 4096 8192]
-        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--estimate centre] [--compare-estimates label]
-        [--dense-kv-len 2048]
+        [--ttft-contexts 4096 8000] [--repeats 5] [--skip-ttft] [--dense-kv-len 2048]
 
 (1) Attention per layer, SmolLM2 shapes (3 KV heads x 3 query heads, head_dim 64, fp32, page 16,
     scrambled pages), one thread. Dense: TorchNativeAttnBackend._run_sdpa_forward_extend. Sparse:
-    fold the chunk's keys into the page metadata (and, for a label estimate, the label cache) +
-    sparse_prefill (select + blockwise attention).
+    fold the chunk's keys into the page metadata + sparse_prefill (select + blockwise attention).
     Rows "one chunk" (the whole prompt at once) and "served" (chunks of --chunk tokens after a
     cached prefix, what the server does with SGLang's default chunked prefill on this machine).
 (2) Time to first token via real servers (our launcher, fp32, 1 OpenMP thread): dense (--shplb-dense) vs the
-    default recipe (no flag; --ttft-variant uniform: --shplb-prefill-budget and --shplb-prefill-dense-kv-len);
+    default recipe (no flag; --ttft-variant uniform: --shplb-uniform-prefill-budget and --shplb-prefill-dense-kv-len);
     fresh corpus text per request (no radix hits), max_new_tokens 1.
 Times are medians of interleaved repeats; ratios are what to read (the machine is shared).
 """
@@ -29,9 +27,8 @@ from common import write_result  # noqa: E402
 
 from sglang_shplb.config import PREFILL_DENSE_KV_LEN  # noqa: E402
 
-from sglang_shplb.sparse_attention import fold_labels, new_label_cache, new_page_metadata, update_page_minmax  # noqa
-from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
-                                         LABEL_ESTIMATES, sparse_prefill)
+from sglang_shplb.sparse_attention import new_page_metadata, update_page_minmax  # noqa: E402
+from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, DENSE_TAIL, sparse_prefill  # noqa: E402
 
 HKV, G, D, P = 3, 3, 64, 16
 
@@ -46,18 +43,14 @@ def build_pool(ctx, seed=0):
     return q, k_buf, v_buf, req_to_token
 
 
-def attention_pair(ctx, chunk, budget, estimate):
-    """(dense, sparse) callables running every chunk of one ctx-token prompt through one layer. A label
-    estimate also folds each chunk's keys into a label cache (the decode selector's, which a label server
-    keeps anyway: counted here all the same) and reads it."""
+def attention_pair(ctx, chunk, budget):
+    """(dense, sparse) callables running every chunk of one ctx-token prompt through one layer."""
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     q, k_buf, v_buf, req_to_token = build_pool(ctx)
     kmin, kmax = new_page_metadata(k_buf.shape[0], HKV, D, P, "cpu")
     chunks = [(s, min(s + chunk, ctx)) for s in range(0, ctx, chunk)]
     budgets, rows, scale = torch.full((HKV,), budget), torch.tensor([0]), D ** -0.5
-    channels = torch.stack([torch.randperm(D)[:LABEL_CHANNELS] for _ in range(HKV)])
-    cache = new_label_cache(k_buf.shape[0], channels, P, k_buf.dtype, "cpu") if estimate in LABEL_ESTIMATES else None
 
     def dense():
         for s, e in chunks:
@@ -69,11 +62,8 @@ def attention_pair(ctx, chunk, budget, estimate):
     def sparse():
         for s, e in chunks:
             update_page_minmax(kmin, kmax, req_to_token[0, s:e], k_buf[req_to_token[0, s:e]], P)
-            if cache is not None:
-                fold_labels(cache, channels, req_to_token[0, s:e], k_buf[req_to_token[0, s:e]])
             sparse_prefill(q[s:e].view(-1, HKV, G, D), k_buf, v_buf, kmin, kmax, req_to_token, rows, [s], [e - s],
-                           budgets, P, 1, 2, scale, estimate=estimate,
-                           labels=None if cache is None else (cache, channels))
+                           budgets, P, 1, 2, scale)
     return dense, sparse
 
 
@@ -88,16 +78,13 @@ def interleaved(fns, repeats):
 
 
 def attention_rows(args):
-    """Dense and the sparse path with each of --compare-estimates (the served one first), interleaved."""
-    ests = [args.estimate] + [e for e in args.compare_estimates if e != args.estimate]
-    rows = ["| context | chunks | dense ms | " + " | ".join(f"shplb {e} ms | speed-up" for e in ests) + " |",
-            "|---|---|---|" + "---|---|" * len(ests)]
+    """Dense and the sparse path, interleaved."""
+    rows = ["| context | chunks | dense ms | shplb ms | speed-up |", "|---|---|---|---|---|"]
     for ctx in args.contexts:
         for label, chunk in (("one chunk", ctx), (f"served ({args.chunk})", args.chunk)):
             if chunk >= ctx and label != "one chunk":
                 continue
-            pairs = [attention_pair(ctx, chunk, args.budget, e) for e in ests]
-            d, *s = interleaved([pairs[0][0]] + [sp for _, sp in pairs], args.repeats)
+            d, *s = interleaved(list(attention_pair(ctx, chunk, args.budget)), args.repeats)
             rows.append(f"| {ctx} | {label} | {d * 1e3:.0f} | " + " | ".join(f"{x * 1e3:.0f} | {d / x:.2f}x" for x in s)
                         + " |")
             print(rows[-1], flush=True)
@@ -122,17 +109,7 @@ def ttft_rows(args):
 
     ids = AutoTokenizer.from_pretrained(prepare_model())((prepare_corpus() / "lcet10.txt").read_text()).input_ids
     common = ["--dtype", "float32", "--max-total-tokens", "20000"]
-    shplb = ["--shplb-prefill-budget", str(args.budget), "--shplb-prefill-estimate", args.estimate,
-             "--shplb-prefill-dense-kv-len", str(args.dense_kv_len)]
-    if args.estimate in LABEL_ESTIMATES:   # the label cache comes with a label decode selector's budgets file
-        from common import committed_profile
-
-        from sglang_shplb.artifacts import write_json
-        from sglang_shplb.budget import make_budgets
-
-        write_json(Path("/tmp/bench-prefill-budgets.json"), "budget",
-                   make_budgets(committed_profile(), args.budget, "uniform", "kv"))
-        shplb += ["--shplb-budgets", "/tmp/bench-prefill-budgets.json"]
+    shplb = ["--shplb-uniform-prefill-budget", str(args.budget), "--shplb-prefill-dense-kv-len", str(args.dense_kv_len)]
     if args.ttft_variant == "default":   # what `make serve` serves: the default recipe, no flag
         shplb = []
     flags = {"dense": ["--shplb-dense"], "shplb": shplb}
@@ -169,12 +146,7 @@ def main():
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--ttft-variant", choices=("default", "uniform"), default="default",
                    help="the shplb TTFT server: the default recipe as `make serve` serves it (per-head decode and "
-                        "prefill budgets), or --budget/--estimate/--dense-kv-len as one uniform prefill budget")
-    p.add_argument("--compare-estimates", nargs="*", choices=ESTIMATES, default=[],
-                   help="more prefill estimates timed side by side in the attention table")
-    p.add_argument("--estimate", choices=ESTIMATES, default=DEFAULT_ESTIMATE,
-                   help="prefill page estimate of the shplb server and the first sparse column (label: the server also "
-                        "decodes sparse with uniform budgets, for its label cache; the 1-token TTFT does not reach it)")
+                        "prefill budgets), or --budget/--dense-kv-len as one uniform prefill budget")
     p.add_argument("--dense-kv-len", type=int, default=PREFILL_DENSE_KV_LEN,
                    help="the shplb server's --shplb-prefill-dense-kv-len (prompts this short prefill densely; 0: "
                         "none). The attention table always runs the sparse path")
@@ -188,7 +160,7 @@ def main():
         rows += ["", "## Time to first token, real servers", ""] + ttft_rows(args)
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
-                 f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {args.estimate}; the blocks "
+                 f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {DEFAULT_ESTIMATE}; the blocks "
                  f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults; the shplb "
                  f"server's --shplb-prefill-dense-kv-len {args.dense_kv_len}, served default {PREFILL_DENSE_KV_LEN}). "
                  f"TTFT servers: {'the default recipe as served (no flag)' if args.ttft_variant == 'default' else 'the uniform prefill budget above'} "

@@ -11,7 +11,7 @@ Each prompt runs once per column:
     every key, same budgets and block sharing); the label estimates read the label channels the server's label
     cache holds (the committed profile's); NAME@A-B uses NAME only in layers A..B, to find where the served
     estimate loses the answer; dense@A-B prefills layers A..B densely;
-  * dense tail (`--dense-tails`): the prompt's last T queries attend densely, as `--shplb-prefill-dense-tail T`
+  * dense tail (`--dense-tails`): the prompt's last T queries attend densely (served: `sparse_prefill.PREFILL_DENSE_TAIL`)
     serves; 0 = every block sparse;
   * prefill budget scale (`--prefill-scales`): the profile's prefill budgets times S, capped at 1; a large S is
     dense prefill, i.e. decode-only;
@@ -43,8 +43,7 @@ from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 from sglang_shplb.budget import METHODS  # noqa: E402
-from sglang_shplb.sparse_prefill import (DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES, LABEL_CHANNELS,  # noqa: E402
-                                         REFERENCE_ESTIMATES)
+from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, DENSE_TAIL, ESTIMATES  # noqa: E402
 
 
 DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
@@ -52,7 +51,7 @@ DEFAULT_OUT = str(ROOT / "benchmark/results/prefill_needle.md")
 
 def estimate_arg(text: str) -> str:
     name, _, span = text.partition("@")
-    names = ESTIMATES + REFERENCE_ESTIMATES + ("dense",)
+    names = ESTIMATES + ("dense",)
     if name not in names or (span and not re.fullmatch(r"\d+-\d+", span)):
         raise argparse.ArgumentTypeError(f"{text!r}: want NAME or NAME@A-B, NAME in {names}")
     return text
@@ -64,7 +63,7 @@ def main():
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--mean", type=float, default=0.1)
     p.add_argument("--estimates", nargs="+", default=["centre", "oracle"], type=estimate_arg,
-                   help=f"prefill estimates: {ESTIMATES + REFERENCE_ESTIMATES}; NAME@A-B uses NAME in layers A..B "
+                   help=f"prefill estimates: {ESTIMATES}; NAME@A-B uses NAME in layers A..B "
                         f"and the served default ({DEFAULT_ESTIMATE}) elsewhere")
     p.add_argument("--dense-tails", type=int, nargs="+", default=[DENSE_TAIL],
                    help=f"prompt tails (tokens) that attend densely, each a column (served default {DENSE_TAIL})")
@@ -92,8 +91,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(md)
     model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
                                                  attn_implementation="shplb_prefill_needle").eval()
-    served = prof.label_channels("kv")   # the label cache's channels, as served (decode selector, label estimates)
-    attn.channels = {layer: served[layer, :, :LABEL_CHANNELS] for layer in range(served.shape[0])}
+    served = prof.label_channels("kv")   # the label cache's channels, as served (the decode selector's)
+    r = sel.get_selector(sel.DEFAULT_SELECTOR).keys
+    attn.channels = {layer: served[layer, :, :r] for layer in range(served.shape[0])}
     pieces = corpus_pieces()
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
     decode = kv_budgets(args.decode_method, args.mean, floor_pages=args.decode_floor_pages)
@@ -151,7 +151,7 @@ def main():
                  "`sparse_prefill.select_prefill_pages` with each prefill estimate, the answer through the decode "
                  "selector, teacher-forced on dense's answer (quality.py harness). `oracle` = the block's true page "
                  "mass (reads every key; a reference, not servable). "
-                 "`tailT`: the prompt's last T queries attend densely (`--shplb-prefill-dense-tail`; served default "
+                 "`tailT`: the prompt's last T queries attend densely (served default "
                  f"{DENSE_TAIL}; tail0 is every block sparse, the served form before the tail). `xS`: prefill budgets "
                  "times S (capped at 1; x1000 is dense prefill: decode-only). `decode NAME`: the answer's pages "
                  "chosen by selector NAME (oracle: the most true mass, same page counts). Every prompt is sparse at "

@@ -2,7 +2,7 @@
 pages it keeps hold, per page estimate, at equal pages kept.
 
     OMP_NUM_THREADS=1 python benchmark/prefill_recall.py [--contexts 2048 4096 8192] [--budgets 0.05 0.1 0.2] \
-        [--estimates centre quest_sum label label_norm] [--needles variable_track multi_value]
+        [--needles variable_track multi_value]
 
 A dense HF forward (SmolLM2 fp32) records every layer's queries and keys; the shipping selection
 (`sparse_prefill.select_prefill_pages`, uniform budget per KV head, no dense tail) then picks pages for every
@@ -11,8 +11,8 @@ A dense HF forward (SmolLM2 fp32) records every layer's queries and keys; the sh
 *outside* the forced pages (sinks and the diagonal window), the part the estimate decides. `oracle` fills
 the same number of pages per (block, KV head) with the most true mass: the most any estimate can keep.
 Texts: prose windows of alice29/asyoulik (the decode recall's texts), and RULER-style prompts
-(--needles families, seeds 0..--seeds-1). Label estimates use channels calibrated on
-common.LabelCalibration's held-out text, as the other harnesses do.
+(--needles families, seeds 0..--seeds-1). The estimates that lost to centre (label-cache log-mass, Quest bounds)
+are in git history with their results.
 """
 import argparse
 import math
@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmark"), str(ROOT / "tests")]
-from common import PROFILE, LabelCalibration, write_result  # noqa: E402
+from common import PROFILE, write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb import sparse_prefill as sp  # noqa: E402
@@ -38,19 +38,16 @@ class Capture:
     """HF attention function: dense SDPA, recording each layer's q [Hq, L, D] and k [Hkv, L, D]."""
 
     def __init__(self):
-        self.q, self.k, self.calibration = {}, {}, None
+        self.q, self.k = {}, {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if self.calibration is not None:
-            self.calibration.add(module.layer_idx, query[0], key[0])
-        else:
-            self.q[module.layer_idx], self.k[module.layer_idx] = query[0].detach(), key[0].detach()
+        self.q[module.layer_idx], self.k[module.layer_idx] = query[0].detach(), key[0].detach()
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
 
 
-def layer_recall(q, k, scale, estimates, budgets, meta, channels, n_blocks):
+def layer_recall(q, k, scale, estimates, budgets, meta, n_blocks):
     """{(estimate, budget): (sum of recall over sampled blocks and heads, count)} for one layer."""
     Hq, L, D = q.shape
     Hkv, P, B = k.shape[0], meta["page_size"], sp.QUERY_BLOCK
@@ -68,7 +65,7 @@ def layer_recall(q, k, scale, estimates, budgets, meta, channels, n_blocks):
             # oracle: the same pages kept per (block, head) as any estimate, the most true mass can fill them
             chosen = sp.select_prefill_pages(qb, lo, hi, 0, torch.full((Hkv,), b), P, meta["sink_pages"],
                                              meta["recent_pages"], estimate="centre" if est == "oracle" else est,
-                                             dense_tail=0, labels=(sel.gather_channels(k, channels), channels))
+                                             dense_tail=0)
             if est != "oracle":
                 times[est] = times.get(est, 0) + time.perf_counter() - t
             win = (j >= chosen.win_lo[picks].view(-1, 1)) & (j <= chosen.win_hi[picks].view(-1, 1))   # [s, N]
@@ -95,7 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    p.add_argument("--estimates", nargs="+", default=["centre", "quest_sum", "label", "label_norm", "oracle"])
+    p.add_argument("--estimates", nargs="+", default=list(sp.ESTIMATES), choices=sp.ESTIMATES)
     p.add_argument("--texts", type=int, default=2, help=f"prose windows per context (from {TEXTS})")
     p.add_argument("--needles", nargs="*", default=["variable_track", "multi_value"],
                    help="RULER-style task families whose prompts are measured too")
@@ -113,10 +110,6 @@ def main():
     tok = AutoTokenizer.from_pretrained(md)
     model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32, attn_implementation="shplb_prefill_recall")
     model.eval()
-    cap.calibration = LabelCalibration()
-    with torch.no_grad():
-        model(torch.tensor(cap.calibration.ids(tok))[None])
-    channels, cap.calibration = cap.calibration.channels(sp.LABEL_CHANNELS), None
     sources = []
     for ctx in args.contexts:
         for i in range(args.texts):
@@ -143,8 +136,7 @@ def main():
         acc = {}
         for layer in sorted(cap.q):
             q, k = cap.q[layer].float(), cap.k[layer].float()
-            res, tm = layer_recall(q, k, q.shape[-1] ** -0.5, args.estimates, args.budgets, meta, channels[layer],
-                                   args.blocks)
+            res, tm = layer_recall(q, k, q.shape[-1] ** -0.5, args.estimates, args.budgets, meta, args.blocks)
             for key, (s, c) in res.items():
                 a = acc.get(key, (0.0, 0))
                 acc[key] = (a[0] + s, a[1] + c)
@@ -166,8 +158,7 @@ def main():
                  "(`sparse_prefill.select_prefill_pages`, 64-query blocks, uniform budget per KV head, no dense tail) "
                  f"per estimate; {args.blocks} sampled blocks per layer in the window's second half. Recall = kept "
                  "share of the block's true page mass outside the forced pages (sinks + diagonal window), mean over "
-                 "blocks, KV heads and layers. `oracle` fills the same page counts with the most true mass. Label "
-                 f"estimates: r = {sp.LABEL_CHANNELS} channels calibrated on a held-out text.", rows,
+                 "blocks, KV heads and layers. `oracle` fills the same page counts with the most true mass.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_recall.py " + " ".join(sys.argv[1:]))
 
 

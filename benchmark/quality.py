@@ -19,7 +19,7 @@ heads and the window's second half), as the mean and the worst over all layers a
 `bubbles` is optimal plus fill-bubbles of a tp-3 plan (its real mean, above the nominal one, is
 in the table). `--selector prefill` applies the sparse-prefill selector instead (query blocks of
 64 against the sink, the diagonal window and top-k pages; `sglang_shplb.sparse_prefill`): what a
-server with `--shplb-prefill-budget` computes for a prompt. The retrieval half is retrieval.py.
+server with `--shplb-uniform-prefill-budget` computes for a prompt. The retrieval half is retrieval.py.
 """
 import argparse
 import json
@@ -106,17 +106,11 @@ class SparseAttention:
         qb = q.view(Hkv, Hq // Hkv, L, D).permute(2, 0, 1, 3)                      # [L, Hkv, G, D]
         lo, hi = sel.page_minmax(k, P)
         chosen = sp.select_prefill_pages(qb, lo, hi, 0, budgets, P, self.sink, self.recent, estimate=estimate,
-                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail,
-                                         labels=self.label_keys(k))
+                                         keys=k, scale=scale, dense_tail=self.prefill_dense_tail)
         pad = lo.shape[1] * P - L
         pages = [torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, P)) for x in (k, v)]
         out = sp.attend_blocks(qb, *pages, chosen, 0, scale)                       # [L, Hkv, G, D]
         return out.permute(1, 2, 0, 3).reshape(Hq, L, -1)
-
-    def label_keys(self, k):
-        """(label keys [Hkv, L, r], channels) of this layer, as the server's label cache holds them, or None."""
-        ch = self.channels.get(self.layer)
-        return None if ch is None else (sel.gather_channels(k.float(), ch), ch)
 
     def page_mask(self, q, k, budgets, scale, start=0):
         """[Hkv, L, N]: pages selected for each query position (causal) from `start` on, by the shipping
@@ -124,7 +118,7 @@ class SparseAttention:
         Hkv, L = k.shape[0], k.shape[1]
         P = self.P
         oracle = self.decode_selector == "oracle"
-        rule = sel.get_selector("quest_max" if oracle else self.decode_selector)
+        rule = sel.Selector("quest_max", "max") if oracle else sel.get_selector(self.decode_selector)
         kmin, kmax = sel.page_minmax(k, P)                                        # [Hkv, N, D]
         fine = recovery.stage2_inputs(rule, k, P, self.channels.get(self.layer))       # each [Hkv, N, X, D]
         qg = q.view(Hkv, -1, L, q.shape[-1]).transpose(1, 2)                      # [Hkv, L, G, D]
@@ -219,10 +213,10 @@ def main():
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")
     p.add_argument("--label-source", choices=("profile", "calibration"), default="profile",
-                   help="label channels (of a label decode selector or prefill estimate): the committed profile's (what the server reads from the "
+                   help="label channels of a label decode selector: the committed profile's (what the server reads from the "
                    "budgets), or calibrated on common.LabelCalibration's held-out text")
-    p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES + sp.REFERENCE_ESTIMATES,
-                   help="page estimate of --selector prefill (label estimates read the channels --label-source gives)")
+    p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES,
+                   help="page estimate of --selector prefill (oracle: the true block page mass, a reference)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
     p.add_argument("--raw", help="JSON of measured rows (default: --out with .json): reused, so runs resume and "
                    "accumulate; the table shows every row of this selector/page/windows in it")
@@ -241,9 +235,9 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text_ids = tokenizer(corpus_text(args.text)).input_ids
     attn.prefill_estimate = args.prefill_estimate
-    rule = sel.LABEL_SELECTORS.get(args.decode_selector if args.selector == "decode" else "")
-    label_r = rule.keys if rule is not None else \
-        sp.LABEL_CHANNELS if args.selector == "prefill" and args.prefill_estimate in sp.LABEL_ESTIMATES else 0
+    rule = sel.SELECTORS.get(args.decode_selector) if args.selector == "decode" else None
+    rule = rule if rule is not None and rule.label else None
+    label_r = rule.keys if rule is not None else 0
     if label_r and args.label_source == "profile":
         served = prof.label_channels("kv")
         attn.channels = {layer: served[layer, :, :label_r] for layer in range(served.shape[0])}

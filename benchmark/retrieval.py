@@ -103,12 +103,12 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
         write_json(path, "budget", body)
         return ["--shplb-budgets", str(path)], mean_of(body), mean_of({"budgets": body["prefill_budgets"]})
     prefill = spec.startswith("prefill")
-    flags = ["--shplb-prefill-budget", str(mean)] if prefill else []
+    flags = ["--shplb-uniform-prefill-budget", str(mean)] if prefill else []
     method = method_of(spec)
     if method is None:
         return flags, 1.0, mean
     if method == "uniform":
-        return flags + ["--shplb-budget", str(mean)], mean, mean if prefill else 1.0
+        return flags + ["--shplb-uniform-budget", str(mean)], mean, mean if prefill else 1.0
     from sglang_shplb.artifacts import write_json
 
     body = kv_budgets(method, mean, floor_pages=floor)
@@ -132,9 +132,9 @@ def decode_read(name: str, ctx: int, page: int = 16) -> float:
         table = torch.tensor(body["budgets"], dtype=torch.float64)
         ref = sel.BudgetRef.of(table, -(-body["context_len"] // body["page_size"]))
         k = sel.pages_for_budget(table, n, body["sink_pages"] + body["recent_pages"], ref)   # the server's floor
-    elif "--shplb-budget" in flags:
+    elif "--shplb-uniform-budget" in flags:
         cfg = ShplbConfig()
-        k = sel.pages_for_budget(torch.tensor(float(flags[flags.index("--shplb-budget") + 1])), n,
+        k = sel.pages_for_budget(torch.tensor(float(flags[flags.index("--shplb-uniform-budget") + 1])), n,
                                  cfg.sink_pages + cfg.recent_pages)
     else:
         return 1.0

@@ -43,6 +43,24 @@ SINK, RECENT = 1, 2
 NEEDLE_MASS = 0.3
 NEEDLE_FAMILIES = ["single_needle", "multi_key"]   # needle forms by default (ruler_tasks.FAMILIES has more)
 DECISION = (ROOT / "benchmark" / "selector_decision.md").read_text().strip()   # the choice, with its numbers
+S = sel.Selector
+# The selectors this study compares: the two the server offers (selection.SELECTORS) and the variants that lost
+# (selector_decision.md); only the winners are served.
+STUDIED = {s.name: s for s in (
+    S("quest_sum", "sum"), S("quest_max", "max"), S("quest_norm", "norm"), S("quest_psum", "psum"),
+    S("two_stage4_psum", "psum", 4, 3.0), S("sub8_max", "max", 8), S("sub4_max", "max", 4),
+    S("two_stage8", "max", 8, 3.0), S("two_stage_keys16", "max", None, 3.0, keys=16),
+    S("two_stage_label16", "max", None, 3.0, keys=16, label=True),
+    S("two_stage_label32", "max", None, 3.0, keys=32, label=True),
+    S("two_stage_label32_psum", "psum", None, 3.0, keys=32, label=True),
+    *sel.SELECTORS.values(),
+)}
+
+
+def studied(name: str) -> sel.Selector:
+    if name not in STUDIED:
+        raise SystemExit(f"unknown selector {name!r}; choose from {sorted(STUDIED)}")
+    return STUDIED[name]
 
 
 def page_mass_of(probs: torch.Tensor, P: int) -> torch.Tensor:
@@ -56,7 +74,7 @@ def chosen_by(name: str, q, k, group_mass, n_pages, k_pages, P, channels=None, s
     context (the keys after it in its page are not its own)."""
     if name == "oracle":
         return sel.top_pages(group_mass, n_pages, int(k_pages.max()), SINK, RECENT)
-    s = sel.get_selector(name)
+    s = studied(name)
     kmin, kmax = sel.page_minmax(k, P)
     fine = recovery.stage2_inputs(s, k, P, channels)                               # each [Hkv, N, X, D]
 
@@ -279,7 +297,7 @@ def cost_rows(selectors, budgets, ctx=8192, P=16, D=64):
     for b in budgets:
         k = int(sel.pages_for_budget(torch.tensor(b), torch.tensor(N), SINK + RECENT))
         for name in selectors:
-            meta = sel.get_selector(name).metadata_bytes(N, k, P, D)
+            meta = studied(name).metadata_bytes(N, k, P, D)
             kv = 2 * k * P * D * 4
             rows.append(f"| {name} | {b:.2f} | {meta / 1024:.1f} KiB | {kv / 1024:.1f} KiB | {(meta + kv) / dense:.3f} |")
     return rows
@@ -332,8 +350,8 @@ def main():
     p.add_argument("--texts", type=int, default=2)
     p.add_argument("--queries", type=int, default=16, help="sampled query positions per window and layer")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
-    p.add_argument("--selectors", nargs="+", default=[s for s in sel.SELECTORS if s != "oracle_mass"],  # own oracle
-                   help="names in selection.SELECTORS or LABEL_SELECTORS (these calibrate on common.LabelCalibration)")
+    p.add_argument("--selectors", nargs="+", default=list(STUDIED), choices=sorted(STUDIED),
+                   help="selectors compared (label ones calibrate on common.LabelCalibration)")
     p.add_argument("--needle-contexts", type=int, nargs="*", default=[2048, 4096])
     p.add_argument("--needle-seeds", type=int, default=10)
     p.add_argument("--needle-methods", nargs="+", default=["optimal", "uniform"])
@@ -359,12 +377,12 @@ def main():
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="shplb_selector").eval()
-    labels = [n for n in args.selectors if n in sel.LABEL_SELECTORS]
+    labels = [n for n in args.selectors if STUDIED[n].label]
     if labels:   # calibrate the label channels on a held-out text first
         probe.mode, probe.calibration = "calibrate", LabelCalibration()
         with torch.no_grad():
             model.model(torch.tensor(probe.calibration.ids(tok))[None], use_cache=False)
-        probe.channels = {n: probe.calibration.channels(sel.LABEL_SELECTORS[n].keys) for n in labels}
+        probe.channels = {n: probe.calibration.channels(STUDIED[n].keys) for n in labels}
         probe.mode = "dense"
     run_recall(model, tok, probe, args, raw)
     run_needle(model, tok, probe, args, raw)

@@ -73,7 +73,7 @@ def main():
     common = ["--dtype", "float32", "--max-total-tokens", "20000"]
     variants = {
         "dense": ["--attention-backend", "torch_native"],
-        "uniform": ["--shplb-budget", str(args.budget)],
+        "uniform": ["--shplb-uniform-budget", str(args.budget)],
         "optimal": ["--shplb-budgets", str(optimal_budgets(args.budget, logs / "bench-optimal.json"))],
     }
     servers = {}

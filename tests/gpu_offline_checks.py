@@ -30,6 +30,9 @@ H, G, D = (4, 4, 64) if BIG else (2, 3, 32)
 SEQ = [900, 33, 2000, 17] if BIG else [150, 17, 300]
 MAX_CTX = 4096 if BIG else 512
 SCALE = D ** -0.5
+# not served: the kernels' single-stage page-bound path with the group-summed bound (the two-stage selectors' first
+# stage runs the same kernel with "max")
+QUEST_SUM = S.Selector("quest_sum", "sum")
 
 
 def _channels(L, seed=0):
@@ -111,7 +114,7 @@ def check_decode_vs_cpu():
     budgets = torch.tensor([[0.1] * H, [1.0] * H, [0.3, 0.05] * (H // 2)], dtype=torch.float64)
     for selector in [S.DEFAULT_SELECTOR] + [s for s in gpu_selectors() if s != S.DEFAULT_SELECTOR]:
         _decode_steps(budgets, selector, 3 if selector == S.DEFAULT_SELECTOR else 1)
-    for selector in ("quest_sum", S.UNCALIBRATED_SELECTOR, S.DEFAULT_SELECTOR):
+    for selector in (QUEST_SUM, S.UNCALIBRATED_SELECTOR, S.DEFAULT_SELECTOR):
         _decode_bf16(budgets, selector)
 
 
@@ -128,7 +131,7 @@ def _run_steps(cache, dec, ref_meta, budgets, selector, steps, ref_carry=None):
             got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                              cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
             want = _cpu_decode(cache, ref_meta, layer, q, budgets, carry=None if ref_carry is None else ref_carry[layer])
-            torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
+            torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=str(selector))
             yield layer
 
 
@@ -167,8 +170,8 @@ def _decode_bf16(budgets, selector):
     fine = None if dec.fine is None else tuple(t.float() for t in dec.fine[layer])
     labels = None if dec.labels is None else dec.labels[layer]
     want = _cpu_decode(cache, ref_meta, layer, q, budgets, meta=(lo.float(), hi.float()), fine=fine, labels=labels)
-    torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=selector)
-    if selector == "quest_sum":   # and the chosen page sets are selection.select_pages' on the kernel's scores
+    torch.testing.assert_close(out.view(bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=str(selector))
+    if selector == QUEST_SUM:   # and the chosen page sets are selection.select_pages' on the kernel's scores
         qg = q.view(cache.bs, H, G, D)
         scores = K.page_scores_torch(qg, lo, hi, cache.req_to_token, cache.req_pool_indices, cache.seq_lens, P)
         k = dec.buf.k_pages[layer, :bs].long()
@@ -245,8 +248,8 @@ def check_label_scores():
     same label cache (float32 and bf16), every label selector the kernels implement."""
     budgets = torch.full((1, H), 0.1, dtype=torch.float64)
     for selector, meta_dtype in ((S.DEFAULT_SELECTOR, torch.float32), (S.DEFAULT_SELECTOR, torch.bfloat16),
-                                 *((s, torch.float32) for s in S.LABEL_SELECTORS
-                                   if s != S.DEFAULT_SELECTOR and s in gpu_selectors())):
+                                 *((s, torch.float32) for s, r in S.SELECTORS.items()
+                                   if r.label and s != S.DEFAULT_SELECTOR and s in gpu_selectors())):
         cache, dec, _ = _setup(budgets, meta_dtype=meta_dtype, selector=selector, seed=2)
         dec.plan(cache.bs, cache.seq_lens, cache.seq_lens_dev)
         dec.prepare(cache.seq_lens_dev)

@@ -23,13 +23,13 @@ def dense(start_server):
 
 @pytest.fixture(scope="module")
 def full_budget(start_server):
-    return start_server(["--dtype", "float32", "--shplb-budget", "1.0"], name="shplb-full")
+    return start_server(["--dtype", "float32", "--shplb-uniform-budget", "1.0"], name="shplb-full")
 
 
 @pytest.fixture(scope="module")
 def sparse(start_server):
-    return start_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-log-stats",
-                         "--enable-metrics"], name="shplb-10pct")
+    return start_server(["--dtype", "float32", "--shplb-uniform-budget", "0.1", "--enable-metrics"],
+                        name="shplb-10pct")
 
 
 @pytest.fixture
@@ -48,24 +48,15 @@ def own_server(tmp_path):
 
 
 @pytest.fixture
-def sparse_keys(own_server):
-    """The selector that re-ranks its shortlist from the keys (selection.key_scores), in the server."""
-    return own_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-selector", "two_stage_keys16",
-                         "--enable-metrics"], name="shplb-10pct-keys")
-
-
-@pytest.fixture
 def sparse_recipe(own_server):
     """The default recipe as the launcher serves it with no budget flag: the default selector (label channels,
-    from the committed profile) with optimal decode and prefill budgets at 10%, solved at start-up; here the
-    prefill ranks pages from the decode selector's label cache (--shplb-prefill-estimate label: the served
-    path of that option) and prompts over 1024 tokens prefill sparsely (the default, 2048, would make the
-    1.5k needle dense)."""
-    srv = own_server(["--dtype", "float32", "--shplb-prefill-estimate", "label", "--shplb-prefill-dense-kv-len",
-                      "1024", "--enable-metrics"], name="shplb-recipe")
+    from the committed profile) with optimal decode and prefill budgets at 10%, solved at start-up; here
+    prompts over 1024 tokens prefill sparsely (the default, 2048, would make the 1.5k needle dense)."""
+    srv = own_server(["--dtype", "float32", "--shplb-prefill-dense-kv-len", "1024", "--enable-metrics"],
+                     name="shplb-recipe")
     assert "S-HPLB default recipe: per-head budgets, decode and prefill at mean budget 0.1" in srv.log(), srv.log_tail()
     assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
-    assert "(estimate label, dense up to 1024 tokens)" in srv.log(), srv.log_tail()
+    assert "(dense up to 1024 tokens)" in srv.log(), srv.log_tail()
     return srv
 
 
@@ -100,7 +91,7 @@ def sparse_profile(own_server):
     """A uniform budget with --shplb-profile: the default (label) selector on the profile's channels."""
     profile = __import__("pathlib").Path(__file__).resolve().parents[1] / \
         "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-    srv = own_server(["--dtype", "float32", "--shplb-budget", "0.1", "--shplb-profile", str(profile),
+    srv = own_server(["--dtype", "float32", "--shplb-uniform-budget", "0.1", "--shplb-profile", str(profile),
                         "--enable-metrics"], name="shplb-10pct-profile")
     assert f"selector {sel.DEFAULT_SELECTOR}" in srv.log(), srv.log_tail()
     return srv
@@ -133,11 +124,11 @@ def kv_tokens_read(server) -> float:
 
 
 @pytest.mark.parametrize("server_fixture", ["sparse", "sparse_recipe"] + [
-    pytest.param(f, marks=pytest.mark.slow) for f in ("sparse_keys", "sparse_profile")])
+    pytest.param("sparse_profile", marks=pytest.mark.slow)])
 def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
     needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.
-    For the uncalibrated selector (uniform budget), the key-re-ranking one, the default recipe
+    For the uncalibrated selector (uniform budget), the default recipe
     (label cache, optimal budgets) and the label selector under a uniform budget (--shplb-profile)."""
     from transformers import AutoTokenizer
 
@@ -209,5 +200,5 @@ def test_budgets_for_another_model_refused(tmp_path, model_path):
 
 
 def test_page_size_must_divide(model_path):
-    err = launcher_error("--model-path", str(model_path), "--shplb-budget", "0.1", "--page-size", "24")
+    err = launcher_error("--model-path", str(model_path), "--shplb-uniform-budget", "0.1", "--page-size", "24")
     assert "--page-size 24" in err and "multiple" in err

@@ -120,36 +120,36 @@ def test_cli_refuses_before_sglang_starts(good, model_path, tmp_path):
     t0 = time.time()
     proc = run_launcher("--model-path", str(model_path), "--shplb-plan", str(bad_file("plan-other-model", good, tmp_path)))
     assert_one_clear_error(proc, "another model", "--shplb-plan")
-    proc = run_launcher("--model-path", str(model_path), "--shplb-budget", "0.1", "--tp", "2")
+    proc = run_launcher("--model-path", str(model_path), "--shplb-uniform-budget", "0.1", "--tp", "2")
     assert_one_clear_error(proc, "--tp 2", "9 query heads")
     assert time.time() - t0 < 60 and "sglang.launch_server" not in proc.stdout + proc.stderr
 
 
 BAD_FLAGS = [  # (extra args, phrases); {plan3}/{budgets} are filled in
-    (["--shplb-budget", "0"], ["--shplb-budget", "(0, 1]"]),
-    (["--shplb-budget", "nan"], ["(0, 1]"]),
-    (["--shplb-budget", "0.1", "--tp", "2"], ["--tp 2", "9 query heads", "--tp 1 or 3"]),
-    (["--shplb-budget", "0.1", "--tp", "two"], ["--tp two"]),
+    (["--shplb-uniform-budget", "0"], ["--shplb-uniform-budget", "(0, 1]"]),
+    (["--shplb-uniform-budget", "nan"], ["(0, 1]"]),
+    (["--shplb-uniform-budget", "0.1", "--tp", "2"], ["--tp 2", "9 query heads", "--tp 1 or 3"]),
+    (["--shplb-uniform-budget", "0.1", "--tp", "two"], ["--tp two"]),
     (["--shplb-plan", "{plan3}", "--tp", "1"], ["tp=3", "tp=1"]),
     (["--shplb-plan", "{plan3}"], ["tp=3", "tp=1"]),  # --tp omitted means 1
     (["--shplb-budgets", "/no/such/budgets.json"], ["does not exist"]),
     (["--shplb-budgets", "{budgets}", "--shplb-plan", "{plan3}"], ["either"]),
     # a label selector needs the profile's channels: none with a uniform budget, none in an old budgets file
-    (["--shplb-budget", "0.1", "--shplb-selector", "two_stage_label32"], ["two_stage_label32", "label channels",
-                                                                           "--shplb-budgets", "two_stage4"]),
-    (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32"], ["has none", "sglang_shplb.budget"]),
+    (["--shplb-uniform-budget", "0.1", "--shplb-selector", "two_stage_label32_norm"],
+     ["two_stage_label32_norm", "label channels", "--shplb-budgets", "two_stage4"]),
+    (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32_norm"], ["has none", "sglang_shplb.budget"]),
     # --shplb-profile lends its channels to a uniform budget only; an artifact carries its own
     (["--shplb-budgets", "{budgets}", "--shplb-profile", "{profile}"], ["--shplb-budgets carries its own",
                                                                          "drop --shplb-profile"]),
     # the default recipe (no budget flag): its own flags, and the profile it is solved from
     (["--shplb-profile", "/no/such/p.safetensors"], ["profile file /no/such/p.safetensors", "does not exist"]),
     (["--shplb-mean-budget", "0"], ["--shplb-mean-budget", "(0, 1]"]),
-    (["--shplb-mean-budget", "0.2", "--shplb-budget", "0.1"], ["--shplb-mean-budget", "--shplb-budget replaces"]),
+    (["--shplb-mean-budget", "0.2", "--shplb-uniform-budget", "0.1"], ["--shplb-mean-budget", "--shplb-uniform-budget replaces"]),
     (["--shplb-mean-budget", "0.2", "--shplb-dense"], ["--shplb-dense replaces"]),
     (["--shplb-dense", "--shplb-budgets", "{budgets}"], ["--shplb-dense serves stock attention",
                                                          "drop --shplb-budgets"]),
     (["--tp", "2"], ["--tp 2", "9 query heads"]),
-    (["--shplb-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"], ["--shplb-profile", "does not exist"]),
+    (["--shplb-uniform-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"], ["--shplb-profile", "does not exist"]),
 ]
 
 
@@ -195,7 +195,7 @@ def test_profile_of_other_model_refused_at_serve(tmp_path, model_path, capsys):
         "--out", tmp_path / "b.json")
     assert "another model" in refused(capsys, "--model-path", model_path, "--shplb-budgets", tmp_path / "b.json")
     # the same profile lending its label channels to a uniform budget
-    error = refused(capsys, "--model-path", model_path, "--shplb-budget", "0.1", "--shplb-profile",
+    error = refused(capsys, "--model-path", model_path, "--shplb-uniform-budget", "0.1", "--shplb-profile",
                     tmp_path / "other.safetensors")
     assert "another model" in error and "other.safetensors" in error, error
 

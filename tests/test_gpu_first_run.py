@@ -32,7 +32,7 @@ def _backend(monkeypatch):
     from sglang_shplb.config import ShplbConfig
     from sglang_shplb.sglang_adapter import backend as B
 
-    monkeypatch.setenv("SGLANG_SHPLB_CONFIG", ShplbConfig(budget=0.25, profile=str(PROFILE)).to_env())
+    monkeypatch.setenv("SGLANG_SHPLB_CONFIG", ShplbConfig(uniform_budget=0.25, profile=str(PROFILE)).to_env())
     monkeypatch.setattr(B, "_parallel", lambda: (1, 0))
     mc = types.SimpleNamespace(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, context_len=4096,
                                get_total_num_kv_heads=lambda: KV_HEADS)
@@ -99,6 +99,7 @@ def test_dense_extend_with_fused_kv_write_folds():
 
     b = object.__new__(ShplbAttnBackend)
     b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu, b.extend_dense = Owned(), [False], True, None, False
+    b.seed_plan = None                                   # an extend step with nothing to seed
     folded = []
     b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, k))
     layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
@@ -168,7 +169,7 @@ def test_launcher_refuses_before_sglang_starts(argv, says, capsys, tmp_path):
     from sglang_shplb.launch_server import build
 
     with pytest.raises(SystemExit) as e:
-        build(["--shplb-budget", "0.1", "--model-path", str(tmp_path), "--port", "30999", *argv])
+        build(["--shplb-uniform-budget", "0.1", "--model-path", str(tmp_path), "--port", "30999", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0]
 
@@ -177,7 +178,7 @@ def test_explicit_mem_fraction_still_pays_for_the_metadata(caplog):
     from sglang_shplb.config import ShplbConfig
     from sglang_shplb.sglang_adapter.gpu_startup import metadata_fraction, metadata_memory_scale
 
-    cfg = ShplbConfig(budget=0.1)
+    cfg = ShplbConfig(uniform_budget=0.1)
     assert metadata_fraction(cfg, 0.8, 64, explicit=True) == round(0.8 * metadata_memory_scale(cfg, 64), 3) < 0.8
     assert "(--mem-fraction-static)" in caplog.text
 

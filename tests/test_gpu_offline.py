@@ -124,12 +124,12 @@ def test_launcher_gpu_defaults(capsys):
     from sglang_shplb.config import ShplbConfig
     from sglang_shplb.launch_server import gpu_defaults
 
-    assert gpu_defaults([], ShplbConfig(budget=0.1)) == ["--cuda-graph-backend-prefill", "disabled"]
+    assert gpu_defaults([], ShplbConfig(uniform_budget=0.1)) == ["--cuda-graph-backend-prefill", "disabled"]
     assert "prefill CUDA graphs off" in capsys.readouterr().out
-    assert gpu_defaults(["--cuda-graph-backend-prefill", "breakable"], ShplbConfig(budget=0.1)) == []
-    assert gpu_defaults(["--disable-cuda-graph"], ShplbConfig(budget=0.1)) == []
+    assert gpu_defaults(["--cuda-graph-backend-prefill", "breakable"], ShplbConfig(uniform_budget=0.1)) == []
+    assert gpu_defaults(["--disable-cuda-graph"], ShplbConfig(uniform_budget=0.1)) == []
     with pytest.raises(SystemExit):
-        gpu_defaults([], ShplbConfig(budget=0.1, page_size=8))
+        gpu_defaults([], ShplbConfig(uniform_budget=0.1, page_size=8))
     assert "--shplb-page-size 8 is below 16" in capsys.readouterr().err
 
 

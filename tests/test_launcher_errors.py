@@ -27,7 +27,7 @@ def test_unknown_shplb_flag():
 
 
 def test_budget_out_of_range():
-    assert_one_clear_error(run_launcher("--shplb-budget", "1.5"), "--shplb-budget", "(0, 1]")
+    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "1.5"), "--shplb-uniform-budget", "(0, 1]")
 
 
 def test_occupied_port(model_path):
@@ -42,16 +42,13 @@ def test_occupied_port(model_path):
 def test_help_lists_shplb_and_sglang_flags():
     proc = run_launcher("--help")
     assert proc.returncode == 0
-    assert "--shplb-budget" in proc.stdout and "--tp-size" in proc.stdout
+    assert "--shplb-uniform-budget" in proc.stdout and "--tp-size" in proc.stdout
 
 
 def test_bad_selector_refused():
-    assert_one_clear_error(run_launcher("--shplb-budget", "0.1", "--shplb-selector", "bogus"), "--shplb-selector",
+    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "bogus"), "--shplb-selector",
                            "two_stage4")
-    assert_one_clear_error(run_launcher("--shplb-budget", "0.1", "--shplb-selector", "two_stage8",
-                                        "--shplb-page-size", "4"), "two_stage8", "--shplb-page-size 4")
-
-
-def test_label_prefill_estimate_needs_a_label_cache():
-    assert_one_clear_error(run_launcher("--shplb-prefill-budget", "0.1", "--shplb-prefill-estimate", "label"),
-                           "label cache", "--shplb-prefill-estimate centre")
+    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "two_stage4",
+                                        "--shplb-page-size", "2"), "two_stage4", "--shplb-page-size 2")
+    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "oracle_mass"),
+                           "--shplb-selector", "two_stage4")          # the reference ranking is never served

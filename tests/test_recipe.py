@@ -49,7 +49,7 @@ def test_tp3_serves_the_balance_aware_plan(capsys, model_path):
 def test_dense(capsys, model_path, flags):
     args, cfg, out = _served(capsys, "--model-path", str(model_path), *flags)
     assert args[args.index("--attention-backend") + 1] == "torch_native"
-    assert not any(cfg[k] for k in ("budget", "budgets", "plan", "prefill_budget"))
+    assert not any(cfg[k] for k in ("uniform_budget", "budgets", "plan", "uniform_prefill_budget"))
     assert "serving stock dense attention" in out
 
 

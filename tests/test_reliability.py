@@ -244,7 +244,7 @@ def test_sigterm_stops_all_and_port_restarts(server, plan1, start_server, monkey
 
 
 def test_sigterm_during_startup_leaves_no_orphans(tmp_path):
-    srv = conftest.Server(["--shplb-budget", "0.1"], tmp_path / "early.log")
+    srv = conftest.Server(["--shplb-uniform-budget", "0.1"], tmp_path / "early.log")
     try:
         deadline = time.time() + 180
         while time.time() < deadline and len(descendants(srv.proc.pid)) < 4:  # SGLang main, its resource tracker, 2 workers

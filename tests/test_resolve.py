@@ -51,7 +51,7 @@ def test_plan_is_read_once_and_shared_with_the_weight_hook(plan_file, monkeypatc
     # pages_for_budget's reference: the context the plan's budgets were made at (the profile's)
     assert ranks[0].ref_context == body["context_len"] == 4096 and ranks[0].budget_ref(16).pages == 256
     assert ranks[0].budget_ref(16).mean == pytest.approx(0.1)    # the whole model's mean, on every rank
-    assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).ref_context is None   # a uniform fraction has none
+    assert resolve(ShplbConfig(uniform_budget=0.1), 30, 3, 1, 0).ref_context is None   # a uniform fraction has none
 
 
 def test_rewritten_artifact_is_read_again(plan_file, tmp_path):
@@ -110,18 +110,18 @@ def test_label_channels_follow_each_ranks_heads(plan_file, tmp_path):
     write_json(tmp_path / "b.json", "budget", make_budgets(prof, 0.1))
     got = resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0)
     assert got.selector == sel.DEFAULT_SELECTOR and torch.equal(got.labels, want)
-    assert decode_selector(ShplbConfig(budget=0.1)) == sel.UNCALIBRATED_SELECTOR
-    assert resolve(ShplbConfig(budget=0.1), 30, 3, 1, 0).labels is None
+    assert decode_selector(ShplbConfig(uniform_budget=0.1)) == sel.UNCALIBRATED_SELECTOR
+    assert resolve(ShplbConfig(uniform_budget=0.1), 30, 3, 1, 0).labels is None
     # a uniform budget with --shplb-profile: the profile's channels, each rank its own KV heads
-    assert decode_selector(ShplbConfig(budget=0.1, profile=str(PROFILE))) == sel.DEFAULT_SELECTOR
-    got = resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 30, 3, 1, 0)
+    assert decode_selector(ShplbConfig(uniform_budget=0.1, profile=str(PROFILE))) == sel.DEFAULT_SELECTOR
+    got = resolve(ShplbConfig(uniform_budget=0.1, profile=str(PROFILE)), 30, 3, 1, 0)
     assert got.selector == sel.DEFAULT_SELECTOR and torch.equal(got.labels, want)
     for rank in range(3):
-        got = resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 30, 3, 3, rank)
+        got = resolve(ShplbConfig(uniform_budget=0.1, profile=str(PROFILE)), 30, 3, 3, rank)
         assert torch.equal(got.labels, want[:, rank: rank + 1]) and torch.equal(got.decode, torch.full((30, 1), 0.1,
                                                                                                dtype=torch.float64))
     with pytest.raises(ArtifactError, match="another model"):
-        resolve(ShplbConfig(budget=0.1, profile=str(PROFILE)), 24, 3, 1, 0)
+        resolve(ShplbConfig(uniform_budget=0.1, profile=str(PROFILE)), 24, 3, 1, 0)
     # an explicit other selector is served as asked, and needs no channels
     got = resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), selector="two_stage4"), 30, 3, 1, 0)
     assert got.selector == "two_stage4" and got.labels is None

@@ -131,13 +131,6 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
             col = torch.stack(rows).amax(0)
         elif how == "norm":
             col = torch.stack([r.log_softmax(0) for r in rows]).amax(0)
-        elif how == "mix":   # a page's better place in the max and the psum orders
-            def places(v):
-                order = sorted(range(len(among)), key=lambda i: (-float(v[i]), among[i]))
-                return {among[i]: p for p, i in enumerate(order)}
-            by_max = places(torch.stack(rows).amax(0))
-            by_psum = places(torch.stack([r.softmax(0) for r in rows]).sum(0))
-            return {j: -min(by_max[j], by_psum[j]) for j in among}
         else:
             col = torch.stack([r.softmax(0) for r in rows]).sum(0)
         return dict(zip(among, col.tolist()))
@@ -164,7 +157,7 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
 
 @pytest.mark.parametrize("selector", list(sel.SELECTORS))
 def test_variable_budgets_pick_brute_force_pages(selector):
-    """Every selector, end to end through the paged cache, against a plain-Python reference."""
+    """Every served selector, end to end through the paged cache, against a plain-Python reference."""
     rule, P16 = sel.get_selector(selector), 16
     seq_lens = torch.tensor([300, 411, 90])
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), page_size=P16, seed=3)
@@ -213,7 +206,7 @@ def test_oracle_mass_serves_the_true_mass_ranking():
             assert got == want, (b, h, got ^ want)
 
 
-@pytest.mark.parametrize("selector", list(sel.LABEL_SELECTORS))
+@pytest.mark.parametrize("selector", [n for n, s in sel.SELECTORS.items() if s.label])
 def test_label_selectors_pick_brute_force_pages(selector):
     """Label selectors (channels fixed per KV head by calibration) through selection.choose_pages at
     the model's head size, against the plain-Python reference over those channels; and the
@@ -267,7 +260,7 @@ def test_written_slots_at_each_rank_are_known_before_scoring(sink, recent):
                     torch.full((1, HKV), 0.5), P16, sink, 0)
 
 
-@pytest.mark.parametrize("selector", ["quest_max", "two_stage4", "two_stage_label32_norm"])
+@pytest.mark.parametrize("selector", list(sel.SELECTORS))
 def test_ties_go_to_the_lower_page_index_in_both_stages(selector):
     """THE rule's tie-break survives the two-stage re-rank (made in page space over the step's pins): pages
     whose keys are identical score alike in both stages, so the chosen pages are the forced ones, then the
@@ -301,7 +294,8 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
     rows = torch.arange(1, 4)
     q = torch.randn(3, HKV, G, D)
     budgets = torch.tensor([0.05, 0.5, 0.06][:HKV])
-    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1, "quest_sum")  # any single-stage rule: this tests the attention side
+    chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P, 1, 1,
+                                  sel.Selector("quest_sum", "sum"))    # any single-stage rule: this tests attention
     assert head_buckets(chosen) == [([0, 1, 2], chosen.valid.shape[-1])]     # saves < MIN_SAVED_TOKENS
     monkeypatch.setattr(sa, "MIN_SAVED_TOKENS", 0)
     groups = head_buckets(chosen)
@@ -318,7 +312,7 @@ def test_unequal_budgets_run_in_width_buckets_and_match_padded(monkeypatch):
 @pytest.mark.parametrize("selector", [n for n, s in sel.SELECTORS.items() if s.keys and s.aggregate != "max"])
 def test_stale_slots_of_the_last_page_do_not_move_a_normalised_selection(selector):
     """A partial last page's unwritten slots hold whatever a freed request left there. They must not enter a
-    per-head normalisation over pages (psum / norm / mix): the same context with huge stale keys there selects
+    per-head normalisation over pages (psum / norm): the same context with huge stale keys there selects
     the same pages."""
     rule, P16, seq_lens = sel.get_selector(selector), 16, [300, 411]          # 300 and 411: partial last pages
     req_to_token, k_buf, _, kmin, kmax = paged_cache(seq_lens, page_size=P16, seed=7)

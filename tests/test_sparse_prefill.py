@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_shplb import selection as sel
 from sglang_shplb.sparse_attention import new_page_metadata, update_page_minmax
 from sglang_shplb.sparse_prefill import (attend_blocks, block_recovery, block_scores, request_pages,
                                          select_prefill_pages, sparse_prefill)
@@ -37,41 +36,12 @@ def paged_pool(seq_lens, seed=0):
     return req_to_token, k_buf, v_buf, kmin, kmax
 
 
-LABEL = torch.tensor([[0, 3, 5, 6], [1, 2, 4, 7], [7, 6, 0, 1]])   # "label" channels of each KV head
-
-
-def label_cache(k_buf):
-    """The label cache [Hkv, slots, r] of a key pool [slots, Hkv, D], as the backend keeps it."""
-    return sel.gather_channels(k_buf.transpose(0, 1), LABEL)
-
-
-def label_mass(qm, page, h):
-    """log-sum-exp over the page's keys [P, D] of the mean query qm [D] on KV head h's label channels."""
-    ch = LABEL[h]
-    return float((page[:, ch] @ qm[ch] * D ** -0.5).logsumexp(0))
-
-
 def page_scores(qb, keys, ctx, estimate, h):
-    """Every causal page's estimate [ctx] for a block's queries qb [M, G, D] (KV head h), keys [L, D]. The
-    per-head label rules: each query head's block-mean estimate, then max over the group, or (norm) max over
-    the group of each head's log-share of its estimates over the block's causal pages."""
+    """Every causal page's estimate [ctx] for a block's queries qb [M, G, D] (KV head h), keys [L, D]: centre, the
+    block's mean query against the centre of the page's key box."""
+    assert estimate == "centre"
     pages = [keys[j * P: (j + 1) * P] for j in range(ctx)]
-    if estimate in ("label_max", "label_norm"):
-        per = [[label_mass(qb[:, g].mean(0), page, h) for page in pages] for g in range(qb.shape[1])]
-        if estimate == "label_norm":
-            per = [[x - math.log(sum(math.exp(y) for y in row)) for x in row] for row in per]
-        return [max(row[j] for row in per) for j in range(ctx)]
-    return [page_score(qb.reshape(-1, D), page, estimate, h) for page in pages]
-
-
-def page_score(qs, page, estimate, h=0):
-    """One page's estimate for a block's queries qs [M, D], from the page's own keys [P, D] (KV head h)."""
-    if estimate == "label":   # mean query on the head's label channels, log-sum-exp over the page's tokens
-        return label_mass(qs.mean(0), page, h)
-    lo, hi = page.min(0).values, page.max(0).values
-    if estimate == "centre":
-        return float(qs.mean(0) @ ((lo + hi) / 2))
-    return float(torch.maximum(qs * lo, qs * hi).sum())          # quest_sum: the Quest bound summed
+    return [float(qb.reshape(-1, D).mean(0) @ ((pg.min(0).values + pg.max(0).values) / 2)) for pg in pages]
 
 
 def true_page_mass(qs, pos, keys, scale, ctx):
@@ -129,7 +99,7 @@ def one_request(L, prefix, budgets, sink=1, recent=2, seed=0, estimate="centre",
     q = torch.randn(L - prefix, HKV, G, D, generator=torch.Generator().manual_seed(seed + 1))
     chosen = select_prefill_pages(q, kmin[phys].transpose(0, 1), kmax[phys].transpose(0, 1), prefix,
                                   budgets, P, sink, recent, B, estimate, keys=k_buf[slots].transpose(0, 1), scale=0.3,
-                                  dense_tail=dense_tail, labels=(label_cache(k_buf)[:, slots], LABEL))
+                                  dense_tail=dense_tail)
     return q, k_buf[slots], v_buf[slots], chosen, (req_to_token, k_buf, v_buf, kmin, kmax)
 
 
@@ -139,7 +109,7 @@ def as_sets(chosen):
             for b in range(lists.shape[0]) for h in range(lists.shape[1])}
 
 
-@pytest.mark.parametrize("estimate", ["centre", "quest_sum", "oracle", "label", "label_max", "label_norm"])
+@pytest.mark.parametrize("estimate", ["centre", "oracle"])
 @pytest.mark.parametrize("L,prefix,sink,recent,tail", [(150, 0, 1, 2, 0), (150, 67, 1, 2, 0), (101, 20, 2, 1, 0),
                                                        (60, 0, 0, 3, 0), (150, 0, 1, 2, 11), (150, 67, 1, 2, 20)])
 def test_selector_matches_brute_force(L, prefix, sink, recent, tail, estimate):
@@ -177,24 +147,21 @@ def test_full_budget_is_dense_causal():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("labelled", [False, True])
-def test_batch_on_paged_pool_matches_per_request(labelled):
-    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone: the default
-    estimate, and the label estimate reading a label cache (its rows by slot)."""
+def test_batch_on_paged_pool_matches_per_request():
+    """A batch of chunks (different cached prefixes) on scrambled pages == each request alone."""
     seq_lens, prefixes = [75, 33, 50], [40, 0, 17]
     req_to_token, k_buf, v_buf, kmin, kmax = paged_pool(seq_lens, seed=5)
     extend = [s - p for s, p in zip(seq_lens, prefixes)]
     q = torch.randn(sum(extend), HKV, G, D)
     budgets = torch.tensor([0.25, 0.1, 0.6])
     got = sparse_prefill(q, k_buf, v_buf, kmin, kmax, req_to_token, torch.tensor([1, 2, 3]), prefixes, extend,
-                         budgets, P, 1, 2, 0.3, B, dense_tail=9, estimate="label" if labelled else None,
-                         labels=(label_cache(k_buf), LABEL) if labelled else None)
+                         budgets, P, 1, 2, 0.3, B, dense_tail=9)
     start = 0
     for r, (s, p, n) in enumerate(zip(seq_lens, prefixes, extend)):
         slots = req_to_token[r + 1, :s]
         keys, vals = k_buf[slots], v_buf[slots]
         qr = q[start: start + n]
-        pages = brute_force_pages(qr, keys, p, budgets, 1, 2, "label" if labelled else "centre", dense_tail=9)
+        pages = brute_force_pages(qr, keys, p, budgets, 1, 2, "centre", dense_tail=9)
         torch.testing.assert_close(got[start: start + n], masked_reference(qr, keys, vals, p, pages, 0.3),
                                    atol=1e-5, rtol=1e-5)
         start += n
@@ -224,16 +191,13 @@ def test_short_requests_attend_densely_and_long_ones_stay_sparse():
         start += n
 
 
-@pytest.mark.parametrize("channels", [None, LABEL])
-def test_block_recovery_is_the_selected_mass(channels):
-    """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps
-    (the default estimate, and the label estimate from label channels)."""
+def test_block_recovery_is_the_selected_mass():
+    """The profiler's prefill curve at budget b == the true mass of the pages select_prefill_pages keeps."""
     g = torch.Generator().manual_seed(7)
     L, start = 120, 70
     q, k = torch.randn(HKV * G, L, D, generator=g), torch.randn(HKV, L, D, generator=g) * 2
     grid = torch.tensor([0.05, 0.3, 0.6, 1.0])
-    est = None if channels is None else "label"
-    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B, estimate=est, channels=channels)
+    rec, sink_mass = block_recovery(q, k, 0.3, grid, P, 1, 2, [start], B)
     kmin, kmax = new_page_metadata(L, HKV, D, P, "cpu")
     update_page_minmax(kmin, kmax, torch.arange(L), k.transpose(0, 1), P)
     qs = q[:, start: start + B].view(HKV, G, B, D).permute(2, 0, 1, 3)          # [B, Hkv, G, D]
@@ -242,8 +206,7 @@ def test_block_recovery_is_the_selected_mass(channels):
     mass = torch.nn.functional.pad(logits.softmax(-1), (0, -L % P)).unflatten(-1, (-1, P)).sum(-1).mean((1, 2))
     for i, b in enumerate(grid.tolist()):
         chosen = select_prefill_pages(qs, kmin.transpose(0, 1), kmax.transpose(0, 1), start, torch.full((HKV,), b),
-                                      P, 1, 2, B, est, dense_tail=0,   # the profiler measures the body's selector
-                                      labels=None if channels is None else (sel.gather_channels(k, channels), channels))
+                                      P, 1, 2, B, dense_tail=0)   # the profiler measures the body's selector
         pages = as_sets(chosen)
         want = torch.tensor([float(mass[h, sorted(pages[0, h])].sum()) for h in range(HKV)])
         torch.testing.assert_close(rec[:, i], want, atol=1e-5, rtol=1e-5)
@@ -254,27 +217,6 @@ def test_block_recovery_is_the_selected_mass(channels):
 def test_unknown_estimate_is_refused():
     with pytest.raises(ValueError, match="unknown prefill estimate"):
         block_scores(torch.zeros(1, 2, 1, 1, 4), torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), "magic")
-
-
-def test_served_estimate_and_the_label_cache(tmp_path):
-    """centre unless asked; label where the decode selector keeps a label cache (a budgets file from a profile
-    with channels); a label estimate without a cache, or an unknown one, is refused at start-up."""
-    from sglang_shplb.artifacts import write_json
-    from sglang_shplb.budget import make_budgets
-    from sglang_shplb.config import ConfigError, ShplbConfig
-    from sglang_shplb.profile import Profile
-    from sglang_shplb.serving import resolve
-
-    prof = Profile.load(Path(__file__).resolve().parents[1] / "python/sglang_shplb/data/smollm2-135m.profile.safetensors")
-    write_json(tmp_path / "b.json", "budget", make_budgets(prof, 0.1, "optimal", "kv", prefill_mean=0.1))
-    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json")), 30, 3, 1, 0).prefill_estimate == "centre"
-    assert resolve(ShplbConfig(budgets=str(tmp_path / "b.json"), prefill_estimate="label"), 30, 3, 1, 0
-                   ).prefill_estimate == "label"
-    assert resolve(ShplbConfig(prefill_budget=0.1), 30, 3, 1, 0).prefill_estimate == "centre"   # dense decode
-    with pytest.raises(ConfigError, match="--shplb-prefill-estimate centre"):
-        resolve(ShplbConfig(budget=0.1, prefill_budget=0.1, prefill_estimate="label"), 30, 3, 1, 0)
-    with pytest.raises(ConfigError, match="--shplb-prefill-estimate must be one of"):
-        ShplbConfig(prefill_budget=0.1, prefill_estimate="magic")
 
 
 # ---------------------------------------------------------------- budgets: config, artifacts, planner
@@ -304,7 +246,7 @@ def test_prefill_budgets_flow_from_budget_file_and_plan_to_ranks(tmp_path):
     write_json(tmp_path / "b.json", "budget", body)
     cfg = ShplbConfig(budgets=str(tmp_path / "b.json"))
     torch.testing.assert_close(rank_budgets(cfg, 2, 3, 1, 0, phase="prefill"), pre.double())
-    assert rank_budgets(ShplbConfig(budgets=str(tmp_path / "b.json"), prefill_budget=0.5), 2, 3, 1, 0,
+    assert rank_budgets(ShplbConfig(budgets=str(tmp_path / "b.json"), uniform_prefill_budget=0.5), 2, 3, 1, 0,
                         phase="prefill").eq(0.5).all()                                     # the flag wins
     plan = make_plan(body, 3, "balanced", "kv", objective="prefill", head_dim=64)
     write_json(tmp_path / "p.json", "plan", plan)
@@ -321,13 +263,13 @@ def test_prefill_budgets_flow_from_budget_file_and_plan_to_ranks(tmp_path):
 def test_prefill_budget_alone_makes_the_server_sparse():
     from sglang_shplb.config import ConfigError, ShplbConfig
 
-    assert ShplbConfig(prefill_budget=0.1).sparse and not ShplbConfig().sparse
-    with pytest.raises(ConfigError, match="--shplb-prefill-budget"):
-        ShplbConfig(prefill_budget=1.5)
+    assert ShplbConfig(uniform_prefill_budget=0.1).sparse and not ShplbConfig().sparse
+    with pytest.raises(ConfigError, match="--shplb-uniform-prefill-budget"):
+        ShplbConfig(uniform_prefill_budget=1.5)
     for bad in (-1, 1.5, True):   # a negative, fractional or boolean token count is refused, not clamped
         with pytest.raises(ConfigError, match="--shplb-prefill-dense-kv-len must be an integer >= 0"):
-            ShplbConfig(prefill_budget=0.1, prefill_dense_kv_len=bad)
-    assert ShplbConfig(prefill_budget=0.1, prefill_dense_kv_len=0).prefill_dense_kv_len == 0
+            ShplbConfig(uniform_prefill_budget=0.1, prefill_dense_kv_len=bad)
+    assert ShplbConfig(uniform_prefill_budget=0.1, prefill_dense_kv_len=0).prefill_dense_kv_len == 0
 
 
 # ---------------------------------------------------------------- GPU kernel: torch reference, Triton interpreted
@@ -435,13 +377,12 @@ def shared_prefix_prompts(corpus_dir):
     return [prefix + tail for tail in (" Alice said", " The Queen", " Then the Cat")]
 
 
-SERVER_ARGS = {"dense": ["--attention-backend", "torch_native"], "full": ["--shplb-prefill-budget", "1.0"],
-               "covered": ["--shplb-prefill-budget", "0.999"],
-               "short": ["--shplb-prefill-budget", "0.1"],
-               "tail": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "64",
-                        "--shplb-prefill-dense-kv-len", "0"],
-               "sparse": ["--shplb-prefill-budget", "0.1", "--shplb-prefill-dense-tail", "0",
-                          "--shplb-prefill-dense-kv-len", "0"]}
+SERVER_ARGS = {"dense": ["--attention-backend", "torch_native"], "full": ["--shplb-uniform-prefill-budget", "1.0"],
+               "covered": ["--shplb-uniform-prefill-budget", "0.999"],
+               "short": ["--shplb-uniform-prefill-budget", "0.1"],
+               # one chunk per prompt, so a prompt's body (all but its last 256 tokens) prefills block-sparse
+               "sparse": ["--shplb-uniform-prefill-budget", "0.1", "--shplb-prefill-dense-kv-len", "0",
+                          "--chunked-prefill-size", "2048"]}
 
 
 @pytest.fixture(scope="module")
@@ -449,9 +390,8 @@ def server(start_server):
     """server(name), started on first use. dense: torch_native; full: prefill budget 1.0 (SGLang's
     extend); covered: 0.999 (our block-sparse path, but every head covers its context, so it must
     match dense up to float order); short: 0.1, but every prompt here is under the default
-    --shplb-prefill-dense-kv-len (2048), so it prefills densely; tail: 0.1, but every 64-token chunk is its own
-    dense tail (our path, dense selections: --shplb-prefill-dense-tail reaches the workers); sparse: 0.1 with no
-    dense tail. tail and sparse set --shplb-prefill-dense-kv-len 0, or these short prompts would not be sparse."""
+    --shplb-prefill-dense-kv-len (2048), so it prefills densely; sparse: 0.1 with 2048-token chunks and
+    --shplb-prefill-dense-kv-len 0, or these short prompts would not be sparse."""
     started = {}
 
     def get(name):
@@ -468,7 +408,7 @@ def batch_ids(server, prompts, n=12):
         return list(pool.map(lambda p: server.generate_ids(p, n), prompts))
 
 
-@pytest.mark.parametrize("name", ["full"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("short", "tail", "covered")])
+@pytest.mark.parametrize("name", ["full"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("short", "covered")])
 def test_full_prefill_budget_equals_torch_native(server, shared_prefix_prompts, name):
     """Chunked prefill (64-token chunks over ~400-token prompts), then the same batch again, which
     reuses the shared prefix from the radix cache (prefix KV and page metadata already there)."""
@@ -479,12 +419,14 @@ def test_full_prefill_budget_equals_torch_native(server, shared_prefix_prompts, 
     assert batch_ids(server, shared_prefix_prompts) == want
 
 
-def test_sparse_prefill_answers_sensibly(server, shared_prefix_prompts):
-    """10% prefill budget on ~400-token chunked prompts: every block keeps ~6 of up to 25 pages.
-    SmolLM2 drifts (block-level 10% gives ~72% next-token agreement at 2k), so check answers, not ids."""
+def test_sparse_prefill_answers_sensibly(server, shared_prefix_prompts, corpus_dir):
+    """10% prefill budget, one chunk per prompt: a ~1.4k-token question's body (all but its last 256 tokens)
+    prefills block-sparse, and ~400-token prompts' first blocks do. SmolLM2 drifts (block-level 10% gives ~72%
+    next-token agreement at 2k), so check answers, not ids."""
     sparse = server("sparse")
     assert "prefill budgets mean 0.1000" in sparse.log()
-    long_question = shared_prefix_prompts[0] + "\n\nQuestion: What is the capital of France?\nAnswer: The capital of France is"
+    body = (corpus_dir / "alice29.txt").read_text()[2000:8000]
+    long_question = body + "\n\nQuestion: What is the capital of France?\nAnswer: The capital of France is"
     assert "Paris" in sparse.chat(long_question, max_tokens=16)["choices"][0]["message"]["content"]
     outs = batch_ids(sparse, shared_prefix_prompts, n=16)
     assert all(len(set(o)) > 3 for o in outs), outs     # no collapse into one repeated token

@@ -75,3 +75,25 @@ def test_no_import_cycles():
     graph = {name: _imports(name, path, mods) for name, path in mods.items()}
     assert "sglang_shplb.budget" in graph["sglang_shplb.joint"]        # the scan sees imports at all
     assert _cycles(graph) == []
+
+
+def test_the_shipping_surface_is_small_and_unconfusable():
+    """At most 14 --shplb-* flags (request limits included), no two one edit apart; the registry lists only what
+    serving offers, each implemented on CPU and by the CUDA kernels; the oracle is a reference serving refuses."""
+    from sglang_shplb import selection as sel
+    from sglang_shplb.gpu_decode import gpu_implements
+    from sglang_shplb.launch_server import shplb_parser
+    from sglang_shplb.sparse_prefill import DEFAULT_ESTIMATE, ESTIMATES
+
+    flags = [o for a in shplb_parser()._actions for o in a.option_strings if o.startswith("--shplb-")]
+    assert len(flags) <= 14, flags
+
+    def one_edit(a: str, b: str) -> bool:
+        if abs(len(a) - len(b)) > 1 or a == b:
+            return False
+        i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
+    assert not [(a, b) for a in flags for b in flags if a < b and one_edit(a, b)]
+    assert set(sel.SELECTORS) == {sel.DEFAULT_SELECTOR, sel.UNCALIBRATED_SELECTOR}
+    assert all(gpu_implements(r) for r in sel.SELECTORS.values())
+    assert sel.ORACLE.name not in sel.SELECTORS and ESTIMATES == (DEFAULT_ESTIMATE, "oracle")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from .errors import ConfigError
-from .sparse_prefill import ESTIMATES, PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL
+from .sparse_prefill import PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL
 
 __all__ = ["ConfigError", "ShplbConfig", "PREFILL_DENSE_KV_LEN", "PREFILL_DENSE_TAIL", "ENV_VAR"]
 ENV_VAR = "SGLANG_SHPLB_CONFIG"
@@ -22,19 +22,17 @@ ENV_VAR = "SGLANG_SHPLB_CONFIG"
 
 @dataclass(frozen=True)
 class ShplbConfig:
-    budget: Optional[float] = None          # uniform decode budget, fraction of context
+    uniform_budget: Optional[float] = None  # uniform decode budget, fraction of context (a baseline)
     budgets: Optional[str] = None           # budgets artifact (per-head decode budgets)
     plan: Optional[str] = None              # plan artifact (placement + budgets per rank)
-    profile: Optional[str] = None           # profile whose label channels a uniform --shplb-budget reads
+    profile: Optional[str] = None           # profile whose label channels a uniform decode budget reads
     page_size: int = 16                     # tokens per logical page used by selection
-    sink_pages: int = 1                     # always-kept pages at the start of the context
-    recent_pages: int = 2                   # always-kept pages at the end (current token's page incl.)
-    prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
-    prefill_estimate: str = ""              # prefill page estimate (sparse_prefill.ESTIMATES); "" = resolve_estimate
-    prefill_dense_tail: int = PREFILL_DENSE_TAIL   # an extend's last queries that attend densely
+    sink_pages: int = 1                     # always-kept pages at the start of the context (not a flag: the
+    recent_pages: int = 2                   # profile measured these), and at the end (current token's page incl.)
+    uniform_prefill_budget: Optional[float] = None  # uniform prefill budget (else the artifact's, else dense)
+    prefill_dense_tail: int = PREFILL_DENSE_TAIL   # an extend's last queries that attend densely (not a flag)
     prefill_dense_kv_len: int = PREFILL_DENSE_KV_LEN   # an extend whose prefix + own tokens fit here: all dense
     selector: str = ""                      # decode page selector (selection.SELECTORS); "" = serving.decode_selector
-    log_stats: bool = False                 # log per-rank KV tokens read per layer
     # Request limits at the API edge (sglang_adapter/request_limits.py); OpenAI's own caps by default.
     max_n: int = 128                        # completions per request (`n`, `sampling_params.n`)
     max_n_tokens: int = 131072              # n x max_tokens per request (the work one request may ask for)
@@ -42,21 +40,20 @@ class ShplbConfig:
     max_top_logprobs: int = 20              # chat `top_logprobs`, /generate `top_logprobs_num`
 
     def __post_init__(self):
-        for name in ("budget", "prefill_budget"):
+        for name in ("uniform_budget", "uniform_prefill_budget"):
             v = getattr(self, name)
             if v is not None and not (0.0 < v <= 1.0):
                 raise ConfigError(f"--shplb-{name.replace('_', '-')} must be in (0, 1], got {v}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ConfigError(f"--shplb-page-size must be a power of two >= 1, got {self.page_size}")
         if self.sink_pages < 0 or self.recent_pages < 1:
-            raise ConfigError("--shplb-sink-pages must be >= 0 and --shplb-recent-pages >= 1 "
+            raise ConfigError("sink_pages must be >= 0 and recent_pages >= 1 "
                               f"(got {self.sink_pages}, {self.recent_pages})")
-        for name, low in (("prefill_dense_tail", 0), ("prefill_dense_kv_len", 0), ("max_n", 1), ("max_n_tokens", 1), ("max_logprobs", 0), ("max_top_logprobs", 0)):
+        for name, low in (("prefill_dense_tail", 0), ("prefill_dense_kv_len", 0), ("max_n", 1), ("max_n_tokens", 1),
+                          ("max_logprobs", 0), ("max_top_logprobs", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"--shplb-{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-        if self.prefill_estimate and self.prefill_estimate not in ESTIMATES:
-            raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {self.prefill_estimate!r}")
         from .selection import SELECTORS, UNCALIBRATED_SELECTOR
 
         if self.selector and self.selector not in SELECTORS:
@@ -64,7 +61,7 @@ class ShplbConfig:
         rule = SELECTORS[self.selector] if self.selector else None
         if rule is not None and rule.label and not (self.budgets or self.plan or self.profile):
             raise ConfigError(f"--shplb-selector {self.selector} reads label channels calibrated by the profile, "
-                              "which come in a budgets or plan file (or, with a uniform --shplb-budget, from "
+                              "which come in a budgets or plan file (or, with --shplb-uniform-budget, from "
                               "--shplb-profile): pass --shplb-budgets, --shplb-plan or --shplb-profile, or choose "
                               f"another --shplb-selector (e.g. {UNCALIBRATED_SELECTOR})")
         sub = rule.sub if rule is not None else None
@@ -74,10 +71,10 @@ class ShplbConfig:
         if self.budgets and self.plan:
             raise ConfigError("give either --shplb-budgets or --shplb-plan (a plan already holds budgets)")
         if self.profile and (self.budgets or self.plan):
-            raise ConfigError("--shplb-profile gives a uniform --shplb-budget the profile's label channels; "
+            raise ConfigError("--shplb-profile gives --shplb-uniform-budget the profile's label channels; "
                               f"--shplb-{'plan' if self.plan else 'budgets'} carries its own: drop --shplb-profile")
-        if self.profile and self.budget is None:
-            raise ConfigError("--shplb-profile only serves a uniform decode budget: add --shplb-budget B "
+        if self.profile and self.uniform_budget is None:
+            raise ConfigError("--shplb-profile only serves a uniform decode budget: add --shplb-uniform-budget B "
                               "(or make budgets from the profile with `python -m sglang_shplb.budget`)")
         for name in ("budgets", "plan", "profile"):
             path = getattr(self, name)
@@ -86,7 +83,7 @@ class ShplbConfig:
 
     @property
     def sparse(self) -> bool:
-        return any(v is not None for v in (self.budget, self.budgets, self.plan, self.prefill_budget))
+        return any(v is not None for v in (self.uniform_budget, self.budgets, self.plan, self.uniform_prefill_budget))
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -34,13 +34,17 @@ def gpu_selectors() -> list[str]:
     or from the label cache (any aggregate: the kernel's per-head page log-mass, combined by
     selection.aggregate). Not: normalised coarse bounds, the full sub-page scan and re-ranking from whole
     keys (SparQ's per-query channels)."""
-    def ok(r):
-        if (r.coarse or r.aggregate) not in ("sum", "max"):
-            return False
-        if r.label:
-            return r.shortlist > 0
-        return not r.keys and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max"))
-    return sorted(name for name, r in sel.SELECTORS.items() if ok(r))
+    return sorted(name for name, r in sel.SELECTORS.items() if gpu_implements(r))
+
+
+def gpu_implements(r: sel.Selector) -> bool:
+    """The kernels' reach, for any Selector (a benchmark's or test's too; the single-stage page-bound path
+    is what the two-stage selectors' first stage runs)."""
+    if (r.coarse or r.aggregate) not in ("sum", "max"):
+        return False
+    if r.label:
+        return r.shortlist > 0
+    return not r.keys and (r.sub is None or (r.shortlist > 0 and r.aggregate == "max"))
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,19 @@ class GpuSparseDecode:
     """The decode objects the `shplb` backend runs on CUDA (and gpu_check.py / the tests run as is)."""
 
     def __init__(self, shape: DecodeShape, budgets: torch.Tensor | None, device, meta_dtype=torch.bfloat16,
-                 num_slots: int | None = None, selector: str = sel.UNCALIBRATED_SELECTOR, num_sms: int | None = None,
+                 num_slots: int | None = None, selector: str | sel.Selector = sel.UNCALIBRATED_SELECTOR,
+                 num_sms: int | None = None,
                  budget_ref: sel.BudgetRef | None = None, channels: torch.Tensor | None = None,
                  carry_rows: int | None = None):
         import sglang_shplb_kernels as K
 
-        if selector not in gpu_selectors():
-            raise ValueError(f"selector {selector!r} is not implemented by the CUDA kernels; use one of {gpu_selectors()}")
-        self.K, self.shape, self.device = K, shape, torch.device(device)
         self.rule = sel.get_selector(selector)
+        if not gpu_implements(self.rule):
+            raise ValueError(f"selector {self.rule.name!r} is not implemented by the CUDA kernels; use one of "
+                             f"{gpu_selectors()}")
+        self.K, self.shape, self.device = K, shape, torch.device(device)
         self.agg = self.rule.coarse or self.rule.aggregate     # the coarse bound's: "sum" or "max"
-        # label second stage normalised per head (norm, psum, mix): the kernel writes each query head's page
+        # label second stage normalised per head (norm, psum): the kernel writes each query head's page
         # log-mass, selection.aggregate combines them
         self.per_head = self.rule.label and self.rule.aggregate != "max"
         L, H = shape.num_layers, shape.kv_heads

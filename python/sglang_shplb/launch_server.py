@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 
-from .config import PREFILL_DENSE_KV_LEN, PREFILL_DENSE_TAIL, ConfigError, ShplbConfig
+from .config import PREFILL_DENSE_KV_LEN, ConfigError, ShplbConfig
 from .recipe import DEFAULT_MEAN_BUDGET
 
 CPU_MAX_TOTAL_TOKENS = 32768  # bounded KV pool: SGLang would otherwise take ~70% of RAM
@@ -31,30 +31,22 @@ def shplb_parser(add_help: bool = False) -> argparse.ArgumentParser:
                    f"prefill budgets, solved at start-up from the model's profile), in (0, 1] (default "
                    f"{DEFAULT_MEAN_BUDGET:g})")
     g.add_argument("--shplb-dense", action="store_true", help="serve stock dense attention (no S-HPLB)")
-    g.add_argument("--shplb-budget", type=float, help="uniform decode budget per head, fraction of context in (0, 1]")
     g.add_argument("--shplb-budgets", help="budgets artifact from `python -m sglang_shplb.budget` (per-head budgets)")
     g.add_argument("--shplb-plan", help="plan artifact from `python -m sglang_shplb.plan` (placement + budgets)")
     g.add_argument("--shplb-profile", help="the profile the default recipe is solved from (default: the model's "
-                   "committed or cached one; 'auto': profile the model once and cache it); with --shplb-budget: the "
-                   "profile whose calibrated label channels the decode selector reads")
+                   "committed or cached one; 'auto': profile the model once and cache it); with "
+                   "--shplb-uniform-budget: the profile whose calibrated label channels the decode selector reads")
+    g.add_argument("--shplb-uniform-budget", type=float, help="a baseline: the same decode budget for every head, "
+                   "fraction of context in (0, 1], in place of the recipe")
+    g.add_argument("--shplb-uniform-prefill-budget", type=float, help="a baseline: the same prefill budget for "
+                   "every head, fraction of causal context in (0, 1] (without it, and without a recipe: dense prefill)")
     g.add_argument("--shplb-page-size", type=int, default=16, help="tokens per selection page (default 16)")
-    g.add_argument("--shplb-sink-pages", type=int, default=1, help="pages always kept at the start (default 1)")
-    g.add_argument("--shplb-recent-pages", type=int, default=2, help="pages always kept at the end (default 2)")
-    g.add_argument("--shplb-prefill-budget", type=float,
-                   help="per-head prefill budget, fraction of causal context in (0, 1]; dense prefill without it")
-    g.add_argument("--shplb-prefill-dense-tail", type=int, default=PREFILL_DENSE_TAIL,
-                   help="with sparse prefill, the last N queries of each prefill attend densely: the question of a "
-                        "long prompt, which every answer token reads (default %(default)s; 0 = all block-sparse)")
     g.add_argument("--shplb-prefill-dense-kv-len", type=int, default=PREFILL_DENSE_KV_LEN,
                    help="with sparse prefill, a prefill whose KV length (cached prefix + new tokens) is at most N "
                         "attends densely, as SGLang's DSA backend does below 2048 (default %(default)s; 0 = none)")
-    g.add_argument("--shplb-prefill-estimate", default="", help="prefill page estimate, one of "
-                   "sglang_shplb.sparse_prefill.ESTIMATES (default centre, from the page min/max; label reads the "
-                   "label cache of a label decode selector)")
     g.add_argument("--shplb-selector", default="", help="decode page selector, one of "
                    "sglang_shplb.selection.SELECTORS (default: selection.DEFAULT_SELECTOR when the budgets or "
                    "plan carry the profile's label channels, else selection.UNCALIBRATED_SELECTOR)")
-    g.add_argument("--shplb-log-stats", action="store_true", help="log KV tokens read per layer per rank")
     r = p.add_argument_group("request limits (a request over a limit gets a 400 naming the field and the limit)")
     r.add_argument("--shplb-max-n", type=int, default=128, help="most completions per request, `n` (default 128)")
     r.add_argument("--shplb-max-n-tokens", type=int, default=131072,
@@ -279,7 +271,7 @@ def _merge_overrides(argv: list[str], overrides: dict) -> list[str]:
     return kept + [flag, json.dumps({**user, **overrides})]
 
 
-RECIPE_FLAGS = ("budget", "budgets", "plan", "prefill_budget")   # a config given by hand: no default recipe
+RECIPE_FLAGS = ("uniform_budget", "budgets", "plan", "uniform_prefill_budget")   # a config given by hand: no default recipe
 
 
 def _options(argv: list[str]) -> tuple[dict, list[str]]:
@@ -319,7 +311,6 @@ def _serves_recipe(options: dict, rest: list[str]) -> bool:
 def _config(options: dict, recipe: bool) -> ShplbConfig:
     from .artifacts import ArtifactError
     from .serving import decode_selector
-    from .sparse_prefill import resolve_estimate
 
     fields = {k: v for k, v in options.items() if k not in ("mean_budget", "dense")}
     if recipe:
@@ -328,7 +319,6 @@ def _config(options: dict, recipe: bool) -> ShplbConfig:
         cfg = ShplbConfig(**fields)
         if not (cfg.budgets or cfg.plan or cfg.profile or recipe):   # artifacts: checked in _apply_artifacts
             decode_selector(cfg)            # a selector this config cannot serve is refused here, not in a worker
-            resolve_estimate(cfg.prefill_estimate, False)   # no artifact: no label channels
     except (ConfigError, ArtifactError) as e:
         _fail(str(e))
     return cfg
@@ -375,7 +365,7 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     cfg = _config(options, recipe)
     rest = _with_model_path(rest)
     if recipe:
-        _check_tp_divides_heads(rest, ShplbConfig(budget=1.0), _value(rest, "--model-path") or _value(rest, "--model"))
+        _check_tp_divides_heads(rest, ShplbConfig(uniform_budget=1.0), _value(rest, "--model-path") or _value(rest, "--model"))
         cfg = _apply_recipe(cfg, options, rest)
     elif not cfg.sparse:
         print("[sglang-shplb] serving stock dense attention (no S-HPLB)", flush=True)

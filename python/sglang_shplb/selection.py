@@ -10,7 +10,6 @@ KV group's G query heads are combined and how tight the box is:
   * aggregate "max": each query head's own bound, max over the group (G matvecs per page);
     "norm": each head's bounds log-softmax-normalised over the pages first (ShadowKV), then max;
     "psum": each head's softmax over the pages summed over the group (an estimate of the group mass);
-    "mix": a page's better place in the max and the psum orders;
   * sub: min/max also per sub-page of `sub` tokens; a page scores the max over its sub-pages
     (a tighter box, P/sub times the metadata);
   * shortlist c: two stages — the coarse page bound ranks all pages, then only the c*k best are
@@ -37,13 +36,13 @@ from .carry import next_carry, promote
 
 NEG_INF = float("-inf")
 FLOOR = torch.finfo(torch.float32).min   # a masked logit that exp() sends to exactly 0, yet never makes inf - inf
-MASKING = ("norm", "psum", "mix")      # aggregates that already score non-candidates -inf
+MASKING = ("norm", "psum")      # aggregates that already score non-candidates -inf
 
 
 @dataclass(frozen=True)
 class Selector:
     name: str
-    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum" | "mix"
+    aggregate: str = "max"        # over the group: "sum" | "max" | "norm" (log-softmax per head, max) | "psum"
     sub: Optional[int] = None     # sub-page size of the fine bound (None: page bounds only)
     shortlist: float = 0.0        # c > 0: fine bound re-ranks only the c*k coarse best pages
     keys: int = 0                 # r > 0 (with shortlist): re-rank by r-channel logits over the keys (SparQ)
@@ -65,40 +64,29 @@ class Selector:
         return float(coarse + fine)
 
 
+# What serving offers: the default (its label channels come from the profile, with the budgets or plan) and the
+# fallback for budgets without them. Other selectors studied on the way live in benchmark/selector.py (git keeps
+# the rest); `ORACLE` is a reference for benchmarks, never served.
 SELECTORS = {s.name: s for s in (
-    Selector("quest_sum", "sum"),
-    Selector("quest_max", "max"),
-    Selector("quest_norm", "norm"),
-    Selector("quest_psum", "psum"),
-    Selector("two_stage4_psum", "psum", 4, 3.0),
-    Selector("sub8_max", "max", 8),
-    Selector("sub4_max", "max", 4),
-    Selector("two_stage8", "max", 8, 3.0),
-    Selector("two_stage4", "max", 4, 3.0),
-    Selector("two_stage_keys16", "max", None, 3.0, keys=16),
-    Selector("two_stage_label16", "max", None, 3.0, keys=16, label=True),
-    Selector("two_stage_label32", "max", None, 3.0, keys=32, label=True),
-    # the same label estimate, aggregated as the group's estimated mass (each head's softmax over the shortlist,
-    # summed); its shortlist normalises the bounds too (CPU only: the CUDA shortlist aggregates by sum or max)
-    Selector("two_stage_label32_psum", "psum", None, 3.0, keys=32, label=True),
-    # the label estimate normalised per head (ShadowKV: log-softmax, then max), or a page's better place in the
-    # max and psum orders (`mix`); the shortlist stays the max bound's (normalised bounds lose needles, issue 12)
+    # the label estimate normalised per head (ShadowKV: log-softmax, then max); the shortlist stays the max bound's
+    # (normalised bounds lose needles, issue 12)
     Selector("two_stage_label32_norm", "norm", None, 3.0, keys=32, label=True, coarse="max"),
-    Selector("two_stage_label32_mix", "mix", None, 3.0, keys=32, label=True, coarse="max"),
-    # Diagnostic, CPU only: every page scored from all its keys and channels, each head's softmax mass summed
-    # over the group, i.e. the oracle ranking. It reads every key (no speed-up): served, it separates what a
-    # budget loses from what a selector's ranking loses, through the real server.
-    Selector("oracle_mass", "psum", None, 0.0, keys=1 << 16),
+    Selector("two_stage4", "max", 4, 3.0),
 )}
-# Label selectors read calibrated channels (`label_channels`): the profile measures them, budgets and plans
-# carry them (`LABEL_RANK` per head, best first). Without them the server falls back to UNCALIBRATED_SELECTOR.
-LABEL_SELECTORS = {n: s for n, s in SELECTORS.items() if s.label}
+# Every page scored from all its keys and channels, each head's softmax mass summed over the group: the oracle
+# ranking. It reads every key (no speed-up), so it separates what a budget loses from what a ranking loses.
+ORACLE = Selector("oracle_mass", "psum", None, 0.0, keys=1 << 16)
 LABEL_RANK = 32
 DEFAULT_SELECTOR = "two_stage_label32_norm"
 UNCALIBRATED_SELECTOR = "two_stage4"
 
 
-def get_selector(name: str) -> Selector:
+def get_selector(name: "str | Selector") -> Selector:
+    """A served selector by name, the reference ORACLE by its name, or a Selector a benchmark made (as is)."""
+    if isinstance(name, Selector):
+        return name
+    if name == ORACLE.name:
+        return ORACLE
     if name not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; choose one of {sorted(SELECTORS)}")
     return SELECTORS[name]
@@ -169,17 +157,7 @@ def aggregate(how: str, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return z.log_softmax(-1).amax(-2)
     if how == "psum":    # estimated group mass: per-head softmax over candidates, summed
         return z.softmax(-1).sum(-2).masked_fill(~valid, NEG_INF)
-    if how == "mix":     # union of the max and psum rankings: a page's better rank of the two
-        best = torch.minimum(_ranks(z.amax(-2)), _ranks(z.softmax(-1).sum(-2)))
-        return (-best.float()).masked_fill(~valid, NEG_INF)
     raise ValueError(f"unknown aggregate {how!r}")
-
-
-def _ranks(score: torch.Tensor) -> torch.Tensor:
-    """Each entry's position in descending order, ties to the lower index (the ranking rule's order)."""
-    order = score.argsort(dim=-1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device)
-                                            .expand_as(order))
 
 
 def coarse_scores(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,

@@ -4,9 +4,9 @@ budget of each local KV head, and the plan (shared by the backend and the load-t
 SGLang's TP rank r holds a contiguous block of KV heads (after our load-time permutation, the
 block the plan assigned). Decode budgets come from, in order: a plan (its rank's table), a budgets
 file (contiguous slice of its per-KV-group budgets), or one uniform fraction. Prefill budgets: the
-uniform --shplb-prefill-budget if given, else the artifact's optional prefill table, else dense.
+--shplb-uniform-prefill-budget if given, else the artifact's optional prefill table, else dense.
 Label channels (the default selector's calibration) come with the decode budgets' artifact (for a
-uniform --shplb-budget: from --shplb-profile), mapped to the same local heads; `decode_selector` picks
+--shplb-uniform-budget: from --shplb-profile), mapped to the same local heads; `decode_selector` picks
 the selector: --shplb-selector, else the label default when channels are given, else the uncalibrated one.
 Each artifact file is read and checksummed once per process (`artifact`), whoever asks first.
 """
@@ -22,7 +22,6 @@ from . import selection as sel
 from .artifacts import ArtifactError
 from .config import ShplbConfig
 from .schema import Budgets, Plan
-from .sparse_prefill import DEFAULT_ESTIMATE, resolve_estimate
 
 _artifacts: dict = {}     # (kind, path, fingerprint) -> Budgets | Plan | Profile
 _resolved: dict = {}      # (config, shape) -> RankBudgets
@@ -56,7 +55,7 @@ def artifact(kind: str, path: str, fingerprint: str | None = None):
 class RankBudgets:
     """One TP worker's budgets: decode/prefill [num_layers, local KV heads] (None: that phase runs
     dense), the plan they came from (None without one), and the context in tokens the budgets were
-    made at (None for a uniform --shplb-budget: a plain fraction of every context)."""
+    made at (None for --shplb-uniform-budget: a plain fraction of every context)."""
     tp_rank: int
     tp_size: int
     decode: Optional[torch.Tensor]
@@ -66,7 +65,6 @@ class RankBudgets:
     ref_mean: Optional[float] = None            # the whole model's mean sparse decode budget there (BudgetRef)
     selector: str = sel.UNCALIBRATED_SELECTOR   # the decode selector (decode_selector)
     labels: Optional[torch.Tensor] = None       # its label channels [num_layers, local KV heads, r], best first
-    prefill_estimate: str = DEFAULT_ESTIMATE    # the prefill page estimate (sparse_prefill.resolve_estimate)
 
     def budget_ref(self, page_size: int) -> Optional[sel.BudgetRef]:
         """selection.pages_for_budget's reference, in pages of `page_size` (None: a uniform budget)."""
@@ -157,7 +155,7 @@ def resolve(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: int, 
                 labels = labels[:, local_kv_heads(num_kv_heads, tp_size, tp_rank)]
             labels = labels[..., : sel.get_selector(selector).keys].contiguous()
         _resolved[key] = RankBudgets(tp_rank, tp_size, tables["decode"], tables["prefill"], plan, ref, ref_mean,
-                                     selector, labels, resolve_estimate(cfg.prefill_estimate, labels is not None))
+                                     selector, labels)
     return _resolved[key]
 
 
@@ -171,7 +169,7 @@ def rank_budgets(cfg: ShplbConfig, num_layers: int, num_kv_heads: int, tp_size: 
 
 def _phase_table(cfg, plan, num_layers, num_kv_heads, tp_size, tp_rank, fingerprint, phase) -> torch.Tensor | None:
     heads = local_kv_heads(num_kv_heads, tp_size, tp_rank)
-    uniform = cfg.budget if phase == "decode" else cfg.prefill_budget
+    uniform = cfg.uniform_budget if phase == "decode" else cfg.uniform_prefill_budget
     if uniform is not None and (phase == "prefill" or not (cfg.plan or cfg.budgets)):
         out = torch.full((num_layers, len(heads)), uniform, dtype=torch.float64)
     elif plan is not None:

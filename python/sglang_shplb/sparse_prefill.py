@@ -17,19 +17,10 @@ A request whose KV length (prefix + extend) is at most `dense_kv_len` is all tai
 PREFILL_DENSE_KV_LEN = 2048, as SGLang's DSA backend). At 2k the forced window fills most of a 10% block budget,
 and 2k multi_value / variable_track answers were lost (7/12 vs dense prefill's 10/12) with the oracle ranking or
 twice the budget (only both kept them), for a 1.25x TTFT (benchmark/results/prefill_short_needle.md, _cpu.md).
-Estimate (`DEFAULT_ESTIMATE` = "centre"): the block's mean query (over its queries and the GQA group) against
-the centre (min + max) / 2 of each page's key box, from the page min/max decode already keeps (one matvec per
-page and block). "label" (`--shplb-prefill-estimate label`, with a label decode selector): the block's mean query
-on the calibrated label channels against every key of the page, log-sum-exp over the page, read from the label
-cache that selector keeps (`label_block_scores`: one batched matmul per KV head, r/(B*G*D) of a dense prefill's
-QK^T FLOPs). It keeps more of each block's true page mass (at 10%, 63-83% of the gap from centre to the oracle
-at 2k/4k/8k; benchmark/results/prefill_recall.md) but not better answers: held-out perplexity at 10% is 0.3% /
-1.5% *worse* than centre's at 2k / 4k (3 lcet10 windows), server retrieval moves within noise, and it costs
-4-10% more prefill attention time on CPU (benchmark/results/prefill_quality_label.md). Block-mean mass recall
-is not what perplexity needs from the prefill, so centre stays the default. Per-head variants ("label_max",
-"label_norm": each query head's block mean, max / ShadowKV's norm over the group) add at most 0.007 recall for
-G times the cost. "quest_sum", "quest_max" (Quest bounds of the pooled / each query) and "centre_max" rank no
-better than centre (benchmark/results/quality_prefill.md, prefill_needle*.md).
+Estimate ("centre", the one served): the block's mean query (over its queries and the GQA group) against the
+centre (min + max) / 2 of each page's key box, from the page min/max decode already keeps (one matvec per page and
+block). Estimates that lost to it (label-cache log-mass, Quest bounds, per-head variants: more recall, no better
+answers or perplexity, more time) are gone; git keeps them (benchmark/results/prefill_recall.md).
 "oracle" ranks by the block's true page mass (`block_page_mass`: it reads every key, so it is a reference for
 benchmarks, not a serving estimate).
 
@@ -47,20 +38,14 @@ from dataclasses import dataclass
 import torch
 
 from . import recovery, selection as sel
-from .errors import ConfigError
 
 PREFILL_DENSE_TAIL = 256      # tokens: an extend's last queries attend densely (the prompt's question; above)
 PREFILL_DENSE_KV_LEN = 2048   # tokens: a prefill this short attends densely (above)
 DENSE_TAIL = PREFILL_DENSE_TAIL
 
 QUERY_BLOCK = 64
-LABEL_ESTIMATES = {"label": "pooled", "label_max": "max", "label_norm": "norm"}   # read the label cache (group rule)
-METADATA_ESTIMATES = ("centre", "centre_max", "quest_sum", "quest_max")          # read the page min/max only
-ESTIMATES = (*LABEL_ESTIMATES, *METADATA_ESTIMATES)                              # servable
-REFERENCE_ESTIMATES = ("oracle",)                                                # reads every key: benchmarks only
-DEFAULT_ESTIMATE = "centre"           # why not "label": the module docstring
-LABEL_CHANNELS = 32                   # r of the label cache in harnesses (two_stage_label32's)
-LABEL_LOGITS_PER_STEP = 1 << 22   # label estimate logits [blocks, heads, g, keys] per step: 16 MB
+DEFAULT_ESTIMATE = "centre"           # the served estimate (module docstring)
+ESTIMATES = (DEFAULT_ESTIMATE, "oracle")    # "oracle" reads every key: a benchmarks' reference, never served
 LOGIT_ELEMS_PER_STEP = 1 << 19   # [blocks, heads, queries, keys] logits of one step: ~2 MB, cache-sized
 
 
@@ -94,19 +79,6 @@ class BlockSelection:
         return torch.cat([win, self.rest], -1)
 
 
-def resolve_estimate(requested: str, has_labels: bool) -> str:
-    """The prefill estimate a process serves: `requested`, else DEFAULT_ESTIMATE. A label estimate reads the
-    label cache a label decode selector keeps (has_labels): without one it is refused, at start-up."""
-    name = requested or DEFAULT_ESTIMATE
-    if name not in ESTIMATES:
-        raise ConfigError(f"--shplb-prefill-estimate must be one of {ESTIMATES}, got {name!r}")
-    if name in LABEL_ESTIMATES and not has_labels:
-        raise ConfigError(f"prefill estimate {name!r} reads the label cache of a label decode selector, and this "
-                          f"server keeps none (its decode selector is not a label selector, or decode is dense); "
-                          f"use --shplb-prefill-estimate {DEFAULT_ESTIMATE} or a label --shplb-selector")
-    return name
-
-
 def block_positions(prefix_len: int, extend_len: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute positions of each query block's first and last query: ([nb], [nb])."""
     starts = torch.arange(0, extend_len, block)
@@ -121,51 +93,10 @@ def block_window(first: torch.Tensor, last: torch.Tensor, page_size: int, recent
 
 def block_scores(q_blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, estimate: str = DEFAULT_ESTIMATE):
     """q_blocks [nb, B, Hkv, G, D] (the queries of each block), lo/hi [Hkv, N, D] -> scores [nb, Hkv, N]."""
-    q = q_blocks.float()
-    if estimate == "quest_sum":   # selection.group_upper_bound over the block's B*G queries, summed first
-        pos = q.clamp(min=0).sum(3).sum(1)                 # G then B: each reduction over adjacent dims
-        return torch.einsum("bhd,hnd->bhn", pos, hi) + torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1) - pos, lo)
-    if estimate == "quest_max":   # per-query bound, max over the block: sharper, B*G times the cost
-        qm = q.permute(0, 2, 1, 3, 4).flatten(2, 3)
-        return sel.quest_upper_bound(qm, lo.unsqueeze(0), hi.unsqueeze(0)).amax(-2)
-    if estimate == "centre":      # pooled query against the page's box centre (a mean-key proxy)
-        return torch.einsum("bhd,hnd->bhn", q.sum(3).sum(1), (lo + hi) / 2)  # a sum ranks like the mean
-    if estimate == "centre_max":  # each query head's block-mean query against the centre, max over the group
-        return torch.einsum("bhgd,hnd->bhgn", q.mean(1), (lo + hi) / 2).amax(2)
-    raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES + REFERENCE_ESTIMATES}")
-
-
-def label_block_scores(q_blocks: torch.Tensor, labels: torch.Tensor, channels: torch.Tensor, page_size: int,
-                       n: int, how: str = "pooled", ctx: torch.Tensor | None = None) -> torch.Tensor:
-    """q_blocks [nb, B, Hkv, G, D] (the extend's n queries, zero-padded), labels [Hkv, L, r] (the label
-    cache rows of the request's L keys: each key's `channels` [Hkv, r]) -> [nb, Hkv, N]: the block's mean
-    query on the label channels against every key of the page, log-sum-exp over the page (the decode label
-    selectors' estimate of a page's log-mass, for the block's mean query). how="pooled": one mean over the
-    block and the KV group; otherwise each query head's block mean, combined over the group by
-    selection.aggregate(how) over the block's causal pages (ctx [nb])."""
-    nb, B, D = q_blocks.shape[0], q_blocks.shape[1], q_blocks.shape[-1]
-    lab = recovery.page_keys(labels.float(), page_size)                                               # [Hkv, N, P, r]
-    real = (n - B * torch.arange(nb, device=labels.device)).clamp(max=B)                       # queries per block
-    qm = q_blocks.float().sum(1) / real.view(-1, 1, 1, 1)                                       # [nb, Hkv, G, D]
-    if how == "pooled":
-        qm = qm.mean(2, keepdim=True)
-    qm = sel.gather_channels(qm, channels.long().unsqueeze(0)) * D ** -0.5                      # [nb, Hkv, g, r]
-    pad = lab.shape[1] * page_size - labels.shape[1]             # a partial last page: its padding is no key
-    step = max(1, LABEL_LOGITS_PER_STEP // (qm[0, ..., 0].numel() * lab.shape[1] * page_size))   # blocks per chunk
-    scores = torch.cat([_page_logsumexp(qm[b: b + step], lab, page_size - pad) for b in range(0, nb, step)])
-    if how == "pooled":
-        return scores.squeeze(2)
-    valid = torch.arange(scores.shape[-1], device=labels.device).view(1, 1, -1) < ctx.view(-1, 1, 1)
-    return sel.aggregate(how, scores, valid.expand(-1, scores.shape[1], -1))
-
-
-def _page_logsumexp(qm: torch.Tensor, lab: torch.Tensor, last_fill: int) -> torch.Tensor:
-    """qm [s, Hkv, g, r] against lab [Hkv, N, P, r] -> [s, Hkv, g, N]: log-sum-exp of the logits over each
-    page's keys (the last page's first `last_fill` only)."""
-    logits = torch.einsum("bhgr,hnpr->bhgnp", qm, lab)
-    if last_fill < lab.shape[2]:
-        logits[..., -1, last_fill:] = -math.inf
-    return logits.logsumexp(-1)
+    if estimate != DEFAULT_ESTIMATE:
+        raise ValueError(f"unknown prefill estimate {estimate!r}; choose one of {ESTIMATES}")
+    # the pooled query against the page's box centre (a mean-key proxy); a sum ranks like the mean
+    return torch.einsum("bhd,hnd->bhn", q_blocks.float().sum(3).sum(1), (lo + hi) / 2)
 
 
 def block_page_mass(q_blocks: torch.Tensor, keys: torch.Tensor, scale: float, first: torch.Tensor,
@@ -207,13 +138,11 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
                          budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                          block: int = QUERY_BLOCK, estimate: str | None = None,
                          keys: torch.Tensor | None = None, scale: float | None = None,
-                         dense_tail: int = DENSE_TAIL,
-                         labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> BlockSelection:
+                         dense_tail: int = DENSE_TAIL) -> BlockSelection:
     """q [n, Hkv, G, D] the extend queries of one request; lo/hi [Hkv, N, D] the metadata of its
     N = ceil((prefix_len + n) / P) logical pages; budgets [Hkv] fractions of causal context.
     Blocks holding any of the extend's last `dense_tail` queries keep their whole context.
-    labels = (label keys [Hkv, prefix_len + n, r], channels [Hkv, r]) for the label estimates; keys
-    [Hkv, prefix_len + n, D] and scale only for the reference "oracle". estimate None: DEFAULT_ESTIMATE."""
+    keys [Hkv, prefix_len + n, D] and scale only for the reference "oracle". estimate None: DEFAULT_ESTIMATE."""
     estimate = estimate or DEFAULT_ESTIMATE
     n, Hkv, G, D = q.shape
     N, dev = lo.shape[1], q.device
@@ -226,10 +155,6 @@ def select_prefill_pages(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, pr
         if keys is None or scale is None:
             raise ValueError("the 'oracle' prefill estimate reads every key: pass keys= and scale=")
         scores = block_page_mass(pad_blocks(q, block), keys, scale, first, page_size)
-    elif estimate in LABEL_ESTIMATES:
-        if labels is None:
-            raise ValueError(f"the {estimate!r} prefill estimate reads the label cache: pass labels=(keys, channels)")
-        scores = label_block_scores(pad_blocks(q, block), *labels, page_size, n, LABEL_ESTIMATES[estimate], ctx)
     else:
         scores = block_scores(pad_blocks(q, block), lo.float(), hi.float(), estimate)   # [nb, Hkv, N]
     sinks = (j < sink) & ~in_win
@@ -328,13 +253,11 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                    kmax: torch.Tensor, req_to_token: torch.Tensor, req_pool_indices, prefix_lens: list[int],
                    extend_lens: list[int], budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                    scale: float, block: int = QUERY_BLOCK, attend=None,
-                   estimate: str | None = None, dense_tail: int = DENSE_TAIL,
-                   labels: tuple[torch.Tensor, torch.Tensor] | None = None, dense_kv_len: int = 0) -> torch.Tensor:
+                   estimate: str | None = None, dense_tail: int = DENSE_TAIL, dense_kv_len: int = 0) -> torch.Tensor:
     """Block-sparse attention of an extend batch. q [T, Hkv, G, D] (requests back to back),
     page metadata kmin/kmax [physical pages, Hkv, D] already holding this batch's keys.
     `attend(q, k_buf, v_buf, slots, chosen, prefix, scale, block)` (the GPU kernel) may replace
-    the CPU path, which gathers the request's pages once and runs attend_blocks. labels = (label cache
-    [Hkv, slots, r], channels [Hkv, r]) for a label estimate (the decode selector's cache, this batch folded in).
+    the CPU path, which gathers the request's pages once and runs attend_blocks.
     A request with prefix + extend <= dense_kv_len is all tail (the server passes PREFILL_DENSE_KV_LEN).
     A request's body and its dense tail are selected and attended apart: in one selection every
     block's page list would be padded to the tail's width, the whole context (at 32k, ~64 MB of page
@@ -347,7 +270,6 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
         slots = req_to_token[r, : prefix + n]
         phys = slots[::page_size].long() // page_size
         lo, hi = kmin[phys].float().transpose(0, 1), kmax[phys].float().transpose(0, 1)   # [Hkv, N, D] (GPU: bf16)
-        lab = None if labels is None else (labels[0][:, slots.long()], labels[1])          # [Hkv, L, r]
         qr, o = q[start: start + n], out[start: start + n]
         t = 0 if prefix + n <= dense_kv_len else dense_tail_start(n, block, dense_tail)   # short: all dense
         parts = [(0, t, 0), (t, n, n - t)]                      # (rows from, to, dense tail): body, then tail
@@ -358,7 +280,7 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
                 o[a:b] = _dense_rows(qr[a:b], k_pages, v_pages, prefix + a, prefix + b, scale)
                 continue
             chosen = select_prefill_pages(qr[a:b], lo, hi, prefix + a, budgets, page_size, sink, recent, block,
-                                          estimate, dense_tail=tail, labels=lab)
+                                          estimate, dense_tail=tail)
             o[a:b] = (attend(qr[a:b], k_buf, v_buf, slots, chosen, prefix + a, scale, block) if attend is not None
                       else attend_blocks(qr[a:b], k_pages, v_pages, chosen, prefix + a, scale, block))
         start += n
@@ -367,13 +289,12 @@ def sparse_prefill(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, km
 
 def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.Tensor, page_size: int, sink: int,
                    recent: int, block_starts: list[int], block: int = QUERY_BLOCK,
-                   estimate: str | None = None, channels: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   estimate: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefill selector's recovery curve (profiler). q [Hq, L, D], k [Hkv, L, D] of one causal
     prefill. For each sampled query block: the true page mass (softmax per query, mean over the
     block's queries and the KV group) and the share of it the selector keeps at each grid budget.
-    Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks. channels [Hkv, r]:
-    the label channels of a label estimate (estimate None: DEFAULT_ESTIMATE)."""
+    Returns (recovery [Hkv, len(grid)], sink-page mass [Hkv]), means over the sampled blocks (estimate None:
+    DEFAULT_ESTIMATE)."""
     estimate = estimate or DEFAULT_ESTIMATE
     Hq, L, D = q.shape
     Hkv, P = k.shape[0], page_size
@@ -389,11 +310,7 @@ def block_recovery(q: torch.Tensor, k: torch.Tensor, scale: float, grid: torch.T
         j = torch.arange(N, device=q.device)
         forced = ((j >= win_lo) & (j <= win_hi)) | ((j < sink) & (j <= win_hi))
         qs = qb.permute(2, 0, 1, 3).unsqueeze(0)                                  # [1, B, Hkv, g, D]
-        if estimate in LABEL_ESTIMATES:   # channels [Hkv, r]: the label cache's rows are these keys' channels
-            scores = label_block_scores(qs, sel.gather_channels(k.float(), channels.long()), channels, P, qs.shape[1],
-                                        LABEL_ESTIMATES[estimate], torch.tensor([win_hi + 1]))[0]
-        else:
-            scores = block_scores(qs, lo, hi, estimate)[0]                       # [Hkv, N]
+        scores = block_scores(qs, lo, hi, estimate)[0]                           # [Hkv, N]
         scores = scores.masked_fill(forced, math.inf).masked_fill(j > win_hi, -math.inf)
         order = scores.argsort(dim=-1, descending=True, stable=True)
         ctx = torch.tensor(float(win_hi + 1))

@@ -29,7 +29,7 @@ from ..selection import get_selector
 from ..serving import resolve
 from ..sparse_attention import (attend_selected, fold_labels, new_label_cache, new_page_metadata, plan_decode,
                                 select_layer, update_page_minmax)
-from ..sparse_prefill import LABEL_ESTIMATES, sparse_prefill
+from ..sparse_prefill import sparse_prefill
 from .refusals import refuse_at_startup
 
 logger = logging.getLogger("sglang_shplb")
@@ -99,7 +99,6 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             raise ConfigError(f"the label channels of {self.cfg.plan or self.cfg.budgets} index past head_dim "
                               f"{mc.head_dim}: they were made for another model; regenerate them")
         self.labels = {}
-        self.prefill_estimate = rank.prefill_estimate   # a label estimate reads the label cache above
         self.extend_dense = False   # this step's extends are all short (--shplb-prefill-dense-kv-len)
         self.step_plan = self.plan_batch = None    # CPU decode: the step's DecodePlan and the batch it was made for
         self.seed_plan = None                      # an extend step's carry_seed.SeedPlan
@@ -119,9 +118,9 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             get_selector(self.selector).shortlist else new_carry(mc.num_hidden_layers, self._rows(),
                                                                  self.budgets.shape[1], model_runner.device)
         logger.info("[sglang-shplb] tp_rank=%d shplb backend: page %d, sink %d, recent %d, decode budgets %s, "
-                    "selector %s, prefill budgets %s (estimate %s, dense up to %d tokens)", self.tp_rank,
+                    "selector %s, prefill budgets %s (dense up to %d tokens)", self.tp_rank,
                     self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, _describe(self.budgets),
-                    self.selector, _describe(self.prefill_budgets), self.prefill_estimate,
+                    self.selector, _describe(self.prefill_budgets),
                     self.cfg.prefill_dense_kv_len)
 
     def _rows(self) -> int:
@@ -195,8 +194,7 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             _host_list(fb.extend_prefix_lens_cpu, fb.extend_prefix_lens),
             _host_list(fb.extend_seq_lens_cpu, fb.extend_seq_lens), self.prefill_budgets[layer.layer_id],
             self.page_size, self.cfg.sink_pages, self.cfg.recent_pages, layer.scaling, attend=self.gpu_prefill,
-            estimate=self.prefill_estimate, dense_tail=self.cfg.prefill_dense_tail,
-            labels=self._prefill_labels(layer.layer_id), dense_kv_len=self.cfg.prefill_dense_kv_len)
+            dense_tail=self.cfg.prefill_dense_tail, dense_kv_len=self.cfg.prefill_dense_kv_len)
         self._seed_carry(layer, q)
         return out.reshape(-1, Hq * layer.v_head_dim).to(q.dtype)
 
@@ -209,14 +207,6 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
             if self.gpu is not None else self._labels(layer.layer_id)
         seed(self.carry[layer.layer_id], self.seed_plan, q.reshape(-1, Hkv, Hq // Hkv, D), labels, channels,
              get_selector(self.selector))
-
-    def _prefill_labels(self, layer_id: int):
-        """(label cache [Hkv, slots, r], channels) for a label prefill estimate, else None."""
-        if self.prefill_estimate not in LABEL_ESTIMATES:
-            return None
-        if self.gpu is not None:
-            return self.gpu.labels[layer_id], self.gpu.channels[layer_id]
-        return self._labels(layer_id)
 
     def _sparse_prefill_layer(self, layer) -> bool:
         return (bool(self.prefill_sparse) and self.prefill_sparse[layer.layer_id] and not layer.is_cross_attention
@@ -354,7 +344,7 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
         if self.gauge is not None:
             for i, x in enumerate(read.tolist()):
                 self.gauge.labels(tp_rank=str(self.tp_rank), layer=str(i)).set(x)
-        if self.steps % LOG_EVERY_STEPS == 0 and self.cfg.log_stats:
+        if self.steps % LOG_EVERY_STEPS == 0:
             logger.info("[sglang-shplb] tp_rank=%d kv tokens read (all layers, %d steps): %d of %d dense (%.3f)",
                         self.tp_rank, self.steps, float(read.sum()), float(dense.sum()),
                         float(read.sum() / dense.sum().clamp(min=1)))
@@ -369,7 +359,7 @@ class ShplbAttnBackend(TorchNativeAttnBackend):
         if self.gauge is not None:
             for i, v in enumerate(self.kv_read.tolist()):
                 self.gauge.labels(tp_rank=str(self.tp_rank), layer=str(i)).set(v)
-        if self.steps % LOG_EVERY_STEPS == 0 and self.cfg.log_stats:
+        if self.steps % LOG_EVERY_STEPS == 0:
             logger.info("[sglang-shplb] tp_rank=%d kv tokens read (all layers, %d steps): %d of %d dense "
                         "(%.3f); per layer: %s", self.tp_rank, self.steps, float(self.kv_read.sum()),
                         float(self.kv_dense.sum()), float(self.kv_read.sum() / self.kv_dense.sum().clamp(min=1)),

@@ -31,7 +31,7 @@ def metadata_memory_scale(shplb: ShplbConfig, head_dim: int | None = None) -> fl
 
     share = 1.0 / shplb.page_size
     rule = get_selector(decode_selector(shplb))
-    decode_sparse = any(v is not None for v in (shplb.budget, shplb.budgets, shplb.plan))
+    decode_sparse = any(v is not None for v in (shplb.uniform_budget, shplb.budgets, shplb.plan))
     if decode_sparse and rule.shortlist and rule.label:
         share += rule.keys / (2.0 * (head_dim or 64))
     elif decode_sparse and rule.sub and rule.shortlist:
