@@ -27,6 +27,7 @@ $(VENV)/.installed-cpu: $(VENV)/bin/python requirements/cpu.txt pyproject.toml p
 	$(PIP) install -q -r requirements/cpu.txt -c requirements/torch-cpu.txt
 	$(PIP) install -q --no-deps $(SGLANG)
 	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q ruff==0.17.6
 	$(PY) patches/apply.py
 	touch $@
 

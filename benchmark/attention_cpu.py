@@ -12,7 +12,8 @@ scrambled pages as SGLang's allocator leaves it. Dense is SGLang's own
 TorchNativeAttnBackend._run_sdpa_forward_decode; sparse is our selection (`--selectors`, each with
 its own metadata read, per-head top-k) plus attention over the selected tokens, as the server runs a layer:
 on the step's `plan_decode` (page table, page counts, the ranking rule's pins and each layer's shortlist masks for
-all 30 layers, made once per decode step), whose time is added divided by the model's 30 layers. Times are medians of interleaved repeats; the ratio is what to read (this machine is shared and noisy).
+all 30 layers, made once per decode step), whose time is added divided by the model's 30 layers. Times are medians of
+interleaved repeats; the ratio is what to read (this machine is shared and noisy).
 """
 import argparse
 import statistics
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_result  # noqa: E402
+from common import write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.carry import new_carry  # noqa: E402
@@ -150,8 +151,8 @@ def main():
                  f"SmolLM2 shapes, {what}, page {P}, sink 1 + recent 2 pages, "
                  f"{'no carried pages' if args.no_carry else 'carried pages (as served)'}, "
                  f"1 thread; shplb ms = a layer's selection and attention + 1/{LAYERS} of the step's plan "
-                 "(plan_decode for all 30 layers with every timed selector's shortlist masks, made once per decode step and "
-                 "shared by the model's layers). Goal: >= 4x at 8k.", rows,
+                 "(plan_decode for all 30 layers with every timed selector's shortlist masks, made once per decode "
+                 "step and shared by the model's layers). Goal: >= 4x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/attention_cpu.py " + " ".join(sys.argv[1:]))
 
 

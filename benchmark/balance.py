@@ -86,7 +86,8 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
     ref_pages = -(-prof.meta["context_lens"][0] // P)
     sets = {"uniform 0.10": torch.full((L, U), 0.1),
             "optimal 0.10": allocate(curves.reshape(L * U, -1), prof.grid, 0.1, "optimal", floor, step).view(L, U)}
-    rows = ["| context | batch | budgets | layers split into buckets | padded ms (30 layers) | ragged ms | padded / ragged |",
+    rows = ["| context | batch | budgets | layers split into buckets | padded ms (30 layers) | ragged ms "
+            "| padded / ragged |",
             "|---|---|---|---|---|---|---|"]
     for ctx in ctxs:
         for bs in batches:
@@ -95,7 +96,8 @@ def decode_timing(prof, floor, step, ctxs=(4096, 8192), batches=(1, 4), repeats=
             seq, idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV, G, D)
             for name, b in sets.items():
-                ref = sel.BudgetRef.of(b, ref_pages) if name.startswith("optimal") else None   # file vs --shplb-uniform-budget
+                # file vs --shplb-uniform-budget
+                ref = sel.BudgetRef.of(b, ref_pages) if name.startswith("optimal") else None
                 chosen = [select_decode_tokens(q, kmin, kmax, r2t, idx, seq, b[l], P, 1, 2, budget_ref=ref, **meta)
                           for l in range(L)]
                 runs = {"padded": lambda: [_attend(q, k_buf, v_buf, c.rows, c.valid, D ** -0.5) for c in chosen],

@@ -128,8 +128,10 @@ def main() -> int:
             f"{float(measured.max(0).values.sum() / lin.max(0).values.sum()) - 1:+.2%} |",
             f"| max error of a rank's share of its layer's reads vs rank_load share | "
             f"{float((share_m - share_p).abs().max()):.4f} |",
-            f"| measured max/mean rank reads per layer: worst, mean | {float(imb.max()):.4f}, {float(imb.mean()):.4f} |",
-            f"| plan's predicted max/mean rank load per layer: worst | {max(x['imbalance'] for x in plan['layers']):.4f} |",
+            "| measured max/mean rank reads per layer: worst, mean | "
+            f"{float(imb.max()):.4f}, {float(imb.mean()):.4f} |",
+            "| plan's predicted max/mean rank load per layer: worst | "
+            f"{max(x['imbalance'] for x in plan['layers']):.4f} |",
             f"| server wall time (start + request) | {wall:.0f} s |"]
     per_layer = ["| layer | " + " | ".join(f"rank {r} measured / plan-linear" for r in range(tp)) + " |",
                  "|---|" + "---|" * tp]
@@ -140,7 +142,7 @@ def main() -> int:
                       f"Joint plan at mean {args.mean_budget}, tp 3 (summary: step time "
                       f"{plan['summary']['step_time_ratio']:.3f}x uniform); prompt {len(ids)} tokens, "
                       f"{args.new_tokens} new tokens.", "",
-                      f"Reproduce: `OMP_NUM_THREADS=1 python benchmark/balance_server.py`", "", machine_line(), "",
+                      "Reproduce: `OMP_NUM_THREADS=1 python benchmark/balance_server.py`", "", machine_line(), "",
                       *rows, "", *per_layer, ""])
     Path(args.out).write_text(text)
     Path(args.out).with_suffix(".json").write_text(json.dumps(

@@ -41,7 +41,8 @@ SERVER_ARGS = ["--shplb-uniform-budget", "0.1", "--shplb-uniform-prefill-budget"
 EDGE_INTS = st.sampled_from([-2**63, -2**31, -100, -1, 0, 1, 2, 5, 6, 20, 21, 128, 129, VOCAB - 1, VOCAB,
                              10**5, 10**9, 2**31, 2**63 - 1])
 JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=6), st.floats(allow_nan=False, width=32),
-                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                 st.lists(st.integers(-3, 3), max_size=3),
+                 st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 BAD = st.one_of(EDGE_INTS, JUNK, st.sampled_from([-1e30, 1e30, -0.5, 2.5]))
 
 TOKEN = st.integers(0, VOCAB - 1)

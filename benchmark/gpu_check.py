@@ -6,8 +6,8 @@ and the kernels it launches; the block-sparse prefill kernel) on one GPU in < 8 
 
 Needs torch + triton and this repository (no install, no sglang, no flashinfer, no network).
 (a) correctness vs the CPU serving path (sparse_attention.py, same --selector: the server's default
-    label selector unless told, with fixed random channels) at 10% and 100% budget (float32 page metadata: identical selection),
-    and with the served bf16 metadata: the CPU path selecting on that same metadata;
+    label selector unless told, with fixed random channels) at 10% and 100% budget (float32 page metadata:
+    identical selection), and with the served bf16 metadata: the CPU path selecting on that same metadata;
 (b) host syncs per decode step (torch.cuda.set_sync_debug_mode) in the per-layer part and in the plan;
 (c) Triton compiles during warm-up and recompiles afterwards (changing lengths and batch sizes);
 (d) per-stage time (plan, fold, coarse score, the whole selection, attend) and selected bytes/s (KV +
@@ -138,7 +138,8 @@ def correctness_of(run, selector):
         sub = rule.sub
         slots = cache.k[0].shape[0]
         chans = label_channels(2, run.Hkv, run.D)[..., : rule.keys] if rule.label else None
-        ref_labels = [cpu.new_label_cache(slots, chans[l], P, torch.float32, "cpu") for l in range(2)] if rule.label else None
+        ref_labels = [cpu.new_label_cache(slots, chans[l], P, torch.float32, "cpu")
+                      for l in range(2)] if rule.label else None
         ref_meta = [cpu.new_page_metadata(slots, run.Hkv, run.D, P, "cpu") for _ in range(2)]
         ref_fine = [cpu.new_page_metadata(slots, run.Hkv, run.D, sub, "cpu") for _ in range(2)] if sub else None
         for layer in range(2):
@@ -294,7 +295,8 @@ def graph_replay_of(run, selector):
         want = dec.decode(layer, qg, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                           cache.req_pool_indices_dev, cache.seq_lens_dev, run.D ** -0.5).float()
         err = float((got[layer] - want).abs().max())
-        run.check(f"CUDA graph replay == eager decode, layer {layer} ({selector})", err < 1e-2, f"max abs err {err:.2e}")
+        run.check(f"CUDA graph replay == eager decode, layer {layer} ({selector})", err < 1e-2,
+                  f"max abs err {err:.2e}")
 
 
 def _kernel_cache_sizes():
@@ -431,9 +433,9 @@ def report(run):
     lines = [f"# gpu_check ({torch.cuda.get_device_name() if run.dev.type == 'cuda' else 'dry run, CPU interpreter'})",
              "", f"torch {torch.__version__}, triton {__import__('triton').__version__}, budget {run.args.budget}, "
              f"selector {run.args.selector}", "",
-             "| ctx | bs | plan ms | fold ms | coarse score ms | select ms (all stages) | attend ms | sparse layer ms | "
-             "bound ms (bytes/bw) | dense layer ms | dense bound ms | dense/sparse | SDPA dense ms | SDPA/sparse | "
-             "FlashInfer dense ms | FlashInfer/sparse | selected GB/s | % roofline |",
+             "| ctx | bs | plan ms | fold ms | coarse score ms | select ms (all stages) | attend ms | "
+             "sparse layer ms | bound ms (bytes/bw) | dense layer ms | dense bound ms | dense/sparse | SDPA dense ms | "
+             "SDPA/sparse | FlashInfer dense ms | FlashInfer/sparse | selected GB/s | % roofline |",
              "|" + "---|" * 18]
     for r in run.rows:
         pct = "" if r["roofline_pct"] is None else f"{r['roofline_pct']:.0f}"

@@ -61,7 +61,8 @@ def corpus_ids(tokenizer) -> list[int]:
 
     key = tokenizer.name_or_path
     if key not in _corpus_ids:
-        _corpus_ids[key] = [t for f in corpus_files("canterbury") for t in tokenizer(f.read_text(errors="replace")).input_ids]
+        _corpus_ids[key] = [t for f in corpus_files("canterbury")
+                            for t in tokenizer(f.read_text(errors="replace")).input_ids]
     return _corpus_ids[key]
 
 

@@ -127,8 +127,9 @@ class Attr:
             idx = torch.arange(N).expand(Hkv, 1, N)
             lab = recovery.stage2_inputs(rule, k.float(), P, self.channels[layer])
             heads = torch.arange(Hkv).view(-1, 1, 1)
+            # label score, selected pages
             fs = sel.second_stage(rule, self.channels[layer].unsqueeze(1), seq)(
-                rule, qg, idx, tuple(t[heads, idx] for t in lab), mask.unsqueeze(1))[:, 0]   # label score, selected pages
+                rule, qg, idx, tuple(t[heads, idx] for t in lab), mask.unsqueeze(1))[:, 0]
             forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)
             fs = fs.masked_fill(forced | ~mask, float("-inf"))
             cur = fs.topk(min(m, N), -1).indices
@@ -268,7 +269,8 @@ def main():
         t0 = time.time()
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            first = int(model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+            first = int(model(input_ids=torch.tensor([ids]), past_key_values=cache,
+                              use_cache=True).logits[0, -1].argmax())
         print(f"doc {d}: {len(ids)} tokens, needle {value} at {npos[0]}..{npos[-1]} pages "
               f"{sorted({x // P for x in npos})}, prefill {time.time() - t0:.0f}s", flush=True)
         gold = run(model, attn, ids, cache, first, args.steps)

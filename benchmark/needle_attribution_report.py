@@ -72,8 +72,8 @@ def main():
                 cs = sinkless.sort(descending=True).values.cumsum(0) / max(tot, 1e-12)
                 p90 = int((cs < 0.9).sum()) + 1
                 tokname = res["gold"][s + 1] if s + 1 < len(res["gold"]) else None
-                print(f"| {s} ({tokname}) | {layer} | {h} | {share:.3f} | {kk} | {3 * kk} | {src} | {orank} | {crank} | "
-                      f"{frank} | {'**no**' if not sel_ else 'yes'} | {prev} | {nb} | {recall:.3f} | {p90} |")
+                print(f"| {s} ({tokname}) | {layer} | {h} | {share:.3f} | {kk} | {3 * kk} | {src} | {orank} | "
+                      f"{crank} | {frank} | {'**no**' if not sel_ else 'yes'} | {prev} | {nb} | {recall:.3f} | {p90} |")
                 if not sel_:
                     fails.append((s, layer, h, r, src))
             prev_mask[(layer, h)] = mask[h].clone()

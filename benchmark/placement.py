@@ -89,7 +89,8 @@ def main() -> int:
     prof = Profile.load(args.profile)
     rng = random.Random(args.seed)
     rows = ["| model | gran. | tp | units/rank | method | worst max/mean | mean max/mean | worst max/LB "
-            f"| layers > {GOAL} | layers proven optimal | plan time (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"| layers > {GOAL} | layers proven optimal | plan time (ms) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     goal, big = [], None
     for gran in ("kv", "q"):
         real = make_budgets(prof, args.mean_budget, "optimal", gran)

@@ -158,12 +158,14 @@ def main():
     rows = ["## Attention per layer (one thread)", ""] + attention_rows(args)
     if not args.skip_ttft:
         rows += ["", "## Time to first token, real servers", ""] + ttft_rows(args)
+    ttft_servers = ("the default recipe as served (no flag)" if args.ttft_variant == "default"
+                    else "the uniform prefill budget above")
     write_result(args.out, "Prefill on CPU: shplb block-sparse vs torch_native dense",
                  f"SmolLM2-135M shapes/model, fp32, prefill budget {args.budget} per KV head (page {P}, "
                  f"64-query blocks, sink 1 page, window = own pages + 1; page estimate {DEFAULT_ESTIMATE}; the blocks "
                  f"holding each chunk's last {DENSE_TAIL} queries dense: all the served defaults; the shplb "
                  f"server's --shplb-prefill-dense-kv-len {args.dense_kv_len}, served default {PREFILL_DENSE_KV_LEN}). "
-                 f"TTFT servers: {'the default recipe as served (no flag)' if args.ttft_variant == 'default' else 'the uniform prefill budget above'} "
+                 f"TTFT servers: {ttft_servers} "
                  "vs --shplb-dense. Goals: attention >= 4x and TTFT >= 1.5x at 8k.", rows,
                  "OMP_NUM_THREADS=1 python benchmark/prefill_cpu.py " + " ".join(sys.argv[1:]))
 

@@ -11,8 +11,8 @@ Each prompt runs once per column:
     every key, same budgets and block sharing); the label estimates read the label channels the server's label
     cache holds (the committed profile's); NAME@A-B uses NAME only in layers A..B, to find where the served
     estimate loses the answer; dense@A-B prefills layers A..B densely;
-  * dense tail (`--dense-tails`): the prompt's last T queries attend densely (served: `sparse_prefill.PREFILL_DENSE_TAIL`)
-    serves; 0 = every block sparse;
+  * dense tail (`--dense-tails`): the prompt's last T queries attend densely (served:
+    `sparse_prefill.PREFILL_DENSE_TAIL`) serves; 0 = every block sparse;
   * prefill budget scale (`--prefill-scales`): the profile's prefill budgets times S, capped at 1; a large S is
     dense prefill, i.e. decode-only;
   * decode selector (`--decode-selectors`): "oracle" picks the answer's pages by the group's true mass at the

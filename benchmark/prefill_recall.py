@@ -114,7 +114,8 @@ def main():
     for ctx in args.contexts:
         for i in range(args.texts):
             text = TEXTS[i % len(TEXTS)]
-            sources.append((f"prose {text.split('.')[0]}", ctx, token_windows(tok, [prepare_corpus() / text], ctx, 1)[0]))
+            sources.append((f"prose {text.split('.')[0]}", ctx,
+                            token_windows(tok, [prepare_corpus() / text], ctx, 1)[0]))
         if args.needles:
             from retrieval import LEVELS, corpus_pieces
             from ruler_tasks import make_task
@@ -125,7 +126,8 @@ def main():
                 for seed in range(args.seeds):
                     task = make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
                     prompt = task.prompt(tok)
-                    sources.append((f"{fam} s{seed}", ctx, torch.tensor(tok(prompt, add_special_tokens=False).input_ids)))
+                    sources.append((f"{fam} s{seed}", ctx,
+                                    torch.tensor(tok(prompt, add_special_tokens=False).input_ids)))
     keys = [(e, b) for b in args.budgets for e in args.estimates]
     rows = ["| text | context | " + " | ".join(f"{e} @{b:g}" for e, b in keys) + " |", "|---|---|" + "---|" * len(keys)]
     totals, times = {}, {}

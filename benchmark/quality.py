@@ -213,8 +213,8 @@ def main():
                    help="page ranking of the decode selector (the server's --shplb-selector; label selectors calibrate "
                    "their channels on common.LabelCalibration's text first)")
     p.add_argument("--label-source", choices=("profile", "calibration"), default="profile",
-                   help="label channels of a label decode selector: the committed profile's (what the server reads from the "
-                   "budgets), or calibrated on common.LabelCalibration's held-out text")
+                   help="label channels of a label decode selector: the committed profile's (what the server reads "
+                   "from the budgets), or calibrated on common.LabelCalibration's held-out text")
     p.add_argument("--prefill-estimate", default=sp.DEFAULT_ESTIMATE, choices=sp.ESTIMATES,
                    help="page estimate of --selector prefill (oracle: the true block page mass, a reference)")
     p.add_argument("--out", default=str(ROOT / "benchmark" / "results" / "quality.md"))
@@ -246,7 +246,8 @@ def main():
     raw_path = Path(args.raw or Path(args.out).with_suffix(".json"))
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     tag = f"{args.selector}/page{page}/windows{args.windows}"
-    if args.selector == "prefill" and args.prefill_estimate != "centre":   # "prefill/": centre, the default until 2026-12
+    # "prefill/": centre, the default until 2026-12
+    if args.selector == "prefill" and args.prefill_estimate != "centre":
         tag = f"prefill-{args.prefill_estimate}/page{page}/windows{args.windows}"
     if args.selector == "decode":
         source = "+profile" if rule is not None and args.label_source == "profile" else ""

@@ -155,7 +155,8 @@ def run_variant(name: str, tasks: dict, raw: dict, raw_path: Path, tmp: Path) ->
     if not todo:
         return
     flags, _, _ = variant_flags(name, tmp)
-    server = Server(["--max-total-tokens", "20000", *flags], tmp / f"retrieval-{name.replace('/', '-')}.log").wait_ready()
+    server = Server(["--max-total-tokens", "20000", *flags],
+                    tmp / f"retrieval-{name.replace('/', '-')}.log").wait_ready()
     try:
         t0 = time.time()
         for i, key in enumerate(todo):
@@ -259,8 +260,8 @@ def write_tables(args, names, tasks, raw, dense):
                  f"max {MAX_TOKENS} new tokens. Scores in % (exact string match of every answer, 0 if a "
                  f"distractor is named). Task forms with dense score < {args.keep:.0f} are dropped. Decode-only "
                  "variants keep prefill dense, so the first answer token is computed densely; `prefill` variants "
-                 "make prefill sparse too. Goals (issue 12): at 10% within 1 pt of dense on every kept form; at 5% ours "
-                 ">= uniform + 10 pt on the worst form. A sparse cell's (-a +b): prompts it scores lower / higher "
+                 "make prefill sparse too. Goals (issue 12): at 10% within 1 pt of dense on every kept form; at 5% "
+                 "ours >= uniform + 10 pt on the worst form. A sparse cell's (-a +b): prompts it scores lower / higher "
                  f"than dense. Raw outputs: {Path(args.raw).name}.", rows,
                  "python benchmark/retrieval.py " + " ".join(sys.argv[1:]))
 

@@ -14,8 +14,8 @@ the rule the server, the profiler and the GPU kernels' reference use) on the cap
     prompt runs dense (as prefill does without a prefill budget); dense greedy decoding up to the
     answer is the gold, teacher-forced with every answer step sparse in every layer (decode),
     per-KV-group budgets from the committed profile (`optimal` or `uniform` at a mean). Exact match:
-    every gold token that spells the answer is the argmax (filler such as " the number" is not scored). Needle hit: on the KV groups
-    that put >= 30% of their first-step mass on the needle's pages, the share where a needle page is
+    every gold token that spells the answer is the argmax (filler such as " the number" is not scored). Needle hit:
+    on the KV groups that put >= 30% of their first-step mass on the needle's pages, the share where a needle page is
     selected. Dense must answer the task, else it is dropped.
   * cost: page-metadata bytes one (request, KV head) reads per decode step (fp32, D=64, P=16) and the
     selected KV bytes, at 8k context, against dense KV bytes.
@@ -23,7 +23,6 @@ Raw numbers go to --raw (JSON, resumable); the table to --out.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-from common import PROFILE, LabelCalibration, kv_budgets, write_result  # noqa: E402
+from common import LabelCalibration, kv_budgets, write_result  # noqa: E402
 from ruler_tasks import FAMILIES  # noqa: E402
 
 from sglang_shplb import recovery  # noqa: E402
@@ -299,7 +298,8 @@ def cost_rows(selectors, budgets, ctx=8192, P=16, D=64):
         for name in selectors:
             meta = studied(name).metadata_bytes(N, k, P, D)
             kv = 2 * k * P * D * 4
-            rows.append(f"| {name} | {b:.2f} | {meta / 1024:.1f} KiB | {kv / 1024:.1f} KiB | {(meta + kv) / dense:.3f} |")
+            rows.append(f"| {name} | {b:.2f} | {meta / 1024:.1f} KiB | {kv / 1024:.1f} KiB | "
+                        f"{(meta + kv) / dense:.3f} |")
     return rows
 
 

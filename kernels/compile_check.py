@@ -33,7 +33,7 @@ def serving_kernels(dtype: str = "bf16", head_dim: int = 128, group: int = 4, pa
     aggregation and the sub-page size of the sub-page selector (two_stage4: max, 4); label: the label
     channels of the label selectors (the default, two_stage_label32_norm: 32)."""
     T, D, G, P, H = f"*{dtype}", head_dim, group, page, kv_heads
-    i32, i64, f32 = "i32", "i64", "fp32"
+    i32, f32 = "i32", "fp32"
     ce = "constexpr"
     out = []
     sig = dict(k_ptr=T, locs_ptr="*i64", kmin_ptr="*i16", kmax_ptr="*i16", n=i32, stride_kn=i32, stride_kh=i32,
@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--agg", nargs="+", default=["max"])
     a = ap.parse_args()
     print(f"triton {triton.__version__}")
-    print(f"{'kernel':34s} {'sm':>3s} {'dtype':5s} {'D':>4s} {'G':>2s} {'P':>3s} {'regs':>5s} {'spill B':>8s} {'warps':>5s}")
+    print(f"{'kernel':34s} {'sm':>3s} {'dtype':5s} {'D':>4s} {'G':>2s} {'P':>3s} {'regs':>5s} "
+          f"{'spill B':>8s} {'warps':>5s}")
     for arch in a.arch:
         for dt in a.dtype:
             for D in a.head_dim:

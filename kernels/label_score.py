@@ -11,7 +11,8 @@ from the label cache.
 
 The label cache (labels [Hkv, slots, r], sparse_attention.fold_labels) holds each key's `channels` [Hkv, r];
 a page's P tokens are its P contiguous slots from the slot of its first token (SGLang allocates whole
-pages), so a (page, KV head) is one contiguous run of P*r values. Shortlist and output are laid out as in fine_score.py: short_idx [bs, Hkv, C] logical pages, the
+pages), so a (page, KV head) is one contiguous run of P*r values. Shortlist and output are laid out as in
+fine_score.py: short_idx [bs, Hkv, C] logical pages, the
 first c[r, h] valid; out [bs, Hkv, C] float32, -inf past c. Slots of a request's last page past its
 length hold stale labels: forced (+inf) under max, and masked per token in the per-head mode (where the
 forced page's mass enters the normalisation).
@@ -135,7 +136,7 @@ def label_page_scores(q, labels, channels, req_to_token, req_pool_indices, n_pag
     _label_kernel[(bs, H, triton.cdiv(width, LABEL_BLOCK_C))](
         q, labels, channels, req_to_token, req_pool_indices, n_pages, n_pages if seq_lens is None else seq_lens,
         short_idx, short_cnt, out,
-        q.stride(0), q.stride(1), q.stride(2), req_to_token.stride(0), short_cnt.stride(0), labels.stride(0), width, sink, recent,
-        D ** -0.5, H=H, G=G, R=R, P=page_size, BLOCK_C=LABEL_BLOCK_C, BLOCK_G=triton.next_power_of_2(G),
+        q.stride(0), q.stride(1), q.stride(2), req_to_token.stride(0), short_cnt.stride(0), labels.stride(0), width,
+        sink, recent, D ** -0.5, H=H, G=G, R=R, P=page_size, BLOCK_C=LABEL_BLOCK_C, BLOCK_G=triton.next_power_of_2(G),
         BLOCK_R=triton.next_power_of_2(R), PER_HEAD=per_head)
     return out

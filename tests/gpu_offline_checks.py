@@ -130,7 +130,8 @@ def _run_steps(cache, dec, ref_meta, budgets, selector, steps, ref_carry=None):
             q = cache.query(H * G)
             got = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                              cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)
-            want = _cpu_decode(cache, ref_meta, layer, q, budgets, carry=None if ref_carry is None else ref_carry[layer])
+            want = _cpu_decode(cache, ref_meta, layer, q, budgets,
+                               carry=None if ref_carry is None else ref_carry[layer])
             torch.testing.assert_close(got.view(cache.bs, H, G, D), want, rtol=2e-4, atol=2e-4, msg=str(selector))
             yield layer
 
@@ -163,7 +164,8 @@ def _decode_bf16(budgets, selector):
     n = (cache.seq_lens + P - 1) // P
     for r in range(cache.bs):
         phys = cache.req_to_token[cache.req_pool_indices[r], : int(n[r]) * P: P].long() // P
-        assert (lo[phys].float() <= ref_meta[layer][0][phys]).all() and (hi[phys].float() >= ref_meta[layer][1][phys]).all()
+        assert (lo[phys].float() <= ref_meta[layer][0][phys]).all() and \
+            (hi[phys].float() >= ref_meta[layer][1][phys]).all()
     q = cache.query(H * G)
     out = dec.decode(layer, q, cache.k_dev[layer], cache.v_dev[layer], cache.req_to_token_dev,
                      cache.req_pool_indices_dev, cache.seq_lens_dev, SCALE)

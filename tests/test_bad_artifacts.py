@@ -118,7 +118,8 @@ def test_cli_refuses_before_sglang_starts(good, model_path, tmp_path):
     import time
 
     t0 = time.time()
-    proc = run_launcher("--model-path", str(model_path), "--shplb-plan", str(bad_file("plan-other-model", good, tmp_path)))
+    proc = run_launcher("--model-path", str(model_path), "--shplb-plan",
+                        str(bad_file("plan-other-model", good, tmp_path)))
     assert_one_clear_error(proc, "another model", "--shplb-plan")
     proc = run_launcher("--model-path", str(model_path), "--shplb-uniform-budget", "0.1", "--tp", "2")
     assert_one_clear_error(proc, "--tp 2", "9 query heads")
@@ -137,19 +138,22 @@ BAD_FLAGS = [  # (extra args, phrases); {plan3}/{budgets} are filled in
     # a label selector needs the profile's channels: none with a uniform budget, none in an old budgets file
     (["--shplb-uniform-budget", "0.1", "--shplb-selector", "two_stage_label32_norm"],
      ["two_stage_label32_norm", "label channels", "--shplb-budgets", "two_stage4"]),
-    (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32_norm"], ["has none", "sglang_shplb.budget"]),
+    (["--shplb-budgets", "{nolabels}", "--shplb-selector", "two_stage_label32_norm"],
+     ["has none", "sglang_shplb.budget"]),
     # --shplb-profile lends its channels to a uniform budget only; an artifact carries its own
     (["--shplb-budgets", "{budgets}", "--shplb-profile", "{profile}"], ["--shplb-budgets carries its own",
                                                                          "drop --shplb-profile"]),
     # the default recipe (no budget flag): its own flags, and the profile it is solved from
     (["--shplb-profile", "/no/such/p.safetensors"], ["profile file /no/such/p.safetensors", "does not exist"]),
     (["--shplb-mean-budget", "0"], ["--shplb-mean-budget", "(0, 1]"]),
-    (["--shplb-mean-budget", "0.2", "--shplb-uniform-budget", "0.1"], ["--shplb-mean-budget", "--shplb-uniform-budget replaces"]),
+    (["--shplb-mean-budget", "0.2", "--shplb-uniform-budget", "0.1"],
+     ["--shplb-mean-budget", "--shplb-uniform-budget replaces"]),
     (["--shplb-mean-budget", "0.2", "--shplb-dense"], ["--shplb-dense replaces"]),
     (["--shplb-dense", "--shplb-budgets", "{budgets}"], ["--shplb-dense serves stock attention",
                                                          "drop --shplb-budgets"]),
     (["--tp", "2"], ["--tp 2", "9 query heads"]),
-    (["--shplb-uniform-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"], ["--shplb-profile", "does not exist"]),
+    (["--shplb-uniform-budget", "0.1", "--shplb-profile", "/no/such/p.safetensors"],
+     ["--shplb-profile", "does not exist"]),
 ]
 
 

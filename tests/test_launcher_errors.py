@@ -46,8 +46,8 @@ def test_help_lists_shplb_and_sglang_flags():
 
 
 def test_bad_selector_refused():
-    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "bogus"), "--shplb-selector",
-                           "two_stage4")
+    assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "bogus"),
+                           "--shplb-selector", "two_stage4")
     assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "two_stage4",
                                         "--shplb-page-size", "2"), "two_stage4", "--shplb-page-size 2")
     assert_one_clear_error(run_launcher("--shplb-uniform-budget", "0.1", "--shplb-selector", "oracle_mass"),

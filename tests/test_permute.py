@@ -109,7 +109,8 @@ def test_kv_permuted_checkpoint_same_logits(budgets, model_path, ref_logits, tmp
     assert permute_main(["--model", str(model_path), "--plan", str(tmp_path / "plan.json"),
                          "--out", str(tmp_path / "ckpt")]) == 0
     cfg = json.loads((tmp_path / "ckpt/config.json").read_text())
-    assert cfg["num_key_value_heads"] == 3 and cfg["shplb_permuted"]["plan_id"] == plan_id(load_plan(tmp_path / "plan.json"))
+    assert cfg["num_key_value_heads"] == 3 and \
+        cfg["shplb_permuted"]["plan_id"] == plan_id(load_plan(tmp_path / "plan.json"))
     assert (tmp_path / "ckpt/tokenizer.json").exists() and not list(tmp_path.glob(".ckpt.*"))
     assert_same_model(tmp_path / "ckpt", ref_logits)
     check_plan(load_plan(tmp_path / "plan.json"), tmp_path / "ckpt", 1)   # recognized via its marker

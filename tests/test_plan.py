@@ -156,7 +156,8 @@ def test_fill_bubbles_keeps_max_and_raises_recovery(budgets, profile):
         assert all(y >= x - 1e-12 for x, y in zip(a["unit_recovery"], b["unit_recovery"]))
         assert all(x - 1e-12 <= y <= 1.0 for x, y in zip(a["unit_budgets"], b["unit_budgets"]))
     s = filled["summary"]
-    assert s["recovery_gain"] > 0 and s["total_max_rank_load"] == pytest.approx(plain["summary"]["total_max_rank_load"], rel=1e-9)
+    assert s["recovery_gain"] > 0 and s["total_max_rank_load"] == pytest.approx(
+        plain["summary"]["total_max_rank_load"], rel=1e-9)
 
 
 def test_plan_cli_writes_loadable_plan(budgets, tmp_path, capsys):

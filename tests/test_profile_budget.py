@@ -203,7 +203,8 @@ def test_budget_cli_and_bad_input(tmp_path, committed):
     body = load_budgets(out, committed.meta["model_fingerprint"])
     assert body["method"] == "optimal" and (tmp_path / "b.png").stat().st_size > 10_000
     for bad in ("0", "1.5", "-0.1"):
-        one_error(run_cli("budget", "--profile", str(COMMITTED), "--mean-budget", bad, "--out", str(tmp_path / "x.json")),
+        one_error(run_cli("budget", "--profile", str(COMMITTED), "--mean-budget", bad,
+                          "--out", str(tmp_path / "x.json")),
                   "(0, 1]")
     assert not (tmp_path / "x.json").exists()                          # nothing half-written
     with pytest.raises(ArtifactError, match="another model"):

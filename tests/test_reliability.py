@@ -33,7 +33,8 @@ BAD_REQUESTS = [
     ("chat-empty-body", CHAT, "", "Field required"),
     ("chat-body-array", CHAT, "[1, 2]", "must be a JSON object"),              # stock: 500
     ("chat-body-null", CHAT, "null", "must be a JSON object"),                 # stock: 500
-    ("chat-response-format-number", CHAT, chat_body(response_format=5), "does not fit the ChatCompletionRequest"),  # stock: 500
+    ("chat-response-format-number", CHAT, chat_body(response_format=5),
+     "does not fit the ChatCompletionRequest"),                                # stock: 500
     ("completions-body-array", "/v1/completions", "[1]", "must be a JSON object with 'prompt'"),
     ("chat-empty-messages", CHAT, chat_body(messages=[]), "Messages cannot be empty"),
     ("chat-messages-string", CHAT, chat_body(messages="hi"), "valid list"),
@@ -59,7 +60,8 @@ BAD_REQUESTS = [
      "max_new_tokens must be at least 0"),
     ("generate-max-new-tokens-string", "/generate", {"text": "hi", "sampling_params": {"max_new_tokens": "x"}},
      "invalid type"),
-    ("generate-empty-sampling-list", "/generate", {"text": "hi", "sampling_params": []}, "cannot be batched"),  # stock: 500
+    ("generate-empty-sampling-list", "/generate", {"text": "hi", "sampling_params": []},
+     "cannot be batched"),  # stock: 500
     ("generate-logprob-start-list", "/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": [],
                                                   "sampling_params": {"max_new_tokens": 2}},
      "logprob_start_len must be an integer for each prompt"),  # stock: scheduler died (fuzzer)
@@ -247,7 +249,8 @@ def test_sigterm_during_startup_leaves_no_orphans(tmp_path):
     srv = conftest.Server(["--shplb-uniform-budget", "0.1"], tmp_path / "early.log")
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and len(descendants(srv.proc.pid)) < 4:  # SGLang main, its resource tracker, 2 workers
+        # SGLang main, its resource tracker, 2 workers
+        while time.time() < deadline and len(descendants(srv.proc.pid)) < 4:
             time.sleep(0.2)
         kids = descendants(srv.proc.pid)
         assert len(kids) >= 4, srv.log_tail()

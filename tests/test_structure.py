@@ -97,3 +97,14 @@ def test_the_shipping_surface_is_small_and_unconfusable():
     assert set(sel.SELECTORS) == {sel.DEFAULT_SELECTOR, sel.UNCALIBRATED_SELECTOR}
     assert all(gpu_implements(r) for r in sel.SELECTORS.values())
     assert sel.ORACLE.name not in sel.SELECTORS and ESTIMATES == (DEFAULT_ESTIMATE, "oracle")
+
+
+def test_ruff_finds_nothing():
+    """The lint configured in pyproject.toml ([tool.ruff]; `make install` installs ruff) holds for the whole tree."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).parent / "ruff"
+    assert ruff.exists(), f"{ruff} missing: `make install` installs ruff"
+    proc = subprocess.run([str(ruff), "check", str(PKG.parents[1])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

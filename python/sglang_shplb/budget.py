@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from .artifacts import ArtifactError, read_json, write_json
+from .artifacts import ArtifactError, write_json
 from .curves import eval_curves, invert_curves  # noqa: F401  (budget's callers read them here too)
 
 METHODS = ("uniform", "shift", "optimal", "greedy")

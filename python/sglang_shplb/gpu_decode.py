@@ -143,7 +143,8 @@ class GpuSparseDecode:
         return self._sets[-1]
 
     def metadata_bytes(self) -> int:
-        pairs = sum(t.numel() * t.element_size() for meta in (self.meta, self.fine) if meta for pair in meta for t in pair)
+        pairs = sum(t.numel() * t.element_size()
+                    for meta in (self.meta, self.fine) if meta for pair in meta for t in pair)
         return pairs + sum(t.numel() * t.element_size() for t in self.labels or ())
 
     # ------------------------------------------------------------------ per step

@@ -271,7 +271,8 @@ def _merge_overrides(argv: list[str], overrides: dict) -> list[str]:
     return kept + [flag, json.dumps({**user, **overrides})]
 
 
-RECIPE_FLAGS = ("uniform_budget", "budgets", "plan", "uniform_prefill_budget")   # a config given by hand: no default recipe
+# a config given by hand: no default recipe
+RECIPE_FLAGS = ("uniform_budget", "budgets", "plan", "uniform_prefill_budget")
 
 
 def _options(argv: list[str]) -> tuple[dict, list[str]]:
@@ -365,7 +366,8 @@ def build(argv: list[str]) -> tuple[list[str], dict[str, str], str]:
     cfg = _config(options, recipe)
     rest = _with_model_path(rest)
     if recipe:
-        _check_tp_divides_heads(rest, ShplbConfig(uniform_budget=1.0), _value(rest, "--model-path") or _value(rest, "--model"))
+        _check_tp_divides_heads(rest, ShplbConfig(uniform_budget=1.0),
+                                _value(rest, "--model-path") or _value(rest, "--model"))
         cfg = _apply_recipe(cfg, options, rest)
     elif not cfg.sparse:
         print("[sglang-shplb] serving stock dense attention (no S-HPLB)", flush=True)

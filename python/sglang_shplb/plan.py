@@ -74,7 +74,8 @@ def load_cost_model(path: str | None) -> dict:
         cm[o].update(raw.get(o, {}))
     cm["kv_bytes"] = raw.get("kv_bytes", cm["kv_bytes"])
     bad = [f"{o}.scale" for o in OBJECTIVES if not cm[o]["scale"] > 0] + \
-          [f"{o}.fixed" for o in OBJECTIVES if not cm[o]["fixed"] >= 0] + (["kv_bytes"] if not cm["kv_bytes"] > 0 else [])
+          [f"{o}.fixed" for o in OBJECTIVES if not cm[o]["fixed"] >= 0] + \
+          (["kv_bytes"] if not cm["kv_bytes"] > 0 else [])
     if bad:
         raise ArtifactError(f"cost model {path}: {', '.join(bad)} out of range (scale and kv_bytes > 0, fixed >= 0)")
     return cm
@@ -180,7 +181,8 @@ def make_plan(budgets: dict, tp: int, placement: str = "balanced", granularity: 
         "fill_bubbles": fill, "cost_model": cost_model,
         "cost_units": {"decode": "bytes read" if head_dim else "bytes read / head_dim",
                        "prefill": "FLOPs per query token" if head_dim else "FLOPs per query token / head_dim"},
-        **{k: budgets[k] for k in ("page_size", "context_len", "floor_pages", "sink_pages", "recent_pages", "selector")},
+        **{k: budgets[k]
+           for k in ("page_size", "context_len", "floor_pages", "sink_pages", "recent_pages", "selector")},
         "budget_method": budgets["method"], "mean_budget": budgets["mean_budget"],
         "budget_granularity": budgets["granularity"], "layers": layers,
     }

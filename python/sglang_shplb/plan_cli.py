@@ -29,7 +29,8 @@ def compare_granularities(budgets, alt, tp, placement, objective, head_dim, cost
             continue
         totals[g] = body["summary"]["total_max_rank_load"]
         src = "expanded from kv budgets" if g != by_gran[g]["granularity"] else "own budgets"
-        lines.append(f"  {g}: total max-rank {objective} load {totals[g]:.4g} (kv memory x{body['kv_memory_factor']:g}, {src})")
+        lines.append(f"  {g}: total max-rank {objective} load {totals[g]:.4g} "
+                     f"(kv memory x{body['kv_memory_factor']:g}, {src})")
     if totals:
         lines.append(f"  -> {min(totals, key=totals.get)} granularity predicts the lower max-rank load")
     return lines

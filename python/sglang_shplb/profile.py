@@ -32,7 +32,8 @@ import torch
 from . import recovery
 from . import selection as sel
 from .sparse_prefill import DEFAULT_ESTIMATE, QUERY_BLOCK, block_recovery
-from .artifacts import ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema, model_fingerprint
+from .artifacts import (ArtifactError, SCHEMA_VERSION, atomic_write_bytes, check_fingerprint, check_schema,
+                        model_fingerprint)
 
 BUDGET_GRID = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 SELECTORS = ("oracle", "runtime")

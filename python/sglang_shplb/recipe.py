@@ -78,7 +78,8 @@ class Recipe:
     reads: tuple[float, float, float]    # decode KV read per step at the profile's context: mean, min, max head
 
     def describe(self) -> str:
-        what = "per-head budgets" if self.kind == "budgets" else f"per-head budgets placed on {self.tp} ranks (joint plan)"
+        what = ("per-head budgets" if self.kind == "budgets"
+                else f"per-head budgets placed on {self.tp} ranks (joint plan)")
         mean, lo, hi = self.reads
         return (f"S-HPLB default recipe: {what}, decode and prefill at mean budget {self.mean:g}, label selector; "
                 f"decode reads {mean:.1%} of the KV per step (heads {lo:.1%}-{hi:.1%}); from profile "

@@ -74,7 +74,8 @@ def plan_report(plan: dict, path: str, before: dict | None = None) -> None:
         ax.plot([x["layer"] for x in rows], [x["lower_bound"] for x in rows], "k_", markersize=10,
                 label="lower bound")
         if uniform_line:
-            ax.axhline(uniform_line, color="r", ls="--", lw=1, label=f"uniform {plan['mean_budget']} per-layer max load")
+            ax.axhline(uniform_line, color="r", ls="--", lw=1,
+                       label=f"uniform {plan['mean_budget']} per-layer max load")
         imb = [x[imb_key] for x in rows]            # of the placement, before any filling
         step = "" if ratio is None else f"; step time {ratio:.3f}x uniform"
         ax.set(title=f"{title}: max/mean imbalance worst {max(imb):.3f}, mean {sum(imb) / len(imb):.3f}{step}",

@@ -41,7 +41,8 @@ def _labels(rows, layers: int, units: int, path) -> Optional[torch.Tensor]:
     try:
         t = torch.tensor(rows, dtype=torch.int64)
     except (TypeError, ValueError, RuntimeError):
-        raise ArtifactError(f"{path}: label_channels is not a [layers][units][r] table of integers; regenerate it") from None
+        raise ArtifactError(f"{path}: label_channels is not a [layers][units][r] table of integers; "
+                            "regenerate it") from None
     if t.dim() != 3 or tuple(t.shape[:2]) != (layers, units) or t.shape[2] < 1:
         raise ArtifactError(f"{path}: label_channels has shape {tuple(t.shape)}, expected [{layers}, {units}, r]; "
                             "regenerate it")

@@ -209,7 +209,8 @@ def key_scores(selector: Selector, q: torch.Tensor, keys: torch.Tensor, valid: t
 
 
 def tokens_in_pages(seq_lens: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Tokens written in logical pages `pages` of a context of seq_lens tokens (broadcast): P but in the last, 0 past it."""
+    """Tokens written in logical pages `pages` of a context of seq_lens tokens (broadcast): P but in the last,
+    0 past it."""
     return (seq_lens - pages * page_size).clamp(0, page_size)
 
 
@@ -225,7 +226,8 @@ def second_stage(selector: Selector, channels: Optional[torch.Tensor] = None,
             P = meta[0].shape[-2]
             unwritten = stale
             if unwritten is None and (page_fill is not None or seq_lens is not None):
-                fill = page_fill.gather(-1, idx) if page_fill is not None else tokens_in_pages(seq_lens[..., None], idx, P)
+                fill = (page_fill.gather(-1, idx) if page_fill is not None
+                        else tokens_in_pages(seq_lens[..., None], idx, P))
                 unwritten = torch.arange(P, device=idx.device) >= fill.unsqueeze(-1)
             return key_scores(selector, q, *meta, valid, channels=channels, stale=unwritten)
         return score
@@ -272,7 +274,8 @@ def pages_for_budget(budget: torch.Tensor, n_pages: torch.Tensor, floor_pages: i
 
 
 def is_forced(j: torch.Tensor, n_pages: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
-    """Logical pages j (broadcast against n_pages) kept whatever they score (the module docstring's rule; kernels inline it)."""
+    """Logical pages j (broadcast against n_pages) kept whatever they score (the module docstring's rule; kernels
+    inline it)."""
     return (j < sink) | ((j >= n_pages - recent) & (j < n_pages))
 
 
@@ -288,7 +291,8 @@ def page_pins(n_pages: torch.Tensor, N: int, sink: int, recent: int) -> PagePins
     j, n = torch.arange(N, device=n_pages.device), n_pages.unsqueeze(-1)
     inside = j < n
     forced = is_forced(j, n, sink, recent) & inside
-    return PagePins(inside & ~forced, torch.full(forced.shape, NEG_INF, device=n_pages.device).masked_fill_(forced, math.inf))
+    return PagePins(inside & ~forced,
+                    torch.full(forced.shape, NEG_INF, device=n_pages.device).masked_fill_(forced, math.inf))
 
 
 def rank_fill(pins: PagePins, page_fill: torch.Tensor) -> torch.Tensor:

@@ -109,11 +109,12 @@ def decode_selector(cfg: ShplbConfig, fingerprint: str | None = None) -> str:
                             "re-run `python -m sglang_shplb.budget` (and `plan`) from a profile made by this version, "
                             f"or choose another --shplb-selector (e.g. {sel.UNCALIBRATED_SELECTOR})")
     if rule.label and labels.shape[-1] < rule.keys:
-        raise ArtifactError(f"{cfg.plan or cfg.budgets or cfg.profile} carries {labels.shape[-1]} label channels per head; "
-                            f"--shplb-selector {name} reads {rule.keys}; choose a label selector with fewer")
+        raise ArtifactError(f"{cfg.plan or cfg.budgets or cfg.profile} carries {labels.shape[-1]} label channels "
+                            f"per head; --shplb-selector {name} reads {rule.keys}; choose a label selector with fewer")
     if rule.sub and (rule.sub > cfg.page_size or cfg.page_size % rule.sub):
         raise ArtifactError(f"selector {name} scores {rule.sub}-token sub-pages, which do not tile --shplb-page-size "
-                            f"{cfg.page_size}; use a page size that is a multiple of {rule.sub} or another --shplb-selector")
+                            f"{cfg.page_size}; use a page size that is a multiple of {rule.sub} or another "
+                            "--shplb-selector")
     return name
 
 
