@@ -6,6 +6,7 @@ loses the needle's last digits. The GPU objects carry the same pages (tests/gpu_
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 
@@ -90,3 +91,32 @@ def test_a_prefill_seeds_the_carry_with_a_page_the_bound_never_lists():
     assert carry[1, 0, 0] == NEEDLE                                            # the best free page of request 1
     assert NEEDLE in _choose(6, carry[1:2])                                   # step 1 reads it, the bound alone not
     assert (carry[0] < 3).all()                                                # request 0: only its own 3 pages
+
+
+def test_the_backend_seeds_the_carry_at_the_end_of_a_prefill(monkeypatch):
+    """Through the real CPU backend (its own __init__, SGLang's pools): a 320-token prefill whose page 10 holds
+    keys aligned with the prompt's last query leaves that page carried, on every KV head of every layer with a
+    sparse decode budget, for the request's first decode step; without the seed nothing is carried."""
+    from conftest import HEAD_DIM, KV_HEADS, PAGE, Q_HEADS, cpu_backend, extend_batch
+
+    n, needle = 320, 10
+    g = torch.Generator().manual_seed(0)
+    b = cpu_backend(monkeypatch)
+    slots = torch.arange(n) + 2 * PAGE                                    # whole pages, from page 2 of the pool
+    b.req_to_token_pool.req_to_token[1, :n] = slots
+    direction = torch.randn(HEAD_DIM, generator=g)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g) * 0.1
+    k[needle * PAGE:(needle + 1) * PAGE] = direction * 2.0                # the needle's page, on every KV head
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g)
+    q = torch.randn(n, Q_HEADS, HEAD_DIM, generator=g) * 0.1
+    q[-1] = direction                                                     # the prompt's last query looks for it
+    fb = extend_batch(slots)
+    layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=Q_HEADS, tp_k_head_num=KV_HEADS, qk_head_dim=HEAD_DIM,
+                                  v_head_dim=HEAD_DIM, scaling=HEAD_DIM ** -0.5, is_cross_attention=False,
+                                  attn_type=None, sliding_window_size=None, logit_cap=0.0)
+    b.carry.fill_(7)                                                      # a previous prompt's pages in row 1
+    b.init_forward_metadata(fb)
+    assert (b.carry[:, 1] == -1).all()                                    # forgotten at the prefill's start
+    b.forward_extend(q.flatten(1), k, v, layer, fb)
+    assert (b.carry[0, 1, :, 0] == needle).all(), b.carry[0, 1]
+    assert (b.carry[0, 0] == 7).all()                                     # another request's row untouched

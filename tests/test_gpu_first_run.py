@@ -20,38 +20,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILE = ROOT / "python/sglang_shplb/data/smollm2-135m.profile.safetensors"
-LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM, PAGE = 30, 3, 9, 64, 16    # SmolLM2-135M's shape: the profile's channels fit
-
-
-def _backend(monkeypatch):
-    """A real CPU shplb backend (its own __init__) over SGLang's real pools, at a 25% uniform budget with the
-    committed profile's label channels: the default label selector, page and label metadata kept."""
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-
-    from sglang_shplb.config import ShplbConfig
-    from sglang_shplb.sglang_adapter import backend as B
-
-    monkeypatch.setenv("SGLANG_SHPLB_CONFIG", ShplbConfig(uniform_budget=0.25, profile=str(PROFILE)).to_env())
-    monkeypatch.setattr(B, "_parallel", lambda: (1, 0))
-    mc = types.SimpleNamespace(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, context_len=4096,
-                               get_total_num_kv_heads=lambda: KV_HEADS)
-    runner = types.SimpleNamespace(
-        device="cpu", page_size=PAGE, model_config=mc, model=None, server_args=None,
-        req_to_token_pool=ReqToTokenPool(size=2, max_context_len=512, device="cpu", enable_memory_saver=False),
-        token_to_kv_pool=MHATokenToKVPool(size=1024, page_size=PAGE, dtype=torch.float32, head_num=KV_HEADS,
-                                          head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu",
-                                          enable_memory_saver=False, enable_alt_stream=False))
-    return B.ShplbAttnBackend(runner)
-
-
-def _decode_batch(slot: int, seq_len: int):
-    mode = types.SimpleNamespace(is_decode=lambda: True, is_decode_or_idle=lambda: True, is_extend=lambda: False,
-                                 is_idle=lambda: False, is_mixed=lambda: False)
-    return types.SimpleNamespace(forward_mode=mode, out_cache_loc=torch.tensor([slot]), batch_size=1,
-                                 req_pool_indices=torch.tensor([1]), seq_lens=torch.tensor([seq_len]),
-                                 seq_lens_cpu=torch.tensor([seq_len]), extend_prefix_lens=None,
-                                 extend_prefix_lens_cpu=None, extend_seq_lens=None, extend_seq_lens_cpu=None)
+from conftest import HEAD_DIM, KV_HEADS, PAGE, Q_HEADS  # noqa: E402  (the CPU backend harness)
+from conftest import cpu_backend as _backend, decode_batch as _decode_batch  # noqa: E402
 
 
 def _state(b, layer_id):

@@ -83,7 +83,8 @@ class Recipe:
         mean, lo, hi = self.reads
         return (f"S-HPLB default recipe: {what}, decode and prefill at mean budget {self.mean:g}, label selector; "
                 f"decode reads {mean:.1%} of the KV per step (heads {lo:.1%}-{hi:.1%}); from profile "
-                f"{self.profile.name}; --shplb-mean-budget B changes the mean, --shplb-dense serves stock attention")
+                f"{self.profile.name}; --shplb-mean-budget B changes the mean, --shplb-dense serves stock attention; "
+                f"artifact {self.path} (--shplb-{self.kind} serves it as is)")
 
 
 def solve(profile_path: Path, mean: float, tp: int, fingerprint: str, head_dim: int) -> Recipe:
