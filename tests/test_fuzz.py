@@ -1,6 +1,7 @@
 """Property-based API fuzzing (benchmark/fuzz.py, hypothesis) against the real S-HPLB server: after
 every generated request the server answers /health, nothing is a 5xx, every refusal is a 4xx with a
-JSON error, nothing hangs. A short seeded run in the default suite, the long one marked slow."""
+JSON error, nothing hangs. Both runs are in `make test-slow` (the server start and 80 cases took ~4 min of the
+default suite)."""
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def _run(server, cases, seed):
     return counts
 
 
+@pytest.mark.slow     # `make test` keeps the hand-written bad inputs (test_reliability.py); this adds 80 random ones
 def test_fuzz_short(server):
     _run(server, 80, seed=0)
 

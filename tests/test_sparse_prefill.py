@@ -408,7 +408,8 @@ def batch_ids(server, prompts, n=12):
         return list(pool.map(lambda p: server.generate_ids(p, n), prompts))
 
 
-@pytest.mark.parametrize("name", ["full"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("short", "covered")])
+# slow: two more server starts; `make test` keeps budget-1 equality through test_backend_server.py (full budget)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ("full", "short", "covered")])
 def test_full_prefill_budget_equals_torch_native(server, shared_prefix_prompts, name):
     """Chunked prefill (64-token chunks over ~400-token prompts), then the same batch again, which
     reuses the shared prefix from the radix cache (prefix KV and page metadata already there)."""
