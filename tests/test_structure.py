@@ -108,3 +108,12 @@ def test_ruff_finds_nothing():
     assert ruff.exists(), f"{ruff} missing: `make install` installs ruff"
     proc = subprocess.run([str(ruff), "check", str(PKG.parents[1])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_package_function_over_80_lines():
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(PKG)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
