@@ -1,6 +1,6 @@
 """End-to-end serving speed with SGLang's own client: dense vs the default recipe, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmark/e2e_serving.py [--scenarios 1x8192 8x7000] [--output-len 64]
+    OMP_NUM_THREADS=1 python benchmark/e2e_serving.py [--scenarios 1x8000 8x7000] [--output-len 64]
         [--variants default] [--seed 1] [--out benchmark/results/e2e_serving.md]
 
 For each variant one real server starts through our launcher (`dense` = --shplb-dense, always run; `default` = no
@@ -55,8 +55,9 @@ def bench(url: str, model: Path, batch: int, n: int, out_len: int, seed: int) ->
         if p.returncode != 0 or not out.is_file():
             raise SystemExit(f"bench_serving failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         row = json.loads(out.read_text().strip().splitlines()[-1])
-    if row.get("completed") != batch:
-        raise SystemExit(f"bench_serving completed {row.get('completed')} of {batch} requests")
+    if row.get("completed") != batch or row.get("total_output_tokens") != batch * out_len:
+        raise SystemExit(f"bench_serving completed {row.get('completed')} of {batch} requests with "
+                         f"{row.get('total_output_tokens')} of {batch * out_len} output tokens")
     return row
 
 
@@ -133,7 +134,8 @@ def report(args, raw: dict, key_of, files: dict, weights: int) -> list[str]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenarios", type=scenario, nargs="+", default=[(1, 8192), (8, 7000)])
+    p.add_argument("--scenarios", type=scenario, nargs="+", default=[(1, 8000), (8, 7000)],
+                   help="BxN: B prompts of N tokens; N + --output-len must fit the model's context (8192)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--variants", nargs="+", default=["default"])
     p.add_argument("--seed", type=int, default=1)
@@ -144,6 +146,11 @@ def main():
     from sglang_shplb.models import prepare_model
 
     model = prepare_model()
+    context = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+    too_long = [f"{b}x{n}" for b, n in args.scenarios if n + args.output_len > context]
+    if too_long:
+        p.error(f"scenarios {too_long}: prompt + {args.output_len} output tokens exceed the model's context "
+                f"({context}); use a shorter N")
     weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
     code = code_hash()
 
