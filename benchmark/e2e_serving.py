@@ -4,12 +4,12 @@
         [--variants default] [--seed 1] [--out benchmark/results/e2e_serving.md]
 
 For each variant one real server starts through our launcher (`dense` = --shplb-dense, always run; `default` = no
-S-HPLB flag, what `make serve` serves; `mean@B`; `NAME=FLAGS`, as benchmark/ruler_gate.py), and
-`python -m sglang.bench_serving --backend sglang --dataset-name random-ids` runs every scenario BxN against it:
-B prompts of exactly N random token ids, all in flight at once (--max-concurrency B), --output-len tokens each
-with EOS ignored, the prefix cache flushed after the client's warm-up request. Reported per scenario: median
-time to first token (TTFT), time per output token (TPOT), inter-token latency (ITL) and output tokens/s, dense
-and the variant, and dense / variant. Next to the ITL ratio: the bound a bytes-per-decode-step model gives
+S-HPLB flag, what `make serve` serves; `mean@B`; `NAME=FLAGS`, as benchmark/ruler_gate.py), and `python -m
+sglang.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt` runs every scenario BxN against
+it: B prompts of exactly N random token ids (sent as ids), all in flight at once (--max-concurrency B), --output-len
+tokens each with EOS ignored, the prefix cache flushed after the client's warm-up request. Reported per scenario:
+median time to first token (TTFT), time per output token (TPOT), inter-token latency (ITL) and output tokens/s,
+dense and the variant, and dense / variant. Next to the ITL ratio: the bound a bytes-per-decode-step model gives
 (`step_bytes`: the weights, plus the K/V every KV head reads, plus the selector's page metadata; at the context
 half-way through the output), from the budgets the server solved (its recipe file, resolved as a worker does).
 
@@ -50,14 +50,15 @@ def bench(url: str, model: Path, batch: int, n: int, out_len: int, seed: int) ->
                "--model", str(model), "--tokenizer", str(model), "--dataset-name", "random-ids",
                "--random-input-len", str(n), "--random-output-len", str(out_len), "--random-range-ratio", "1.0",
                "--num-prompts", str(batch), "--max-concurrency", str(batch), "--seed", str(seed),
-               "--flush-cache", "--disable-tqdm", "--output-file", str(out)]
+               "--tokenize-prompt", "--flush-cache", "--disable-tqdm", "--output-file", str(out)]
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if p.returncode != 0 or not out.is_file():
             raise SystemExit(f"bench_serving failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         row = json.loads(out.read_text().strip().splitlines()[-1])
-    if row.get("completed") != batch or row.get("total_output_tokens") != batch * out_len:
-        raise SystemExit(f"bench_serving completed {row.get('completed')} of {batch} requests with "
-                         f"{row.get('total_output_tokens')} of {batch * out_len} output tokens")
+    # a request the server refuses streams its error and may still count as completed: no first token then
+    if row.get("completed") != batch or not row.get("median_ttft_ms") or not row.get("median_itl_ms"):
+        raise SystemExit(f"bench_serving: {row.get('completed')} of {batch} requests completed, median TTFT "
+                         f"{row.get('median_ttft_ms')} ms, ITL {row.get('median_itl_ms')} ms (a refused request?)")
     return row
 
 
