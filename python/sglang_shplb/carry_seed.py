@@ -14,6 +14,7 @@ import torch
 
 from .carry import next_carry
 from .selection import Selector, key_scores, page_pins, tokens_in_pages
+from .sparse_attention import page_table
 
 
 @dataclass
@@ -32,14 +33,13 @@ def plan_seed(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_le
     """seq_lens [bs] context lengths after the step, extend_lens [bs] its new tokens per request."""
     P, rows = page_size, req_pool_indices.long()
     n_pages = (seq_lens.long() + P - 1) // P
-    j = torch.arange(int(n_pages.max()), device=seq_lens.device)
-    first_tok = (j * P).clamp(max=req_to_token.shape[1] - 1)
-    page_ids = (req_to_token[rows.unsqueeze(1), first_tok.unsqueeze(0)] // P).long()
+    page_ids = page_table(req_to_token, rows, n_pages, P)
+    j = torch.arange(page_ids.shape[1], device=seq_lens.device)
     pins = page_pins(n_pages, j.numel(), sink, recent)
     fill = tokens_in_pages(seq_lens.long().unsqueeze(1), j, P)
     stale = torch.arange(P, device=seq_lens.device) >= fill.unsqueeze(-1)
     inside = j < n_pages.unsqueeze(1)
-    return SeedPlan(rows, extend_lens.long().cumsum(0) - 1, (page_ids * inside).unsqueeze(1),
+    return SeedPlan(rows, extend_lens.long().cumsum(0) - 1, page_ids.unsqueeze(1),
                     inside.unsqueeze(1), pins.free.unsqueeze(1), stale.unsqueeze(1))
 
 

@@ -120,6 +120,15 @@ class DecodePlan:
         return self.label_rows[pool_pages]
 
 
+def page_table(req_to_token: torch.Tensor, rows: torch.Tensor, n_pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """[bs, max n_pages]: the physical page of each request's logical pages (SGLang allocates whole pages); 0 past
+    a request's end."""
+    j = torch.arange(int(n_pages.max()), device=n_pages.device)
+    first_tok = (j * page_size).clamp(max=req_to_token.shape[1] - 1)
+    page_ids = (req_to_token[rows.view(-1, 1), first_tok.view(1, -1)] // page_size).long()
+    return page_ids.masked_fill(j >= n_pages.view(-1, 1), 0)
+
+
 def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                 budgets: torch.Tensor, page_size: int, sink: int, recent: int,
                 budget_ref: sel.BudgetRef | None = None) -> DecodePlan:
@@ -136,9 +145,7 @@ def plan_decode(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_
     rows = req_pool_indices.long()
     max_pages = int(n_pages.max())
     j = torch.arange(max_pages, device=seq_lens.device)                      # logical pages
-    first_tok = (j * P).clamp(max=req_to_token.shape[1] - 1)
-    page_ids = (req_to_token[rows.view(bs, 1), first_tok.view(1, -1)] // P).long()         # [bs, N]
-    page_ids = page_ids.masked_fill(j >= n_pages.view(bs, 1), 0)
+    page_ids = page_table(req_to_token, rows, n_pages, P)                     # [bs, N]
     # One index_select per metadata tensor straight into [bs, Hkv, N, D] order: advanced indexing (kmin[page_ids])
     # is ~20x slower on CPU, and a transposed gather makes every bound matmul copy its operand first.
     heads = torch.arange(Hkv, device=seq_lens.device).view(1, Hkv, 1)
