@@ -8,12 +8,13 @@ TORCH_CPU ?= torch==2.13.0
 SGLANG ?= sglang==0.5.23
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 ifeq ($(PROFILE),auto)
   PROFILE := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 endif
 
-.PHONY: install install-cpu install-gpu serve test test-slow lock-cpu
+.PHONY: install install-cpu install-gpu serve test test-slow bench lock-cpu
 
 install: $(VENV)/.installed-$(PROFILE)
 
@@ -44,6 +45,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The report: re-runs what is stale at HEAD, writes benchmark/results/SUMMARY.md (BENCH_ARGS: --only quality, --no-run)
+bench: install
+	OMP_NUM_THREADS=1 $(PY) benchmark/report.py $(BENCH_ARGS)
 
 # Regenerate requirements/cpu.txt from requirements/cpu-sglang-deps.in in a scratch venv.
 lock-cpu:

@@ -29,9 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
-sys.path.insert(0, str(ROOT / "tests"))
 from common import PROFILE, machine_line  # noqa: E402
-from conftest import Server  # noqa: E402  (the test suite's launcher wrapper: free port, log file, clean stop)
+from harness import Server  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 
 GAUGE = re.compile(r'^sglang:shplb_kv_tokens_read\{(?P<labels>[^}]*)\}\s+(?P<v>\S+)', re.M)

@@ -13,8 +13,9 @@ dense and the variant, and dense / variant. Next to the ITL ratio: the bound a b
 (`step_bytes`: the weights, plus the K/V every KV head reads, plus the selector's page metadata; at the context
 half-way through the output), from the budgets the server solved (its recipe file, resolved as a worker does).
 
-Rows are cached in --raw, keyed by the package code hash (ruler_gate.code_hash), the variant's flags, the
-scenario, the output length and the seed; a row is reused only when all of them match.
+Rows live in --raw (`rows.Rows`) under their configuration (the client's arguments, the variant's flags, the
+scenario, output length and seed), stamped with the code hash and commit that made them; a row is reused only when
+its code is the current one (dense rows hash only the code a dense server runs). --no-run renders what is stored.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import write_result  # noqa: E402
-from conftest import Server  # noqa: E402
-from ruler_gate import code_hash, variant_flags  # noqa: E402
+from harness import Server  # noqa: E402
+from rows import Rows, code_hash, ran_at, scope_of  # noqa: E402
+from ruler_gate import variant_flags  # noqa: E402
 
 METRICS = ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "output_throughput")
+CLIENT = "sglang.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache"
 
 
 def scenario(text: str) -> tuple[int, int]:
@@ -93,44 +96,65 @@ def step_bytes(budgets_file: Path | None, batch: int, ctx: int, weights: int) ->
     return weights + batch * (kv + meta)
 
 
-def collect(args, raw: dict, key_of, model: Path) -> dict:
-    """Run every (variant, scenario) whose row is missing; remember each variant's budgets file."""
-    files = {}
+def config(name: str, sc: tuple[int, int], args) -> dict:
+    return {"bench": "e2e_serving", "client": CLIENT, "flags": variant_flags(name), "batch": sc[0], "input": sc[1],
+            "output_len": args.output_len, "seed": args.seed}
+
+
+def collect(args, rows: Rows, model: Path, weights: int) -> None:
+    """Run every (variant, scenario) whose row is missing or stale; one server per variant."""
     for name in ["dense", *args.variants]:
-        todo = [s for s in args.scenarios if key_of(name, s) not in raw]
+        code = code_hash(scope_of(variant_flags(name)))
+        todo = [s for s in args.scenarios if rows.get(config(name, s, args), code) is None]
         if not todo:
-            files[name] = raw.get(f"budgets {name}")
             continue
         srv = Server(variant_flags(name), Path(args.work) / f"e2e-{name}.log").wait_ready()
         try:
-            path = served_budgets(srv.log())
-            files[name] = str(path) if path else None
-            raw[f"budgets {name}"] = files[name]
+            budgets = served_budgets(srv.log())
             for batch, n in todo:
-                row = bench(srv.url, model, batch, n, args.output_len, args.seed)
-                raw[key_of(name, (batch, n))] = {m: row[m] for m in METRICS}
-                Path(args.raw).write_text(json.dumps(raw, indent=1))
+                row = {m: bench(srv.url, model, batch, n, args.output_len, args.seed)[m] for m in METRICS}
+                row["step_bytes"] = step_bytes(budgets, batch, n + args.output_len // 2, weights)
+                rows.put(config(name, (batch, n), args), code, row)
                 print(f"{name} {batch}x{n}: " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS), flush=True)
         finally:
             srv.stop()
-    return files
 
 
-def report(args, raw: dict, key_of, files: dict, weights: int) -> list[str]:
-    rows = ["| variant | scenario | TTFT s dense → variant (×) | TPOT ms (×) | ITL ms (×) | ITL bound × (bytes/step) "
-            "| output tok/s (×) |", "|---|---|---|---|---|---|---|"]
+def report(args, rows: Rows) -> list[str]:
+    out = ["| variant | scenario | TTFT s dense → variant (×) | TPOT ms (×) | ITL ms (×) | ITL bound × (bytes/step) "
+           "| output tok/s (×) | ran at |", "|---|---|---|---|---|---|---|---|"]
     for name in args.variants:
         for batch, n in args.scenarios:
-            d, v = raw[key_of("dense", (batch, n))], raw[key_of(name, (batch, n))]
-            ctx = n + args.output_len // 2
-            f = files.get(name)
-            bound = step_bytes(None, batch, ctx, weights) / step_bytes(Path(f) if f else None, batch, ctx, weights)
+            de, ve = (rows.latest(config(x, (batch, n), args)) for x in ("dense", name))
+            if de is None or ve is None:
+                out.append(f"| {name} | {batch} × {n} | not run | | | | | |")
+                continue
+            d, v = de["row"], ve["row"]
             ttft, tpot, itl, tps = (d[m] / v[m] if v[m] else float("nan") for m in METRICS)
-            rows.append(f"| {name} | {batch} × {n} | {d['median_ttft_ms'] / 1e3:.1f} → {v['median_ttft_ms'] / 1e3:.1f} "
-                        f"({ttft:.2f}×) | {d['median_tpot_ms']:.0f} → {v['median_tpot_ms']:.0f} ({tpot:.2f}×) | "
-                        f"{d['median_itl_ms']:.0f} → {v['median_itl_ms']:.0f} ({itl:.2f}×) | {bound:.2f}× | "
-                        f"{d['output_throughput']:.1f} → {v['output_throughput']:.1f} ({1 / tps:.2f}×) |")
-    return rows
+            at = sorted({ran_at(de), ran_at(ve)})
+            out.append(f"| {name} | {batch} × {n} | {d['median_ttft_ms'] / 1e3:.1f} → {v['median_ttft_ms'] / 1e3:.1f} "
+                       f"({ttft:.2f}×) | {d['median_tpot_ms']:.0f} → {v['median_tpot_ms']:.0f} ({tpot:.2f}×) | "
+                       f"{d['median_itl_ms']:.0f} → {v['median_itl_ms']:.0f} ({itl:.2f}×) | "
+                       f"{d['step_bytes'] / v['step_bytes']:.2f}× | {d['output_throughput']:.1f} → "
+                       f"{v['output_throughput']:.1f} ({1 / tps:.2f}×) | {', '.join(at)} |")
+    return out
+
+
+def plot(args, rows: Rows) -> None:
+    """TTFT and TPOT against prompt length at batch 1, dense and each variant: e2e_ttft.png, e2e_tpot.png."""
+    from plots import line_plot
+
+    single = sorted(n for b, n in args.scenarios if b == 1)
+    for metric, scale, what in (("median_ttft_ms", 1e-3, "median TTFT (s)"), ("median_tpot_ms", 1, "median TPOT (ms)")):
+        series = {}
+        for name in ["dense", *args.variants]:
+            pts = [(n, e["row"][metric] * scale) for n in single
+                   if (e := rows.latest(config(name, (1, n), args))) is not None]
+            if pts:
+                series[name] = pts
+        if len(series) > 1:
+            line_plot(Path(args.out).with_name(f"e2e_{metric.split('_')[1]}.png"), series, "prompt tokens (batch 1)",
+                      what, "End to end through the server (SmolLM2-135M, CPU)", hline=None)
 
 
 def main():
@@ -141,6 +165,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=["default"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--raw", default=str(ROOT / "benchmark/results/raw/e2e_serving.json"))
+    p.add_argument("--no-run", action="store_true", help="only render the stored rows")
     p.add_argument("--work", default="/tmp/e2e_serving", help="server logs")
     p.add_argument("--out", default=str(ROOT / "benchmark/results/e2e_serving.md"))
     args = p.parse_args()
@@ -153,24 +178,19 @@ def main():
         p.error(f"scenarios {too_long}: prompt + {args.output_len} output tokens exceed the model's context "
                 f"({context}); use a shorter N")
     weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-    code = code_hash()
-
-    def key_of(name: str, sc: tuple[int, int]) -> str:
-        return json.dumps([code, variant_flags(name), list(sc), args.output_len, args.seed])
-
-    raw = json.loads(Path(args.raw).read_text()) if Path(args.raw).is_file() else {}
-    raw = {k: v for k, v in raw.items() if k.startswith("budgets ") or json.loads(k)[0] == code}
-    Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+    rows = Rows(args.raw)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    files = collect(args, raw, key_of, model)
-    Path(args.raw).write_text(json.dumps(raw, indent=1))
+    if not args.no_run:
+        collect(args, rows, model, weights)
     write_result(args.out, "End to end: SGLang's bench_serving through the server, dense vs the default",
                  f"SmolLM2-135M, one server at a time on this machine (OMP_NUM_THREADS=1), random-ids prompts, "
-                 f"{args.output_len} output tokens, EOS ignored, seed {args.seed}; package code {code}. Medians over "
-                 "requests (TTFT, TPOT) and over inter-token gaps (ITL); × = dense / variant (output tok/s: variant "
-                 "/ dense). ITL bound: the bytes-per-step model's dense / variant at the context half-way through "
-                 "the output.", report(args, raw, key_of, files, weights),
-                 "OMP_NUM_THREADS=1 python benchmark/e2e_serving.py " + " ".join(sys.argv[1:]))
+                 f"{args.output_len} output tokens, EOS ignored, seed {args.seed}. Medians over requests (TTFT, "
+                 "TPOT) and over inter-token gaps (ITL); × = dense / variant (output tok/s: variant / dense). ITL "
+                 "bound: the bytes-per-step model's dense / variant at the context half-way through the output. "
+                 "Ran at: the commit of the rows (dense and variant).", report(args, rows),
+                 "OMP_NUM_THREADS=1 python benchmark/e2e_serving.py " + " ".join(a for a in sys.argv[1:]
+                                                                                 if a != "--no-run"))
+    plot(args, rows)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, machine_line  # noqa: E402
-from conftest import Server  # noqa: E402  (the launcher wrapper the tests use)
+from harness import Server  # noqa: E402
 
 # (share, min, max tokens): mostly chat, some documents. Prefill runs at ~250 tok/s on 2 cores
 # (serve_cpu.md: 2k tokens in 7.8 s, 8k in 60 s), so this mix (mean ~400 tokens) keeps 500

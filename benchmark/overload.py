@@ -25,10 +25,10 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 import load  # noqa: E402
 from common import machine_line  # noqa: E402
-from conftest import Server  # noqa: E402
+from harness import Server  # noqa: E402
 
 
 def probe_health(url: str, stop: threading.Event, latencies: list[float]) -> None:

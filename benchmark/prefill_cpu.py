@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import write_result  # noqa: E402
 
 from sglang_shplb.config import PREFILL_DENSE_KV_LEN  # noqa: E402
@@ -102,7 +102,7 @@ def ttft(server, ids):
 
 
 def ttft_rows(args):
-    from conftest import Server
+    from harness import Server
     from transformers import AutoTokenizer
 
     from sglang_shplb.models import prepare_corpus, prepare_model

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmark"), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, write_result  # noqa: E402
 
 from sglang_shplb import selection as sel  # noqa: E402

@@ -1,99 +1,175 @@
-"""Run the short version of every benchmark and write `results/SUMMARY.md`.
+"""One report, current by construction: run what is stale at HEAD and write `results/SUMMARY.md`.
 
-    python benchmark/report.py [--only placement quality ...] [--skip retrieval ...]
+    python benchmark/report.py [--only recipe quality speed balance reliability] [--no-run]
 
-Each benchmark runs as its own process with small sizes, writing its table under
-`results/short/` (not committed); SUMMARY.md collects those tables with the machine, date and commit, and links
-the full runs committed beside it. Ratios are measured side by side within each script, so they
-hold on a noisy machine; absolute times do not. Takes ~20 min on the 2-core CPU machine.
+Each section runs benchmark scripts with fixed arguments (`SECTIONS`). Every row the summary shows is stored with
+the code that made it (`rows.py`: package + kernels hash, and the script's own hash) and its configuration; a row
+is reused only when both still match HEAD, so a second run with nothing changed reuses everything and an edit to
+the package re-runs what it touches. ruler_gate.py and e2e_serving.py keep their own rows per variant (a dense row
+survives an edit to the sparse code); the other scripts are one row per run. --no-run renders what is stored,
+each step saying the commit its numbers come from and whether that code is still HEAD's. Run times are printed
+per step; a full run at new code takes hours on the 2-core CPU machine (the 8k gates most of it).
 """
+from __future__ import annotations
+
 import argparse
-import os
+import hashlib
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import machine_line  # noqa: E402
+from rows import Rows, code_hash, commit, ran_at  # noqa: E402
 
 RESULTS = ROOT / "benchmark" / "results"
-SHORT = RESULTS / "short"
-# name -> (script, short arguments, what the headline ratio means)
-BENCHMARKS = {
-    "budget_methods": ("budget_methods.py", [], "predicted worst-head recovery per budget method"),
-    "placement": ("placement.py", [], "max/mean rank load per placement method (1.00 = perfectly balanced)"),
-    "balance": ("balance.py", ["--no-timing"], "budgets at equal step time: step time vs uniform and predicted "
-                "worst / mean recovery of uniform, optimal+place (today) and the joint solver"),
-    "attention_cpu": ("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "5"],
-                      "decode attention per layer, shplb 10% vs torch_native dense"),
-    "prefill_cpu": ("prefill_cpu.py", ["--contexts", "8192", "--repeats", "2", "--ttft-contexts", "8000",
-                                       "--ttft-repeats", "1"],
-                    "prefill attention and time to first token, sparse prefill 10% vs dense"),
-    "serve_cpu": ("serve_cpu.py", ["--contexts", "8000", "--new-tokens", "32"],
-                  "server decode tok/s, shplb 10% vs dense"),
-    "quality": ("quality.py", ["--contexts", "1024", "--means", "0.1", "--methods", "uniform", "optimal", "bubbles"],
-                "perplexity and top-1 agreement vs dense under decode-time page selection"),
-    "selector": ("selector.py", ["--contexts", "2048", "--texts", "1", "--queries", "8", "--needle-contexts",
-                                 "--selectors", "quest_sum", "quest_max", "two_stage4"],
-                 "recall of the oracle's attention mass per page selector at equal pages read"),
-    "retrieval": ("retrieval.py", ["--contexts", "1024", "--seeds", "2", "--parallel", "2", "--variants", "dense",
-                                   "uniform@0.1", "optimal@0.1"],
-                  "RULER-style retrieval via the server, score vs dense"),
-    "load": ("load.py", ["--requests", "48", "--concurrency", "8", "--rounds", "2", "--max-prompt-tokens", "2000"],
+# Result files of the studies that chose the default (not re-run by the report; each names its own commit).
+STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answer (the carry-seed fix's evidence)",
+           "selector.md": "recall of the oracle's attention mass per page selector at equal pages read",
+           "prefill_recall.md": "recall per prefill estimate (the served `centre` and the oracle)",
+           "budget_methods.md": "predicted worst-head recovery per budget method",
+           "placement.md": "max/mean rank load per placement method",
+           "balance.md": "budgets at equal step time under tensor parallelism",
+           "compile_check.md": "offline sm_80/sm_90 compiles of every kernel: registers and spills"}
+
+
+@dataclass
+class Step:
+    script: str
+    args: list[str]
+    out: str                    # the committed result file (benchmark/results/OUT)
+    what: str
+    own_rows: bool = False      # the script stores rows per variant itself (always invoked; --no-run passed on)
+    fresh_raw: bool = False     # the script resumes from a name-keyed --raw cache: give it an empty one
+    pngs: list[str] = field(default_factory=list)
+
+
+GATE_TASKS = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe"]
+SECTIONS = {
+    "recipe": [Step("served_recipe.py", [], "served_recipe.md",
+                    "what `make serve` serves: the default recipe at tp 1 and tp 3, reads per step, plan balance")],
+    "quality": [
+        Step("ruler_gate.py", ["--tasks", "niah_single_1", "--lengths", "4096", "8192", "--limit", "50",
+                               "--variants", "default", "mean@0.05"], "ruler_gate_niah.md",
+             "public gate, niah_single_1 at 4k and 8k, first 50 prompts: dense vs the default and the 5% setting",
+             own_rows=True),
+        Step("ruler_gate.py", ["--tasks", *GATE_TASKS, "--lengths", "2048", "4096", "8192", "--limit", "20",
+                               "--exclude", "niah_single_1@4096", "niah_single_1@8192",
+                               "--variants", "default", "mean@0.05"], "ruler_gate.md",
+             "public gate, every RULER task at 2k/4k/8k, first 20 prompts (a gate where dense >= 50%)",
+             own_rows=True),
+        Step("retrieval.py", ["--contexts", "2048", "4096", "8000", "--seeds", "20", "--variants", "dense",
+                              "recipe+optimal@0.1", "recipe+optimal@0.05", "uniform@0.1"], "retrieval.md",
+             "the project's own retrieval forms, 20 prompts per form: dense vs the default recipe "
+             "(recipe+optimal@0.1), its 5% setting and uniform budgets at the same mean", fresh_raw=True,
+             pngs=["retrieval.png"]),
+        Step("quality.py", ["--text", "pydoc", "--contexts", "4096", "--means", "0.05", "0.1", "0.2",
+                            "--methods", "uniform", "optimal"], "quality_heldout.md",
+             "held-out perplexity (pydoc, never profiled or tuned on) vs mean budget: uniform vs per-head",
+             fresh_raw=True, pngs=["quality_heldout.png"]),
+    ],
+    "speed": [
+        Step("e2e_serving.py", ["--scenarios", "1x2000", "1x4000", "1x8000", "8x7000"], "e2e_serving.md",
+             "end to end through the server (SGLang's bench_serving): dense vs the default", own_rows=True,
+             pngs=["e2e_ttft.png", "e2e_tpot.png"]),
+        Step("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "15"],
+             "attention_cpu.md", "decode attention per layer at 8k, the default's per-head budgets vs dense"),
+        Step("prefill_cpu.py", ["--contexts", "8192", "--repeats", "3", "--ttft-contexts", "8000",
+                                "--ttft-repeats", "2"], "prefill_cpu.md", "prefill attention and TTFT at 8k"),
+    ],
+    "balance": [Step("balance_server.py", [], "balance_server.md",
+                     "tp 3 through the server: the plan's predicted and the measured per-rank reads")],
+    "reliability": [
+        Step("fuzz.py", ["--cases", "2000", "--seed", "3"], "fuzz.md", "malformed and hostile requests"),
+        Step("load.py", ["--tp", "1", "--requests", "500", "--concurrency", "32", "--rounds", "5",
+                         "--max-prompt-tokens", "6000", "--max-tokens", "16", "--seed", "0"], "load.md",
              "requests under load: failures, latency, memory"),
+    ],
 }
 
 
-def run_one(name: str) -> tuple[bool, float]:
-    script, args, _ = BENCHMARKS[name]
-    out = SHORT / f"{name}.md"
-    extra = ["--raw", str(SHORT / f"{name}_raw.json")] if name in ("retrieval", "selector") else []
-    cmd = [sys.executable, str(ROOT / "benchmark" / script), *args, *extra, "--out", str(out)]
-    print(f"[report] {name}: {' '.join(cmd[1:])}", flush=True)
+def step_code(step: Step) -> str:
+    """The code a one-row step ran: the package and kernels, plus the script itself and the shared helpers."""
+    h = hashlib.sha256(code_hash("sparse").encode())
+    for f in (step.script, "common.py", "plots.py", "rows.py"):
+        h.update((ROOT / "benchmark" / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def step_config(step: Step) -> dict:
+    return {"bench": step.script, "args": step.args}
+
+
+def run_script(step: Step, extra: list[str], results: Path) -> float:
+    cmd = [sys.executable, str(ROOT / "benchmark" / step.script), *step.args, *extra, "--out", str(results / step.out)]
+    print(f"[report] {' '.join(cmd[1:])}", flush=True)
     t = time.time()
-    ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
-    return ok, time.time() - t
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise SystemExit(f"[report] {step.script} failed; nothing of it is in the summary (see its output above)")
+    return time.time() - t
 
 
-def section(name: str, ok: bool, seconds: float) -> list[str]:
-    script, args, what = BENCHMARKS[name]
-    lines = [f"## {name} — {what}", "",
-             f"`python benchmark/{script} {' '.join(args)}` ({seconds / 60:.1f} min; full run: "
-             f"[results/{name}.md]({name}.md))", ""]
-    out = SHORT / f"{name}.md"
-    if not ok or not out.exists():
-        return lines + ["**FAILED** — see the script's output; no table was written.", ""]
-    table = [ln for ln in out.read_text().splitlines() if ln.startswith("|")]
-    return lines + table + [""]
+def run_step(step: Step, rows: Rows, no_run: bool, results: Path) -> tuple[str, str, float | None]:
+    """(the result file's text, where its rows came from, seconds it took here or None if reused)."""
+    out = results / step.out
+    if step.own_rows:
+        seconds = run_script(step, ["--no-run"] if no_run else [], results)
+        return out.read_text(), "each row's commit, in its table", None if no_run else seconds
+    code, cfg = step_code(step), step_config(step)
+    if rows.get(cfg, code) is None and not no_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = run_script(step, ["--raw", f"{tmp}/raw.json"] if step.fresh_raw else [], results)
+        rows.put(cfg, code, {"text": out.read_text(), "seconds": seconds})
+        return out.read_text(), ran_at(rows.latest(cfg), code), seconds
+    entry = rows.latest(cfg)
+    if entry is None:
+        return "", "not run at any commit with these arguments", None
+    out.write_text(entry["row"]["text"])
+    return entry["row"]["text"], ran_at(entry, code), None
+
+
+def render_step(step: Step, text: str, origin: str, seconds: float | None, results: Path) -> list[str]:
+    took = "" if not text else " · reused" if seconds is None else f" · ran now in {seconds / 60:.1f} min"
+    lines = [f"### {step.what}", "", f"[{step.out}]({step.out}) · `python benchmark/{step.script} "
+             f"{' '.join(step.args)}` · rows from: {origin}{took}", ""]
+    if not text:
+        return lines + ["**Not run.** Run `python benchmark/report.py` to make it.", ""]
+    lines += [ln for ln in text.splitlines() if ln.startswith("|")] + [""]
+    return lines + [f"![{png}]({png})" for png in step.pngs if (results / png).is_file()] + [""]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
-    p.add_argument("--skip", nargs="+", choices=list(BENCHMARKS), default=[])
-    p.add_argument("--out", default=str(RESULTS / "SUMMARY.md"))
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections (the rest are rendered)")
+    p.add_argument("--no-run", action="store_true", help="render what is stored; run nothing")
+    p.add_argument("--results", default=str(RESULTS), help="where result files and SUMMARY.md are written")
+    p.add_argument("--rows", default=str(RESULTS / "raw" / "report.json"), help="the one-row steps' rows")
     args = p.parse_args()
-    SHORT.mkdir(parents=True, exist_ok=True)
-    for cache in SHORT.glob("*.json"):  # quality/retrieval resume from these: a report measures afresh
-        cache.unlink()
-    names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
-    body, load = [], [os.getloadavg()[0]]
-    for name in names:
-        body += section(name, *run_one(name))
-        load.append(os.getloadavg()[0])
-    text = ["# Benchmark summary (short runs)", "",
-            "Every ratio below was measured side by side in one run of its script on this machine "
-            "(shared and noisy: absolute times mean little). No GPU was available to these runs; "
-            "`benchmark/gpu_check.py` holds the GPU checks.", "", machine_line(),
-            f"1-min load average during the runs: {min(load):.1f}–{max(load):.1f} (2 cores; above 2 means other "
-            "processes shared the machine and the timing ratios are noisier).", "",
-            f"Reproduce: `python benchmark/report.py{' --only ' + ' '.join(names) if args.only else ''}`", "", *body]
-    Path(args.out).write_text("\n".join(text))
-    print("\n".join(text))
-    failed = [ln for ln in body if ln.startswith("**FAILED**")]
-    sys.exit(1 if failed else 0)
+    results = Path(args.results)
+    rows, body = Rows(args.rows), []
+    for name, steps in SECTIONS.items():
+        no_run = args.no_run or (args.only is not None and name not in args.only)
+        t = time.time()
+        body += [f"## {name}", ""]
+        for step in steps:
+            body += render_step(step, *run_step(step, rows, no_run, results), results)
+        print(f"[report] section {name}: {(time.time() - t) / 60:.1f} min", flush=True)
+    body += ["## studies behind the default", "", "Not re-run by the report; each file names the commit it ran at.",
+             ""] + [f"- [{f}]({f}): {what}" for f, what in STUDIES.items() if (RESULTS / f).is_file()] + [""]
+    head = ["# Benchmark summary", "",
+            "Generated by `python benchmark/report.py` (`make bench`); do not edit by hand. Every table below is a "
+            "result file's table, every row stamped with the commit it ran at; `(stale: older code)` marks a row "
+            "whose code is no longer HEAD's (the report re-runs it unless told `--no-run`). Ratios were measured "
+            "side by side within one run of one script on this shared 2-core CPU machine; absolute times mean "
+            "little. No GPU ran any of this (`benchmark/gpu_first_run.sh` is the device check).", "",
+            f"Package code {code_hash('sparse')} (dense scope {code_hash('dense')})"
+            f"{' with uncommitted package edits' if commit().endswith('+edits') else ''} · " + machine_line(), ""]
+    (results / "SUMMARY.md").write_text("\n".join(head + body))
+    print(f"[report] wrote {results / 'SUMMARY.md'} ({len(head + body)} lines)")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import committed_profile, kv_budgets, mean_of, write_result  # noqa: E402
-from conftest import Server  # noqa: E402  (the launcher wrapper the tests use)
+from harness import Server  # noqa: E402
 from ruler_tasks import FAMILIES, make_task, sentences  # noqa: E402
 
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402

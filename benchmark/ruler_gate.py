@@ -7,18 +7,20 @@ Tasks the project never tuned to (lm-eval 0.4.13's RULER generators, no download
 niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe. lm-eval runs in its own venv
 (--lmeval-venv, made on first use; never the serving venv) against the completions API of a real server started
 through our launcher, one lm_eval call per task and length, greedy, the first --limit prompts lm-eval generates.
-Variants: `dense` (always run: --shplb-dense), `default` (the launcher with no S-HPLB flag: what `make serve`
-serves), `mean@B` (the default recipe at mean budget B), or `NAME=FLAGS` (any launcher flags, quoted).
+Dense runs first; a variant runs only where dense answers >= 50% (a gate) unless --all. Variants: `dense`
+(--shplb-dense), `default` (the launcher with no S-HPLB flag: what `make serve` serves), `mean@B` (the default
+recipe at mean budget B), or `NAME=FLAGS` (any launcher flags, quoted).
 
-Every prompt's answer is kept in --raw with what made it: the package's code hash, the variant's flags, the task,
-length and limit; a row is reused only when all of them match (so an edit to the package re-runs its rows).
+Every prompt's answer is kept in --raw (`rows.Rows`) under its configuration (lm-eval version, the variant's
+flags, task, length, limit) and stamped with the code hash and commit that made it; a row is reused only when its
+code is the current one (an edit to the selection code re-runs the sparse rows, not dense's). --no-run renders
+what is stored, marking rows of older code with their commit.
 The report gives per task and length: dense and variant scores, prompts lost and gained, and a paired 95%
 bootstrap interval of the difference; a task/length is a gate where dense answers >= 50% of it; pooled over gates.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -28,23 +30,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import write_result  # noqa: E402
-from conftest import Server  # noqa: E402  (the launcher wrapper the tests use)
+from harness import Server  # noqa: E402
+from rows import Rows, code_hash, ran_at, scope_of  # noqa: E402
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 LMEVAL = "lm-eval[api,ruler]==0.4.13"
-
-
-def code_hash() -> str:
-    """sha256 over the package and kernels (what decides an answer), not over benchmarks or tests."""
-    h = hashlib.sha256()
-    for base in ("python/sglang_shplb", "kernels"):
-        for f in sorted((ROOT / base).rglob("*")):
-            if f.is_file() and f.suffix in (".py", ".safetensors", ".json"):
-                h.update(str(f.relative_to(ROOT)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def variant_flags(name: str) -> list[str]:
@@ -99,49 +91,80 @@ def paired(dense: list[float], variant: list[float]) -> tuple[int, int, float, f
     return sum(x < 0 for x in d), sum(x > 0 for x in d), means[99], means[3899]
 
 
-def collect(args, raw: dict, key_of) -> None:
-    """Run every (variant, task, length) whose rows are missing or stale; one server per variant."""
+def config(name: str, task: str, n: int, limit: int) -> dict:
+    return {"bench": "ruler_gate", "lm_eval": LMEVAL, "flags": variant_flags(name), "task": task, "length": n,
+            "limit": limit}
+
+
+def collect(args, rows: Rows) -> None:
+    """Run every (variant, task, length) whose row is missing or stale; one server per variant."""
     from sglang_shplb.models import prepare_model
 
     ckpt, venv = prepare_model(), Path(args.lmeval_venv)
-    lmeval_python(venv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     for name in ["dense", *args.variants]:
-        todo = [(t, n) for t in args.tasks for n in args.lengths if key_of(name, t, n) not in raw]
+        code = code_hash(scope_of(variant_flags(name)))
+        todo = [(t, n) for t, n in cells(args)
+                if rows.get(config(name, t, n, args.limit), code) is None and (name == "dense" or args.all
+                                                                                or is_gate(rows, t, n, args.limit))]
         if not todo:
             continue
+        lmeval_python(venv)
         srv = Server(variant_flags(name), Path(args.work) / f"{name.replace('/', '_')}.log").wait_ready()
         try:
             for task, n in todo:
-                rows = run_lmeval(venv, srv.url, ckpt, task, n, args.limit, Path(args.work) / name / f"{task}-{n}")
-                raw[key_of(name, task, n)] = {"variant": name, "task": task, "length": n, "rows": rows}
-                Path(args.raw).write_text(json.dumps(raw, indent=1))
-                print(f"{name} {task}@{n}: {sum(r['score'] for r in rows):.0f}/{len(rows)}", flush=True)
+                answers = run_lmeval(venv, srv.url, ckpt, task, n, args.limit, Path(args.work) / name / f"{task}-{n}")
+                rows.put(config(name, task, n, args.limit), code, answers)
+                print(f"{name} {task}@{n}: {sum(r['score'] for r in answers):.0f}/{len(answers)}", flush=True)
         finally:
             srv.stop()
 
 
-def report(args, raw: dict, key_of) -> list[str]:
-    lines = ["| variant | task | length | dense | variant | lost | gained | Δ pt, 95% paired interval | gate |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in args.variants:
-        pool_d, pool_v = [], []
-        for task in args.tasks:
-            for n in args.lengths:
-                d, v = raw[key_of("dense", task, n)]["rows"], raw[key_of(name, task, n)]["rows"]
-                ds, vs = [r["score"] for r in d], [r["score"] for r in v]
-                gate = sum(ds) >= 0.5 * len(ds)
-                lost, gained, lo, hi = paired(ds, vs)
-                if gate:
-                    pool_d += ds
-                    pool_v += vs
-                lines.append(f"| {name} | {task} | {n} | {sum(ds):.0f}/{len(ds)} | {sum(vs):.0f}/{len(vs)} | {lost} | "
-                             f"{gained} | {lo:+.1f} … {hi:+.1f} | {'yes' if gate else 'no (dense < 50%)'} |")
-        if pool_d:
-            lost, gained, lo, hi = paired(pool_d, pool_v)
-            lines.append(f"| **{name}** | **all gates** | | {sum(pool_d):.0f}/{len(pool_d)} | {sum(pool_v):.0f}/"
-                         f"{len(pool_v)} | {lost} | {gained} | {lo:+.1f} … {hi:+.1f} | net loss "
-                         f"{100 * (lost - gained) / len(pool_d):.1f}% |")
+def cells(args) -> list[tuple[str, int]]:
+    """Every (task, length) asked for, less those --exclude names (TASK@LENGTH)."""
+    return [(t, n) for t in args.tasks for n in args.lengths if f"{t}@{n}" not in args.exclude]
+
+
+def is_gate(rows: Rows, task: str, n: int, limit: int) -> bool:
+    """Dense answers at least half of this task and length (a sparse variant can be judged on it)."""
+    entry = rows.latest(config("dense", task, n, limit))
+    return entry is not None and sum(r["score"] for r in entry["row"]) >= 0.5 * len(entry["row"])
+
+
+def score(entry: dict | None) -> str:
+    return "—" if entry is None else f"{sum(r['score'] for r in entry['row']):.0f}/{len(entry['row'])}"
+
+
+def report(args, rows: Rows) -> list[str]:
+    """One row per task and length: dense, then each variant's score (prompts lost and gained against dense, the
+    paired 95% interval of the difference in points); pooled over the gates at the end."""
+    head = "| task | length | dense | " + " | ".join(f"{v} (−lost +gained; Δ pt 95%)" for v in args.variants)
+    lines = [head + " | gate | ran at |", "|---|---|---|" + "---|" * len(args.variants) + "---|---|"]
+    pools = {v: ([], []) for v in args.variants}
+    for task, n in cells(args):
+        de = rows.latest(config("dense", task, n, args.limit))
+        gate = de is not None and is_gate(rows, task, n, args.limit)
+        cols, at = [], set() if de is None else {ran_at(de)}
+        for name in args.variants:
+            ve = rows.latest(config(name, task, n, args.limit))
+            if de is None or ve is None:
+                cols.append("—")
+                continue
+            ds, vs = [r["score"] for r in de["row"]], [r["score"] for r in ve["row"]]
+            lost, gained, lo, hi = paired(ds, vs)
+            cols.append(f"{score(ve)} (−{lost} +{gained}; {lo:+.1f} … {hi:+.1f})")
+            at.add(ran_at(ve))
+            if gate:
+                pools[name][0].extend(ds)
+                pools[name][1].extend(vs)
+        why = "yes" if gate else "no (dense < 50%)" if de is not None else "not run"
+        lines.append(f"| {task} | {n} | {score(de)} | {' | '.join(cols)} | {why} | {', '.join(sorted(at))} |")
+    for name, (ds, vs) in pools.items():
+        if ds:
+            lost, gained, lo, hi = paired(ds, vs)
+            lines.append(f"| **all gates, {name}** | | {sum(ds):.0f}/{len(ds)} | {sum(vs):.0f}/{len(vs)} (−{lost} "
+                         f"+{gained}; {lo:+.1f} … {hi:+.1f}); net loss {100 * (lost - gained) / len(ds):.1f}% of "
+                         f"prompts |" + " |" * (len(args.variants) - 1) + " | |")
     return lines
 
 
@@ -149,28 +172,25 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--exclude", nargs="+", default=[], metavar="TASK@LENGTH", help="leave these cells out")
     p.add_argument("--limit", type=int, default=20, help="the first N prompts lm-eval generates per task and length")
-    p.add_argument("--variants", nargs="+", default=["default"])
+    p.add_argument("--variants", nargs="*", default=["default"])
     p.add_argument("--raw", default=str(ROOT / "benchmark/results/raw/ruler_gate.json"))
+    p.add_argument("--no-run", action="store_true", help="only render the stored rows")
+    p.add_argument("--all", action="store_true", help="run variants where dense is under 50%% too (not gates)")
     p.add_argument("--work", default="/tmp/ruler_gate", help="server logs and lm-eval outputs")
     p.add_argument("--lmeval-venv", default=str(Path(os.environ.get("SGLANG_SHPLB_HOME", Path.home() / ".cache" /
                                                                      "sglang_shplb")) / "lmeval-venv"))
     p.add_argument("--out", default=str(ROOT / "benchmark/results/ruler_gate.md"))
     args = p.parse_args()
-    code = code_hash()
-
-    def key_of(name: str, task: str, n: int) -> str:
-        return json.dumps([code, variant_flags(name), task, n, args.limit])
-
-    raw = json.loads(Path(args.raw).read_text()) if Path(args.raw).is_file() else {}
-    raw = {k: v for k, v in raw.items() if json.loads(k)[0] == code}     # rows of other code are stale
-    Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
-    collect(args, raw, key_of)
-    command = "python benchmark/ruler_gate.py " + " ".join(sys.argv[1:])
+    rows = Rows(args.raw)
+    if not args.no_run:
+        collect(args, rows)
+    command = "python benchmark/ruler_gate.py " + " ".join(a for a in sys.argv[1:] if a != "--no-run")
     write_result(args.out, "Public gate: lm-eval RULER through the server, dense vs variants",
                  f"lm-eval 0.4.13 offline RULER tasks, completions API, greedy, the first {args.limit} prompts per "
-                 f"task and length; package code {code}. Δ: variant minus dense in points, paired over prompts.",
-                 report(args, raw, key_of), command)
+                 "task and length. Δ: variant minus dense in points, paired over prompts. Ran at: the commit of the "
+                 "rows (dense and variant).", report(args, rows), command)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmark")]
+sys.path.insert(0, str(ROOT / "benchmark"))
 from common import write_result  # noqa: E402
-from conftest import Server  # noqa: E402  (same launcher wrapper the tests use)
+from harness import Server  # noqa: E402
 
 from sglang_shplb.models import prepare_corpus, prepare_model  # noqa: E402
 

@@ -471,9 +471,79 @@ def check_fold_meta():
     assert (lo <= x).all() and (hi >= x).all() and torch.equal(lo[:2], x[:2]) and torch.equal(hi[:2], x[:2])
 
 
+class _Env:
+    """The two monkeypatch methods conftest.cpu_backend uses, for a script (no pytest fixture here)."""
+
+    def setenv(self, name, value):
+        os.environ[name] = value
+
+    def setattr(self, obj, name, value):
+        setattr(obj, name, value)
+
+
+def _gpu_engine_backend(budget):
+    """The real backend (its own __init__, SGLang's pools, conftest.cpu_backend) with its engine swapped for the
+    CUDA one, built on the CPU device: the kernels interpreted, SGLang's CUDA-only start-up stubbed."""
+    import conftest as C
+
+    from sglang_shplb.sglang_adapter import gpu_engine, gpu_startup
+
+    b = C.cpu_backend(_Env(), uniform_budget=budget)
+    gpu_startup.refuse_unsupported = lambda runner, page: set()
+    gpu_startup.attention_dims = lambda model: (C.Q_HEADS, C.KV_HEADS, C.HEAD_DIM, C.HEAD_DIM)
+    gpu_startup.dense_extend_backend = lambda runner: (None, "torch_native (stubbed)")
+    runner = __import__("types").SimpleNamespace(model=None, model_config=__import__("types").SimpleNamespace(
+        context_len=512))
+    b.engine = gpu_engine.GpuEngine(b.engine.s, runner, b.keep_metadata)
+    b.carry = b.engine.carry
+    return b
+
+
+def check_backend_engines():
+    """Both engines behind the one backend interface: a prefill then 24 decode steps through the real backend, once
+    with the CPU engine and once with the CUDA engine (interpreted). At budget 1 every output matches (both read
+    every page); at 25% the CUDA engine's outputs are finite, its metadata holds every written page and it reads
+    fewer tokens than dense."""
+    import types
+
+    import conftest as C
+
+    for budget in (1.0, 0.25):
+        cpu_b, gpu_b = C.cpu_backend(_Env(), uniform_budget=budget), _gpu_engine_backend(budget)
+        g = torch.Generator().manual_seed(1)
+        layer = types.SimpleNamespace(layer_id=0, tp_q_head_num=C.Q_HEADS, tp_k_head_num=C.KV_HEADS,
+                                      qk_head_dim=C.HEAD_DIM, v_head_dim=C.HEAD_DIM, scaling=C.HEAD_DIM ** -0.5,
+                                      is_cross_attention=False, attn_type=None, sliding_window_size=None,
+                                      logit_cap=0.0)
+        n = 100
+        slots = torch.arange(n) + C.PAGE
+        k, v = (torch.randn(n, C.KV_HEADS, C.HEAD_DIM, generator=g) for _ in range(2))
+        q = torch.randn(n, C.Q_HEADS * C.HEAD_DIM, generator=g)
+        for b in (cpu_b, gpu_b):
+            b.req_to_token_pool.req_to_token[1, :n + 24] = torch.arange(n + 24) + C.PAGE
+            b.init_forward_metadata(C.extend_batch(slots))
+            b.forward_extend(q, k, v, layer, C.extend_batch(slots))
+        for t in range(24):
+            q = torch.randn(1, C.Q_HEADS * C.HEAD_DIM, generator=g)
+            k, v = (torch.randn(1, C.KV_HEADS, C.HEAD_DIM, generator=g) for _ in range(2))
+            fb = C.decode_batch(C.PAGE + n + t, n + t + 1)
+            outs = []
+            for b in (cpu_b, gpu_b):
+                b.init_forward_metadata(fb)
+                outs.append(b.forward_decode(q, k, v, layer, fb))
+            assert torch.isfinite(outs[1]).all(), (budget, t)
+            if budget == 1.0:
+                assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4), (t, (outs[0] - outs[1]).abs().max())
+        lo, hi = gpu_b.engine.metadata(0)
+        pages = (C.PAGE + n + 24 + C.PAGE - 1) // C.PAGE
+        assert torch.isfinite(lo[1:pages].float()).all() and torch.isfinite(hi[1:pages].float()).all()
+        read, dense = gpu_b.engine.decoder.tokens_read, gpu_b.engine.decoder.tokens_dense
+        assert float(read[0]) <= float(dense[0]) and (budget == 1.0 or float(read[0]) < float(dense[0]))
+
+
 CHECKS = {f.__name__[len("check_"):]: f for f in (check_decode_vs_cpu, check_scores_agg, check_fine_scores,
-                                                   check_label_scores, check_carry,
-                                                   check_graph_replay, check_no_host_sync, check_fold_meta)}
+                                                   check_label_scores, check_carry, check_graph_replay,
+                                                   check_no_host_sync, check_fold_meta, check_backend_engines)}
 
 if __name__ == "__main__":
     torch.manual_seed(0)

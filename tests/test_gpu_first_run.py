@@ -25,8 +25,8 @@ from conftest import cpu_backend as _backend, decode_batch as _decode_batch  # n
 
 
 def _state(b, layer_id):
-    kmin, kmax = b._metadata(layer_id)
-    return [kmin, kmax, b._labels(layer_id)[0]]
+    kmin, kmax = b.engine.metadata(layer_id)
+    return [kmin, kmax, b.engine.label_cache(layer_id)[0]]
 
 
 def test_keys_written_by_a_fused_kv_kernel_are_folded(monkeypatch):
@@ -56,27 +56,26 @@ def test_keys_written_by_a_fused_kv_kernel_are_folded(monkeypatch):
         assert torch.equal(a, c)
     kmin = _state(fused, 0)[0]
     assert torch.isfinite(kmin[:(200 + 7) // PAGE]).all()    # every written page has a real box
-    assert float(own.kv_read[0]) < float(own.kv_dense[0])     # the budget was sparse on most steps
+    assert float(own.engine.kv_read[0]) < float(own.engine.kv_dense[0])   # the budget was sparse on most steps
 
 
-def test_dense_extend_with_fused_kv_write_folds():
-    """The dense extend path (SGLang's own kernel) folds the keys it is handed even when save_kv_cache=False."""
-    from sglang_shplb.sglang_adapter.backend import ShplbAttnBackend
-
+def test_dense_extend_with_fused_kv_write_folds(monkeypatch):
+    """The dense extend path (SGLang's own kernel, here a stand-in for the CUDA engine's) folds the keys it is
+    handed even when save_kv_cache=False: the real CPU backend's page metadata gets a finite box."""
     class Owned:
         def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True):
             return q
 
-    b = object.__new__(ShplbAttnBackend)
-    b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu, b.extend_dense = Owned(), [False], True, None, False
-    b.seed_plan = None                                   # an extend step with nothing to seed
-    folded = []
-    b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, k))
-    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
-    k = torch.randn(3, 8)
-    b.forward_extend(torch.ones(3, 8), k, k, layer, types.SimpleNamespace(out_cache_loc=torch.arange(3)),
+    b = _backend(monkeypatch)
+    b.engine.dense_extend = Owned()
+    layer = types.SimpleNamespace(layer_id=0, tp_k_head_num=KV_HEADS, is_cross_attention=False, attn_type=None,
+                                  sliding_window_size=None)
+    k = torch.randn(PAGE, KV_HEADS * HEAD_DIM)
+    b.forward_extend(torch.ones(PAGE, 8), k, k, layer, types.SimpleNamespace(out_cache_loc=torch.arange(PAGE)),
                      save_kv_cache=False)
-    assert folded and folded[0][1] is k
+    kmin, kmax = b.engine.metadata(0)
+    assert torch.equal(kmin[0], k.view(PAGE, KV_HEADS, HEAD_DIM).amin(0))
+    assert torch.isinf(kmin[1]).all()                  # pages no key reached keep their empty box
 
 
 # ------------------------------------------------------------------------------------------------ refusals

@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.gpu_offline
 CHECKS = ["decode_vs_cpu", "scores_agg", "fine_scores", "label_scores", "carry", "graph_replay", "no_host_sync",
-          "fold_meta"]
+          "fold_meta", "backend_engines"]
 
 
 def _env(interpret: bool) -> dict:
@@ -166,16 +166,15 @@ def test_dense_extend_prefers_sglangs_flashinfer_then_triton(monkeypatch, caplog
         "[sglang-shplb] dense prefill/extend cannot use triton: RuntimeError: no CUDA here"]
 
 
-def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
-    """forward_extend of a dense layer runs the owned SGLang backend (and its per-step plan runs once per
+def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata(monkeypatch):
+    """forward_extend of a dense layer runs the engine's SGLang backend (and its per-step plan runs once per
     extend step, never for decode); the keys it wrote still fold into the page metadata decode selects on.
     A sparse-prefill layer does not reach it, unless every request of the step is within
     --shplb-prefill-dense-kv-len (decided once per step in init_forward_metadata)."""
     import types
 
     import torch
-
-    from sglang_shplb.sglang_adapter.backend import ShplbAttnBackend
+    from conftest import cpu_backend
 
     calls = []
 
@@ -187,14 +186,14 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
             calls.append(("extend", layer.layer_id, save_kv_cache))
             return q * 2
 
-    cls = ShplbAttnBackend
-    b = object.__new__(cls)
-    b.dense_extend, b.prefill_sparse, b.keep_metadata, b.gpu = Owned(), [False, True], True, None
-    b.budgets = b.carry = None                    # no decode budgets: decode plans (and carries) nothing
-    b.use_sliding_window_kv_pool = False          # torch_native's own per-step state
-    b.cfg, b.extend_dense = types.SimpleNamespace(prefill_dense_kv_len=2048), False
+    # the real backend, prefill sparse and decode dense (decode plans nothing); layer 0 made dense-prefill, and a
+    # CUDA engine's SGLang backend stands in for the dense extend
+    b = cpu_backend(monkeypatch, uniform_budget=None, profile=None, uniform_prefill_budget=0.5,
+                    prefill_dense_kv_len=2048)
+    b.engine.dense_extend, b.prefill_sparse = Owned(), [False, True]
     folded = []
-    b._fold_keys = lambda layer, locs, k: folded.append((layer.layer_id, locs, k))
+    b.engine.fold = lambda layer_id, locs, k: folded.append((layer_id, locs, k))
+    cls = type(b)
 
     def mode(name):
         return types.SimpleNamespace(name=name, is_decode=lambda: name == "DECODE",
@@ -209,16 +208,18 @@ def test_dense_extend_layers_go_to_the_owned_backend_and_still_fold_metadata():
         cls.init_forward_metadata(b, batch(name))
     assert [c for c in calls if c[0] == "plan"] == [("plan", "EXTEND"), ("plan", "MIXED")]
     assert not b.extend_dense                     # a 3.1k-token request: sparse layers stay sparse
-    layer = types.SimpleNamespace(layer_id=0, is_cross_attention=False, attn_type=None, sliding_window_size=None)
+    layer = types.SimpleNamespace(layer_id=0, tp_k_head_num=1, is_cross_attention=False, attn_type=None,
+                                  sliding_window_size=None)
     q, k, locs = torch.ones(3, 8), torch.randn(3, 8), torch.arange(3)
     out = b.forward_extend(q, k, k, layer, types.SimpleNamespace(out_cache_loc=locs))
     assert torch.equal(out, q * 2) and ("extend", 0, True) in calls
-    assert len(folded) == 1 and folded[0][0] == 0 and folded[0][2] is k
+    assert len(folded) == 1 and folded[0][0] == 0 and torch.equal(folded[0][2].flatten(1), k)
     assert b._sparse_prefill_layer(types.SimpleNamespace(layer_id=1, is_cross_attention=False, attn_type=None,
                                                          sliding_window_size=None))
     cls.init_forward_metadata(b, batch("EXTEND", (0, 1500), (2000, 548)))   # every request <= 2048 tokens
     assert b.extend_dense
-    sparse_layer = types.SimpleNamespace(layer_id=1, is_cross_attention=False, attn_type=None, sliding_window_size=None)
+    sparse_layer = types.SimpleNamespace(layer_id=1, tp_k_head_num=1, is_cross_attention=False, attn_type=None,
+                                         sliding_window_size=None)
     assert torch.equal(b.forward_extend(q, k, k, sparse_layer, types.SimpleNamespace(out_cache_loc=locs)), q * 2)
     assert ("extend", 1, True) in calls and folded[-1][0] == 1
     cls.init_forward_metadata(b, batch("EXTEND", (0, 1500), (2000, 549)))   # one request of 2049: sparse_prefill

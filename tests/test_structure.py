@@ -117,3 +117,17 @@ def test_no_package_function_over_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long.append(f"{path.relative_to(PKG)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_imports_run_one_way_tests_to_benchmarks():
+    """Benchmarks never import the test suite (its harness, the launcher wrapper, lives in benchmark/harness.py);
+    tests may import benchmark modules; the package imports neither."""
+    root = PKG.parents[1]
+    for path in (root / "benchmark").glob("*.py"):
+        text = path.read_text()
+        assert "conftest" not in text.replace("conftest.py", "") and '"tests"' not in text, path.name
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.split(".")[0] in ("conftest", "harness", "common", "rows") for n in names), path

@@ -17,7 +17,7 @@ exactly.
            max-sum allocation; what perplexity tracks rather than the worst unit).
 Recovery is measured on the mass outside the always-kept sink pages by default (`sinkless`):
 with the paper's `total` mass, sink-heavy heads look sparse and get starved, and per-head budgets
-then lose to uniform on perplexity (benchmark/results/quality.md).
+then lose to uniform on perplexity (benchmark/results/quality.md, in git at 96caf91).
 --prefill-mean-budget adds `prefill_budgets` (per KV group, same method, from the profile's
 `prefill_kv` curves of the block-sparse prefill selector); the server then runs sparse prefill.
 """

@@ -96,6 +96,7 @@ class GpuSparseDecode:
         # two-stage: the coarse bound shortlists c = ceil(shortlist * k) pages, the sub-page bound (or the label
         # cache) picks k of them
         self.two_stage = self.rule.shortlist > 0
+        self.shortlists = self.two_stage and not all(self.dense_layer)   # some layer has shortlists to size
         self.sub = self.rule.sub if self.two_stage else None
         self.ccap = min(shape.max_pages, math.ceil(self.rule.shortlist * self.kcap - 1e-6)) if self.two_stage else 0
         if self.rule.label and budgets is not None:
@@ -160,7 +161,7 @@ class GpuSparseDecode:
             n = (seq + s.page_size - 1) // s.page_size
             k = sel.pages_for_budget(b, n.view(1, bs, 1).double(), self.floor, self.budget_ref)   # [L, bs, Hkv] host
             buf.k_pages[:, :bs].copy_(k.to(torch.int32), non_blocking=True)
-            if self.two_stage:
+            if self.shortlists:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)), non_blocking=True)
             self.grid_pages = s.max_pages if static else max(1, int(n.max()) if bs else 1)
             rb = bs if real_bs is None else real_bs
@@ -172,7 +173,7 @@ class GpuSparseDecode:
             n = (seq_lens[:bs].long() + s.page_size - 1) // s.page_size
             k = sel.pages_for_budget(b.to(self.device), n.view(1, bs, 1).double(), self.floor, self.budget_ref)
             buf.k_pages[:, :bs].copy_(k.to(torch.int32))
-            if self.two_stage:
+            if self.shortlists:
                 buf.c_pages[:, :bs].copy_(self._shortlist(k, n.view(1, bs, 1)))
             self.grid_pages = s.max_pages
         self.bs = bs
@@ -276,7 +277,7 @@ class _Buffers:
         self.scores = torch.empty(capacity if sparse else 0, H, s.max_pages, dtype=torch.float32, device=dev)
         self.sel_idx = torch.zeros(capacity if sparse else 0, H, dec.kcap, dtype=torch.int32, device=dev)
         self.sel_cnt = torch.zeros(capacity, H, dtype=torch.int32, device=dev)
-        two = dec.two_stage and sparse                        # two-stage selector: shortlist buffers
+        two = dec.shortlists                                  # two-stage selector: shortlist buffers
         self.c_pages = torch.ones(s.num_layers if two else 0, capacity, H, dtype=torch.int32, device=dev)
         self.short_idx = torch.zeros(capacity if two else 0, H, dec.ccap, dtype=torch.int32, device=dev)
         self.fine_scores = torch.empty(capacity if two else 0, H, dec.ccap, dtype=torch.float32, device=dev)

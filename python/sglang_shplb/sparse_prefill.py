@@ -11,12 +11,11 @@ The extend's tail -- every query block holding one of its last `dense_tail` quer
 by default) -- keeps its whole causal context. A long prompt's question or instruction sits there,
 and every answer token reads its KV: on needle prompts at 10%, block-shared page selection over those
 rows is what loses the answer (the first answer token survives, the rest does not), while the
-prompt body tolerates it. Cost: tail x context logits (256 x 8k ~ +60% of a 10% prefill's attention
-at 8k, +15% at 32k). Measured in benchmark/results/prefill_needle_tail.md.
+prompt body tolerates it. Cost: tail x context logits (benchmark/results/prefill_needle_tail.md, in git at 96caf91).
 A request whose KV length (prefix + extend) is at most `dense_kv_len` is all tail (served default
-PREFILL_DENSE_KV_LEN = 2048, as SGLang's DSA backend). At 2k the forced window fills most of a 10% block budget,
-and 2k multi_value / variable_track answers were lost (7/12 vs dense prefill's 10/12) with the oracle ranking or
-twice the budget (only both kept them), for a 1.25x TTFT (benchmark/results/prefill_short_needle.md, _cpu.md).
+PREFILL_DENSE_KV_LEN = 2048, as SGLang's DSA backend): at 2k the forced window fills most of a 10% block budget,
+and short prompts lost answers with the oracle ranking or twice the budget for little TTFT
+(benchmark/results/prefill_short_needle.md, in git at 96caf91).
 Estimate ("centre", the one served): the block's mean query (over its queries and the GQA group) against the
 centre (min + max) / 2 of each page's key box, from the page min/max decode already keeps (one matvec per page and
 block). Estimates that lost to it (label-cache log-mass, Quest bounds, per-head variants: more recall, no better

@@ -1,0 +1,59 @@
+"""The report's rows cannot go stale (issue 35): each row is keyed by its configuration and stamped with the code
+that made it; a one-line edit to the selection code re-runs the sparse rows and keeps the dense ones; a second
+report with nothing changed reuses every row."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmark"))
+from rows import Rows, code_hash  # noqa: E402
+
+
+def _tree(tmp: Path) -> Path:
+    for base in ("python/sglang_shplb", "kernels"):
+        shutil.copytree(ROOT / base, tmp / base, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp
+
+
+def test_a_selection_edit_changes_the_sparse_code_hash_only(tmp_path):
+    root = _tree(tmp_path)
+    sparse, dense = code_hash("sparse", root), code_hash("dense", root)
+    assert (sparse, dense) == (code_hash("sparse"), code_hash("dense"))
+    with open(root / "python/sglang_shplb/selection.py", "a") as f:
+        f.write("# one more line\n")
+    assert code_hash("sparse", root) != sparse and code_hash("dense", root) == dense
+    with open(root / "python/sglang_shplb/launch_server.py", "a") as f:
+        f.write("# one more line\n")
+    assert code_hash("dense", root) != dense          # the launcher serves dense too
+
+
+def test_a_row_is_reused_only_for_the_code_that_made_it(tmp_path):
+    cfg = {"bench": "x", "flags": [], "seed": 1}
+    Rows(tmp_path / "r.json").put(cfg, "code-a", {"score": 3})
+    rows = Rows(tmp_path / "r.json")                       # as a later run reads it
+    assert rows.get(cfg, "code-a") == {"score": 3}
+    assert rows.get(cfg, "code-b") is None                 # other code: stale, re-run
+    assert rows.get({**cfg, "seed": 2}, "code-a") is None  # other configuration: never reused
+    assert rows.latest(cfg)["code"] == "code-a" and rows.latest(cfg)["commit"]
+
+
+def _report(tmp: Path) -> str:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmark/report.py"), "--only", "recipe", "--results", str(tmp),
+                        "--rows", str(tmp / "rows.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return (tmp / "SUMMARY.md").read_text()
+
+
+def test_the_report_runs_what_is_missing_then_reuses_it(tmp_path):
+    first = _report(tmp_path)
+    recipe = [ln for ln in first.splitlines() if "served_recipe.py" in ln]
+    assert recipe and "ran now" in recipe[0], recipe
+    assert "| 1 | budgets | 0.1 |" in first                      # the table itself, from the script's run
+    for section in ("## recipe", "## quality", "## speed", "## balance", "## reliability"):
+        assert section in first
+    second = _report(tmp_path)
+    assert "ran now" not in second and "reused" in [ln for ln in second.splitlines() if "served_recipe.py" in ln][0]
