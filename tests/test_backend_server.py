@@ -123,8 +123,8 @@ def kv_tokens_read(server) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("sglang:shplb_kv_tokens_read{"))
 
 
-@pytest.mark.parametrize("server_fixture", ["sparse", "sparse_recipe"] + [
-    pytest.param("sparse_profile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("server_fixture", ["sparse_recipe"] + [  # the fallback and uniform baselines: make test-slow
+    pytest.param("sparse", marks=pytest.mark.slow), pytest.param("sparse_profile", marks=pytest.mark.slow)])
 def test_sparse_retrieves_where_selection_decides(server_fixture, request, model_path):
     """At 10% a ~1.5k-token needle prompt answers only if the selector finds the needle's page: the
     needle lies outside the always-kept sink/recent pages, and the request reads ~10% of its KV.
