@@ -15,7 +15,9 @@ half-way through the output), from the budgets the server solved (its recipe fil
 
 Rows live in --raw (`rows.Rows`) under their configuration (the client's arguments, the variant's flags, the
 scenario, output length and seed), stamped with the code hash and commit that made them; a row is reused only when
-its code is the current one (dense rows hash only the code a dense server runs). --no-run renders what is stored.
+its code is the current one (dense rows hash only the code a dense server runs), and only together with the other
+rows of its scenario measured in the same run (ratios are read between rows measured side by side). --no-run renders
+what is stored.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,20 +104,28 @@ def config(name: str, sc: tuple[int, int], args) -> dict:
             "output_len": args.output_len, "seed": args.seed}
 
 
+def needs_run(args, rows: Rows, sc: tuple[int, int]) -> bool:
+    """A scenario runs again, dense and every variant, when any of its rows is missing or stale, or when they were
+    not measured in one run: a speed ratio is only read between rows measured side by side."""
+    names = ["dense", *args.variants]
+    got = [rows.get(config(n, sc, args), code_hash(scope_of(variant_flags(n)))) for n in names]
+    return any(r is None for r in got) or len({r.get("run") for r in got}) > 1
+
+
 def collect(args, rows: Rows, model: Path, weights: int) -> None:
-    """Run every (variant, scenario) whose row is missing or stale; one server per variant."""
-    for name in ["dense", *args.variants]:
+    """Run every scenario that needs_run, dense and every variant; one server per variant."""
+    todo = [s for s in args.scenarios if needs_run(args, rows, s)]
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for name in ["dense", *args.variants] if todo else []:
         code = code_hash(scope_of(variant_flags(name)))
-        todo = [s for s in args.scenarios if rows.get(config(name, s, args), code) is None]
-        if not todo:
-            continue
         srv = Server(variant_flags(name), Path(args.work) / f"e2e-{name}.log").wait_ready()
         try:
             budgets = served_budgets(srv.log())
             for batch, n in todo:
-                row = {m: bench(srv.url, model, batch, n, args.output_len, args.seed)[m] for m in METRICS}
+                result = bench(srv.url, model, batch, n, args.output_len, args.seed)   # one run per row
+                row = {m: result[m] for m in METRICS}
                 row["step_bytes"] = step_bytes(budgets, batch, n + args.output_len // 2, weights)
-                rows.put(config(name, (batch, n), args), code, row)
+                rows.put(config(name, (batch, n), args), code, {**row, "run": run})
                 print(f"{name} {batch}x{n}: " + ", ".join(f"{m} {row[m]:.1f}" for m in METRICS), flush=True)
         finally:
             srv.stop()

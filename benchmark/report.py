@@ -132,13 +132,26 @@ def run_step(step: Step, rows: Rows, no_run: bool, results: Path) -> tuple[str, 
     return entry["row"]["text"], ran_at(entry, code), None
 
 
+def tables(text: str) -> list[str]:
+    """The markdown tables of a result file, a blank line between two tables."""
+    out, last = [], False
+    for ln in text.splitlines():
+        row = ln.startswith("|")
+        if row and not last and out:
+            out.append("")
+        if row:
+            out.append(ln)
+        last = row
+    return out
+
+
 def render_step(step: Step, text: str, origin: str, seconds: float | None, results: Path) -> list[str]:
     took = "" if not text else " · reused" if seconds is None else f" · ran now in {seconds / 60:.1f} min"
     lines = [f"### {step.what}", "", f"[{step.out}]({step.out}) · `python benchmark/{step.script} "
              f"{' '.join(step.args)}` · rows from: {origin}{took}", ""]
     if not text:
         return lines + ["**Not run.** Run `python benchmark/report.py` to make it.", ""]
-    lines += [ln for ln in text.splitlines() if ln.startswith("|")] + [""]
+    lines += tables(text) + [""]
     return lines + [f"![{png}]({png})" for png in step.pngs if (results / png).is_file()] + [""]
 
 
