@@ -141,10 +141,12 @@ def report(args, rows: Rows) -> list[str]:
     head = "| task | length | dense | " + " | ".join(f"{v} (−lost +gained; Δ pt 95%)" for v in args.variants)
     lines = [head + " | gate | ran at |", "|---|---|---|" + "---|" * len(args.variants) + "---|---|"]
     pools = {v: ([], []) for v in args.variants}
+    codes = {scope: code_hash(scope) for scope in ("dense", "sparse")}     # read the package once, not per cell
+    at_ = lambda e: ran_at(e, codes[scope_of(e["config"]["flags"])])  # noqa: E731
     for task, n in cells(args):
         de = rows.latest(config("dense", task, n, args.limit))
         gate = de is not None and is_gate(rows, task, n, args.limit)
-        cols, at = [], set() if de is None else {ran_at(de)}
+        cols, at = [], set() if de is None else {at_(de)}
         for name in args.variants:
             ve = rows.latest(config(name, task, n, args.limit))
             if de is None or ve is None:
@@ -153,7 +155,7 @@ def report(args, rows: Rows) -> list[str]:
             ds, vs = [r["score"] for r in de["row"]], [r["score"] for r in ve["row"]]
             lost, gained, lo, hi = paired(ds, vs)
             cols.append(f"{score(ve)} (−{lost} +{gained}; {lo:+.1f} … {hi:+.1f})")
-            at.add(ran_at(ve))
+            at.add(at_(ve))
             if gate:
                 pools[name][0].extend(ds)
                 pools[name][1].extend(vs)
