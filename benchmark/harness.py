@@ -25,13 +25,13 @@ def free_port() -> int:
 class Server:
     """`python -m sglang_shplb.launch_server ARGS` on a free port, logging to a file."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
-        self.args, self.log_path = args, log_path
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, port: int | None = None):
+        self.args, self.log_path, self.fixed_port = args, log_path, port
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self._start()
 
     def _start(self) -> None:
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
@@ -41,7 +41,7 @@ class Server:
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S, port_retries: int = 2) -> "Server":
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if port_retries and self._lost_port():
+            if port_retries and not self.fixed_port and self._lost_port():
                 # free_port() races other processes for the port; SGLang then hangs in shutdown: restart
                 self.stop()
                 port_retries -= 1

@@ -25,12 +25,12 @@ def corpus_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Factory: start_server(args, env=None) -> ready Server; all are stopped when the module ends."""
+    """Factory: start_server(args, env=None, port=None) -> ready Server; all are stopped when the module ends."""
     servers = []
     logs = tmp_path_factory.mktemp("servers")
 
-    def _start(args: list[str], env: dict | None = None, name: str = "server") -> Server:
-        s = Server(args, logs / f"{name}-{len(servers)}.log", env)
+    def _start(args: list[str], env: dict | None = None, name: str = "server", port: int | None = None) -> Server:
+        s = Server(args, logs / f"{name}-{len(servers)}.log", env, port)
         servers.append(s)
         return s.wait_ready()
 

@@ -26,7 +26,7 @@ def plan3(tmp_path_factory, model_path):
     return load.make_plan(3, tmp_path_factory.mktemp("plan3"), model_path)
 
 
-def test_killed_worker_bounded_exit_then_restart(start_server, plan3, monkeypatch):
+def test_killed_worker_bounded_exit_then_restart(start_server, plan3):
     srv = start_server(["--tp", "3", "--shplb-plan", str(plan3)], name="tp3")
     kids = descendants(srv.proc.pid)
     victim = next(p for p in kids if p.name() == "sglang::scheduler_TP2")
@@ -39,8 +39,7 @@ def test_killed_worker_bounded_exit_then_restart(start_server, plan3, monkeypatc
     assert len(errors) == 1 and "sglang::scheduler_TP2" in errors[0] and "died" in errors[0], errors
     assert wait_gone(kids, 10) == []
 
-    monkeypatch.setattr(conftest, "free_port", lambda: srv.port)
-    again = start_server(["--tp", "3", "--shplb-plan", str(plan3)], name="tp3-restart")
+    again = start_server(["--tp", "3", "--shplb-plan", str(plan3)], name="tp3-restart", port=srv.port)
     assert "Paris" in again.chat("What is the capital of France?")["choices"][0]["message"]["content"]
     kids = descendants(again.proc.pid)
     os.kill(again.proc.pid, signal.SIGINT)  # the launcher only, not its group

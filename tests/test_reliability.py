@@ -229,14 +229,13 @@ def wait_gone(procs: list[psutil.Process], timeout: float = 30) -> list[psutil.P
     return alive(procs)
 
 
-def test_sigterm_stops_all_and_port_restarts(server, plan1, start_server, monkeypatch):
+def test_sigterm_stops_all_and_port_restarts(server, plan1, start_server):
     kids = descendants(server.proc.pid)
     assert any(p.name().startswith("sglang::scheduler") for p in kids)
     os.kill(server.proc.pid, signal.SIGTERM)
     assert server.proc.wait(timeout=60) == 0
     assert wait_gone(kids, 10) == []
-    monkeypatch.setattr(conftest, "free_port", lambda: server.port)  # restart on the very same port
-    again = start_server(["--shplb-plan", str(plan1)], name="restart")
+    again = start_server(["--shplb-plan", str(plan1)], name="restart", port=server.port)  # the very same port
     assert again.port == server.port and "Paris" in again.chat("What is the capital of France?")[
         "choices"][0]["message"]["content"]
     kids = descendants(again.proc.pid)
