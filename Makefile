@@ -28,7 +28,7 @@ $(VENV)/.installed-cpu: $(VENV)/bin/python requirements/cpu.txt pyproject.toml p
 	$(PIP) install -q -r requirements/cpu.txt -c requirements/torch-cpu.txt
 	$(PIP) install -q --no-deps $(SGLANG)
 	$(PIP) install -q --no-deps -e .
-	$(PIP) install -q ruff==0.17.6
+	$(PIP) install -q ruff==0.17.6 pytest-xdist==3.8.0 execnet==2.1.2
 	$(PY) patches/apply.py
 	touch $@
 
@@ -40,11 +40,14 @@ $(VENV)/.installed-gpu: $(VENV)/bin/python pyproject.toml
 serve: install
 	$(PY) -m sglang_shplb.launch_server $(SERVE_ARGS)
 
+# Two workers, one per core (servers run OMP_NUM_THREADS=1); a test file stays on one worker, so its servers are
+# started once (--dist loadfile).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-slow: install
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m slow $(PYTEST_ARGS)
 
 # The report: re-runs what is stale at HEAD, writes benchmark/results/SUMMARY.md (BENCH_ARGS: --only quality, --no-run)
 bench: install

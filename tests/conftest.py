@@ -13,6 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
 from harness import STARTUP_TIMEOUT_S, Server, free_port  # noqa: E402,F401  (re-exported to the tests)
 
 
+def pytest_sessionstart(session):
+    """Prepare the model and corpus once, before `make test`'s xdist workers start (each would otherwise
+    convert the checkpoint on a fresh machine, racing to move it into place)."""
+    if not hasattr(session.config, "workerinput"):
+        prepare_model()
+        prepare_corpus()
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return prepare_model()
