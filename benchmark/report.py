@@ -157,7 +157,9 @@ def render_step(step: Step, text: str, origin: str, seconds: float | None, resul
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections (the rest are rendered)")
+    scripts = sorted({step.script for steps in SECTIONS.values() for step in steps})
+    p.add_argument("--only", nargs="+", choices=[*SECTIONS, *scripts], metavar="SECTION|SCRIPT",
+                   help=f"run these sections or steps (the rest are rendered): {', '.join([*SECTIONS, *scripts])}")
     p.add_argument("--no-run", action="store_true", help="render what is stored; run nothing")
     p.add_argument("--results", default=str(RESULTS), help="where result files and SUMMARY.md are written")
     p.add_argument("--rows", default=str(RESULTS / "raw" / "report.json"), help="the one-row steps' rows")
@@ -165,10 +167,10 @@ def main():
     results = Path(args.results)
     rows, body = Rows(args.rows), []
     for name, steps in SECTIONS.items():
-        no_run = args.no_run or (args.only is not None and name not in args.only)
         t = time.time()
         body += [f"## {name}", ""]
         for step in steps:
+            no_run = args.no_run or (args.only is not None and not {name, step.script} & set(args.only))
             body += render_step(step, *run_step(step, rows, no_run, results), results)
         print(f"[report] section {name}: {(time.time() - t) / 60:.1f} min", flush=True)
     body += ["## studies behind the default", "", "Not re-run by the report; each file names the commit it ran at.",
