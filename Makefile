@@ -40,14 +40,15 @@ $(VENV)/.installed-gpu: $(VENV)/bin/python pyproject.toml
 serve: install
 	$(PY) -m sglang_shplb.launch_server $(SERVE_ARGS)
 
-# Two workers, one per core (servers run OMP_NUM_THREADS=1); a test file stays on one worker, so its servers are
-# started once (--dist loadfile).
+# Two workers, one per core, each with one OpenMP thread like the servers it starts (two-thread torch in two
+# workers oversubscribes the cores); a test file stays on one worker, so its servers start once (--dist loadfile).
 TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-slow: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m slow $(PYTEST_ARGS)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
 
 # The report: re-runs what is stale at HEAD, writes benchmark/results/SUMMARY.md (BENCH_ARGS: --only quality, --no-run)
 bench: install
