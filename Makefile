@@ -47,8 +47,9 @@ PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfil
 test: install
 	$(PYTEST) $(PYTEST_ARGS)
 
+# Serial: its interpreter and compile checks have fixed time limits sized for the whole machine.
 test-slow: install
-	$(PYTEST) -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 -m slow $(PYTEST_ARGS)
 
 # The report: re-runs what is stale at HEAD, writes benchmark/results/SUMMARY.md (BENCH_ARGS: --only quality, --no-run)
 bench: install
