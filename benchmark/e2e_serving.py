@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +105,17 @@ def config(name: str, sc: tuple[int, int], args) -> dict:
             "output_len": args.output_len, "seed": args.seed}
 
 
+@cache
+def variant_code(name: str) -> str:
+    """The code a variant's rows are stamped with; the package is read once per variant, not once per row."""
+    return code_hash(scope_of(variant_flags(name)))
+
+
 def needs_run(args, rows: Rows, sc: tuple[int, int]) -> bool:
     """A scenario runs again, dense and every variant, when any of its rows is missing or stale, or when they were
     not measured in one run: a speed ratio is only read between rows measured side by side."""
     names = ["dense", *args.variants]
-    got = [rows.get(config(n, sc, args), code_hash(scope_of(variant_flags(n)))) for n in names]
+    got = [rows.get(config(n, sc, args), variant_code(n)) for n in names]
     return any(r is None for r in got) or len({r.get("run") for r in got}) > 1
 
 
@@ -117,7 +124,7 @@ def collect(args, rows: Rows, model: Path, weights: int) -> None:
     todo = [s for s in args.scenarios if needs_run(args, rows, s)]
     run = time.strftime("%Y-%m-%dT%H:%M:%S")
     for name in ["dense", *args.variants] if todo else []:
-        code = code_hash(scope_of(variant_flags(name)))
+        code = variant_code(name)
         srv = Server(variant_flags(name), Path(args.work) / f"e2e-{name}.log").wait_ready()
         try:
             budgets = served_budgets(srv.log())
@@ -142,7 +149,7 @@ def report(args, rows: Rows) -> list[str]:
                 continue
             d, v = de["row"], ve["row"]
             ttft, tpot, itl, tps = (d[m] / v[m] if v[m] else float("nan") for m in METRICS)
-            at = sorted({ran_at(de), ran_at(ve)})
+            at = sorted({ran_at(de, variant_code("dense")), ran_at(ve, variant_code(name))})
             out.append(f"| {name} | {batch} × {n} | {d['median_ttft_ms'] / 1e3:.1f} → {v['median_ttft_ms'] / 1e3:.1f} "
                        f"({ttft:.2f}×) | {d['median_tpot_ms']:.0f} → {v['median_tpot_ms']:.0f} ({tpot:.2f}×) | "
                        f"{d['median_itl_ms']:.0f} → {v['median_itl_ms']:.0f} ({itl:.2f}×) | "

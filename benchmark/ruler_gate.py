@@ -142,7 +142,9 @@ def report(args, rows: Rows) -> list[str]:
     lines = [head + " | gate | ran at |", "|---|---|---|" + "---|" * len(args.variants) + "---|---|"]
     pools = {v: ([], []) for v in args.variants}
     codes = {scope: code_hash(scope) for scope in ("dense", "sparse")}     # read the package once, not per cell
-    at_ = lambda e: ran_at(e, codes[scope_of(e["config"]["flags"])])  # noqa: E731
+
+    def at_(entry: dict) -> str:
+        return ran_at(entry, codes[scope_of(entry["config"]["flags"])])
     for task, n in cells(args):
         de = rows.latest(config("dense", task, n, args.limit))
         gate = de is not None and is_gate(rows, task, n, args.limit)
