@@ -46,6 +46,7 @@ class Step:
     own_rows: bool = False      # the script stores rows per variant itself (always invoked; --no-run passed on)
     fresh_raw: bool = False     # the script resumes from a name-keyed --raw cache: give it an empty one
     pngs: list[str] = field(default_factory=list)
+    scope: str = "sparse"       # the code its rows depend on (rows.py): `all` where the API edge is measured
 
 
 GATE_TASKS = ["niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe"]
@@ -84,17 +85,18 @@ SECTIONS = {
     "balance": [Step("balance_server.py", [], "balance_server.md",
                      "tp 3 through the server: the plan's predicted and the measured per-rank reads")],
     "reliability": [
-        Step("fuzz.py", ["--cases", "2000", "--seed", "3"], "fuzz.md", "malformed and hostile requests"),
+        Step("fuzz.py", ["--cases", "2000", "--seed", "3"], "fuzz.md", "malformed and hostile requests",
+             scope="all"),
         Step("load.py", ["--tp", "1", "--requests", "500", "--concurrency", "32", "--rounds", "5",
                          "--max-prompt-tokens", "6000", "--max-tokens", "16", "--seed", "0"], "load.md",
-             "requests under load: failures, latency, memory"),
+             "requests under load: failures, latency, memory", scope="all"),
     ],
 }
 
 
 def step_code(step: Step) -> str:
     """The code a one-row step ran: the package and kernels, plus the script itself and the shared helpers."""
-    h = hashlib.sha256(code_hash("sparse").encode())
+    h = hashlib.sha256(code_hash(step.scope).encode())
     for f in (step.script, "common.py", "plots.py", "rows.py"):
         h.update((ROOT / "benchmark" / f).read_bytes())
     return h.hexdigest()[:16]
@@ -181,7 +183,8 @@ def main():
             "whose code is no longer HEAD's (the report re-runs it unless told `--no-run`). Ratios were measured "
             "side by side within one run of one script on this shared 2-core CPU machine; absolute times mean "
             "little. No GPU ran any of this (`benchmark/gpu_first_run.sh` is the device check).", "",
-            f"Package code {code_hash('sparse')} (dense scope {code_hash('dense')})"
+            f"Package code {code_hash('sparse')} (dense scope {code_hash('dense')}; "
+            f"with the API edge {code_hash('all')})"
             f"{' with uncommitted package edits' if commit().endswith('+edits') else ''} · " + machine_line(), ""]
     (results / "SUMMARY.md").write_text("\n".join(head + body))
     print(f"[report] wrote {results / 'SUMMARY.md'} ({len(head + body)} lines)")

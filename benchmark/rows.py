@@ -5,10 +5,13 @@ with the code hash and commit it ran at. `Rows.get` returns a row only when its 
 an edit to the package re-runs exactly the rows whose code changed; a report may still show an older row, but
 marked with the commit it came from (`Rows.latest`).
 
-Two code scopes, because a dense server never runs the sparse-attention code:
-- `sparse`: the whole package and its kernels (what decides a sparse variant's answer);
-- `dense`: the package without the modules only a sparse server runs (`SPARSE_ONLY`). A one-line edit to the
-  selection code re-runs the sparse rows and reuses the dense ones.
+Three code scopes, because a dense server never runs the sparse-attention code, and the API edge only decides
+whether a request is served (it never changes an answer or a step):
+- `sparse`: the package and its kernels without the API-edge checks (`ADMISSION`): what decides a sparse
+  variant's answers and speed;
+- `dense`: that without the modules only a sparse server runs (`SPARSE_ONLY`). A one-line edit to the
+  selection code re-runs the sparse rows and reuses the dense ones;
+- `all`: everything, for the rows that measure what is refused and how (fuzz, load).
 """
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ SPARSE_ONLY = tuple(f"{PACKAGE}/{m}" for m in (
     "sglang_adapter/gpu_engine.py", "budget.py", "recipe.py", "curves.py", "recovery.py", "plan.py", "plan_cli.py",
     "placement.py", "joint.py", "permute.py", "profile.py", "data")) + ("kernels",)
 
+# The API edge: checks that refuse a request (or relabel stock's abort of it) before or after it is served.
+ADMISSION = tuple(f"{PACKAGE}/sglang_adapter/{m}" for m in ("api_checks.py", "body_guard.py", "request_limits.py"))
+LEFT_OUT = {"all": (), "sparse": ADMISSION, "dense": ADMISSION + SPARSE_ONLY}
+
 
 def _files(root: Path):
     for base in (PACKAGE, "kernels"):
@@ -36,12 +43,12 @@ def _files(root: Path):
 
 
 def code_hash(scope: str = "sparse", root: Path = ROOT) -> str:
-    """sha256 (16 hex) over the package and kernels; scope `dense` leaves out SPARSE_ONLY."""
-    if scope not in ("sparse", "dense"):
-        raise ValueError(f"scope {scope!r}: sparse or dense")
+    """sha256 (16 hex) over the package and kernels, less the scope's LEFT_OUT modules."""
+    if scope not in LEFT_OUT:
+        raise ValueError(f"scope {scope!r}: one of {', '.join(LEFT_OUT)}")
     h = hashlib.sha256()
     for rel, f in _files(root):
-        if scope == "dense" and any(rel == s or rel.startswith(s + "/") for s in SPARSE_ONLY):
+        if any(rel == s or rel.startswith(s + "/") for s in LEFT_OUT[scope]):
             continue
         h.update(rel.encode())
         h.update(f.read_bytes())

@@ -113,6 +113,11 @@ LIMIT_REQUESTS = [
     ("generate-regex-ignore-eos", "/generate", gen(sampling_params={"max_new_tokens": 4, "regex": "(yes|no)",
                                                                     "ignore_eos": True, "temperature": 1.0}),
      "sampling_params.ignore_eos cannot be combined with sampling_params.regex"),
+    # a regex no token of the vocabulary can spell: stock aborts it mid-answer as a 500 (fuzzer)
+    ("chat-regex-unspellable", CHAT, chat_body(regex="\U0006cd7d"), "the regex cannot be continued by any token"),
+    ("completions-regex-dead-end", CMPL, cmpl(regex="ab\U0006cd7d"), "the regex cannot be continued"),
+    ("generate-regex-unspellable", "/generate", gen(sampling_params={"max_new_tokens": 4, "regex": "\U0006cd7d"}),
+     "send a regex that this model's tokens can spell"),
     ("completions-logprobs-huge", CMPL, cmpl(logprobs=100000), "logprobs=100000 is above this server's limit of 5"),
     ("completions-logprobs-6", CMPL, cmpl(logprobs=6), "--shplb-max-logprobs"),
     ("completions-logprobs-negative", CMPL, cmpl(logprobs=-1), "logprobs must be at least 0"),

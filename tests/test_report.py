@@ -31,6 +31,15 @@ def test_a_selection_edit_changes_the_sparse_code_hash_only(tmp_path):
     assert code_hash("dense", root) != dense          # the launcher serves dense too
 
 
+def test_an_api_edge_edit_changes_only_the_rows_that_measure_it(tmp_path):
+    root = _tree(tmp_path)
+    before = {scope: code_hash(scope, root) for scope in ("sparse", "dense", "all")}
+    with open(root / "python/sglang_shplb/sglang_adapter/request_limits.py", "a") as f:
+        f.write("# one more line\n")
+    after = {scope: code_hash(scope, root) for scope in before}
+    assert [s for s in before if before[s] != after[s]] == ["all"]   # fuzz and load re-run; answers and speed kept
+
+
 def test_a_row_is_reused_only_for_the_code_that_made_it(tmp_path):
     cfg = {"bench": "x", "flags": [], "seed": 1}
     Rows(tmp_path / "r.json").put(cfg, "code-a", {"score": 3})

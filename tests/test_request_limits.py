@@ -102,3 +102,12 @@ def test_grammar_with_min_tokens_or_ignore_eos_refused():
     assert "min_new_tokens=4 cannot be combined with sampling_params.regex" in grammar_problem(
         {"regex": "(yes|no)", "min_new_tokens": 4})
     assert "ignore_eos" in grammar_problem({"json_schema": "{}", "ignore_eos": True})
+
+
+def test_grammar_dead_end_named_only_for_stocks_grammar_abort():
+    from sglang_shplb.sglang_adapter.request_limits import grammar_dead_end
+
+    abort = {"type": "abort", "message": "Grammar accept_token failed: Tokens not accepted: 0", "status_code": 500}
+    assert "the json_schema cannot be continued" in grammar_dead_end(abort, {"json_schema": "{}"})
+    assert grammar_dead_end({**abort, "message": "Aborted"}, {"regex": "a"}) is None  # another abort: stock's
+    assert grammar_dead_end({"type": "length"}, {"regex": "a"}) is None

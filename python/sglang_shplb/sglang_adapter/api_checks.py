@@ -6,6 +6,8 @@ request is tokenized or batched, so a refusal is a 400 even for a streamed reque
 - the `/generate` contract check (the raw native body, single or batched);
 - `TokenizerManager._validate_one_request`, which every generating or embedding endpoint passes
   (`/v1/responses`, `/v1/embeddings`, Ollama routes...): the catch-all, native field names.
+One check runs after: a grammar that dead-ends mid-answer (no token of the vocabulary continues it) is
+aborted by the scheduler as a 500; `abort_before` relabels that abort as the client's 400, streamed or not.
 
 Measured on stock 0.5.23 (`/v1/completions` and `/generate` already refuse all of these with 400):
 - `max_tokens: 0` (or `max_completion_tokens: 0`) returns 200 with an empty answer; a negative value
@@ -20,12 +22,14 @@ from __future__ import annotations
 from ..config import ShplbConfig
 from .body_guard import BodyGuard, generate_body_problem
 from .request_limits import (RequestLimits, embeds_problem, fan_out_problem, first, generate_problem,
-                             per_prompt_problem, range_problem, sampling_problem, token_ids_problem)
+                             grammar_dead_end, per_prompt_problem, range_problem, sampling_problem,
+                             token_ids_problem)
 
 VALIDATE = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request"
 VALIDATE_COMPLETION = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request"
 GENERATE_CONTRACT = "sglang.srt.entrypoints.api_contract.generate_contract_error"
 VALIDATE_ONE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+ABORT = "sglang.srt.managers.tokenizer_manager.TokenizerManager._handle_abort_finish_reason"
 HTTP_SETUP = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 _registered = False
 LIMITS = RequestLimits.from_config(ShplbConfig())  # resolved from the environment at registration
@@ -98,6 +102,17 @@ def validate_one_before(manager, obj, input_ids, *args, **kwargs):
     return None
 
 
+def abort_before(manager, out, state, *args, **kwargs):
+    """BEFORE hook on the tokenizer manager's abort handling: a grammar dead end is the client's 400, not an
+    internal error. A non-streamed request gets it as its status; a stream has already sent 200, so a native
+    stream carries the message in its finish_reason and an OpenAI stream ends with "abort" (as stock's do)."""
+    finish_reason = out.get("meta_info", {}).get("finish_reason") or {}
+    message = grammar_dead_end(finish_reason, getattr(state.obj, "sampling_params", None))
+    if message:
+        finish_reason.update(message=message, status_code=400, err_type="BadRequestError")
+    return None
+
+
 def add_middleware_before(*args, **kwargs):
     """BEFORE hook on the HTTP set-up: the app has not started, so middleware may still be added."""
     from sglang.srt.entrypoints.http_server import app
@@ -125,4 +140,5 @@ def register_api_checks() -> None:
     HookRegistry.register(VALIDATE_COMPLETION, validate_completion_after, HookType.AFTER)
     HookRegistry.register(GENERATE_CONTRACT, generate_contract_after, HookType.AFTER)
     HookRegistry.register(VALIDATE_ONE, validate_one_before, HookType.BEFORE)
+    HookRegistry.register(ABORT, abort_before, HookType.BEFORE)
     HookRegistry.register(HTTP_SETUP, add_middleware_before, HookType.BEFORE)

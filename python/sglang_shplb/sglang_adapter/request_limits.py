@@ -12,6 +12,8 @@ is checked before the request reaches the scheduler:
 - per-prompt fields of a native request (`logprob_start_len`, ...) must be scalars per prompt;
 - a grammar (`regex`, `json_schema`, ...) with `min_new_tokens` > 0 or `ignore_eos` can mask every
   token once the grammar is complete (NaN probabilities in the sampler);
+- a grammar this model's tokens cannot spell (e.g. a regex of one character no token holds) masks every
+  token mid-answer: stock aborts it as a 500; `grammar_dead_end` makes that abort the client's 400;
 - `n` fans one request out into n scheduler requests, each up to `max_tokens` long.
 Already checked by stock (kept): `logit_bias` keys, `token_ids_logprob`, sampling ranges
 (temperature, top_p, top_k, min_p, penalties, min/max_new_tokens), the context length.
@@ -145,6 +147,20 @@ def grammar_problem(params: dict, prefix: str = "sampling_params.") -> Optional[
         return (f"{prefix}ignore_eos cannot be combined with {prefix}{grammar}: a completed grammar "
                 "allows only end-of-sequence; drop one of them")
     return None
+
+
+DEAD_END = "Grammar accept_token failed"  # stock's abort message when the grammar allowed no token
+
+
+def grammar_dead_end(finish_reason: dict, sampling_params) -> Optional[str]:
+    """The client's message for stock's grammar abort, or None. The sampler only picks a token the grammar
+    refuses when the grammar's mask allowed none: the grammar cannot be continued in this model's vocabulary."""
+    if finish_reason.get("type") != "abort" or not str(finish_reason.get("message", "")).startswith(DEAD_END):
+        return None
+    params = sampling_params if isinstance(sampling_params, dict) else {}
+    grammar = next((g for g in GRAMMARS if params.get(g) is not None), "grammar")
+    return (f"the {grammar} cannot be continued by any token of this model's vocabulary (it allows no next "
+            f"token), so no answer can follow it; send a {grammar} that this model's tokens can spell")
 
 
 def sampling_problem(params: dict, vocab_size: int, context_len: int, limits: RequestLimits,
