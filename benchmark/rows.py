@@ -15,6 +15,7 @@ whether a request is served (it never changes an answer or a step):
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import subprocess
@@ -94,11 +95,14 @@ class Rows:
         return self.data.get(self.key(config))
 
     def put(self, config: dict, code: str, row) -> None:
-        """Store a row; rows another process stored in the file meanwhile are kept."""
-        if self.path.is_file():
-            self.data = {**json.loads(self.path.read_text()), **self.data}
-        self.data[self.key(config)] = {"code": code, "commit": commit(), "config": config, "row": row}
+        """Store a row. The file is re-read under a lock first, so a row another process stored meanwhile is
+        kept, and never overwritten by the older copy this process read at start."""
+        entry = {"code": code, "commit": commit(), "config": config, "row": row}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+            self.data = {**self.data, **on_disk, self.key(config): entry}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+            tmp.replace(self.path)

@@ -50,6 +50,16 @@ def test_a_row_is_reused_only_for_the_code_that_made_it(tmp_path):
     assert rows.latest(cfg)["code"] == "code-a" and rows.latest(cfg)["commit"]
 
 
+def test_a_newer_row_from_another_process_is_kept(tmp_path):
+    cfg, other = {"bench": "x", "seed": 1}, {"bench": "y", "seed": 1}
+    Rows(tmp_path / "r.json").put(cfg, "code-a", {"score": 1})
+    a, b = Rows(tmp_path / "r.json"), Rows(tmp_path / "r.json")   # two runs that started together
+    a.put(cfg, "code-b", {"score": 2})
+    b.put(other, "code-b", {"score": 7})                           # b still holds cfg's older row in memory
+    rows = Rows(tmp_path / "r.json")
+    assert rows.get(cfg, "code-b") == {"score": 2} and rows.get(other, "code-b") == {"score": 7}
+
+
 def _report(tmp: Path, only: str = "recipe") -> str:
     p = subprocess.run([sys.executable, str(ROOT / "benchmark/report.py"), "--only", only, "--results", str(tmp),
                         "--rows", str(tmp / "rows.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
