@@ -57,6 +57,9 @@ def prompt_ids(model, n: int) -> list[int]:
 def predicted(plan: dict, seq_lens: list[int], page_rule: bool) -> torch.Tensor:
     """[tp, layers] KV tokens each rank reads over decode steps of the given sequence lengths."""
     P, floor = plan["page_size"], plan["sink_pages"] + plan["recent_pages"]
+    # where the budgets were made, as the server's selection.pages_for_budget takes it (serving.resolve)
+    every = torch.tensor([b for x in plan["layers"] for rank in x["rank_budgets"] for b in rank], dtype=torch.float64)
+    ref = sel.BudgetRef.of(every, math.ceil(plan["context_len"] / P))
     out = torch.zeros(plan["tp_size"], plan["num_layers"], dtype=torch.float64)
     for l, x in enumerate(plan["layers"]):
         for r, budgets in enumerate(x["rank_budgets"]):
@@ -65,7 +68,7 @@ def predicted(plan: dict, seq_lens: list[int], page_rule: bool) -> torch.Tensor:
                     if page_rule:   # the server's rule, at the context the budgets were made at
                         n = math.ceil(s / P)
                         k = int(sel.pages_for_budget(torch.tensor(b, dtype=torch.float64), torch.tensor(float(n)),
-                                                     floor, math.ceil(plan["context_len"] / P)))
+                                                     floor, ref))
                         # pages are whole except the last (current) page, always selected
                         out[r, l] += k * P - (n * P - s)
                     else:
