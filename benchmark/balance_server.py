@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=4000)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "benchmark/results/balance_server.md"))
+    p.add_argument("--raw", help="also write the measured and predicted reads per rank and layer (JSON) here")
     args = p.parse_args()
     from sglang_shplb.models import prepare_model
 
@@ -147,8 +148,9 @@ def main() -> int:
                       "Reproduce: `OMP_NUM_THREADS=1 python benchmark/balance_server.py`", "", machine_line(), "",
                       *rows, "", *per_layer, ""])
     Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(
-        {"measured": measured.tolist(), "linear": lin.tolist(), "page_rule": rule.tolist(), "seq_lens": seq}))
+    if args.raw:   # the tensors behind the per-layer table, only when asked (the report links the .md only)
+        Path(args.raw).write_text(json.dumps(
+            {"measured": measured.tolist(), "linear": lin.tolist(), "page_rule": rule.tolist(), "seq_lens": seq}))
     print(text)
     return 0
 
