@@ -182,7 +182,8 @@ def main():
             "result file's table, every row stamped with the commit it ran at; `(stale: older code)` marks a row "
             "whose code is no longer HEAD's (the report re-runs it unless told `--no-run`). Ratios were measured "
             "side by side within one run of one script on this shared 2-core CPU machine; absolute times mean "
-            "little. No GPU ran any of this (`benchmark/gpu_first_run.sh` is the device check).", "",
+            "little. No GPU ran any of this (`benchmark/gpu_first_run.sh` is the device check). The stored rows, "
+            "each with its configuration, code hash and commit, are in [raw/](raw/).", "",
             f"Package code {code_hash('sparse')} (dense scope {code_hash('dense')}; "
             f"with the API edge {code_hash('all')})"
             f"{' with uncommitted package edits' if commit().endswith('+edits') else ''} · " + machine_line(), ""]
