@@ -155,10 +155,16 @@ def brute_force_pages(rule, q, keys, n, k, P, sink, recent, channels=None):
     return set(ranked(fine)[:k])
 
 
+@pytest.mark.parametrize("ragged", [False, True], ids=["one_group", "ragged_shortlist"])
 @pytest.mark.parametrize("selector", list(sel.SELECTORS))
-def test_variable_budgets_pick_brute_force_pages(selector):
-    """Every served selector, end to end through the paged cache, against a plain-Python reference."""
+def test_variable_budgets_pick_brute_force_pages(selector, ragged, monkeypatch):
+    """Every served selector, end to end through the paged cache, against a plain-Python reference; ragged: with
+    the second stage run per head group at each group's own shortlist width (a decode plan's `groups`)."""
+    from sglang_shplb import sparse_attention as sa
+
     rule, P16 = sel.get_selector(selector), 16
+    if ragged:
+        monkeypatch.setattr(sa, "MIN_SAVED_PAGES", 0)
     seq_lens = torch.tensor([300, 411, 90])
     req_to_token, k_buf, v_buf, kmin, kmax = paged_cache(seq_lens.tolist(), page_size=P16, seed=3)
     fine = fine_metadata(req_to_token, k_buf, seq_lens.tolist(), rule.sub) if rule.sub else None
@@ -170,6 +176,8 @@ def test_variable_budgets_pick_brute_force_pages(selector):
     sink, recent = 1, 2
     chosen = select_decode_tokens(q, kmin, kmax, req_to_token, rows, seq_lens, budgets, P16, sink, recent,
                                   selector, fine, k_buf=k_buf, labels=labels)
+    groups = plan_decode(req_to_token, rows, seq_lens, budgets.view(1, -1), P16, sink, recent).ranks(0, rule).groups
+    assert (groups is not None and len(groups) == 3) == ragged     # 0.2, 0.5, 0.05: three widths, split when asked
     for b, s in enumerate(seq_lens.tolist()):
         n = math.ceil(s / P16)
         slots = req_to_token[rows[b], :s].long()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .carry import next_carry, promote
 
@@ -312,6 +313,7 @@ class LayerRanks:
     k_max: int                     # int(k_pages.max())
     listed: Optional[torch.Tensor] = None
     rank_stale: Optional[torch.Tensor] = None
+    groups: Optional[list] = None  # [(heads [h], width)]: the second stage per head group (`ragged_second_stage`)
 
 
 def shortlist_len(selector: Selector, k_pages: torch.Tensor, n_pages: torch.Tensor) -> torch.Tensor:
@@ -369,7 +371,11 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
         listed = torch.arange(C, device=q.device) < shortlist_len(selector, k_pages, n_pages).unsqueeze(-1)
     # the shortlist is in the rule's order, so its j-th page's unwritten slots are rank j's (rank_fill)
     stale = ranks.rank_stale[..., :C, :] if ranks is not None and ranks.rank_stale is not None else None
-    fine = second_stage(selector, channels, seq_lens, page_fill, stale)(selector, q, short, fine_meta(short), listed)
+    if ranks is not None and ranks.groups is not None and stale is not None:
+        fine = ragged_second_stage(selector, q, short, fine_meta, listed, channels, stale, ranks.groups)
+    else:
+        fine = second_stage(selector, channels, seq_lens, page_fill, stale)(selector, q, short, fine_meta(short),
+                                                                           listed)
     if carry is not None:
         free = torch.broadcast_to(pins.free, (*short.shape[:-1], N)).gather(-1, short)
         carry.copy_(next_carry(short, fine, listed & free, carry.shape[-1]))
@@ -379,6 +385,25 @@ def choose_pages(selector: Selector, q: torch.Tensor, kmin: torch.Tensor, kmax: 
     by_page.scatter_reduce_(-1, short, fine if selector.aggregate in MASKING else torch.where(listed, fine, NEG_INF),
                             "amax")
     return by_page.argsort(dim=-1, descending=True, stable=True)[..., :K]
+
+
+def ragged_second_stage(selector: Selector, q: torch.Tensor, short: torch.Tensor, fine_meta: Callable,
+                        listed: torch.Tensor, channels: Optional[torch.Tensor], stale: torch.Tensor,
+                        groups: list) -> torch.Tensor:
+    """The second stage of a shortlist [..., Hkv, C] run per head group at the group's own width: a head whose
+    budget is small does not read (or multiply) the labels of the widest head's shortlist. groups [(heads [h],
+    width)] cover every head, each width >= its heads' shortlist lengths; fine_meta(idx [..., h, width], heads)
+    reads those heads' pages; stale [..., 1, C, P] (heads broadcast). Entries past a group's width are unlisted:
+    -inf, as the aggregate scores every unlisted entry."""
+    fine = torch.full(short.shape, NEG_INF, device=short.device)
+    for heads, width in groups:
+        idx = short.index_select(-2, heads)[..., :width]
+        ch = None if channels is None else channels.index_select(-2, heads)
+        score = second_stage(selector, ch, stale=stale[..., :width, :])
+        part = score(selector, q.index_select(-3, heads), idx, fine_meta(idx, heads),
+                     listed.index_select(-2, heads)[..., :width])
+        fine.index_copy_(fine.dim() - 2, heads, F.pad(part, (0, short.shape[-1] - width), value=NEG_INF))
+    return fine
 
 
 def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, k_pages: torch.Tensor,

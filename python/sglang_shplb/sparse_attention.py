@@ -97,21 +97,23 @@ class DecodePlan:
     rank_written: torch.Tensor  # [bs, 1, N, P] slot t of the page at rank j is written (`selection.LayerRanks`)
     rank_stale: torch.Tensor    # ~rank_written
     listed: dict = field(default_factory=dict)   # selector.shortlist -> [L, bs, Hkv, N], made on first use
+    groups: dict = field(default_factory=dict)   # selector.shortlist -> [L] second-stage head groups (or None)
     label_rows: dict = field(default_factory=dict)   # label-cache pages -> [bs, Hkv, N] rows, made on first use
 
     def ranks(self, layer: int, rule: sel.Selector) -> sel.LayerRanks:
         """Layer `layer`'s share for selection.choose_pages; a shortlist's rank masks are made for every layer
         at the step's first use (the plan does not know the selector; a benchmark may time several)."""
         bs, N = self.page_ids.shape
-        listed = None
+        listed = groups = None
         if rule.shortlist:
             if rule.shortlist not in self.listed:
                 c_row = sel.shortlist_len(rule, self.k_pages, self.n_pages.view(1, bs, 1))       # [L, bs, Hkv]
                 self.listed[rule.shortlist] = torch.arange(N, device=c_row.device) < c_row.unsqueeze(-1)
-            listed = self.listed[rule.shortlist][layer]
+                self.groups[rule.shortlist] = [shortlist_groups(w, bs, c_row.device) for w in c_row.amax(1).tolist()]
+            listed, groups = self.listed[rule.shortlist][layer], self.groups[rule.shortlist][layer]
         Hkv = self.k_pages.shape[-1]
         return sel.LayerRanks(self.pins, self.page_fill.unsqueeze(1).expand(bs, Hkv, N), self.k_max[layer], listed,
-                              self.rank_stale)
+                              self.rank_stale, groups)
 
     def label_pages(self, pool_pages: int) -> torch.Tensor:
         """[bs, Hkv, N]: each logical page's row in a [Hkv * pool_pages, P * r] view of the label cache."""
@@ -212,9 +214,10 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
         S = P // rule.sub
         flat_lo, flat_hi = fine[0].view(-1, fine[0].shape[-1]), fine[1].view(-1, fine[1].shape[-1])
 
-        def fine_meta(idx):                                                    # logical pages [bs, Hkv, C]
-            phys = page_ids.unsqueeze(1).expand(bs, Hkv, max_pages).gather(-1, idx)   # physical pages
-            rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + heads.unsqueeze(-1)).flatten()
+        def fine_meta(idx, sub_heads=None):                                    # logical pages [bs, h, C]
+            phys = page_ids.unsqueeze(1).expand(*idx.shape[:2], max_pages).gather(-1, idx)   # physical pages
+            h = heads if sub_heads is None else sub_heads.view(1, -1, 1)
+            rows = ((phys.unsqueeze(-1) * S + torch.arange(S, device=q.device)) * Hkv + h.unsqueeze(-1)).flatten()
             shape = (*idx.shape, S, -1)                                        # [bs, Hkv, C, S, D]
             return flat_lo.index_select(0, rows).view(shape), flat_hi.index_select(0, rows).view(shape)
     elif rule.keys:
@@ -226,14 +229,14 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
             flat_pages = labels[0].view(Hkv * (labels[0].shape[1] // P), -1)
             label_pages = plan.label_pages(labels[0].shape[1] // P)
 
-            def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
-                rows = label_pages.gather(-1, idx).flatten()
+            def fine_meta(idx, sub_heads=None):                                # logical pages [bs, h, C]
+                rows = _of_heads(label_pages, sub_heads).gather(-1, idx).flatten()
                 return (flat_pages.index_select(0, rows).view(*idx.shape, P, -1),)   # [bs, Hkv, C, P, r]
         else:
             flat_k = k_buf.view(-1, k_buf.shape[-1])
 
-            def fine_meta(idx):                                                # logical pages [bs, Hkv, C]
-                rows = (plan.kv_rows.gather(-1, idx).unsqueeze(-1) + plan.tok_rows).flatten()   # P slots in order
+            def fine_meta(idx, sub_heads=None):                                # logical pages [bs, h, C]
+                rows = (_of_heads(plan.kv_rows, sub_heads).gather(-1, idx).unsqueeze(-1) + plan.tok_rows).flatten()
                 return (flat_k.index_select(0, rows).view(*idx.shape, P, -1),)     # [bs, Hkv, C, P, D]
     ranks = plan.ranks(layer, rule)
     carried = carry.index_select(0, plan.rows) if carry is not None and rule.shortlist else None
@@ -252,18 +255,18 @@ def select_layer(plan: DecodePlan, layer: int, q: torch.Tensor, kmin: torch.Tens
 BUCKET_SPREAD = 1.25   # heads whose token counts are within this factor share one padded batch
 MIN_SAVED_TOKENS = 4096  # split into buckets only when that skips at least this many padded K/V reads
 # (benchmark/results/balance.md: at 4096 the 8k x 4 optimal@10% layers split, batch 1 stays one call)
+MIN_SAVED_PAGES = 1024   # the same for a shortlist's label pages (a page's labels are P * r values: 2 KB at fp32)
 
 
-def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
-    """Ragged decode: group KV heads by how many token columns they use, widest first, so a head
-    with a small budget is not padded to the largest head's k. Returns [(heads, width)], at most
-    one group per distinct budget; a head's selected tokens sit in its first `width` columns. One
-    group (all heads, full width) when splitting would save fewer than MIN_SAVED_TOKENS reads."""
-    bs, Hkv, T = chosen.valid.shape
-    if bs * (Hkv - 1) * T < MIN_SAVED_TOKENS:   # no split could pay: decided from shapes, no tensor work
-        return [(list(range(Hkv)), T)]
-    cols = chosen.valid.any(0)                                                 # [Hkv, T]
-    width = (cols * torch.arange(1, T + 1, device=cols.device)).amax(-1).tolist()
+def _of_heads(x: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+    """x [bs, Hkv, ...] restricted to `heads` (None: all)."""
+    return x if heads is None else x.index_select(1, heads)
+
+
+def by_width(width: list[int], rows: int, min_saved: int) -> list[tuple[list[int], int]]:
+    """Group heads of per-head widths `width` (over `rows` batch rows), widest first, heads within BUCKET_SPREAD
+    of their group's widest together: [(heads, group width)]. One group (all heads, the widest) when splitting
+    would skip fewer than `min_saved` padded entries: then one call beats several (per-call overhead)."""
     order = sorted(range(len(width)), key=lambda h: -width[h])
     groups = [[order[0]]]
     for h in order[1:]:
@@ -272,10 +275,29 @@ def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
         else:
             groups.append([h])
     groups = [(g, max(1, width[g[0]])) for g in groups]
-    saved = bs * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:])
-    if saved < MIN_SAVED_TOKENS:      # small batches: one call beats several (per-call overhead dominates)
-        return [(list(range(len(width))), T)]
+    if rows * sum(len(g) * (groups[0][1] - t) for g, t in groups[1:]) < min_saved:
+        return [(list(range(len(width))), max(1, max(width)))]
     return groups
+
+
+def shortlist_groups(width: list[int], rows: int, device) -> list[tuple[torch.Tensor, int]] | None:
+    """A layer's second-stage head groups from its heads' shortlist lengths (`selection.ragged_second_stage`); None
+    when one group serves (the second stage runs once, as without groups)."""
+    groups = by_width(width, rows, MIN_SAVED_PAGES)
+    return None if len(groups) == 1 else [(torch.tensor(g, device=device), w) for g, w in groups]
+
+
+def head_buckets(chosen: DecodeSelection) -> list[tuple[list[int], int]]:
+    """Ragged decode: group KV heads by how many token columns they use (`by_width`), so a head with a small
+    budget is not padded to the largest head's k. Returns [(heads, width)], at most one group per distinct budget;
+    a head's selected tokens sit in its first `width` columns."""
+    bs, Hkv, T = chosen.valid.shape
+    if bs * (Hkv - 1) * T < MIN_SAVED_TOKENS:   # no split could pay: decided from shapes, no tensor work
+        return [(list(range(Hkv)), T)]
+    cols = chosen.valid.any(0)                                                 # [Hkv, T]
+    width = (cols * torch.arange(1, T + 1, device=cols.device)).amax(-1).tolist()
+    groups = by_width(width, bs, MIN_SAVED_TOKENS)
+    return [(groups[0][0], T)] if len(groups) == 1 else groups
 
 
 def _rows(buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
