@@ -66,7 +66,7 @@ SECTIONS = {
         Step("retrieval.py", ["--contexts", "2048", "4096", "8000", "--seeds", "20", "--variants", "dense",
                               "recipe+optimal@0.1", "recipe+optimal@0.05", "uniform@0.1"], "retrieval.md",
              "the project's own retrieval forms, 20 prompts per form: dense vs the default recipe "
-             "(recipe+optimal@0.1), its 5% setting and uniform budgets at the same mean", fresh_raw=True,
+             "(recipe+optimal@0.1), its 5% setting and uniform budgets at the same mean", own_rows=True,
              pngs=["retrieval.png"]),
         Step("quality.py", ["--text", "pydoc", "--contexts", "4096", "--means", "0.05", "0.1", "0.2",
                             "--methods", "uniform", "optimal"], "quality_heldout.md",

@@ -127,3 +127,23 @@ def test_variant_names_carry_their_floor():
     assert canonical("optimal@0.02") == "optimal:floor3@0.02"          # 128 tokens do not fit under 2% of 4k
     for name in ("dense", "uniform@0.1", "prefill@0.1", "optimal:floor3@0.1", "prefill+uniform@0.1"):
         assert canonical(name) == name
+
+
+def test_retrieval_rows_resume_and_name_their_code(tmp_path):
+    """retrieval.py keeps each prompt's answer as a code-stamped row: a prompt answered at the current code is not
+    asked again, one made by other code is (and a column says how many of its rows are stale or missing)."""
+    from retrieval import row_config, run_variant, stored
+    from rows import Rows, code_hash
+
+    tasks = {f"single_needle/L0/2048/{s}": None for s in range(3)}
+    rows = Rows(tmp_path / "rows.json")
+    flags = ["--shplb-dense"]
+    rows.put(row_config("dense", "single_needle/L0/2048/0", flags), code_hash("dense"), {"output": "1", "score": 1.0})
+    rows.put(row_config("dense", "single_needle/L0/2048/1", flags), "older", {"output": "2", "score": 0.0})
+    raw, origin = stored(rows, ["dense"], tasks, tmp_path)
+    assert sorted(raw["dense"]) == ["single_needle/L0/2048/0", "single_needle/L0/2048/1"]
+    assert origin["dense"].endswith("1 of 3 not run; 1 from older code") and "(stale: older code)" in origin["dense"]
+    rows.put(row_config("dense", "single_needle/L0/2048/1", flags), code_hash("dense"), {"output": "2", "score": 1.0})
+    rows.put(row_config("dense", "single_needle/L0/2048/2", flags), code_hash("dense"), {"output": "3", "score": 1.0})
+    run_variant("dense", tasks, Rows(tmp_path / "rows.json"), tmp_path)   # all current: no server is started
+    assert "not run" not in stored(rows, ["dense"], tasks, tmp_path)[1]["dense"]
