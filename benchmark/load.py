@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -267,18 +268,17 @@ def section(args, rounds: list[Round], s: dict, server_args: str, prompt_tokens:
 
 
 def write_section(path: Path, rows: list[str], key: str) -> None:
-    """Replace section `key` (e.g. tp1, overload) of the results file, keeping the others."""
+    """Replace section `key` (e.g. tp1, overload) of the results file, keeping its other complete sections; the
+    head is always this code's (a file's old head may describe runs it no longer holds)."""
     head = ["# Load: S-HPLB CPU server (plan applied)", "",
             "Written by `benchmark/load.py`; one section per --tp. RSS is the sum over the server's "
-            "process tree (launcher supervisor, SGLang main, scheduler(s), detokenizer).", ""]
-    old = path.read_text() if path.exists() else "\n".join(head)
-    start, end = f"<!-- load:{key} -->", f"<!-- /load:{key} -->"
-    if start in old and end in old:
-        new = old[:old.index(start)] + "\n".join(rows) + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + "\n".join(rows) + "\n"
+            "process tree (launcher supervisor, SGLang main, scheduler(s), detokenizer). Latencies depend on what "
+            "else shared the machine's cores; failures and memory are what to read."]
+    old = path.read_text() if path.exists() else ""
+    sections = {m.group(1): m.group(0) for m in re.finditer(r"<!-- load:(\S+) -->.*?<!-- /load:\1 -->", old, re.S)}
+    sections[key] = "\n".join(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    path.write_text("\n".join(head) + "\n\n" + "\n\n".join(sections.values()) + "\n")
 
 
 def parse_args(argv=None):

@@ -315,9 +315,14 @@ def write_table(args, raw: dict, tag: str, page: int) -> None:
     write_result(args.out, f"Quality under {args.selector}-selector sparsity (perplexity, top-1 agreement)",
                  f"SmolLM2-135M fp32, {args.windows} window(s) of {args.text} per context; every query position "
                  f"attends only to {what} (page {page}, sink 1, recent 2). Budgets per KV group from the committed "
-                 "profile (`real mean`: bubbles adds budget). Goal (issue): at 10% perplexity within 1% of dense. "
-                 f"Rows accumulate over runs in {Path(args.raw or Path(args.out).with_suffix('.json')).name}.",
-                 rows, "python benchmark/quality.py " + " ".join(sys.argv[1:]))
+                 "profile (`real mean`: bubbles adds budget). Rows accumulate over runs in --raw (default: the "
+                 "result file's name, .json).", rows,
+                 "python benchmark/quality.py " + " ".join(without_raw(sys.argv[1:])))
+
+
+def without_raw(argv: list[str]) -> list[str]:
+    """The command line less its --raw PATH (a report's temporary file: not part of what to reproduce)."""
+    return argv[:argv.index("--raw")] + argv[argv.index("--raw") + 2:] if "--raw" in argv else argv
 
 
 if __name__ == "__main__":

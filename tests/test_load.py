@@ -47,3 +47,9 @@ def test_results_file_keeps_other_sections(tmp_path):
     load.write_section(path, ["<!-- load:tp1 -->", "one again", "<!-- /load:tp1 -->"], "tp1")
     text = path.read_text()
     assert "one again" in text and "three" in text and "\none\n" not in text
+    # a head from older runs and a section that was never closed do not survive the next write
+    path.write_text("# old head\n\nran under load average 9\n\n" + text + "\n<!-- load:tp8 -->\nhalf")
+    load.write_section(path, ["<!-- load:tp3 -->", "three again", "<!-- /load:tp3 -->"], "tp3")
+    text = path.read_text()
+    assert text.startswith("# Load: S-HPLB CPU server") and "load average" not in text and "tp8" not in text
+    assert "one again" in text and "three again" in text

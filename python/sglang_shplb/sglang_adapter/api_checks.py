@@ -7,7 +7,8 @@ request is tokenized or batched, so a refusal is a 400 even for a streamed reque
 - `TokenizerManager._validate_one_request`, which every generating or embedding endpoint passes
   (`/v1/responses`, `/v1/embeddings`, Ollama routes...): the catch-all, native field names.
 One check runs after: a grammar that dead-ends mid-answer (no token of the vocabulary continues it) is
-aborted by the scheduler as a 500; `abort_before` relabels that abort as the client's 400, streamed or not.
+aborted by the scheduler as a 500; `abort_before` relabels that abort as the client's 400 (an OpenAI stream
+has already sent its 200: it ends with finish_reason "abort", as stock ends every aborted stream).
 
 Measured on stock 0.5.23 (`/v1/completions` and `/generate` already refuse all of these with 400):
 - `max_tokens: 0` (or `max_completion_tokens: 0`) returns 200 with an empty answer; a negative value
