@@ -60,6 +60,11 @@ def lmeval_python(venv: Path) -> Path:
     return py
 
 
+class Refused(Exception):
+    """The server refused one of a cell's prompts as bad input (e.g. prompt + max_gen_toks over the model's
+    context): no variant can answer it, so the cell is recorded as refused, not retried, and is no gate."""
+
+
 def run_lmeval(venv: Path, url: str, ckpt: Path, task: str, length: int, limit: int, out: Path) -> list[dict]:
     """One lm_eval call: [{doc_id, target, answer, score}] for the first `limit` prompts."""
     out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +76,8 @@ def run_lmeval(venv: Path, url: str, ckpt: Path, task: str, length: int, limit: 
            "--output_path", str(out), "--log_samples"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (out / "lmeval.log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 and "400 Client Error" in p.stderr:
+        raise Refused(f"the server refused a prompt (HTTP 400) and lm-eval stopped the cell; see {out / 'lmeval.log'}")
     if p.returncode != 0:
         raise RuntimeError(f"lm_eval failed for {task}@{length} (see {out / 'lmeval.log'}): {p.stderr[-500:]}")
     (samples,) = sorted(out.rglob(f"samples_{task}_*.jsonl"))[-1:]
@@ -113,9 +120,13 @@ def collect(args, rows: Rows) -> None:
         srv = Server(variant_flags(name), Path(args.work) / f"{name.replace('/', '_')}.log").wait_ready()
         try:
             for task, n in todo:
-                answers = run_lmeval(venv, srv.url, ckpt, task, n, args.limit, Path(args.work) / name / f"{task}-{n}")
+                try:
+                    answers = run_lmeval(venv, srv.url, ckpt, task, n, args.limit,
+                                         Path(args.work) / name / f"{task}-{n}")
+                except Refused as e:
+                    answers = {"refused": str(e)}
                 rows.put(config(name, task, n, args.limit), code, answers)
-                print(f"{name} {task}@{n}: {sum(r['score'] for r in answers):.0f}/{len(answers)}", flush=True)
+                print(f"{name} {task}@{n}: {score(rows.latest(config(name, task, n, args.limit)))}", flush=True)
         finally:
             srv.stop()
 
@@ -128,11 +139,18 @@ def cells(args) -> list[tuple[str, int]]:
 def is_gate(rows: Rows, task: str, n: int, limit: int) -> bool:
     """Dense answers at least half of this task and length (a sparse variant can be judged on it)."""
     entry = rows.latest(config("dense", task, n, limit))
-    return entry is not None and sum(r["score"] for r in entry["row"]) >= 0.5 * len(entry["row"])
+    return entry is not None and not refused(entry) and \
+        sum(r["score"] for r in entry["row"]) >= 0.5 * len(entry["row"])
+
+
+def refused(entry: dict) -> bool:
+    return isinstance(entry["row"], dict)
 
 
 def score(entry: dict | None) -> str:
-    return "—" if entry is None else f"{sum(r['score'] for r in entry['row']):.0f}/{len(entry['row'])}"
+    if entry is None or refused(entry):
+        return "—" if entry is None else "refused (HTTP 400)"
+    return f"{sum(r['score'] for r in entry['row']):.0f}/{len(entry['row'])}"
 
 
 def report(args, rows: Rows) -> list[str]:
@@ -151,8 +169,8 @@ def report(args, rows: Rows) -> list[str]:
         cols, at = [], set() if de is None else {at_(de)}
         for name in args.variants:
             ve = rows.latest(config(name, task, n, args.limit))
-            if de is None or ve is None:
-                cols.append("—")
+            if de is None or ve is None or refused(de) or refused(ve):
+                cols.append("—" if ve is None else score(ve))
                 continue
             ds, vs = [r["score"] for r in de["row"]], [r["score"] for r in ve["row"]]
             lost, gained, lo, hi = paired(ds, vs)
@@ -161,7 +179,8 @@ def report(args, rows: Rows) -> list[str]:
             if gate:
                 pools[name][0].extend(ds)
                 pools[name][1].extend(vs)
-        why = "yes" if gate else "no (dense < 50%)" if de is not None else "not run"
+        why = "yes" if gate else "not run" if de is None else \
+            "no (the server refused a prompt: HTTP 400)" if refused(de) else "no (dense < 50%)"
         lines.append(f"| {task} | {n} | {score(de)} | {' | '.join(cols)} | {why} | {', '.join(sorted(at))} |")
     for name, (ds, vs) in pools.items():
         if ds:

@@ -147,3 +147,25 @@ def test_retrieval_rows_resume_and_name_their_code(tmp_path):
     rows.put(row_config("dense", "single_needle/L0/2048/2", flags), code_hash("dense"), {"output": "3", "score": 1.0})
     run_variant("dense", tasks, Rows(tmp_path / "rows.json"), tmp_path)   # all current: no server is started
     assert "not run" not in stored(rows, ["dense"], tasks, tmp_path)[1]["dense"]
+
+
+def test_ruler_gate_records_a_refused_cell_and_goes_on(tmp_path):
+    """A cell whose prompt the server refuses (HTTP 400: e.g. prompt + answer over the model's context) is stored as
+    refused, is no gate, and the table and the pooled gates still come out for every other cell."""
+    from argparse import Namespace
+
+    from ruler_gate import config, is_gate, report
+    from rows import Rows, code_hash
+
+    rows, limit = Rows(tmp_path / "rows.json"), 2
+    answers = [{"doc_id": i, "target": "7", "answer": "7", "score": 1.0} for i in range(limit)]
+    rows.put(config("dense", "niah_single_1", 4096, limit), code_hash("dense"), answers)
+    rows.put(config("default", "niah_single_1", 4096, limit), code_hash("sparse"), answers[:1] + [
+        {**answers[1], "answer": "8", "score": 0.0}])
+    rows.put(config("dense", "ruler_fwe", 8192, limit), code_hash("dense"), {"refused": "HTTP 400"})
+    args = Namespace(tasks=["niah_single_1", "ruler_fwe"], lengths=[4096, 8192], limit=limit, exclude=[],
+                     variants=["default"])
+    assert is_gate(rows, "niah_single_1", 4096, limit) and not is_gate(rows, "ruler_fwe", 8192, limit)
+    table = "\n".join(report(args, rows))
+    assert "| ruler_fwe | 8192 | refused (HTTP 400) | — | no (the server refused a prompt: HTTP 400) |" in table
+    assert "| **all gates, default** | | 2/2 | 1/2 (−1 +0;" in table
