@@ -259,6 +259,13 @@ def main():
     write_tables(args, names, tasks, raw, dense, origin)
 
 
+def partial(raw: dict, name: str, f: str, tasks: dict) -> str:
+    """' (k of n prompts)' when a form's column is not complete (a run stopped part-way): its score is of those."""
+    n = sum(form(k) == f for k in tasks)
+    k = sum(form(key) == f and key in raw.get(name, {}) for key in tasks)
+    return "" if k == n else f" ({k} of {n} prompts)"
+
+
 def write_tables(args, names, tasks, raw, dense, origin):
     from plots import line_plot
 
@@ -269,7 +276,7 @@ def write_tables(args, names, tasks, raw, dense, origin):
     rows = [head, "|" + "---|" * (len(names) + 1)]
     for f in sorted(dense, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
         flips = {n: " (-{} +{})".format(*paired(raw, n, f, tasks)[:2]) for n in names[1:] if f in table[n]}
-        cells = [f"{table[n][f]:.0f}{flips.get(n, '')}" if f in table[n] else
+        cells = [f"{table[n][f]:.0f}{flips.get(n, '')}{partial(raw, n, f, tasks)}" if f in table[n] else
                  ("dropped" if dense[f] < args.keep else "—") for n in names]
         rows.append(f"| {f} | " + " | ".join(cells) + " |")
     kept = [f for f in dense if dense[f] >= args.keep]
