@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import requests
@@ -156,6 +157,13 @@ def ask(server: Server, task) -> str:
     return r.json()["choices"][0]["message"]["content"] or ""
 
 
+@cache
+def flags_code(flags: tuple[str, ...]) -> str:
+    """The code hash a variant's rows are stamped with, read once per process: a run's servers run the code it
+    started with, and the package is not re-read for every variant and render."""
+    return code_hash(scope_of(list(flags)))
+
+
 def row_config(name: str, key: str, flags: list[str]) -> dict:
     """A prompt's row key: the variant, its launcher flags, the task (family/level/context/seed), the answer cap."""
     return {"bench": "retrieval", "variant": name, "flags": flags, "task": key, "max_tokens": MAX_TOKENS}
@@ -163,7 +171,7 @@ def row_config(name: str, key: str, flags: list[str]) -> dict:
 
 def run_variant(name: str, tasks: dict, rows: Rows, tmp: Path) -> None:
     flags = variant_flags(name, tmp)[0]
-    code = code_hash(scope_of(flags))
+    code = flags_code(tuple(flags))
     todo = [k for k in tasks if rows.get(row_config(name, k, flags), code) is None]
     if not todo:
         return
@@ -188,7 +196,7 @@ def stored(rows: Rows, names: list[str], tasks: dict, tmp: Path) -> tuple[dict, 
     raw, origin = {}, {}
     for name in names:
         flags = variant_flags(name, tmp)[0]
-        code = code_hash(scope_of(flags))
+        code = flags_code(tuple(flags))
         entries = {k: rows.latest(row_config(name, k, flags)) for k in tasks}
         raw[name] = {k: e["row"] for k, e in entries.items() if e}
         at = sorted({ran_at(e, code) for e in entries.values() if e})
