@@ -243,6 +243,8 @@ def main():
     p.add_argument("--keep", type=float, default=50.0, help="dense score (%%) a task form needs to be run sparse")
     p.add_argument("--raw", default=str(RESULTS / "raw" / "retrieval.json"))
     p.add_argument("--no-run", action="store_true", help="only render the stored rows")
+    p.add_argument("--skip-dense", action="store_true", help="do not run dense: compare with the dense rows stored "
+                   "(a `--variants dense` run beside this one fills them; pair it with --keep 0 while it runs)")
     p.add_argument("--out", default=str(RESULTS / "retrieval.md"))
     args = p.parse_args()
     from transformers import AutoTokenizer
@@ -250,7 +252,7 @@ def main():
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds, args.families)
     rows, tmp = Rows(args.raw), Path("/tmp")
     names = ["dense"] + list(dict.fromkeys(canonical(v) for v in args.variants if v != "dense"))
-    if not args.no_run:
+    if not (args.no_run or args.skip_dense):
         run_variant("dense", tasks, rows, tmp)
     dense = scores_by_form(stored(rows, ["dense"], tasks, tmp)[0], "dense", tasks)
     kept = {k: t for k, t in tasks.items() if dense.get(form(k), 0.0) >= args.keep}

@@ -169,6 +169,9 @@ def report(args, rows: Rows) -> list[str]:
         cols, at = [], set() if de is None else {at_(de)}
         for name in args.variants:
             ve = rows.latest(config(name, task, n, args.limit))
+            if not (gate or args.all):   # variants run only on gates: a row left from an older gate set is not shown
+                cols.append("—")
+                continue
             if de is None or ve is None or refused(de) or refused(ve):
                 cols.append("—" if ve is None else score(ve))
                 continue
