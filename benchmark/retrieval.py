@@ -223,7 +223,12 @@ def paired(raw: dict, name: str, f: str, tasks: dict) -> tuple[int, int, float, 
     """Variant `name` vs dense on form f, prompt by prompt: (prompts scoring lower, higher, and the 95% interval
     of the mean Δ in pt from a paired bootstrap over the prompts). A form's Δ moves in steps of one prompt, so
     the interval says which gaps the seeds can tell from the model's own prompt-to-prompt noise."""
-    keys = [k for k in tasks if form(k) == f and k in raw.get(name, {}) and k in raw["dense"]]
+    return paired_keys(raw, name, [k for k in tasks if form(k) == f])
+
+
+def paired_keys(raw: dict, name: str, keys: list[str]) -> tuple[int, int, float, float]:
+    """`paired` over any set of prompts (a form, or every kept form pooled); prompts either side lacks are left out."""
+    keys = [k for k in keys if k in raw.get(name, {}) and k in raw["dense"]]
     d = [raw[name][k]["score"] - raw["dense"][k]["score"] for k in keys]
     rng = random.Random(0)   # fixed: the same raw outputs always print the same interval
     means = sorted(100 * sum(rng.choices(d, k=len(d))) / len(d) for _ in range(2000))
@@ -299,6 +304,14 @@ def write_tables(args, names, tasks, raw, dense, origin):
           for n in names[1:] if any(f in table[n] for f in kept)}
     rows.append("| worst form's Δ, 95% paired-bootstrap interval (pt) | — | " + " | ".join(
         f"[{ci[n][2]:+.1f}, {ci[n][3]:+.1f}]" if n in ci else "—" for n in names[1:]) + " |")
+    lost = {n: {f: paired(raw, n, f, tasks)[0] for f in kept if f in table[n]} for n in names[1:]}
+    most = {n: max(lost[n].values()) for n in names[1:] if lost[n]}
+    rows.append("| **most prompts lost on one kept form** (goal: ≤ 1) | — | " + " | ".join(
+        f"{most[n]} ({', '.join(f for f, k in lost[n].items() if k == most[n])})" if n in most else "—"
+        for n in names[1:]) + " |")
+    pooled = {n: paired_keys(raw, n, [k for k in tasks if form(k) in lost[n]]) for n in names[1:] if lost[n]}
+    rows.append("| kept forms pooled: −lost +gained; Δ 95% paired-bootstrap interval (pt) | — | " + " | ".join(
+        "−{} +{}; [{:+.1f}, {:+.1f}]".format(*pooled[n]) if n in pooled else "—" for n in names[1:]) + " |")
     rows.append("| ran at | " + " | ".join(origin[n] or "not run" for n in names) + " |")
     for ctx in args.contexts:
         rows.append(f"| decode KV read at {ctx} (%) | " + " | ".join(f"{100 * decode_read(n, ctx):.1f}" for n in names)

@@ -94,6 +94,12 @@ def test_paired_comparison_counts_flips_and_brackets_the_gap():
     raw["all_lost"] = {k: {"score": 0.0} for k in tasks}
     raw["dense"] = {k: {"score": 1.0} for k in tasks}
     assert paired(raw, "all_lost", "multi_value/L1/2048", tasks) == (6, 0, -100.0, -100.0)
+    # pooled over forms: every prompt either side holds, counted once; prompts one side lacks are left out
+    from retrieval import paired_keys
+
+    raw["all_lost"]["single_needle/L0/4096/0"] = {"score": 1.0}
+    raw["dense"]["single_needle/L0/4096/0"] = {"score": 0.0}
+    assert paired_keys(raw, "all_lost", [*tasks, "single_needle/L0/4096/0", "x/L0/8000/0"])[:2] == (6, 1)
 
 
 def test_floor_variant_budgets_hold_the_floor(tmp_path):
