@@ -289,8 +289,9 @@ def write_tables(args, names, tasks, raw, dense, origin):
     head = "| task form (family/level/context) | " + " | ".join(
         n if n == "dense" else f"{n} (decode {meta[n][0]:.3f}, prefill {meta[n][1]:.2f})" for n in names) + " |"
     rows = [head, "|" + "---|" * (len(names) + 1)]
+    pairs = {(n, f): paired(raw, n, f, tasks) for n in names[1:] for f in table[n] if f in dense}   # once per cell
     for f in sorted(dense, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
-        flips = {n: " (-{} +{})".format(*paired(raw, n, f, tasks)[:2]) for n in names[1:] if f in table[n]}
+        flips = {n: " (-{} +{})".format(*pairs[n, f][:2]) for n in names[1:] if f in table[n]}
         cells = [f"{table[n][f]:.0f}{flips.get(n, '')}{partial(raw, n, f, tasks)}" if f in table[n] else
                  ("dropped" if dense[f] < args.keep else "—") for n in names]
         rows.append(f"| {f} | " + " | ".join(cells) + " |")
@@ -304,7 +305,7 @@ def write_tables(args, names, tasks, raw, dense, origin):
           for n in names[1:] if any(f in table[n] for f in kept)}
     rows.append("| worst form's Δ, 95% paired-bootstrap interval (pt) | — | " + " | ".join(
         f"[{ci[n][2]:+.1f}, {ci[n][3]:+.1f}]" if n in ci else "—" for n in names[1:]) + " |")
-    lost = {n: {f: paired(raw, n, f, tasks)[0] for f in kept if f in table[n]} for n in names[1:]}
+    lost = {n: {f: pairs[n, f][0] for f in kept if f in table[n]} for n in names[1:]}
     most = {n: max(lost[n].values()) for n in names[1:] if lost[n]}
     rows.append("| **most prompts lost on one kept form** (goal: ≤ 1) | — | " + " | ".join(
         f"{most[n]} ({', '.join(f for f, k in lost[n].items() if k == most[n])})" if n in most else "—"
