@@ -13,7 +13,8 @@ Variants: `dense`; `METHOD@MEAN` with METHOD uniform (Quest-style), shift (the p
 (ours), bubbles (ours + fill-bubbles of a tp-3 plan: more budget at the same step time) for
 decode; `prefill@B` (uniform prefill budget B, dense decode) and `prefill+METHOD@MEAN` (prefill
 budget = MEAN plus that decode method); `recipe+METHOD@MEAN` (the default recipe: one budgets file with
-per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile); METHOD:floorK (e.g.
+per-head decode AND per-head prefill budgets, both METHOD at MEAN, from the committed profile; `recipeP+METHOD@MEAN`
+the same with the per-head prefill budgets at mean P, e.g. `recipe0.2+optimal@0.1`); METHOD:floorK (e.g.
 `optimal:floor8@0.1`) makes the budgets with every KV group at >= K pages at the profile's context (`budget
 --floor-pages K`; the server's always-kept pages stay sink + recent; a variant without :floorK is named and run
 with the default floor, `budget.default_floor_pages`); `VARIANT/SELECTOR` runs VARIANT with
@@ -101,12 +102,13 @@ def variant_flags(name: str, tmp: Path) -> tuple[list[str], float, float]:
     mean = float(mean)
     spec, _, floor = spec.partition(":floor")   # METHOD:floorK: budgets made with every group >= K pages
     floor = int(floor) if floor else None
-    if spec.startswith("recipe+"):   # per-head prefill budgets travel in the budgets file, like decode's
+    if spec.startswith("recipe"):   # per-head prefill budgets travel in the budgets file, like decode's
         from sglang_shplb.artifacts import write_json
         from sglang_shplb.budget import make_budgets
 
-        body = make_budgets(committed_profile(), mean, spec.split("+", 1)[1], "kv", floor_pages=floor,
-                            prefill_mean=mean)
+        prefix, method = spec.split("+", 1)
+        prefill_mean = float(prefix.removeprefix("recipe") or mean)   # recipeP+: the prefill budgets' own mean
+        body = make_budgets(committed_profile(), mean, method, "kv", floor_pages=floor, prefill_mean=prefill_mean)
         path = tmp / f"retrieval-{spec}-floor{floor}-{mean}.json"
         write_json(path, "budget", body)
         return ["--shplb-budgets", str(path)], mean_of(body), mean_of({"budgets": body["prefill_budgets"]})

@@ -123,6 +123,17 @@ def test_floor_variant_budgets_hold_the_floor(tmp_path):
     assert plain["floor_pages"] == 8 and min(pages) >= 8 - 1e-6
 
 
+def test_recipe_variant_takes_its_own_prefill_mean(tmp_path):
+    """`recipeP+METHOD@MEAN`: decode budgets at MEAN, per-head prefill budgets at mean P, one budgets file;
+    `recipe+` keeps both at MEAN."""
+    from retrieval import variant_flags
+
+    _, decode, prefill = variant_flags("recipe0.2+optimal@0.1", tmp_path)
+    assert abs(decode - 0.1) < 0.01 and abs(prefill - 0.2) < 0.01
+    _, decode, prefill = variant_flags("recipe+optimal@0.1", tmp_path)
+    assert abs(decode - 0.1) < 0.01 and abs(prefill - 0.1) < 0.01
+
+
 def test_variant_names_carry_their_floor():
     """A budgets-file variant is named (and its raw rows keyed) with the floor it was made with, so rows made under
     an older default floor are never reused; uniform, prefill-only and explicit-floor names are unchanged."""
@@ -130,6 +141,7 @@ def test_variant_names_carry_their_floor():
 
     assert canonical("optimal@0.1") == "optimal:floor8@0.1"
     assert canonical("recipe+optimal@0.1/oracle_mass") == "recipe+optimal:floor8@0.1/oracle_mass"
+    assert canonical("recipe0.2+optimal@0.1") == "recipe0.2+optimal:floor8@0.1"
     assert canonical("optimal@0.02") == "optimal:floor3@0.02"          # 128 tokens do not fit under 2% of 4k
     for name in ("dense", "uniform@0.1", "prefill@0.1", "optimal:floor3@0.1", "prefill+uniform@0.1"):
         assert canonical(name) == name
