@@ -29,6 +29,8 @@ from rows import Rows, code_hash, commit, ran_at  # noqa: E402
 RESULTS = ROOT / "benchmark" / "results"
 # Result files of the studies that chose the default (not re-run by the report; each names its own commit).
 STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answer (the carry-seed fix's evidence)",
+           "retrieval_attribution.md": "which half of the default flips retrieval prompts at 4k/8k: decode-only "
+                                       "budgets and a 20% prefill budget beside the default, same prompts",
            "selector.md": "recall of the oracle's attention mass per page selector at equal pages read",
            "prefill_recall.md": "recall per prefill estimate (the served `centre` and the oracle)",
            "budget_methods.md": "predicted worst-head recovery per budget method",

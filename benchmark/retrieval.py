@@ -192,9 +192,10 @@ def run_variant(name: str, tasks: dict, rows: Rows, tmp: Path) -> None:
         server.stop()
 
 
-def stored(rows: Rows, names: list[str], tasks: dict, tmp: Path) -> tuple[dict, dict]:
+def stored(rows: Rows, names: list[str], tasks: dict, tmp: Path, kept: dict | None = None) -> tuple[dict, dict]:
     """({variant: {task key: row}} of the stored rows, whatever their code; {variant: where they ran}): a
-    column's commits, and its prompts not stored or made by older code."""
+    column's commits, and its prompts not stored or made by older code. A sparse column is owed only the `kept`
+    prompts (forms dense can do; default: all): a dropped form's prompts are not counted as missing."""
     raw, origin = {}, {}
     for name in names:
         flags = variant_flags(name, tmp)[0]
@@ -202,9 +203,10 @@ def stored(rows: Rows, names: list[str], tasks: dict, tmp: Path) -> tuple[dict, 
         entries = {k: rows.latest(row_config(name, k, flags)) for k in tasks}
         raw[name] = {k: e["row"] for k, e in entries.items() if e}
         at = sorted({ran_at(e, code) for e in entries.values() if e})
-        missing = sum(e is None for e in entries.values())
+        owed = tasks if name == "dense" or kept is None else kept
+        missing = sum(entries[k] is None for k in owed)
         stale = sum(e is not None and e["code"] != code for e in entries.values())
-        notes = [f"{missing} of {len(tasks)} not run"] * bool(missing) + [f"{stale} from older code"] * bool(stale)
+        notes = [f"{missing} of {len(owed)} not run"] * bool(missing) + [f"{stale} from older code"] * bool(stale)
         origin[name] = "; ".join([", ".join(at)] * bool(at) + notes)
     return raw, origin
 
@@ -267,7 +269,7 @@ def main():
         with ThreadPoolExecutor(args.parallel) as pool:
             for f in [pool.submit(run_variant, name, kept, rows, tmp) for name in names[1:]]:
                 f.result()
-    raw, origin = stored(rows, names, tasks, tmp)
+    raw, origin = stored(rows, names, tasks, tmp, kept)
     if not raw["dense"]:
         write_result(args.out, "Retrieval (RULER-style) through the server's OpenAI API", "No rows stored yet.",
                      ["| rows stored | prompts asked |", "|---|---|", f"| none | {len(tasks)} per variant |"],

@@ -167,6 +167,23 @@ def test_retrieval_rows_resume_and_name_their_code(tmp_path):
     assert "not run" not in stored(rows, ["dense"], tasks, tmp_path)[1]["dense"]
 
 
+def test_retrieval_column_owes_only_kept_prompts(tmp_path):
+    """A sparse column is not reported as incomplete for a form dense cannot do (dropped by --keep, never run
+    sparse); a kept prompt it lacks still is."""
+    from retrieval import row_config, stored, variant_flags
+    from rows import Rows, code_hash
+
+    tasks = {f"single_needle/L0/{ctx}/0": None for ctx in (2048, 8000)}
+    kept = {"single_needle/L0/2048/0": None}
+    rows = Rows(tmp_path / "rows.json")
+    flags = variant_flags("uniform@0.1", tmp_path)[0]
+    rows.put(row_config("uniform@0.1", "single_needle/L0/2048/0", flags), code_hash("sparse"),
+             {"output": "1", "score": 1.0})
+    assert "not run" not in stored(rows, ["uniform@0.1"], tasks, tmp_path, kept)[1]["uniform@0.1"]
+    assert stored(rows, ["uniform@0.1"], tasks, tmp_path)[1]["uniform@0.1"].endswith("1 of 2 not run")
+    assert stored(rows, ["uniform@0.1"], tasks, tmp_path, tasks)[1]["uniform@0.1"].endswith("1 of 2 not run")
+
+
 def test_ruler_gate_records_a_refused_cell_and_goes_on(tmp_path):
     """A cell whose prompt the server refuses (HTTP 400: e.g. prompt + answer over the model's context) is stored as
     refused, is no gate, and the table and the pooled gates still come out for every other cell; a variant row left
