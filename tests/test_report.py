@@ -76,3 +76,21 @@ def test_the_report_runs_what_is_missing_then_reuses_it(tmp_path):
         assert section in first
     second = _report(tmp_path, "served_recipe.py")                 # a step by its script: nothing changed, reused
     assert "ran now" not in second and "reused" in [ln for ln in second.splitlines() if "served_recipe.py" in ln][0]
+
+
+def test_bytes_bound_is_the_step_model_of_the_served_budgets(tmp_path):
+    """The summary's decode-attention bound is the bytes-per-step model over the default recipe's budgets: dense
+    K/V over the default's K/V plus its metadata. It lies above 1 and below 1/mean (the metadata costs something),
+    and grows with the context (the 128-token floor weighs less), the same model e2e_serving's ITL bound uses."""
+    from attention_cpu import bytes_bound, recipe_budgets
+    from e2e_serving import step_bytes
+
+    from sglang_shplb.artifacts import write_json
+    from sglang_shplb.recipe import DEFAULT_MEAN_BUDGET
+
+    path = tmp_path / "budgets.json"
+    write_json(path, "budget", recipe_budgets())
+    dense, sparse = step_bytes(None, 1, 8192, 0), step_bytes(path, 1, 8192, 0)
+    assert dense == 30 * 3 * 2 * 64 * 4 * 8192
+    assert bytes_bound(8192) == dense / sparse
+    assert 1 < bytes_bound(2048) < bytes_bound(8192) < 1 / DEFAULT_MEAN_BUDGET
