@@ -79,7 +79,7 @@ SECTIONS = {
         Step("e2e_serving.py", ["--scenarios", "1x2000", "1x4000", "1x8000", "8x7000"], "e2e_serving.md",
              "end to end through the server (SGLang's bench_serving): dense vs the default", own_rows=True,
              pngs=["e2e_ttft.png", "e2e_tpot.png"]),
-        Step("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "15"],
+        Step("attention_cpu.py", ["--contexts", "8192", "--batches", "1", "8", "--repeats", "45"],
              "attention_cpu.md", "decode attention per layer at 8k, the default's per-head budgets vs dense"),
         Step("prefill_cpu.py", ["--contexts", "8192", "--repeats", "3", "--ttft-contexts", "8000",
                                 "--ttft-repeats", "2"], "prefill_cpu.md", "prefill attention and TTFT at 8k"),
