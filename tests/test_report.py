@@ -94,3 +94,14 @@ def test_bytes_bound_is_the_step_model_of_the_served_budgets(tmp_path):
     assert dense == 30 * 3 * 2 * 64 * 4 * 8192
     assert bytes_bound(8192) == dense / sparse
     assert 1 < bytes_bound(2048) < bytes_bound(8192) < 1 / DEFAULT_MEAN_BUDGET
+
+
+def test_ttft_bound_replaces_only_the_attention_time():
+    """prefill_cpu's TTFT bound: dense TTFT less 30 layers' saving of the served attention row at the next timed
+    context; no row at or above the prompt's length gives no bound rather than an extrapolated one."""
+    from prefill_cpu import attention_bound
+
+    served = {4096: (0.4, 0.2), 8192: (1.0, 0.25)}
+    assert attention_bound(60.0, 8000, served) == "1.60x"          # 60 / (60 - 30 * 0.75)
+    assert attention_bound(60.0, 4000, served) == f"{60 / 54:.2f}x"   # the 4096 row
+    assert attention_bound(60.0, 9000, served) == "—"
