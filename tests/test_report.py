@@ -105,3 +105,13 @@ def test_ttft_bound_replaces_only_the_attention_time():
     assert attention_bound(60.0, 8000, served) == "1.60x"          # 60 / (60 - 30 * 0.75)
     assert attention_bound(60.0, 4000, served) == f"{60 / 54:.2f}x"   # the 4096 row
     assert attention_bound(60.0, 9000, served) == "—"
+
+
+def test_a_study_links_its_plot(tmp_path, monkeypatch):
+    """A study whose script drew a picture beside it links that picture too: the summary links every result file."""
+    import report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    assert report.study_line("s.md", "what") == "- [s.md](s.md): what"
+    (tmp_path / "s.png").write_bytes(b"")
+    assert report.study_line("s.md", "what") == "- [s.md](s.md): what ([plot](s.png))"
