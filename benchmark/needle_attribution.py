@@ -1,13 +1,13 @@
 """Issue 33, item 2: why does sparse decode lose a needle's later digits? In-process attribution (HF fp32).
 
-Reads lm-eval's logged RULER samples (the exact prompt strings the server got), prefills each prompt densely
-(decode-only sparsity, as `--shplb-budgets` without prefill budgets serves it), then decodes the answer token
-by token with an HF attention function that, for every decode query, picks each KV group's pages with the
-package's own rule (`selection.choose_pages`, the default selector `two_stage_label32_norm`, label channels
-and per-head budgets from a budgets file, `selection.pages_for_budget` with the file's BudgetRef) and attends
-over those pages only. Diagnostics per decode step, layer and KV head: the group's true page mass (dense
-softmax, mean over the group's query heads), the oracle's pages at the same k, the selector's pages, the
-recall of mass, and where the needle's pages rank.
+Reads lm-eval's logged RULER samples (the exact prompt strings the server got), or builds retrieval.py's prompts
+(`--tasks`, scored as retrieval.py scores them), prefills each prompt densely (decode-only sparsity, as
+`--shplb-budgets` without prefill budgets serves it), then decodes the answer token by token with an HF attention
+function that, for every decode query, picks each KV group's pages with the package's own rule
+(`selection.choose_pages`, the default selector `two_stage_label32_norm`, label channels and per-head budgets from a
+budgets file, `selection.pages_for_budget` with the file's BudgetRef) and attends over those pages only. Diagnostics
+per decode step, layer and KV head: the group's true page mass (dense softmax, mean over the group's query heads),
+the oracle's pages at the same k, the selector's pages, the recall of mass, and where the needle's pages rank.
 
 Modes:
   --teacher: teacher-forced on dense greedy's answer; reports per step whether sparse argmax == dense token.
@@ -19,7 +19,9 @@ Variants (`--variants`), all on the same prompts:
   nbrM: only the top-M selected free pages (selector order) bring their neighbours j-1 and j+1;
   persistM: the M pages with the most attention weight (exact weights over the selected pages, computed
             anyway) at the previous decode step stay selected (TidalDecode-style position persistence);
-  plusM: the selector's top k+M pages (same extra read as the fixes: the control).
+  plusM: the selector's top k+M pages (same extra read as the fixes: the control);
+  otopP: oracle top-p (Twilight's mass-adaptive budget, its upper bound): each step, layer and KV group reads
+         the fewest pages whose true mass reaches P (sink and recent pages counted first); k varies per step.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmark/needle_attribution.py --samples S.jsonl --docs 0 3 \
         --budgets dec10.json --variants dense sparse oracle persist8 nbr4 plus8 --greedy --teacher
@@ -96,6 +98,13 @@ class Attr:
             kp = torch.minimum(kp + extra, n_pages)
         if v_name == "oracle":
             chosen = sel.top_pages(mass.view(Hkv, 1, N), n_pages, int(kp.max()), self.sink, self.recent)
+        elif v_name.startswith("otop"):   # oracle top-p: each step's fewest pages holding mass p (forced ones first)
+            forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)             # [Hkv, N]
+            order = mass.masked_fill(forced, float("inf")).sort(-1, descending=True).indices    # [Hkv, N]
+            held = mass.gather(-1, order).cumsum(-1)
+            kp = ((held < float(v_name[4:])).sum(-1, keepdim=True) + 1).clamp(max=N)
+            kp = torch.maximum(kp, forced.sum(-1, keepdim=True))
+            chosen = order.unsqueeze(1)
         elif v_name == "labelall":   # diagnostic: the default's second stage on every page (no page-bound shortlist)
             name = self.selector
             self.selector = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
@@ -227,10 +236,32 @@ def run(model, attn, ids, cache0, first_tok, steps, feed=None):
     return out
 
 
+def prompts(args, tok):
+    """(name, prompt text, the needle value to locate, scorer or None) per prompt asked for."""
+    if args.tasks:
+        from retrieval import LEVELS, build_tasks
+
+        for key in args.tasks:
+            fam, level, ctx, seed = key.split("/")
+            if LEVELS[fam] != int(level[1:]):
+                raise SystemExit(f"{key}: retrieval.py runs {fam} at level L{LEVELS[fam]}")
+            task = build_tasks(tok, [int(ctx)], int(seed) + 1, [fam])[key]
+            yield key.replace("/", "-"), task.prompt(tok), task.answers[0], task.score
+        return
+    if not args.samples:
+        raise SystemExit("give --samples (lm-eval samples jsonl) or --tasks (retrieval.py prompts)")
+    samples = [json.loads(x) for x in Path(args.samples).read_text().splitlines()]
+    for d in args.docs:
+        s = next(x for x in samples if x["doc_id"] == d)
+        value = s["target"][0] if isinstance(s["target"], list) else s["target"]
+        yield d, s["arguments"]["gen_args_0"]["arg_0"], value.strip("[]'\" "), None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", required=True, help="lm-eval samples jsonl (dense run)")
-    p.add_argument("--docs", type=int, nargs="+", default=[0])
+    p.add_argument("--samples", help="lm-eval samples jsonl (dense run)")
+    p.add_argument("--docs", type=int, nargs="+", default=[0], help="the samples' doc ids to run")
+    p.add_argument("--tasks", nargs="+", help="instead of --samples: retrieval.py prompts, family/level/context/seed")
     p.add_argument("--budgets", required=True)
     p.add_argument("--selector", default=sel.DEFAULT_SELECTOR)
     p.add_argument("--variants", nargs="+", default=["dense", "sparse", "oracle"])
@@ -254,14 +285,9 @@ def main():
     attn.selector = args.selector
     AttentionInterface.register("shplb_attr", attn)
     model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32, attn_implementation="shplb_attr").eval()
-    samples = [json.loads(x) for x in Path(args.samples).read_text().splitlines()]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from transformers import DynamicCache
-    for d in args.docs:
-        s = next(x for x in samples if x["doc_id"] == d)
-        prompt = s["arguments"]["gen_args_0"]["arg_0"]
-        value = s["target"][0] if isinstance(s["target"], list) else s["target"]
-        value = value.strip("[]'\" ")
+    for d, prompt, value, score in prompts(args, tok):
         ids = tok(prompt).input_ids
         npos = needle_positions(tok, ids, value)
         attn.n_prompt = len(ids)
@@ -289,7 +315,8 @@ def main():
                 attn.reads = []
                 t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
                 res["teacher"][v] = [int(a == bb) for a, bb in zip(t[1:], gold[1:])]
-            print(f"  {v:10s} greedy {res['greedy'].get(v)!r} teacher {res['teacher'].get(v)} "
+            scored = f" score {score(res['greedy'][v]):.2f}" if args.greedy and score else ""
+            print(f"  {v:10s} greedy {res['greedy'].get(v)!r}{scored} teacher {res['teacher'].get(v)} "
                   f"reads/step {res['reads'].get(v, 0):.0f}", flush=True)
         if args.layer_scan:
             scan = {}

@@ -1,0 +1,139 @@
+"""Issue 33, item 2: which layers' sparse prefill loses the answers the default loses at 8k? Through the server.
+
+The default (`recipe+optimal@0.1`: per-head decode and prefill budgets at 10%) loses prompts that dense answers, and
+at 8k the same decode budgets with dense prefill do not (`retrieval_attribution.md`). This study takes those prompts
+(the default scores lower than dense, from retrieval.py's stored rows) and serves the default's budgets file with
+the prefill budgets of one group of layers set to 1.0, so that group prefills densely (the backend runs a layer
+whose prefill budgets are all 1.0 dense) and every other layer, and decode, stays as served. A prompt comes back
+when it scores what dense scores. A group `^a-b` is the complement: every layer but a..b prefills densely, so a
+loss that a..b's sparse prefill causes on its own shows up there.
+
+    python benchmark/prefill_layers.py --forms single_needle/L0/8000 variable_track/L0/8000 multi_value/L1/8000 \
+        --groups 0-4 5-9 10-14 15-19 20-24 25-29 ^0-9 ^10-19 ^20-29 [--parallel 2]
+
+Every answer is a row in --raw (`rows.Rows`), stamped with the code hash and commit, reused only at the same code.
+"""
+import argparse
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmark"))
+from common import committed_profile, write_result  # noqa: E402
+from harness import Server  # noqa: E402
+from retrieval import (LEVELS, MAX_TOKENS, RESULTS, ask, build_tasks, canonical, flags_code,  # noqa: E402
+                       stored)
+from rows import Rows  # noqa: E402
+
+from sglang_shplb.models import prepare_model  # noqa: E402
+
+DEFAULT = "recipe+optimal@0.1"
+
+
+def layer_set(group: str, num_layers: int) -> list[int]:
+    """The layers that prefill densely: a group "a-b" (inclusive) or "a", or every other layer for "^a-b"."""
+    complement = group.startswith("^")
+    lo, _, hi = group.removeprefix("^").partition("-")
+    inside = set(range(int(lo), int(hi or lo) + 1))
+    if not inside <= set(range(num_layers)):
+        raise SystemExit(f"group {group} is outside the model's layers 0-{num_layers - 1}")
+    return sorted(set(range(num_layers)) - inside if complement else inside)
+
+
+def variant_body(dense_layers: list[int]) -> dict:
+    """The default's budgets file with the prefill budgets of `dense_layers` at 1.0 (those layers prefill densely)."""
+    from sglang_shplb.budget import make_budgets
+
+    body = make_budgets(committed_profile(), 0.1, "optimal", "kv", prefill_mean=0.1)
+    for layer in dense_layers:
+        body["prefill_budgets"][layer] = [1.0] * len(body["prefill_budgets"][layer])
+    return body
+
+
+def variant_flags(name: str, dense_layers: list[int], tmp: Path) -> list[str]:
+    from sglang_shplb.artifacts import write_json
+
+    path = tmp / f"prefill-layers-{name}.json"
+    write_json(path, "budget", variant_body(dense_layers))
+    return ["--shplb-budgets", str(path)]
+
+
+def config(name: str, key: str, flags: list[str]) -> dict:
+    return {"bench": "prefill_layers", "variant": name, "flags": flags, "task": key, "max_tokens": MAX_TOKENS}
+
+
+def run(name: str, flags: list[str], keys: list[str], tasks: dict, rows: Rows, tmp: Path) -> None:
+    code = flags_code(tuple(flags))
+    todo = [k for k in keys if rows.get(config(name, k, flags), code) is None]
+    if not todo:
+        return
+    server = Server(["--max-total-tokens", "20000", *flags], tmp / f"prefill-layers-{name}.log").wait_ready()
+    try:
+        for i, key in enumerate(todo):
+            out = ask(server, tasks[key])
+            rows.put(config(name, key, flags), code, {"output": out, "score": tasks[key].score(out)})
+            print(f"  {name} {i + 1}/{len(todo)} {key}: {tasks[key].score(out):.2f} {out[:40]!r}", flush=True)
+    finally:
+        server.stop()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--forms", nargs="+", required=True, help="family/level/context, e.g. single_needle/L0/8000")
+    p.add_argument("--groups", nargs="+", required=True, help="layers that prefill densely: a-b, a, or ^a-b (all "
+                   "but a..b)")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--no-run", action="store_true")
+    p.add_argument("--raw", default=str(RESULTS / "raw" / "prefill_layers.json"))
+    p.add_argument("--out", default=str(RESULTS / "prefill_layers.md"))
+    args = p.parse_args()
+    from transformers import AutoTokenizer
+
+    families = sorted({f.split("/")[0] for f in args.forms})
+    if any(LEVELS[f.split("/")[0]] != int(f.split("/")[1][1:]) for f in args.forms):
+        raise SystemExit(f"a form's level must be its family's retrieval level: {LEVELS}")
+    contexts = sorted({int(f.split("/")[2]) for f in args.forms})
+    tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), contexts, args.seeds, families)
+    tasks = {k: t for k, t in tasks.items() if k.rsplit("/", 1)[0] in args.forms}
+    default = canonical(DEFAULT)
+    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default], tasks, Path("/tmp"))
+    lost = [k for k in tasks if k in base[default] and base[default][k]["score"] < base["dense"][k]["score"]]
+    num_layers = committed_profile().meta["num_layers"]
+    variants = {f"dense-{g}".replace("dense-^", "sparse-only-"): layer_set(g, num_layers) for g in args.groups}
+    rows, tmp = Rows(args.raw), Path("/tmp")
+    flags = {n: variant_flags(n, layers, tmp) for n, layers in variants.items()}
+    if not args.no_run:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for f in [pool.submit(run, n, flags[n], lost, tasks, rows, tmp) for n in variants]:
+                f.result()
+    render(args, variants, flags, lost, tasks, base, default, rows)
+
+
+def render(args, variants, flags, lost, tasks, base, default, rows):
+    got = {n: {k: rows.get(config(n, k, flags[n]), flags_code(tuple(flags[n]))) for k in lost} for n in variants}
+    head = "| prompt (form/seed) | dense | default | " + " | ".join(f"{n} ({len(v)} layers dense)"
+                                                                   for n, v in variants.items()) + " |"
+    lines = [head, "|" + "---|" * (len(variants) + 3)]
+    for k in lost:
+        cells = ["—" if got[n][k] is None else f"{got[n][k]['score']:.2f}" for n in variants]
+        lines.append(f"| {k} | {base['dense'][k]['score']:.2f} | {base[default][k]['score']:.2f} | "
+                     + " | ".join(cells) + " |")
+    back = {n: sum(r is not None and r["score"] >= base["dense"][k]["score"] for k, r in got[n].items())
+            for n in variants}
+    ran = {n: sum(r is not None for r in got[n].values()) for n in variants}
+    lines.append(f"| **back to dense's score** (of {len(lost)}) | — | 0 | " + " | ".join(
+        f"{back[n]}" + ("" if ran[n] == len(lost) else f" ({ran[n]} run)") for n in variants) + " |")
+    intro = (f"The prompts of {', '.join(args.forms)} (seeds 0–{args.seeds - 1}) that the default "
+             f"({default}) scores lower than dense, served with the default's budgets file but some layers' prefill "
+             "dense (their prefill budgets at 1.0; decode and every other layer as served): `dense-a-b` prefills "
+             "layers a..b densely, `sparse-only-a-b` every layer but a..b. "
+             "A score per prompt (1.00 = every answer right); `back`: prompts scoring what dense scores. "
+             "Rows: raw/prefill_layers.json; dense and default from raw/retrieval.json.")
+    write_result(args.out, "Which layers' sparse prefill loses the default's 8k answers", intro, lines,
+                 "python benchmark/prefill_layers.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

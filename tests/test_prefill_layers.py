@@ -1,0 +1,67 @@
+"""prefill_layers.py, the per-layer attribution of sparse-prefill losses: its budgets files are the default's with
+exactly the named layers' prefill at 1.0, which the backend serves with SGLang's dense extend."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmark"))
+
+
+def test_layer_groups_and_their_complements():
+    from prefill_layers import layer_set
+
+    assert layer_set("5-9", 30) == [5, 6, 7, 8, 9]
+    assert layer_set("7", 30) == [7]
+    assert layer_set("^0-24", 30) == [25, 26, 27, 28, 29]
+    with pytest.raises(SystemExit, match="outside the model's layers 0-29"):
+        layer_set("25-30", 30)
+
+
+def test_only_the_named_layers_prefill_densely():
+    from common import committed_profile
+    from prefill_layers import variant_body
+
+    from sglang_shplb.budget import make_budgets
+    from sglang_shplb.schema import Budgets
+
+    served = make_budgets(committed_profile(), 0.1, "optimal", "kv", prefill_mean=0.1)
+    body = variant_body([5, 6])
+    assert body["budgets"] == served["budgets"]                  # decode exactly as served
+    for layer, (row, base) in enumerate(zip(body["prefill_budgets"], served["prefill_budgets"])):
+        assert row == ([1.0] * len(base) if layer in (5, 6) else base)
+    prefill = Budgets.from_json(body).table("prefill")
+    # the layers the backend runs with the dense extend (every head at 1.0): those two, no other
+    assert [layer for layer, row in enumerate(prefill) if not bool((row < 1.0).any())] == [5, 6]
+
+
+def test_oracle_top_p_reads_the_fewest_pages_holding_the_mass():
+    """needle_attribution.py's otopP (the bound of a mass-adaptive decode budget): a page read per step only while
+    the mass read so far is under P, so P = 1 is dense and a smaller P reads fewer tokens."""
+    import torch
+    from needle_attribution import Attr
+
+    from sglang_shplb import selection as sel
+
+    torch.manual_seed(0)
+    Hkv, G, L, D, P = 3, 3, 200, 16, 16
+    q, k, v = torch.randn(Hkv * G, 1, D), torch.randn(Hkv, L, D) * 2, torch.randn(Hkv, L, D)
+    budgets = torch.full((1, Hkv), 0.1, dtype=torch.float64)
+    attn = Attr(P, 1, 2, budgets, sel.BudgetRef.of(budgets, 13), {}, 0)
+    dense, probs = attn.decode_dense(q, k, v, 0.25)
+    reads = {}
+    for p in ("otop0.5", "otop0.9", "otop1.0"):
+        attn.variant, attn.reads = p, []
+        out = attn.decode_sparse(0, q, k, v, 0.25)
+        reads[p] = sum(attn.reads[0][1])
+    assert torch.allclose(out, dense, atol=1e-6)
+    assert reads["otop0.5"] < reads["otop0.9"] < reads["otop1.0"] == Hkv * 13 * P
+    mass = torch.nn.functional.pad(probs, (0, 13 * P - L)).unflatten(-1, (13, P)).sum(-1).mean(1)
+    attn.variant, attn.reads = "otop0.5", []
+    attn.decode_sparse(0, q, k, v, 0.25)
+    per_head = [n // P for n in attn.reads[0][1]]
+    for h in range(Hkv):   # the top pages by mass, after the forced ones, just reach 0.5
+        forced = sel.is_forced(torch.arange(13), torch.tensor([13]), 1, 2)
+        held = mass[h].masked_fill(forced, float("inf")).sort(descending=True).indices
+        cum = mass[h][held].cumsum(0)
+        assert cum[per_head[h] - 1] >= 0.5 and (per_head[h] <= forced.sum() or cum[per_head[h] - 2] < 0.5)
