@@ -213,6 +213,7 @@ class Attr:
 def needle_positions(tok, ids, value):
     """Token positions of the needle's value digits in the prompt (first occurrence)."""
     vid = tok(" " + value, add_special_tokens=False).input_ids[1:]   # ' ' then digits
+    vid = vid or tok(" " + value, add_special_tokens=False).input_ids   # a one-token value (a variable's name)
     for i in range(len(ids) - len(vid)):
         if ids[i:i + len(vid)] == vid:
             return list(range(i, i + len(vid)))
@@ -262,7 +263,7 @@ def main():
     p.add_argument("--samples", help="lm-eval samples jsonl (dense run)")
     p.add_argument("--docs", type=int, nargs="+", default=[0], help="the samples' doc ids to run")
     p.add_argument("--tasks", nargs="+", help="instead of --samples: retrieval.py prompts, family/level/context/seed")
-    p.add_argument("--budgets", required=True)
+    p.add_argument("--budgets", help="decode budgets file (`python -m sglang_shplb.budget`, no prefill budgets)")
     p.add_argument("--selector", default=sel.DEFAULT_SELECTOR)
     p.add_argument("--variants", nargs="+", default=["dense", "sparse", "oracle"])
     p.add_argument("--steps", type=int, default=10)
@@ -271,7 +272,12 @@ def main():
     p.add_argument("--layer-scan", action="store_true", help="teacher-forced: sparse in one layer only / all but one")
     p.add_argument("--diagnose", action="store_true", help="per step/layer/head diagnostics of `sparse`")
     p.add_argument("--out", default="/tmp/issue33/attr")
+    p.add_argument("--table", help="only render the greedy answers stored in --out (retrieval prompts) to this .md")
     args = p.parse_args()
+    if args.table:
+        return table(args)
+    if not args.budgets:
+        raise SystemExit("give --budgets (a decode budgets file) to run, or --table to render stored answers")
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(1)
     b = json.loads(Path(args.budgets).read_text())
@@ -337,7 +343,41 @@ def main():
             run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
             torch.save({"records": attn.record, "res": res, "ids": ids}, f"{args.out}/diag_doc{d}.pt")
             attn.record = None
-        Path(f"{args.out}/doc{d}.json").write_text(json.dumps(res, indent=1))
+        save(Path(f"{args.out}/doc{d}.json"), res)
+
+
+def table(args) -> None:
+    """Every stored retrieval prompt's greedy answer per variant, its score and the tokens read per step."""
+    from common import write_result
+    from retrieval import build_tasks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prepare_model())
+    docs = [json.loads(f.read_text()) for f in sorted(Path(args.out).glob("doc*.json"))]
+    docs = [d for d in docs if str(d["doc"]).count("-") == 3]          # retrieval prompts (--tasks)
+    variants = list(dict.fromkeys(v for d in docs for v in d["greedy"]))
+    lines = ["| prompt | dense | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
+    for d in docs:
+        fam, level, ctx, seed = d["doc"].split("-")
+        task = build_tasks(tok, [int(ctx)], int(seed) + 1, [fam])["/".join((fam, level, ctx, seed))]
+        cell = lambda text, reads="": f"{task.score(text):.2f} `{text.strip()[:24]!r}`{reads}"   # noqa: E731
+        lines.append(f"| {d['doc']} | {cell(d['gold_text'])} | " + " | ".join(
+            cell(d["greedy"][v], f" ({d['reads'][v]:.0f})") if v in d["greedy"] else "—" for v in variants) + " |")
+    write_result(args.table, "Decode budgets per step: the oracle's top-p against the served selector",
+                 "Greedy answers of retrieval.py prompts with dense prefill and the default's decode budgets "
+                 "(in-process HF fp32, needle_attribution.py): score, the answer's start, and in brackets the "
+                 "tokens read per decode step (mean over steps, layers and KV groups).", lines,
+                 "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
+
+
+def save(path: Path, res: dict) -> None:
+    """Write a prompt's results, keeping the variants an earlier run of the same prompt and answer stored there."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old["gold"] == res["gold"]:
+            for part in ("greedy", "teacher", "reads"):
+                res[part] = {**old.get(part, {}), **res[part]}
+    path.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,3 +65,19 @@ def test_oracle_top_p_reads_the_fewest_pages_holding_the_mass():
         held = mass[h].masked_fill(forced, float("inf")).sort(descending=True).indices
         cum = mass[h][held].cumsum(0)
         assert cum[per_head[h] - 1] >= 0.5 and (per_head[h] <= forced.sum() or cum[per_head[h] - 2] < 0.5)
+
+
+def test_attribution_runs_of_one_prompt_accumulate(tmp_path):
+    """needle_attribution.py stores each prompt's variants in one file: a later run with other variants adds to it
+    (the --table render shows them side by side), unless dense's answer differs (then it is another experiment)."""
+    import json
+
+    from needle_attribution import save
+
+    path = tmp_path / "doc1.json"
+    res = lambda gold, v: {"gold": gold, "greedy": {v: "x"}, "teacher": {}, "reads": {v: 1.0}}   # noqa: E731
+    save(path, res([1, 2], "sparse"))
+    save(path, res([1, 2], "otop0.9"))
+    assert set(json.loads(path.read_text())["greedy"]) == {"sparse", "otop0.9"}
+    save(path, res([1, 3], "oracle"))
+    assert set(json.loads(path.read_text())["greedy"]) == {"oracle"}
