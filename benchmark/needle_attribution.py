@@ -308,7 +308,8 @@ def main():
         gold = run(model, attn, ids, cache, first, args.steps)
         print("  dense greedy:", repr(tok.decode(gold)), flush=True)
         res = {"doc": d, "value": value, "n_prompt": len(ids), "needle_pos": npos, "gold": gold,
-               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {}}
+               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {},
+               "commands": ["python benchmark/needle_attribution.py " + " ".join(sys.argv[1:])]}
         for v in args.variants:
             attn.variant, attn.sparse_layers = v, None
             if args.greedy:
@@ -357,16 +358,28 @@ def table(args) -> None:
     docs = [d for d in docs if str(d["doc"]).count("-") == 3]          # retrieval prompts (--tasks)
     variants = list(dict.fromkeys(v for d in docs for v in d["greedy"]))
     lines = ["| prompt | dense | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
+    scores = {}
     for d in docs:
         fam, level, ctx, seed = d["doc"].split("-")
         task = build_tasks(tok, [int(ctx)], int(seed) + 1, [fam])["/".join((fam, level, ctx, seed))]
+        scores[d["doc"]] = task.score
         cell = lambda text, reads="": f"{task.score(text):.2f} `{text.strip()[:24]!r}`{reads}"   # noqa: E731
         lines.append(f"| {d['doc']} | {cell(d['gold_text'])} | " + " | ".join(
             cell(d["greedy"][v], f" ({d['reads'][v]:.0f})") if v in d["greedy"] else "—" for v in variants) + " |")
+    kept = {v: sum(v in d["greedy"] and scores[d["doc"]](d["greedy"][v]) >= scores[d["doc"]](d["gold_text"])
+                   for d in docs) for v in variants}
+    lines.append(f"| **at dense's score** (of {len(docs)}) | — | " + " | ".join(str(kept[v]) for v in variants) + " |")
+    runs = list(dict.fromkeys(c for d in docs for c in d.get("commands", [])))
+    lines += ["", "Runs (then `--table`): " + "; ".join(f"`{c}`" for c in runs)]
     write_result(args.table, "Decode budgets per step: the oracle's top-p against the served selector",
                  "Greedy answers of retrieval.py prompts with dense prefill and the default's decode budgets "
-                 "(in-process HF fp32, needle_attribution.py): score, the answer's start, and in brackets the "
-                 "tokens read per decode step (mean over steps, layers and KV groups).", lines,
+                 "(in-process HF fp32; the budgets file of `python -m sglang_shplb.budget --profile "
+                 "python/sglang_shplb/data/smollm2-135m.profile.safetensors --mean-budget 0.1`, as `--budgets`): "
+                 "score, the answer's start, and in brackets the tokens read per decode step (mean over steps, "
+                 "layers and KV groups). `sparse` is the served selector at the file's per-head page counts, "
+                 "`oracle` the true top pages at the same counts, `otopP` the fewest pages holding mass P, per "
+                 "step, layer and KV group. The prompts: those the default's decode budgets lose through the "
+                 "server with dense prefill (retrieval_attribution.md).", lines,
                  "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
 
 
@@ -377,6 +390,7 @@ def save(path: Path, res: dict) -> None:
         if old["gold"] == res["gold"]:
             for part in ("greedy", "teacher", "reads"):
                 res[part] = {**old.get(part, {}), **res[part]}
+            res["commands"] = list(dict.fromkeys(old.get("commands", []) + res.get("commands", [])))
     path.write_text(json.dumps(res, indent=1))
 
 
