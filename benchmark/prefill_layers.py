@@ -29,6 +29,7 @@ from rows import Rows  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 
 DEFAULT = "recipe+optimal@0.1"
+DECODE_ONLY = "optimal@0.1"   # the default's decode budgets with dense prefill
 
 
 def layer_set(group: str, num_layers: int) -> list[int]:
@@ -97,8 +98,8 @@ def main():
     contexts = sorted({int(f.split("/")[2]) for f in args.forms})
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), contexts, args.seeds, families)
     tasks = {k: t for k, t in tasks.items() if k.rsplit("/", 1)[0] in args.forms}
-    default = canonical(DEFAULT)
-    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default], tasks, Path("/tmp"))
+    default, decode_only = canonical(DEFAULT), canonical(DECODE_ONLY)
+    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default, decode_only], tasks, Path("/tmp"))
     lost = [k for k in tasks if k in base[default] and base[default][k]["score"] < base["dense"][k]["score"]]
     num_layers = committed_profile().meta["num_layers"]
     variants = {f"dense-{g}".replace("dense-^", "sparse-only-"): layer_set(g, num_layers) for g in args.groups}
@@ -108,30 +109,37 @@ def main():
         with ThreadPoolExecutor(args.parallel) as pool:
             for f in [pool.submit(run, n, flags[n], lost, tasks, rows, tmp) for n in variants]:
                 f.result()
-    render(args, variants, flags, lost, tasks, base, default, rows)
+    render(args, variants, flags, lost, base, default, decode_only, rows)
 
 
-def render(args, variants, flags, lost, tasks, base, default, rows):
+def render(args, variants, flags, lost, base, default, decode_only, rows):
     got = {n: {k: rows.get(config(n, k, flags[n]), flags_code(tuple(flags[n]))) for k in lost} for n in variants}
-    head = "| prompt (form/seed) | dense | default | " + " | ".join(f"{n} ({len(v)} layers dense)"
+    head = "| prompt (form/seed) | dense | default | decode-only | " + " | ".join(f"{n} ({len(v)} layers dense)"
                                                                    for n, v in variants.items()) + " |"
-    lines = [head, "|" + "---|" * (len(variants) + 3)]
+    lines = [head, "|" + "---|" * (len(variants) + 4)]
+    score = lambda name, k: "—" if k not in base.get(name, {}) else f"{base[name][k]['score']:.2f}"   # noqa: E731
     for k in lost:
         cells = ["—" if got[n][k] is None else f"{got[n][k]['score']:.2f}" for n in variants]
-        lines.append(f"| {k} | {base['dense'][k]['score']:.2f} | {base[default][k]['score']:.2f} | "
+        lines.append(f"| {k} | {score('dense', k)} | {score(default, k)} | {score(decode_only, k)} | "
                      + " | ".join(cells) + " |")
-    back = {n: sum(r is not None and r["score"] >= base["dense"][k]["score"] for k, r in got[n].items())
-            for n in variants}
-    ran = {n: sum(r is not None for r in got[n].values()) for n in variants}
-    lines.append(f"| **back to dense's score** (of {len(lost)}) | — | 0 | " + " | ".join(
-        f"{back[n]}" + ("" if ran[n] == len(lost) else f" ({ran[n]} run)") for n in variants) + " |")
+    for ctx in sorted({k.split("/")[2] for k in lost}, key=int):
+        keys = [k for k in lost if k.split("/")[2] == ctx]
+        back = {n: sum(got[n][k] is not None and got[n][k]["score"] >= base["dense"][k]["score"] for k in keys)
+                for n in variants}
+        ran = {n: sum(got[n][k] is not None for k in keys) for n in variants}
+        only = sum(k in base.get(decode_only, {}) and base[decode_only][k]["score"] >= base["dense"][k]["score"]
+                   for k in keys)
+        lines.append(f"| **back to dense's score at {ctx}** (of {len(keys)}) | — | 0 | {only} | " + " | ".join(
+            f"{back[n]}" + ("" if ran[n] == len(keys) else f" ({ran[n]} run)") for n in variants) + " |")
     intro = (f"The prompts of {', '.join(args.forms)} (seeds 0–{args.seeds - 1}) that the default "
              f"({default}) scores lower than dense, served with the default's budgets file but some layers' prefill "
              "dense (their prefill budgets at 1.0; decode and every other layer as served): `dense-a-b` prefills "
-             "layers a..b densely, `sparse-only-a-b` every layer but a..b. "
+             "layers a..b densely, `sparse-only-a-b` every layer but a..b; `decode-only` is the same decode budgets "
+             f"with every layer's prefill dense ({decode_only}, stored by retrieval.py): a prompt it loses too is "
+             "lost in decode, which no prefill layer brings back. "
              "A score per prompt (1.00 = every answer right); `back`: prompts scoring what dense scores. "
              "Rows: raw/prefill_layers.json; dense and default from raw/retrieval.json.")
-    write_result(args.out, "Which layers' sparse prefill loses the default's 8k answers", intro, lines,
+    write_result(args.out, "Which layers' sparse prefill loses the default's answers", intro, lines,
                  "python benchmark/prefill_layers.py " + " ".join(sys.argv[1:]))
 
 
