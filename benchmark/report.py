@@ -31,7 +31,7 @@ RESULTS = ROOT / "benchmark" / "results"
 STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answer (the carry-seed fix's evidence)",
            "retrieval_attribution.md": "which half of the default flips retrieval prompts at 4k/8k: decode-only "
                                        "budgets and a 20% prefill budget beside the default, same prompts",
-           "prefill_layers.md": "which layers' sparse prefill loses the default's 8k answers: the default with "
+           "prefill_layers.md": "which layers' sparse prefill loses the default's 4k/8k answers: the default with "
                                 "some layers' prefill dense, on the prompts it loses",
            "decode_top_p.md": "the decode half's losses against the oracle's mass-adaptive (top-p) budget per step",
            "selector.md": "recall of the oracle's attention mass per page selector at equal pages read",
