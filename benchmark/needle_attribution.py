@@ -240,13 +240,10 @@ def run(model, attn, ids, cache0, first_tok, steps, feed=None):
 def prompts(args, tok):
     """(name, prompt text, the needle value to locate, scorer or None) per prompt asked for."""
     if args.tasks:
-        from retrieval import LEVELS, build_tasks
+        from retrieval import task_of
 
         for key in args.tasks:
-            fam, level, ctx, seed = key.split("/")
-            if LEVELS[fam] != int(level[1:]):
-                raise SystemExit(f"{key}: retrieval.py runs {fam} at level L{LEVELS[fam]}")
-            task = build_tasks(tok, [int(ctx)], int(seed) + 1, [fam])[key]
+            task = task_of(tok, key)
             yield key.replace("/", "-"), task.prompt(tok), task.answers[0], task.score
         return
     if not args.samples:
@@ -350,7 +347,7 @@ def main():
 def table(args) -> None:
     """Every stored retrieval prompt's greedy answer per variant, its score and the tokens read per step."""
     from common import write_result
-    from retrieval import build_tasks
+    from retrieval import task_of
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(prepare_model())
@@ -360,8 +357,7 @@ def table(args) -> None:
     lines = ["| prompt | dense | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
     scores = {}
     for d in docs:
-        fam, level, ctx, seed = d["doc"].split("-")
-        task = build_tasks(tok, [int(ctx)], int(seed) + 1, [fam])["/".join((fam, level, ctx, seed))]
+        task = task_of(tok, d["doc"].replace("-", "/"))
         scores[d["doc"]] = task.score
         cell = lambda text, reads="": f"{task.score(text):.2f} `{text.strip()[:24]!r}`{reads}"   # noqa: E731
         lines.append(f"| {d['doc']} | {cell(d['gold_text'])} | " + " | ".join(

@@ -21,9 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import committed_profile, write_result  # noqa: E402
-from harness import Server  # noqa: E402
-from retrieval import (LEVELS, MAX_TOKENS, RESULTS, ask, build_tasks, canonical, flags_code,  # noqa: E402
-                       stored)
+from retrieval import MAX_TOKENS, RESULTS, build_tasks, canonical, flags_code, form, run_variant, stored  # noqa: E402
 from rows import Rows  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
@@ -64,21 +62,6 @@ def config(name: str, key: str, flags: list[str]) -> dict:
     return {"bench": "prefill_layers", "variant": name, "flags": flags, "task": key, "max_tokens": MAX_TOKENS}
 
 
-def run(name: str, flags: list[str], keys: list[str], tasks: dict, rows: Rows, tmp: Path) -> None:
-    code = flags_code(tuple(flags))
-    todo = [k for k in keys if rows.get(config(name, k, flags), code) is None]
-    if not todo:
-        return
-    server = Server(["--max-total-tokens", "20000", *flags], tmp / f"prefill-layers-{name}.log").wait_ready()
-    try:
-        for i, key in enumerate(todo):
-            out = ask(server, tasks[key])
-            rows.put(config(name, key, flags), code, {"output": out, "score": tasks[key].score(out)})
-            print(f"  {name} {i + 1}/{len(todo)} {key}: {tasks[key].score(out):.2f} {out[:40]!r}", flush=True)
-    finally:
-        server.stop()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forms", nargs="+", required=True, help="family/level/context, e.g. single_needle/L0/8000")
@@ -93,11 +76,11 @@ def main():
     from transformers import AutoTokenizer
 
     families = sorted({f.split("/")[0] for f in args.forms})
-    if any(LEVELS[f.split("/")[0]] != int(f.split("/")[1][1:]) for f in args.forms):
-        raise SystemExit(f"a form's level must be its family's retrieval level: {LEVELS}")
     contexts = sorted({int(f.split("/")[2]) for f in args.forms})
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), contexts, args.seeds, families)
-    tasks = {k: t for k, t in tasks.items() if k.rsplit("/", 1)[0] in args.forms}
+    tasks = {k: t for k, t in tasks.items() if form(k) in args.forms}
+    if set(args.forms) - {form(k) for k in tasks}:
+        raise SystemExit(f"not retrieval.py forms: {sorted(set(args.forms) - {form(k) for k in tasks})}")
     default, decode_only = canonical(DEFAULT), canonical(DECODE_ONLY)
     base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default, decode_only], tasks, Path("/tmp"))
     lost = [k for k in tasks if k in base[default] and base[default][k]["score"] < base["dense"][k]["score"]]
@@ -107,7 +90,8 @@ def main():
     flags = {n: variant_flags(n, layers, tmp) for n, layers in variants.items()}
     if not args.no_run:
         with ThreadPoolExecutor(args.parallel) as pool:
-            for f in [pool.submit(run, n, flags[n], lost, tasks, rows, tmp) for n in variants]:
+            lost_tasks = {k: tasks[k] for k in lost}
+            for f in [pool.submit(run_variant, n, lost_tasks, rows, tmp, flags[n], config) for n in variants]:
                 f.result()
     render(args, variants, flags, lost, base, default, decode_only, rows)
 

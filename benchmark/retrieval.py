@@ -63,10 +63,18 @@ def corpus_pieces() -> list[str]:
 
 
 def build_tasks(tok, contexts, seeds, families=FAMILIES) -> dict:
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     pieces = corpus_pieces()
-    return {f"{fam}/L{LEVELS[fam]}/{ctx}/{seed}": make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
-            for ctx in contexts for fam in families for seed in range(seeds)}
+    keys = [f"{fam}/L{LEVELS[fam]}/{ctx}/{seed}" for ctx in contexts for fam in families for seed in range(seeds)]
+    return {key: task_of(tok, key, pieces) for key in keys}
+
+
+def task_of(tok, key: str, pieces: list[str] | None = None):
+    """One prompt by its key, family/level/context/seed, exactly as build_tasks makes it."""
+    fam, level, ctx, seed = key.split("/")
+    if LEVELS.get(fam) is None or level != f"L{LEVELS[fam]}":
+        raise SystemExit(f"{key} is not a retrieval prompt: the families and their levels are {LEVELS}")
+    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    return make_task(fam, LEVELS[fam], pieces or corpus_pieces(), count, int(ctx), int(seed))
 
 
 def method_of(spec: str) -> str | None:
@@ -171,10 +179,13 @@ def row_config(name: str, key: str, flags: list[str]) -> dict:
     return {"bench": "retrieval", "variant": name, "flags": flags, "task": key, "max_tokens": MAX_TOKENS}
 
 
-def run_variant(name: str, tasks: dict, rows: Rows, tmp: Path) -> None:
-    flags = variant_flags(name, tmp)[0]
+def run_variant(name: str, tasks: dict, rows: Rows, tmp: Path, flags: list[str] | None = None,
+                config=row_config) -> None:
+    """Ask a variant's server every task whose row is missing at the current code. `flags` (default: the variant
+    name's) and `config` (the row key) let a study serve its own budgets files under its own rows."""
+    flags = variant_flags(name, tmp)[0] if flags is None else flags
     code = flags_code(tuple(flags))
-    todo = [k for k in tasks if rows.get(row_config(name, k, flags), code) is None]
+    todo = [k for k in tasks if rows.get(config(name, k, flags), code) is None]
     if not todo:
         return
     server = Server(["--max-total-tokens", "20000", *flags],
@@ -185,7 +196,7 @@ def run_variant(name: str, tasks: dict, rows: Rows, tmp: Path) -> None:
             out = ask(server, tasks[key])
             row = {"output": out, "score": tasks[key].score(out)}
             with SAVE_LOCK:
-                rows.put(row_config(name, key, flags), code, row)  # resumable: nothing lost on a crash
+                rows.put(config(name, key, flags), code, row)  # resumable: nothing lost on a crash
             print(f"  {name} {i + 1}/{len(todo)} {key}: {row['score']:.2f} "
                   f"({time.time() - t0:.0f}s) {out[:50]!r}", flush=True)
     finally:
