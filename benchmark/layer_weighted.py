@@ -1,19 +1,19 @@
-"""Issue 33: prefill budgets weighted by how far each layer's attention error carries to the output.
+"""Issue 33: budgets weighted by how far each layer's attention error carries to the output.
 
-The default allocates prefill budgets by max-min recovery over every KV group of every layer, as if a unit of
-attention mass lost in layer 3 cost what it costs in layer 27. It does not: prefill_layers.md found the default's
-lost answers in the middle layers' sparse prefill. Here each layer gets an amplification
+The default allocates budgets by max-min recovery over every KV group of every layer, as if a unit of attention
+mass lost in layer 3 cost what it costs in layer 27. It does not: prefill_layers.md found the default's lost
+answers spread over the middle layers' sparse prefill. Here each layer gets an amplification per phase
 
-    a_l = KL(dense || only layer l sparse) / lost mass of layer l (1 - its groups' predicted recovery, mean)
+    a_l = KL(dense || only layer l sparse) / lost mass of layer l (1 - its groups' mean predicted recovery)
 
-from layer_sensitivity.py's runs on the profile's own Canterbury windows (never a retrieval prompt), and the
-prefill budgets are re-allocated at the same mean by weighted max-min: the largest eps such that every group's
-a_l (1 - recovery) <= eps fits the total, then what is left by a_l times marginal recovery (a_l = 1 everywhere
-is budget.optimal). Decode budgets stay the default's. The weighted budgets file is served on retrieval.py's
-forms and prompts, next to the stored dense and default rows.
+from layer_sensitivity.py's copy probe on the profile's own Canterbury windows (never a retrieval prompt), and
+that phase's budgets are re-allocated at the same mean by weighted max-min: the smallest eps such that every
+group's a_l (1 - recovery) <= eps fits the total, then what is left by a_l times marginal recovery (a_l = 1
+everywhere is budget.optimal). `^P` weights by a_l ** P. The weighted budgets file is served on retrieval.py's
+kept forms and prompts, next to its stored dense and default rows; the same mean means the same step time.
 
-    python benchmark/layer_weighted.py --sensitivity benchmark/results/raw/layer_sensitivity.w0.json ... \
-        [--contexts 2048 4096 8000] [--seeds 20] [--parallel 1] [--no-run]
+    python benchmark/layer_weighted.py [--variants prefill+decode prefill+decode^0.5] [--contexts 2048 4096 8000] \
+        [--seeds 20] [--parallel 2] [--no-run]
 
 Rows: raw/layer_weighted.json, keyed by the budgets file's checksum as well as the code.
 """
@@ -74,16 +74,16 @@ def weighted_optimal(curves, grid, mean, floor_frac, step, w):
     return _spend_leftover(weighted, grid, b, total - float(b.sum()), step)
 
 
-def weighted_body(sensitivity: dict[str, list[dict]]) -> tuple[dict, dict]:
+def weighted_body(sensitivity: dict[str, list[dict]], power: float = 1.0) -> tuple[dict, dict]:
     """The default's budgets file with each phase in `sensitivity` re-allocated by weighted max-min at the same
-    mean; and {phase: a_l}."""
+    mean, weights a_l ** power (power < 1 tempers a spread measured on two windows); and {phase: weights}."""
     prof = committed_profile()
     body = make_budgets(prof, MEAN, "optimal", "kv", prefill_mean=MEAN)
     step = body["page_size"] / body["context_len"]
     amp = {}
     for phase, windows in sensitivity.items():
         selector, key, rkey, fkey = PHASES[phase]
-        amp[phase] = a = amplification(windows, body[rkey])
+        amp[phase] = a = amplification(windows, body[rkey]) ** power
         curves = prof.curves(selector, "kv", "sinkless")                          # [L, U, G]
         L, U, _ = curves.shape
         flat = curves.reshape(L * U, -1)
@@ -111,8 +111,9 @@ def config(name: str, key: str, flags: list[str], checksum: str) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["prefill", "prefill+decode"],
-                   help="which phases' budgets each variant weights: prefill, decode or prefill+decode")
+    p.add_argument("--variants", nargs="+", default=["prefill+decode", "prefill+decode^0.5"],
+                   help="which phases' budgets each variant weights (prefill, decode or prefill+decode), and "
+                        "^POWER: weights a_l ** POWER (default 1)")
     p.add_argument("--sensitivity-context", type=int, default=4096)
     p.add_argument("--sensitivity-windows", type=int, default=2)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
@@ -129,11 +130,12 @@ def main():
 
     variants = {}   # name -> (flags, checksum, body, amplification)
     for v in args.variants:
-        phases = v.split("+")
+        spec, _, power = v.partition("^")
+        phases = spec.split("+")
         if not set(phases) <= set(PHASES):
-            p.error(f"--variants {v}: phases are {sorted(PHASES)}, joined by +")
+            p.error(f"--variants {v}: phases are {sorted(PHASES)}, joined by +, then ^POWER if any")
         body, amp = weighted_body({ph: stores(ph, args.sensitivity_context, args.sensitivity_windows)
-                                   for ph in phases})
+                                   for ph in phases}, float(power or 1))
         name = f"weighted-{v}@{MEAN}"
         path = Path(f"/tmp/layer-{name}.json")
         write_json(path, "budget", body)

@@ -34,6 +34,11 @@ STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answe
            "prefill_layers.md": "which layers' sparse prefill loses the default's 4k/8k answers: the default with "
                                 "some layers' prefill dense, on the prompts it loses",
            "decode_top_p.md": "the decode half's losses against the oracle's mass-adaptive (top-p) budget per step",
+           "layer_sensitivity_prefill_copy.md": "how far each layer's sparse prefill moves the output on the "
+                                                "profile's texts, copy probe (layer_weighted.py's prefill weights)",
+           "layer_sensitivity_decode_copy.md": "the same for sparse decode (layer_weighted.py's decode weights)",
+           "layer_weighted.md": "budgets weighted by each layer's measured amplification, at the default's mean, "
+                                "on retrieval's forms",
            "selector.md": "recall of the oracle's attention mass per page selector at equal pages read",
            "prefill_recall.md": "recall per prefill estimate (the served `centre` and the oracle)",
            "budget_methods.md": "predicted worst-head recovery per budget method",
