@@ -44,3 +44,39 @@ def test_a_heavier_layer_gets_more_budget_at_the_same_total():
     assert abs(float(got.mean()) - 0.1) < 1e-6
     assert float(got[13].mean()) > float(base[13].mean()) + step
     assert bool((got >= 8 * step - 1e-9).all())    # nobody below the floor
+
+
+def test_the_decode_probe_on_a_cache_is_the_served_decode_path():
+    """layer_sensitivity.py --phase decode runs the prompt once and the last SPAN tokens on its cache; that must
+    give the logits quality.py's full-sequence path gives (prefill dense, the answer rows decoded sparse)."""
+    from common import PROFILE, kv_budgets
+    from layer_sensitivity import SPAN, OneLayerSparse
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_shplb import selection as sel
+    from sglang_shplb.models import corpus_files, prepare_model
+    from sglang_shplb.profile import Profile, token_windows
+
+    prof = Profile.load(PROFILE)
+    attn = OneLayerSparse(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "prefill")
+    AttentionInterface.register("test_layer_sensitivity", attn)
+    md = prepare_model()
+    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
+                                                 attn_implementation="test_layer_sensitivity").eval()
+    served = torch.tensor(kv_budgets("optimal", 0.1)["budgets"])
+    ch = prof.label_channels("kv")
+    r = sel.get_selector(sel.DEFAULT_SELECTOR).keys
+    attn.channels = {layer: ch[layer, :, :r] for layer in range(ch.shape[0])}
+    attn.budget_ref = sel.BudgetRef.of(served, 256)
+    ids = token_windows(AutoTokenizer.from_pretrained(md), corpus_files("canterbury"), 1024, 1)[0]
+    attn.budgets, attn.prefill_budgets = served, torch.ones_like(served)
+    with torch.no_grad():
+        attn.sparse, attn.answer_from = set(), None
+        dense = model(ids[None]).logits[0, -SPAN:]
+        cache = model(ids[None, :-SPAN], use_cache=True).past_key_values
+        attn.sparse, attn.answer_from = {5, 13}, len(ids) - SPAN
+        full = model(ids[None]).logits[0, -SPAN:]
+        attn.answer_from = None
+        cached = model(ids[None, -SPAN:], past_key_values=cache, use_cache=True).logits[0]
+    assert float((full - dense).abs().max()) > 1e-3        # the two sparse layers change the answer rows
+    assert float((cached - full).abs().max()) < 1e-3
