@@ -28,10 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, kv_budgets, write_result  # noqa: E402
-from quality import SparseAttention  # noqa: E402
+from quality import SparseAttention, decode_as_served, load_hf_model  # noqa: E402
 
-from sglang_shplb import selection as sel  # noqa: E402
-from sglang_shplb.models import corpus_files, prepare_model  # noqa: E402
+from sglang_shplb.models import corpus_files  # noqa: E402
 from sglang_shplb.profile import Profile, token_windows  # noqa: E402
 
 RESULTS = ROOT / "benchmark" / "results"
@@ -97,6 +96,8 @@ def main():
                    help="run this window alone and store its scores (one process per core); --render merges them")
     p.add_argument("--render", action="store_true", help="merge the stored windows into the result; run nothing")
     args = p.parse_args()
+    if args.probe == "copy" and args.context < 2 * SPAN:
+        p.error(f"--probe copy needs --context >= {2 * SPAN}: the {SPAN}-token copy comes from the window's middle")
     if not args.render:
         measure(args)
     if args.render or args.only_window is None:
@@ -104,23 +105,14 @@ def main():
 
 
 def measure(args) -> None:
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     attn = OneLayerSparse(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "prefill")
-    AttentionInterface.register("shplb_layer_sensitivity", attn)
-    md = prepare_model()
-    tok = AutoTokenizer.from_pretrained(md)
-    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
-                                                 attn_implementation="shplb_layer_sensitivity").eval()
+    tok, model = load_hf_model(attn, "shplb_layer_sensitivity")
     served = torch.tensor(kv_budgets("optimal", args.mean, phase=args.phase)["budgets"])   # [L, Hkv]
     L = served.shape[0]
-    if args.phase == "decode":   # the decode selector as served: its label channels and page counts
-        ch = prof.label_channels("kv")
-        r = sel.get_selector(sel.DEFAULT_SELECTOR).keys
-        attn.channels = {layer: ch[layer, :, :r] for layer in range(L)}
-        attn.budget_ref = sel.BudgetRef.of(served, -(-prof.meta["context_lens"][0] // prof.meta["page_size"]))
+    if args.phase == "decode":
+        decode_as_served(attn, prof, served)
     texts = token_windows(tok, corpus_files("canterbury"), args.context, args.windows)
     half = args.context // 2
 

@@ -35,11 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, kv_budgets, write_result  # noqa: E402
-from quality import SparseAttention  # noqa: E402
+from quality import SparseAttention, decode_as_served, load_hf_model  # noqa: E402
 from retrieval import LEVELS, MAX_TOKENS, corpus_pieces  # noqa: E402
 from ruler_tasks import FAMILIES, make_task  # noqa: E402
 
-from sglang_shplb.models import prepare_model  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
 from sglang_shplb.profile import Profile  # noqa: E402
 from sglang_shplb.budget import METHODS  # noqa: E402
@@ -81,26 +80,16 @@ def main():
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=["single_needle", "multi_key"])
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args()
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
-
     torch.set_num_threads(1)
     prof = Profile.load(PROFILE)
     attn = SparseAttention(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "prefill")
-    AttentionInterface.register("shplb_prefill_needle", attn)
-    md = prepare_model()
-    tok = AutoTokenizer.from_pretrained(md)
-    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
-                                                 attn_implementation="shplb_prefill_needle").eval()
-    served = prof.label_channels("kv")   # the label cache's channels, as served (the decode selector's)
-    r = sel.get_selector(sel.DEFAULT_SELECTOR).keys
-    attn.channels = {layer: served[layer, :, :r] for layer in range(served.shape[0])}
+    tok, model = load_hf_model(attn, "shplb_prefill_needle")
     pieces = corpus_pieces()
     count = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
     decode = kv_budgets(args.decode_method, args.mean, floor_pages=args.decode_floor_pages)
     decode_budgets = torch.tensor(decode["budgets"])
     prefill_budgets = torch.tensor(kv_budgets("optimal", args.mean, phase="prefill")["budgets"])
-    ref_pages = -(-prof.meta["context_lens"][0] // prof.meta["page_size"])
-    attn.budget_ref = sel.BudgetRef.of(decode_budgets, ref_pages)   # decode page counts as served
+    decode_as_served(attn, prof, decode_budgets)   # label channels and decode page counts as served
     if any(t < 0 for t in args.dense_tails):
         p.error("--dense-tails: each must be >= 0 tokens")
     if any(x <= 0 for x in args.prefill_scales):

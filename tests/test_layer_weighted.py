@@ -51,24 +51,17 @@ def test_the_decode_probe_on_a_cache_is_the_served_decode_path():
     give the logits quality.py's full-sequence path gives (prefill dense, the answer rows decoded sparse)."""
     from common import PROFILE, kv_budgets
     from layer_sensitivity import SPAN, OneLayerSparse
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+    from quality import decode_as_served, load_hf_model
 
-    from sglang_shplb import selection as sel
-    from sglang_shplb.models import corpus_files, prepare_model
+    from sglang_shplb.models import corpus_files
     from sglang_shplb.profile import Profile, token_windows
 
     prof = Profile.load(PROFILE)
     attn = OneLayerSparse(prof.meta["page_size"], prof.meta["sink_pages"], prof.meta["recent_pages"], "prefill")
-    AttentionInterface.register("test_layer_sensitivity", attn)
-    md = prepare_model()
-    model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32,
-                                                 attn_implementation="test_layer_sensitivity").eval()
+    tok, model = load_hf_model(attn, "test_layer_sensitivity")
     served = torch.tensor(kv_budgets("optimal", 0.1)["budgets"])
-    ch = prof.label_channels("kv")
-    r = sel.get_selector(sel.DEFAULT_SELECTOR).keys
-    attn.channels = {layer: ch[layer, :, :r] for layer in range(ch.shape[0])}
-    attn.budget_ref = sel.BudgetRef.of(served, 256)
-    ids = token_windows(AutoTokenizer.from_pretrained(md), corpus_files("canterbury"), 1024, 1)[0]
+    decode_as_served(attn, prof, served)
+    ids = token_windows(tok, corpus_files("canterbury"), 1024, 1)[0]
     attn.budgets, attn.prefill_budgets = served, torch.ones_like(served)
     with torch.no_grad():
         attn.sparse, attn.answer_from = set(), None
