@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import PROFILE, kv_budgets, write_result  # noqa: E402
-from quality import SparseAttention, decode_as_served, load_hf_model  # noqa: E402
+from hf_harness import decode_as_served, load_hf_model  # noqa: E402
+from quality import SparseAttention  # noqa: E402
 from retrieval import LEVELS, MAX_TOKENS, corpus_pieces  # noqa: E402
 from ruler_tasks import FAMILIES, make_task  # noqa: E402
 

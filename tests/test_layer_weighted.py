@@ -51,7 +51,7 @@ def test_the_decode_probe_on_a_cache_is_the_served_decode_path():
     give the logits quality.py's full-sequence path gives (prefill dense, the answer rows decoded sparse)."""
     from common import PROFILE, kv_budgets
     from layer_sensitivity import SPAN, OneLayerSparse
-    from quality import decode_as_served, load_hf_model
+    from hf_harness import decode_as_served, load_hf_model
 
     from sglang_shplb.models import corpus_files
     from sglang_shplb.profile import Profile, token_windows
