@@ -22,6 +22,9 @@ Variants (`--variants`), all on the same prompts:
   plusM: the selector's top k+M pages (same extra read as the fixes: the control);
   otopP: oracle top-p (Twilight's mass-adaptive budget, its upper bound): each step, layer and KV group reads
          the fewest pages whose true mass reaches P (sink and recent pages counted first); k varies per step.
+  etopP: estimated top-p (Twilight with the served selector's own estimate): the served order over its whole
+         shortlist, read to the fewest pages whose label-estimated mass reaches P, never fewer than `sparse`'s k;
+         etopPfree: the same with no floor but the forced pages.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmark/needle_attribution.py --samples S.jsonl --docs 0 3 \
         --budgets dec10.json --variants dense sparse oracle persist8 nbr4 plus8 --greedy --teacher
@@ -29,6 +32,7 @@ Variants (`--variants`), all on the same prompts:
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -55,6 +59,7 @@ class Attr:
         self.carry = {}                 # persistM: layer -> [Hkv, M] pages carried from the previous step
         self.step = 0
         self.reads = []                 # (layer, Hkv) tokens read per decode step
+        self.kept = []                  # (layer, Hkv) true group mass of the pages read, per decode step
 
     # ---------------------------------------------------------------------------------------------
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -92,7 +97,7 @@ class Attr:
         N = int(n_pages.max())
         mass = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)  # [Hkv, N]
         v_name = self.variant
-        extra = 0
+        extra, listed_pages = 0, None
         if v_name.startswith("plus"):
             extra = int(v_name[4:])
             kp = torch.minimum(kp + extra, n_pages)
@@ -105,6 +110,8 @@ class Attr:
             kp = ((held < float(v_name[4:])).sum(-1, keepdim=True) + 1).clamp(max=N)
             kp = torch.maximum(kp, forced.sum(-1, keepdim=True))
             chosen = order.unsqueeze(1)
+        elif v_name.startswith("etop"):   # estimated top-p: the served order, cut where the labels' mass reaches p
+            chosen, kp, listed_pages = self.estimated_top_p(layer, qg, k, n_pages, kp, seq, v_name[4:])
         elif v_name == "labelall":   # diagnostic: the default's second stage on every page (no page-bound shortlist)
             name = self.selector
             self.selector = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
@@ -157,6 +164,8 @@ class Attr:
             forced = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent)               # [Hkv, N]
             self.carry[layer] = w.masked_fill(forced, -1).topk(min(m, N), -1).indices
         self.reads.append((layer, (mask.sum(-1) * P).tolist()))
+        listed_mass = (mass * listed_pages).sum(-1).tolist() if v_name.startswith("etop") else None
+        self.kept.append((layer, (mass * mask).sum(-1).tolist(), listed_mass))   # true group mass read, listed
         out = torch.einsum("hgl,hld->hgd", sl, v.float()).reshape(1, 1, Hq, -1).to(q.dtype)
         if self.record is not None:
             self.diagnose(layer, q, k, probs, mask, base, kp, qg, n_pages, seq)
@@ -173,6 +182,44 @@ class Attr:
             return tuple(t[heads, idx] for t in fine)
         return sel.choose_pages(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, kp,
                                 self.sink, self.recent, self.channels[layer].unsqueeze(1), seq)
+
+    def estimated_top_p(self, layer, qg, k, n_pages, kp, seq, spec):
+        """etopP[free]: the served selector's order over its whole shortlist (its first kp pages are `sparse`'s),
+        read up to the fewest pages whose estimated group mass reaches P, at least kp (`free`: at least the forced
+        pages). The estimate is the label logits' per-page log-sum-exp, softmaxed per query head over the
+        shortlist (forced pages included), averaged over the group: what the second stage computes, no extra read.
+        Returns the order [Hkv, 1, C], each group's page count [Hkv, 1] and its listed pages [Hkv, N] (bool)."""
+        free = spec.endswith("free")
+        p = float(spec[:-4] if free else spec)
+        rule = sel.get_selector(self.selector)
+        Hkv, P = k.shape[0], self.P
+        K = int(kp.max())
+        N = int(n_pages.max())
+        C = min(N, math.ceil(rule.shortlist * K))
+        kmin, kmax = sel.page_minmax(k.float(), P)
+        coarse = sel.coarse_scores(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), n_pages)       # [Hkv, 1, N]
+        pins = sel.page_pins(n_pages, N, self.sink, self.recent)
+        short = sel.top_pages(coarse, n_pages, C, self.sink, self.recent, pins)                   # [Hkv, 1, C]
+        listed = torch.arange(C) < sel.shortlist_len(rule, kp, n_pages).unsqueeze(-1)
+        labels = recovery.stage2_inputs(rule, k.float(), P, self.channels[layer])[0]            # [Hkv, N, P, r]
+        heads = torch.arange(Hkv).view(-1, 1, 1)
+        fine = sel.second_stage(rule, self.channels[layer].unsqueeze(1), seq)(
+            rule, qg, short, (labels[heads, short],), listed)                                     # [Hkv, 1, C]
+        by_page = torch.broadcast_to(pins.value, (Hkv, 1, N)).clone()
+        by_page.scatter_reduce_(-1, short, fine, "amax")
+        order = by_page.argsort(dim=-1, descending=True, stable=True)[..., :C]                   # [Hkv, 1, C]
+        # per-head estimated mass over the listed shortlist (page log-sum-exp of the label logits)
+        q_r = sel.gather_channels(qg[:, 0], self.channels[layer][:, :labels.shape[-1]]) * qg.shape[-1] ** -0.5
+        lg = torch.einsum("hgr,hnpr->hgnp", q_r, labels)                                          # [Hkv, G, N, P]
+        written = torch.arange(N * P).view(N, P) < int(seq.max())
+        lse = lg.masked_fill(~written, float("-inf")).logsumexp(-1)                              # [Hkv, G, N]
+        cand = torch.zeros(Hkv, N, dtype=torch.bool).scatter(-1, short[:, 0], listed[:, 0])
+        est = lse.masked_fill(~cand.unsqueeze(1), float("-inf")).softmax(-1).mean(1)             # [Hkv, N]
+        held = est.gather(-1, order[:, 0]).cumsum(-1)                                             # [Hkv, C]
+        k_p = (held < p).sum(-1, keepdim=True) + 1
+        floor = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent).sum(-1, keepdim=True) if free else kp
+        k_new = torch.minimum(torch.maximum(k_p, floor), cand.sum(-1, keepdim=True))
+        return order, k_new, cand
 
     def selector_ranks(self, layer, qg, k, n_pages, kp, seq):
         """Diagnostics only: each page's coarse rank, whether shortlisted, its fine score/rank within the shortlist."""
@@ -208,6 +255,19 @@ class Attr:
             rec["head_mass"] = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1)  # [Hkv,G,N]
             rec["qnorm"] = qg[:, 0].norm(dim=-1)
         self.record.append(rec)
+
+
+def recall_tail(attn: Attr) -> dict:
+    """A teacher-forced run's true mass read per (step, layer, KV group): its mean, the share below 0.8, the tokens
+    read per step, and (etop) the share of those below 0.8 whose whole listed shortlist already held < 0.8."""
+    kept = torch.tensor([x for _, r, _ in attn.kept for x in r])
+    low = kept < 0.8
+    out = {"mean": float(kept.mean()), "below_0.8": float(low.double().mean()),
+           "reads": sum(sum(r) / len(r) for _, r in attn.reads) / len(attn.reads)}
+    if attn.kept[0][2] is not None:
+        listed = torch.tensor([x for _, _, r in attn.kept for x in r])
+        out["listed_below_0.8"] = float((listed[low] < 0.8).double().mean()) if low.any() else 0.0
+    return out
 
 
 def needle_positions(tok, ids, value):
@@ -305,20 +365,23 @@ def main():
         gold = run(model, attn, ids, cache, first, args.steps)
         print("  dense greedy:", repr(tok.decode(gold)), flush=True)
         res = {"doc": d, "value": value, "n_prompt": len(ids), "needle_pos": npos, "gold": gold,
-               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {},
+               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {}, "kept": {},
                "commands": ["python benchmark/needle_attribution.py " + " ".join(sys.argv[1:])]}
         for v in args.variants:
             attn.variant, attn.sparse_layers = v, None
             if args.greedy:
-                attn.reads = []
+                attn.reads, attn.kept = [], []
                 g = run(model, attn, ids, cache, first, args.steps)
                 res["greedy"][v] = tok.decode(g)
                 if attn.reads:   # mean tokens read per (sparse layer, KV head, step)
                     res["reads"][v] = sum(sum(r) / len(r) for _, r in attn.reads) / len(attn.reads)
             if args.teacher:
-                attn.reads = []
+                attn.reads, attn.kept = [], []
                 t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)
                 res["teacher"][v] = [int(a == bb) for a, bb in zip(t[1:], gold[1:])]
+                if attn.kept:
+                    res["kept"][v] = recall_tail(attn)
+                    print(f"  {v:10s} teacher: {res['kept'][v]}", flush=True)
             scored = f" score {score(res['greedy'][v]):.2f}" if args.greedy and score else ""
             print(f"  {v:10s} greedy {res['greedy'].get(v)!r}{scored} teacher {res['teacher'].get(v)} "
                   f"reads/step {res['reads'].get(v, 0):.0f}", flush=True)
@@ -365,6 +428,7 @@ def table(args) -> None:
     kept = {v: sum(v in d["greedy"] and scores[d["doc"]](d["greedy"][v]) >= scores[d["doc"]](d["gold_text"])
                    for d in docs) for v in variants}
     lines.append(f"| **at dense's score** (of {len(docs)}) | — | " + " | ".join(str(kept[v]) for v in variants) + " |")
+    lines += recall_table(docs)
     runs = list(dict.fromkeys(c for d in docs for c in d.get("commands", [])))
     lines += ["", "Runs (then `--table`): " + "; ".join(f"`{c}`" for c in runs)]
     write_result(args.table, "Decode budgets per step: the oracle's top-p against the served selector",
@@ -379,13 +443,32 @@ def table(args) -> None:
                  "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
 
 
+def recall_table(docs: list) -> list:
+    """Teacher-forced runs (`--teacher`): per prompt and variant, the true mass read per (step, layer, KV group)."""
+    variants = list(dict.fromkeys(v for d in docs for v in d.get("kept", {})))
+    if not variants:
+        return []
+    lines = ["", "Teacher-forced on dense's answer (the same contexts for every variant): the true group mass read per "
+             "decode step, layer and KV group — its mean / the share of entries below 0.8 — and the tokens read per "
+             "step. For etop, in brackets: of the entries below 0.8, the share whose whole listed shortlist (the "
+             "second stage's candidates) held less than 0.8 (the first stage missed the mass; the rest the second "
+             "stage misranked).", "",
+             "| prompt | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 1)]
+    for d in docs:
+        k = d.get("kept", {})
+        cell = lambda r: (f"{r['mean']:.3f} / {r['below_0.8']:.1%} ({r['reads']:.0f})"   # noqa: E731
+                          + (f" [{r['listed_below_0.8']:.0%}]" if "listed_below_0.8" in r else ""))
+        lines.append(f"| {d['doc']} | " + " | ".join(cell(k[v]) if v in k else "—" for v in variants) + " |")
+    return lines
+
+
 def save(path: Path, res: dict) -> None:
     """Write a prompt's results, keeping the variants an earlier run of the same prompt and answer stored there."""
     if path.is_file():
         old = json.loads(path.read_text())
         if old["gold"] == res["gold"]:
-            for part in ("greedy", "teacher", "reads"):
-                res[part] = {**old.get(part, {}), **res[part]}
+            for part in ("greedy", "teacher", "reads", "kept"):
+                res[part] = {**old.get(part, {}), **res.get(part, {})}
             res["commands"] = list(dict.fromkeys(old.get("commands", []) + res.get("commands", [])))
     path.write_text(json.dumps(res, indent=1))
 

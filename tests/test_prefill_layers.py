@@ -81,3 +81,33 @@ def test_attribution_runs_of_one_prompt_accumulate(tmp_path):
     assert set(json.loads(path.read_text())["greedy"]) == {"sparse", "otop0.9"}
     save(path, res([1, 3], "oracle"))
     assert set(json.loads(path.read_text())["greedy"]) == {"oracle"}
+
+
+def test_estimated_top_p_extends_the_served_selection():
+    """needle_attribution.py's etopP (a mass-adaptive decode budget on the served selector's own estimate): its
+    pages are the served order's first k, k never below the served count; P = 0 reads exactly what `sparse` reads,
+    a larger P reads more, at most the listed shortlist; `free` may read fewer than the served count."""
+    import torch
+    from needle_attribution import Attr
+
+    from sglang_shplb import selection as sel
+
+    torch.manual_seed(0)
+    Hkv, G, L, D, P = 3, 3, 400, 16, 16
+    q, k, v = torch.randn(Hkv * G, 1, D), torch.randn(Hkv, L, D) * 2, torch.randn(Hkv, L, D)
+    budgets = torch.full((1, Hkv), 0.2, dtype=torch.float64)
+    channels = {0: torch.stack([torch.randperm(D) for _ in range(Hkv)])}
+    attn = Attr(P, 1, 2, budgets, sel.BudgetRef.of(budgets, 25), channels, 0)
+    attn.selector = sel.DEFAULT_SELECTOR
+    outs, reads = {}, {}
+    for name in ("sparse", "etop0.0", "etop0.5", "etop0.99", "etop1.0", "etop0.5free"):
+        attn.variant, attn.reads, attn.kept = name, [], []
+        outs[name] = attn.decode_sparse(0, q, k, v, 0.25)
+        reads[name] = attn.reads[0][1]
+    assert reads["etop0.0"] == reads["sparse"] and torch.equal(outs["etop0.0"], outs["sparse"])
+    for h in range(Hkv):
+        assert reads["sparse"][h] <= reads["etop0.5"][h] <= reads["etop0.99"][h] <= reads["etop1.0"][h]
+        assert reads["etop0.5free"][h] <= reads["etop0.5"][h]
+    kp = torch.tensor([reads["sparse"][0] // P])
+    listed = sel.shortlist_len(sel.get_selector(sel.DEFAULT_SELECTOR), kp, torch.tensor([25]))
+    assert reads["etop1.0"] == [int(listed) * P] * Hkv and sum(reads["etop0.99"]) > sum(reads["sparse"])
