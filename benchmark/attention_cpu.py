@@ -66,20 +66,21 @@ def decode_inputs(name: str, fine: dict) -> dict:
 
 
 @cache
-def recipe_budgets() -> dict:
-    """The default recipe's budgets body, as the launcher solves it from the committed profile."""
+def recipe_budgets(mean: float = DEFAULT_MEAN_BUDGET) -> dict:
+    """The default recipe's budgets body, as the launcher solves it from the committed profile (at another mean:
+    the recipe's allocation at that mean, as `--shplb-mean-budget` would make it)."""
     from common import committed_profile
 
     from sglang_shplb.budget import make_budgets
 
-    return make_budgets(committed_profile(), DEFAULT_MEAN_BUDGET, "optimal", prefill_mean=DEFAULT_MEAN_BUDGET)
+    return make_budgets(committed_profile(), mean, "optimal", prefill_mean=mean)
 
 
-def model_budgets(uniform: float | None):
-    """(budgets [LAYERS, HKV], their BudgetRef, the layers to time): the default recipe's, or one uniform budget."""
+def model_budgets(uniform: float | None, mean: float = DEFAULT_MEAN_BUDGET):
+    """(budgets [LAYERS, HKV], their BudgetRef, the layers to time): the recipe's at `mean`, or one uniform budget."""
     if uniform is not None:
         return torch.full((LAYERS, HKV), uniform), None, [0]
-    body = recipe_budgets()
+    body = recipe_budgets(mean)
     b = torch.tensor(body["budgets"], dtype=torch.float64)
     return b, sel.BudgetRef.of(b, -(-body["context_len"] // P)), list(range(LAYERS))
 
@@ -107,12 +108,37 @@ def timed(fn, repeats):
     return out
 
 
+def column_runs(name, mean, args, bs, q, k_buf, v_buf, req_to_token, rows_idx, seq_lens, kmin, kmax, fine):
+    """(plan, sparse, timed layers) of one column: selector `name` at the recipe's budgets at `mean` (or --budget).
+    plan: the step's plan_decode with the selector's shortlist masks, made once per decode step; sparse: every timed
+    layer as served, selecting on that plan (carrying pages) and attending."""
+    budgets, ref, layers = model_budgets(args.budget, mean)   # the whole model's: the plan's work is per step
+    carry = None if args.no_carry else new_carry(LAYERS, bs, HKV, "cpu")
+
+    def plan():
+        step = plan_decode(req_to_token, rows_idx, seq_lens, budgets, P, 1, 2, ref)
+        step.ranks(0, sel.get_selector(name))
+        return step
+
+    step_plan = plan()
+
+    def sparse():
+        qg = q.view(bs, HKV, G, D)
+        for layer in layers:
+            chosen = select_layer(step_plan, layer, qg, kmin, kmax, req_to_token, P, 1, 2, name, k_buf=k_buf,
+                                  carry=None if carry is None else carry[layer], **decode_inputs(name, fine))
+            attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
+    return plan, sparse, layers
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, help="one uniform budget instead of the default recipe's per-head ones")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--means", type=float, nargs="+", help="instead of --selectors: the default selector at the "
+                   "recipe's per-head budgets at each of these means, one column each")
     p.add_argument("--no-carry", action="store_true", help="without carried pages (their cost, by difference)")
     p.add_argument("--selectors", nargs="+",
                    default=sorted(sel.SELECTORS),
@@ -122,55 +148,46 @@ def main():
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
     torch.set_num_threads(1)
-    names = args.selectors
-    bound = args.budget is None   # the bytes model reads the default recipe's budgets
-    rows = ["| context | batch | dense ms | " + " | ".join(f"{n} ms | {n} speed-up" for n in names)
+    if args.means:   # one column per mean: the default selector at the recipe's allocation at that mean
+        columns = [(f"{sel.DEFAULT_SELECTOR}@{m}", sel.DEFAULT_SELECTOR, m) for m in args.means]
+    else:
+        columns = [(n, n, DEFAULT_MEAN_BUDGET) for n in args.selectors]
+    bound = args.budget is None and not args.means   # the bytes model reads the default recipe's budgets
+    rows = ["| context | batch | dense ms | " + " | ".join(f"{c} ms | {c} speed-up" for c, *_ in columns)
             + " | bound × (bytes/step, default) |" * bound,
-            "|---|---|---|" + "---|---|" * len(names) + "---|" * bound]
+            "|---|---|---|" + "---|---|" * len(columns) + "---|" * bound]
     for ctx in args.contexts:
         for bs in args.batches:
             k_buf, v_buf, req_to_token, kmin, kmax, fine = build_pool(bs, ctx)
             seq_lens, rows_idx = torch.full((bs,), ctx), torch.arange(bs)
             q = torch.randn(bs, HKV * G, D)
             out = torch.empty_like(q)
-            budgets, ref, layers = model_budgets(args.budget)   # the whole model's: the plan's work is per step
-            carry = None if args.no_carry else new_carry(LAYERS, bs, HKV, "cpu")
 
             def dense():
                 TorchNativeAttnBackend._run_sdpa_forward_decode(
                     None, q, out, k_buf, v_buf, req_to_token, rows_idx, seq_lens, scaling=D ** -0.5,
                     enable_gqa=True)
 
-            def plan():   # with every timed selector's shortlist masks, which a step makes at its first layer
-                step = plan_decode(req_to_token, rows_idx, seq_lens, budgets, P, 1, 2, ref)
-                for n in names:
-                    step.ranks(0, sel.get_selector(n))
-                return step
-
-            step_plan = plan()
-
-            def sparse(name):   # each timed layer as served: select on the step's plan (carrying pages), attend
-                qg = q.view(bs, HKV, G, D)
-                for layer in layers:
-                    chosen = select_layer(step_plan, layer, qg, kmin, kmax, req_to_token, P, 1, 2, name, k_buf=k_buf,
-                                          carry=None if carry is None else carry[layer], **decode_inputs(name, fine))
-                    attend_selected(qg, k_buf, v_buf, chosen, D ** -0.5)
-
-            td, tp, ts = [], [], {n: [] for n in names}
+            runs = {c: column_runs(name, mean, args, bs, q, k_buf, v_buf, req_to_token, rows_idx, seq_lens, kmin,
+                                   kmax, fine) for c, name, mean in columns}
+            td, tp, ts = [], {c: [] for c in runs}, {c: [] for c in runs}
             for _ in range(3):  # interleave so drift hits all alike
                 td += timed(dense, args.repeats // 3)
-                tp += timed(plan, args.repeats // 3)
-                for n in names:
-                    ts[n] += timed(lambda: sparse(n), args.repeats // 3)
+                for c, (plan, sparse, _) in runs.items():
+                    tp[c] += timed(plan, args.repeats // 3)
+                    ts[c] += timed(sparse, args.repeats // 3)
             d = statistics.median(td) * 1e3
-            per_layer_plan = statistics.median(tp) * 1e3 / LAYERS    # the step's plan, its share per layer
-            ms = {n: statistics.median(ts[n]) * 1e3 / len(layers) + per_layer_plan for n in names}
-            cells = [f"{ms[n]:.2f} | {d / ms[n]:.2f}x" for n in names]
+            # a layer's selection and attention, plus its share of the step's plan
+            ms = {c: statistics.median(ts[c]) * 1e3 / len(runs[c][2]) + statistics.median(tp[c]) * 1e3 / LAYERS
+                  for c in runs}
+            cells = [f"{ms[c]:.2f} | {d / ms[c]:.2f}x" for c in runs]
             rows.append(f"| {ctx} | {bs} | {d:.2f} | " + " | ".join(cells) + " |"
                         + f" {bytes_bound(ctx):.2f}x |" * bound)
             print(rows[-1], flush=True)
-    what = f"uniform budget {args.budget} (layer 0)" if args.budget else \
-        f"the default recipe's per-head budgets (mean {DEFAULT_MEAN_BUDGET}; mean over all {LAYERS} layers)"
+    what = (f"uniform budget {args.budget} (layer 0)" if args.budget else
+            f"the default recipe's per-head budgets (optimal) at means {args.means}; mean over all {LAYERS} layers"
+            if args.means else
+            f"the default recipe's per-head budgets (mean {DEFAULT_MEAN_BUDGET}; mean over all {LAYERS} layers)")
     write_result(args.out, "Decode attention, CPU: shplb sparse vs torch_native dense",
                  f"SmolLM2 shapes, {what}, page {P}, sink 1 + recent 2 pages, "
                  f"{'no carried pages' if args.no_carry else 'carried pages (as served)'}, "

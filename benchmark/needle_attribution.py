@@ -431,15 +431,17 @@ def table(args) -> None:
     lines += recall_table(docs)
     runs = list(dict.fromkeys(c for d in docs for c in d.get("commands", [])))
     lines += ["", "Runs (then `--table`): " + "; ".join(f"`{c}`" for c in runs)]
-    write_result(args.table, "Decode budgets per step: the oracle's top-p against the served selector",
+    write_result(args.table, "Decode budgets per step: top-p (oracle and estimated) against the served selector",
                  "Greedy answers of retrieval.py prompts with dense prefill and the default's decode budgets "
                  "(in-process HF fp32; the budgets file of `python -m sglang_shplb.budget --profile "
                  "python/sglang_shplb/data/smollm2-135m.profile.safetensors --mean-budget 0.1`, as `--budgets`): "
                  "score, the answer's start, and in brackets the tokens read per decode step (mean over steps, "
                  "layers and KV groups). `sparse` is the served selector at the file's per-head page counts, "
                  "`oracle` the true top pages at the same counts, `otopP` the fewest pages holding mass P, per "
-                 "step, layer and KV group. The prompts: those the default's decode budgets lose through the "
-                 "server with dense prefill (retrieval_attribution.md).", lines,
+                 "step, layer and KV group; `etopP` the served selector's own order over its shortlist, read until "
+                 "its label estimate of the group's mass reaches P, never below the served count (`free`: no such "
+                 "floor) — Twilight's top-p on what the served selector computes. The prompts: those the default's "
+                 "decode budgets lose through the server with dense prefill (retrieval_attribution.md).", lines,
                  "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
 
 
