@@ -20,6 +20,7 @@ Variants (`--variants`), all on the same prompts:
   persistM: the M pages with the most attention weight (exact weights over the selected pages, computed
             anyway) at the previous decode step stay selected (TidalDecode-style position persistence);
   plusM: the selector's top k+M pages (same extra read as the fixes: the control);
+  VARIANT@M: the variant at the default allocation's budgets at mean M (optimal, committed profile), not --budgets';
   otopP: oracle top-p (Twilight's mass-adaptive budget, its upper bound): each step, layer and KV group reads
          the fewest pages whose true mass reaches P (sink and recent pages counted first); k varies per step.
   etopP: estimated top-p (Twilight with the served selector's own estimate): the served order over its whole
@@ -60,6 +61,7 @@ class Attr:
         self.step = 0
         self.reads = []                 # (layer, Hkv) tokens read per decode step
         self.kept = []                  # (layer, Hkv) true group mass of the pages read, per decode step
+        self.at_mean = {}               # VARIANT@M: mean -> (budgets, BudgetRef) of the default allocation at M
 
     # ---------------------------------------------------------------------------------------------
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -90,13 +92,13 @@ class Attr:
         qg = q.float().view(Hkv, 1, G, D)                                     # [Hkv, 1(row), G, D]
         n_pages = torch.full((Hkv, 1), (L - 1) // P + 1)
         seq = torch.full((Hkv, 1), L)
-        kp = sel.pages_for_budget(self.budgets[layer].view(Hkv, 1).double(), n_pages.double(),
-                                  self.sink + self.recent, self.ref)           # [Hkv, 1]
+        v_name, budgets, ref = self.budgets_of(self.variant)
+        kp = sel.pages_for_budget(budgets[layer].view(Hkv, 1).double(), n_pages.double(),
+                                  self.sink + self.recent, ref)                # [Hkv, 1]
         logits = torch.einsum("hgd,hld->hgl", qg[:, 0], k.float()) * scale      # [Hkv, G, L]
         probs = logits.softmax(-1)
         N = int(n_pages.max())
         mass = torch.nn.functional.pad(probs, (0, N * P - L)).unflatten(-1, (N, P)).sum(-1).mean(1)  # [Hkv, N]
-        v_name = self.variant
         extra, listed_pages = 0, None
         if v_name.startswith("plus"):
             extra = int(v_name[4:])
@@ -182,6 +184,21 @@ class Attr:
             return tuple(t[heads, idx] for t in fine)
         return sel.choose_pages(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, kp,
                                 self.sink, self.recent, self.channels[layer].unsqueeze(1), seq)
+
+    def budgets_of(self, variant: str):
+        """(the variant's rule, its budgets [L, Hkv], BudgetRef): VARIANT@M reads the default allocation (optimal,
+        from the committed profile) at mean M instead of the --budgets file."""
+        if "@" not in variant:
+            return variant, self.budgets, self.ref
+        name, mean = variant.split("@")
+        if mean not in self.at_mean:
+            from common import committed_profile
+
+            from sglang_shplb.budget import make_budgets
+            body = make_budgets(committed_profile(), float(mean), "optimal", "kv")
+            b = torch.tensor(body["budgets"], dtype=torch.float64)
+            self.at_mean[mean] = (b, sel.BudgetRef.of(b, -(-body["context_len"] // self.P)))
+        return name, *self.at_mean[mean]
 
     def estimated_top_p(self, layer, qg, k, n_pages, kp, seq, spec):
         """etopP[free]: the served selector's order over its whole shortlist (its first kp pages are `sparse`'s),

@@ -111,3 +111,29 @@ def test_estimated_top_p_extends_the_served_selection():
     kp = torch.tensor([reads["sparse"][0] // P])
     listed = sel.shortlist_len(sel.get_selector(sel.DEFAULT_SELECTOR), kp, torch.tensor([25]))
     assert reads["etop1.0"] == [int(listed) * P] * Hkv and sum(reads["etop0.99"]) > sum(reads["sparse"])
+
+
+def test_variant_at_mean_reads_the_default_allocation_at_that_mean():
+    """needle_attribution.py's VARIANT@M: the default allocation (optimal, committed profile) at mean M, in place of
+    the --budgets file: at the file's own mean it reads what the file reads; at a larger mean, more."""
+    import torch
+    from common import committed_profile
+    from needle_attribution import Attr
+
+    from sglang_shplb import selection as sel
+    from sglang_shplb.budget import make_budgets
+
+    torch.manual_seed(0)
+    body = make_budgets(committed_profile(), 0.1, "optimal", "kv")
+    budgets = torch.tensor(body["budgets"], dtype=torch.float64)
+    Hkv, G, L, D, P = 3, 3, 4000, 64, 16
+    q, k, v = torch.randn(Hkv * G, 1, D), torch.randn(Hkv, L, D), torch.randn(Hkv, L, D)
+    attn = Attr(P, 1, 2, budgets, sel.BudgetRef.of(budgets, body["context_len"] // P),
+                {0: torch.stack([torch.randperm(D) for _ in range(Hkv)])}, 0)
+    attn.selector = sel.DEFAULT_SELECTOR
+    reads = {}
+    for name in ("sparse", "sparse@0.1", "sparse@0.2"):
+        attn.variant, attn.reads, attn.kept = name, [], []
+        attn.decode_sparse(0, q, k, v, D ** -0.5)
+        reads[name] = sum(attn.reads[0][1])
+    assert reads["sparse@0.1"] == reads["sparse"] < reads["sparse@0.2"]
