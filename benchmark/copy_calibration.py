@@ -63,9 +63,18 @@ def main():
     path = out / "copycal.profile.safetensors"
     if not path.exists():    # profiling takes ~10 min on 2 cores; an existing one is reused
         profile_prose_and_copy(args).save(path)
-    write_budgets(out, {"copycal": prof_mod.Profile.load(path), "shipped": committed_profile()}, args.mean_budget)
+    lines = write_budgets(out, {"copycal": prof_mod.Profile.load(path), "shipped": committed_profile()},
+                          args.mean_budget)
     if args.serve:
-        serve(args, out / "copycal.json")
+        lines += [""] + serve(args, out / "copycal.json")
+    write_result(args.table, "Budgets calibrated on copying as well as prose",
+                 f"The default recipe's allocation (optimal, decode and prefill at {args.mean_budget}) made from a "
+                 "profile of the shipped profile's prose windows plus their copy probes (module docstring), against "
+                 "the shipped profile's: each layer's mean budget per phase" + (
+                     f"; then served on retrieval.py's kept forms ({args.seeds} seeds per form) next to its stored "
+                     "dense and default rows of the same prompts (goal, issue 33: no kept form loses more than 1)"
+                     if args.serve else "") + ".", lines,
+                 "python benchmark/copy_calibration.py " + " ".join(sys.argv[1:]))
 
 
 def profile_prose_and_copy(args) -> "prof_mod.Profile":
@@ -89,9 +98,9 @@ def profile_prose_and_copy(args) -> "prof_mod.Profile":
     return prof
 
 
-def write_budgets(out: Path, profiles: dict, mean: float) -> None:
+def write_budgets(out: Path, profiles: dict, mean: float) -> list[str]:
     """NAME.json (decode and prefill budgets, as the default recipe's) and NAME.decode.json (decode only, for
-    needle_attribution.py) per profile, at the same mean; then each layer's mean budget, shipped -> copy."""
+    needle_attribution.py) per profile, at the same mean. Returns a table of each layer's mean budget per phase."""
     from sglang_shplb.artifacts import write_json
     from sglang_shplb.budget import make_budgets
 
@@ -100,10 +109,15 @@ def write_budgets(out: Path, profiles: dict, mean: float) -> None:
         bodies[name] = make_budgets(profile, mean, "optimal", "kv", prefill_mean=mean)
         write_json(out / f"{name}.json", "budget", bodies[name])
         write_json(out / f"{name}.decode.json", "budget", make_budgets(profile, mean, "optimal", "kv"))
-    for key in ("budgets", "prefill_budgets"):
-        a, b = (torch.tensor(bodies[n][key]) for n in ("copycal", "shipped"))
-        print(f"{key}, per layer mean: shipped -> copy-calibrated")
-        print("  " + "  ".join(f"L{layer} {b[layer].mean():.3f}->{a[layer].mean():.3f}" for layer in range(len(a))))
+    lines = ["| layer | decode: shipped | decode: copy-calibrated | prefill: shipped | prefill: copy-calibrated |",
+             "|---|---|---|---|---|"]
+    phases = ("budgets", "prefill_budgets")
+    t = {(n, key): torch.tensor(bodies[n][key]).mean(-1) for n in bodies for key in phases}
+    for layer in range(len(t["shipped", "budgets"])):
+        cells = [f"{float(t[n, key][layer]):.3f}" for key in phases for n in ("shipped", "copycal")]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return lines
 
 
 def config(name: str, key: str, flags: list[str], checksum: str) -> dict:
@@ -111,11 +125,10 @@ def config(name: str, key: str, flags: list[str], checksum: str) -> dict:
             "max_tokens": MAX_TOKENS}
 
 
-def serve(args, budgets: Path) -> None:
+def serve(args, budgets: Path) -> list[str]:
     """The copy-calibrated budgets file through the server on retrieval.py's kept forms, next to retrieval.py's
     stored dense and default rows (the same prompts), one table: per form, score and lost/gained against dense."""
     import json
-    from concurrent.futures import ThreadPoolExecutor
 
     from transformers import AutoTokenizer
 
@@ -131,9 +144,7 @@ def serve(args, budgets: Path) -> None:
     todo = {k: t for k, t in tasks.items() if form(k) in kept}
     rows = Rows(RESULTS / "raw" / "copy_calibration.json")
     if not args.no_run:
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(run_variant, name, todo, rows, Path("/tmp"), flags,
-                        lambda n, k, f: config(n, k, f, checksum)).result()
+        run_variant(name, todo, rows, Path("/tmp"), flags, lambda n, k, f: config(n, k, f, checksum))
     got = {k: rows.get(config(name, k, flags, checksum), flags_code(tuple(flags))) for k in todo}
     raw = {"dense": base["dense"], default: base[default], name: {k: r for k, r in got.items() if r is not None}}
     lines = ["| form | dense | " + " | ".join(f"{n} (−lost +gained)" for n in (default, name)) + " |",
@@ -151,12 +162,7 @@ def serve(args, budgets: Path) -> None:
     lines.append(f"| **pooled over the {len(ran)} prompts served**: −lost +gained; Δ 95% paired interval (pt) | | "
                  + " | ".join("−{} +{}; [{:+.1f}, {:+.1f}]".format(*paired_keys(raw, n, ran)) for n in (default, name))
                  + " |")
-    write_result(args.table, "Budgets calibrated on copying as well as prose",
-                 f"The default recipe's budgets (optimal, decode and prefill at {args.mean_budget}) made from a "
-                 "profile of the profile's own prose windows plus their copy probes (module docstring), served on "
-                 f"retrieval.py's kept forms ({args.seeds} seeds per form); dense and default are retrieval.py's "
-                 "stored rows of the same prompts. Goal (issue 33): no kept form loses more than 1.", lines,
-                 "python benchmark/copy_calibration.py " + " ".join(sys.argv[1:]))
+    return lines
 
 
 if __name__ == "__main__":

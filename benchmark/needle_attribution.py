@@ -20,6 +20,8 @@ Variants (`--variants`), all on the same prompts:
   persistM: the M pages with the most attention weight (exact weights over the selected pages, computed
             anyway) at the previous decode step stay selected (TidalDecode-style position persistence);
   plusM: the selector's top k+M pages (same extra read as the fixes: the control);
+  gateM: `sparse`, but a step whose top-1 logit leads the second by less than M is decoded again densely (the
+         cache cropped back first): a margin-gated dense fallback; its reads count the fallback's whole context;
   VARIANT@M: the variant at the default allocation's budgets at mean M (optimal, committed profile), not --budgets';
   otopP: oracle top-p (Twilight's mass-adaptive budget, its upper bound): each step, layer and KV group reads
          the fewest pages whose true mass reaches P (sink and recent pages counted first); k varies per step.
@@ -301,16 +303,26 @@ def run(model, attn, ids, cache0, first_tok, steps, feed=None):
     """Decode `steps` tokens from the prefilled cache. feed: teacher-forced tokens (None: greedy).
     Returns the argmax token of every step (the first is the prefill's)."""
     cache = copy.deepcopy(cache0)
-    attn.carry, attn.step = {}, 0
+    attn.carry, attn.step, attn.fallbacks = {}, 0, 0
+    gate = float(attn.variant[4:]) if attn.variant.startswith("gate") else None
+    name = attn.variant
     out = [first_tok]
     cur = first_tok
     for s in range(steps):
         attn.step = s
         inp = feed[s] if feed is not None else cur
+        n = cache.get_seq_length()
+        attn.variant = "sparse" if gate is not None else name
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([[inp]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            top2 = logits.topk(2).values
+            if gate is not None and float(top2[0] - top2[1]) < gate:   # unsure: the step again, dense
+                cache.crop(n)
+                attn.variant, attn.fallbacks = "dense", attn.fallbacks + 1
+                logits = model(input_ids=torch.tensor([[inp]]), past_key_values=cache, use_cache=True).logits[0, -1]
         cur = int(logits.argmax())
         out.append(cur)
+    attn.variant = name
     return out
 
 
@@ -392,6 +404,8 @@ def main():
                 res["greedy"][v] = tok.decode(g)
                 if attn.reads:   # mean tokens read per (sparse layer, KV head, step)
                     res["reads"][v] = sum(sum(r) / len(r) for _, r in attn.reads) / len(attn.reads)
+                    # gateM: a fallback step also reads the whole context, after its discarded sparse pass
+                    res["reads"][v] += attn.fallbacks / args.steps * len(ids)
             if args.teacher:
                 attn.reads, attn.kept = [], []
                 t = run(model, attn, ids, cache, first, len(gold) - 1, feed=gold)

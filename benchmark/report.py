@@ -33,7 +33,10 @@ STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answe
                                        "budgets and a 20% prefill budget beside the default, same prompts",
            "prefill_layers.md": "which layers' sparse prefill loses the default's 4k/8k answers: the default with "
                                 "some layers' prefill dense, on the prompts it loses",
-           "decode_top_p.md": "the decode half's losses against the oracle's mass-adaptive (top-p) budget per step",
+           "decode_top_p.md": "the decode half's losses against the oracle's mass-adaptive (top-p) budget per step, "
+                              "the served selector's own estimated top-p, and the default at larger means",
+           "attention_cpu_means.md": "decode attention at 8k at the default's allocation at means 0.1-0.2 (what a "
+                                     "larger default mean costs)",
            "layer_sensitivity_prefill_copy.md": "how far each layer's sparse prefill moves the output on the "
                                                 "profile's texts, copy probe (layer_weighted.py's prefill weights)",
            "layer_sensitivity_decode_copy.md": "the same for sparse decode (layer_weighted.py's decode weights)",

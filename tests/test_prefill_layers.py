@@ -137,3 +137,36 @@ def test_variant_at_mean_reads_the_default_allocation_at_that_mean():
         attn.decode_sparse(0, q, k, v, D ** -0.5)
         reads[name] = sum(attn.reads[0][1])
     assert reads["sparse@0.1"] == reads["sparse"] < reads["sparse@0.2"]
+
+
+def test_margin_gate_decodes_unsure_steps_densely():
+    """needle_attribution.py's gateM: `sparse`, but a step whose logit margin is under M runs again densely on the
+    cache cropped back. M = 0 never falls back (the answer is sparse's); an unbounded M always does (dense's)."""
+    import torch
+    from needle_attribution import Attr, run
+    from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from sglang_shplb import selection as sel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="shplb_gate_test")
+    budgets = torch.full((2, 2), 0.1, dtype=torch.float64)
+    attn = Attr(16, 1, 2, budgets, sel.BudgetRef.of(budgets, 32), {l: torch.stack([torch.randperm(16)] * 2)
+                                                                   for l in range(2)}, 0)
+    attn.selector = sel.DEFAULT_SELECTOR
+    AttentionInterface.register("shplb_gate_test", attn)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (500,)).tolist()
+    attn.n_prompt, attn.variant = len(ids), "dense"
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+    out, falls = {}, {}
+    for v in ("dense", "sparse", "gate0", "gate1e9"):
+        attn.variant = v
+        out[v] = run(model, attn, ids, cache, first, 12)
+        falls[v] = attn.fallbacks
+    assert out["dense"] != out["sparse"]            # the random model's sparse answer differs: the gate has a job
+    assert out["gate0"] == out["sparse"] and falls["gate0"] == 0
+    assert out["gate1e9"] == out["dense"] and falls["gate1e9"] == 12
