@@ -471,7 +471,10 @@ def table(args) -> None:
                  "`oracle` the true top pages at the same counts, `otopP` the fewest pages holding mass P, per "
                  "step, layer and KV group; `etopP` the served selector's own order over its shortlist, read until "
                  "its label estimate of the group's mass reaches P, never below the served count (`free`: no such "
-                 "floor) — Twilight's top-p on what the served selector computes. The prompts: those the default's "
+                 "floor) — Twilight's top-p on what the served selector computes; `sparse@M` the served selector "
+                 "at the default allocation at mean M; `gateM` the served selector, but a step whose top-1 logit "
+                 "leads the second by less than M runs again densely (its reads count that step's whole context). "
+                 "The prompts: those the default's "
                  "decode budgets lose through the server with dense prefill (retrieval_attribution.md).", lines,
                  "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
 
