@@ -9,9 +9,11 @@ its first half. The four windows' curves are averaged (profile.run_profile, unch
 allocation (optimal, max-min) turns them into decode and prefill budgets at the same mean. Nothing here reads a
 gate task: the probe is made from the calibration text alone.
 
-    OMP_NUM_THREADS=1 python benchmark/copy_calibration.py --out /tmp/copycal
-writes PROFILE.safetensors, budgets files at the mean budgets asked for, and prints how far each layer's budget
-moved from the shipped profile's.
+    OMP_NUM_THREADS=1 python benchmark/copy_calibration.py --out /tmp/copycal [--serve [--forms F ...] [--no-run]]
+writes copycal.profile.safetensors (reused when there: ~10 min to make), the budgets files copycal.json and
+shipped.json (decode and prefill) and *.decode.json (decode only, for needle_attribution.py --budgets), and
+results/copy_calibration.md: each layer's mean budget per phase, shipped vs copy-calibrated, then with --serve the
+served table (rows: raw/copy_calibration.json, keyed by the budgets file's checksum as well as the code).
 """
 import argparse
 import sys
@@ -63,6 +65,7 @@ def main():
     path = out / "copycal.profile.safetensors"
     if not path.exists():    # profiling takes ~10 min on 2 cores; an existing one is reused
         profile_prose_and_copy(args).save(path)
+    where = "the kept forms " + ", ".join(args.forms) if args.forms else "every kept form"
     lines = write_budgets(out, {"copycal": prof_mod.Profile.load(path), "shipped": committed_profile()},
                           args.mean_budget)
     if args.serve:
@@ -71,7 +74,8 @@ def main():
                  f"The default recipe's allocation (optimal, decode and prefill at {args.mean_budget}) made from a "
                  "profile of the shipped profile's prose windows plus their copy probes (module docstring), against "
                  "the shipped profile's: each layer's mean budget per phase" + (
-                     f"; then served on retrieval.py's kept forms ({args.seeds} seeds per form) next to its stored "
+                     f"; then served on {where} "
+                     f"of retrieval.py ({args.seeds} seeds per form) next to its stored "
                      "dense and default rows of the same prompts (goal, issue 33: no kept form loses more than 1)"
                      if args.serve else "") + ".", lines,
                  "python benchmark/copy_calibration.py " + " ".join(sys.argv[1:]))
