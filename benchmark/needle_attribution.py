@@ -27,7 +27,8 @@ Variants (`--variants`), all on the same prompts:
          the fewest pages whose true mass reaches P (sink and recent pages counted first); k varies per step.
   etopP: estimated top-p (Twilight with the served selector's own estimate): the served order over its whole
          shortlist, read to the fewest pages whose label-estimated mass reaches P, never fewer than `sparse`'s k;
-         etopPfree: the same with no floor but the forced pages.
+         etopPfree: the same with no floor but the forced pages; etopPkeys: the estimate (and the shortlist's
+         order) from the full keys, exact over the shortlist: the bound of a better second stage.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmark/needle_attribution.py --samples S.jsonl --docs 0 3 \
         --budgets dec10.json --variants dense sparse oracle persist8 nbr4 plus8 --greedy --teacher
@@ -203,13 +204,15 @@ class Attr:
         return name, *self.at_mean[mean]
 
     def estimated_top_p(self, layer, qg, k, n_pages, kp, seq, spec):
-        """etopP[free]: the served selector's order over its whole shortlist (its first kp pages are `sparse`'s),
-        read up to the fewest pages whose estimated group mass reaches P, at least kp (`free`: at least the forced
-        pages). The estimate is the label logits' per-page log-sum-exp, softmaxed per query head over the
+        """etopP[free|keys]: the served selector's order over its whole shortlist (its first kp pages are
+        `sparse`'s), read up to the fewest pages whose estimated group mass reaches P, at least kp (`free`: at least
+        the forced pages). The estimate is the label logits' per-page log-sum-exp, softmaxed per query head over the
         shortlist (forced pages included), averaged over the group: what the second stage computes, no extra read.
-        Returns the order [Hkv, 1, C], each group's page count [Hkv, 1] and its listed pages [Hkv, N] (bool)."""
-        free = spec.endswith("free")
-        p = float(spec[:-4] if free else spec)
+        `keys`: the bound of a better second stage: the estimate from the full keys (exact over the shortlist), and
+        the shortlist ordered by it. Returns the order [Hkv, 1, C], each group's page count [Hkv, 1] and its listed
+        pages [Hkv, N] (bool)."""
+        free, exact = spec.endswith("free"), spec.endswith("keys")
+        p = float(spec[:-4] if free or exact else spec)
         rule = sel.get_selector(self.selector)
         Hkv, P = k.shape[0], self.P
         K = int(kp.max())
@@ -230,10 +233,15 @@ class Attr:
         # per-head estimated mass over the listed shortlist (page log-sum-exp of the label logits)
         q_r = sel.gather_channels(qg[:, 0], self.channels[layer][:, :labels.shape[-1]]) * qg.shape[-1] ** -0.5
         lg = torch.einsum("hgr,hnpr->hgnp", q_r, labels)                                          # [Hkv, G, N, P]
+        if exact:
+            lg = torch.einsum("hgd,hnpd->hgnp", qg[:, 0] * qg.shape[-1] ** -0.5, recovery.page_keys(k, P))
         written = torch.arange(N * P).view(N, P) < int(seq.max())
         lse = lg.masked_fill(~written, float("-inf")).logsumexp(-1)                              # [Hkv, G, N]
         cand = torch.zeros(Hkv, N, dtype=torch.bool).scatter(-1, short[:, 0], listed[:, 0])
         est = lse.masked_fill(~cand.unsqueeze(1), float("-inf")).softmax(-1).mean(1)             # [Hkv, N]
+        if exact:    # forced pages first, then the listed ones by exact mass
+            rank = est.masked_fill(~cand, -1.0).masked_fill(pins.value[:, 0] > 0, float("inf"))
+            order = rank.argsort(dim=-1, descending=True, stable=True)[:, None, :C]
         held = est.gather(-1, order[:, 0]).cumsum(-1)                                             # [Hkv, C]
         k_p = (held < p).sum(-1, keepdim=True) + 1
         floor = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent).sum(-1, keepdim=True) if free else kp

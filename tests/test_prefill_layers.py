@@ -100,7 +100,7 @@ def test_estimated_top_p_extends_the_served_selection():
     attn = Attr(P, 1, 2, budgets, sel.BudgetRef.of(budgets, 25), channels, 0)
     attn.selector = sel.DEFAULT_SELECTOR
     outs, reads = {}, {}
-    for name in ("sparse", "etop0.0", "etop0.5", "etop0.99", "etop1.0", "etop0.5free"):
+    for name in ("sparse", "etop0.0", "etop0.5", "etop0.99", "etop1.0", "etop0.5free", "etop1.0keys", "etop0.5keys"):
         attn.variant, attn.reads, attn.kept = name, [], []
         outs[name] = attn.decode_sparse(0, q, k, v, 0.25)
         reads[name] = attn.reads[0][1]
@@ -111,6 +111,9 @@ def test_estimated_top_p_extends_the_served_selection():
     kp = torch.tensor([reads["sparse"][0] // P])
     listed = sel.shortlist_len(sel.get_selector(sel.DEFAULT_SELECTOR), kp, torch.tensor([25]))
     assert reads["etop1.0"] == [int(listed) * P] * Hkv and sum(reads["etop0.99"]) > sum(reads["sparse"])
+    # keys: the exact estimate, its own order over the same shortlist: all of it at P = 1, the floor still holds
+    assert reads["etop1.0keys"] == reads["etop1.0"] and all(a >= b for a, b in zip(reads["etop0.5keys"],
+                                                                                    reads["sparse"]))
 
 
 def test_variant_at_mean_reads_the_default_allocation_at_that_mean():
