@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmark")]
 
 from common import committed_profile, write_result  # noqa: E402
-from retrieval import (MAX_TOKENS, RESULTS, build_tasks, canonical, flags_code, form, paired_keys, run_variant,  # noqa: E402
-                       stored)
+from retrieval import (MAX_TOKENS, RESULTS, build_tasks, canonical, flags_code, form_table, kept_baseline,  # noqa: E402
+                       run_variant)
 from rows import Rows  # noqa: E402
 
 from sglang_shplb import profile as prof_mod  # noqa: E402
@@ -140,33 +140,13 @@ def serve(args, budgets: Path) -> list[str]:
     checksum = json.loads(budgets.read_text())["checksum"]
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds)
     default = canonical(DEFAULT)
-    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default], tasks, Path("/tmp"))
-    by_form = {}
-    for k, row in base["dense"].items():
-        by_form.setdefault(form(k), []).append(row["score"])
-    kept = [f for f, v in by_form.items() if 100 * sum(v) / len(v) >= 50 and (not args.forms or f in args.forms)]
-    todo = {k: t for k, t in tasks.items() if form(k) in kept}
+    base, kept, todo = kept_baseline(tasks, default, forms=args.forms)
     rows = Rows(RESULTS / "raw" / "copy_calibration.json")
     if not args.no_run:
         run_variant(name, todo, rows, Path("/tmp"), flags, lambda n, k, f: config(n, k, f, checksum))
     got = {k: rows.get(config(name, k, flags, checksum), flags_code(tuple(flags))) for k in todo}
     raw = {"dense": base["dense"], default: base[default], name: {k: r for k, r in got.items() if r is not None}}
-    lines = ["| form | dense | " + " | ".join(f"{n} (−lost +gained)" for n in (default, name)) + " |",
-             "|---|---|---|---|"]
-    for f in sorted(kept, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
-        keys = [k for k in todo if form(k) == f]
-        cells = []
-        for n in ("dense", default, name):
-            have = [k for k in keys if k in raw[n]]
-            score = 100 * sum(raw[n][k]["score"] for k in have) / max(1, len(have))
-            flips = "" if n == "dense" else " (−{} +{})".format(*paired_keys(raw, n, have)[:2])
-            cells.append(f"{score:.0f}{flips}" + ("" if len(have) == len(keys) else f" ({len(have)} of {len(keys)})"))
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    ran = [k for k in todo if k in raw[name]]
-    lines.append(f"| **pooled over the {len(ran)} prompts served**: −lost +gained; Δ 95% paired interval (pt) | | "
-                 + " | ".join("−{} +{}; [{:+.1f}, {:+.1f}]".format(*paired_keys(raw, n, ran)) for n in (default, name))
-                 + " |")
-    return lines
+    return form_table(raw, [default, name], kept, todo)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmark"))
 from common import committed_profile, write_result  # noqa: E402
-from retrieval import (MAX_TOKENS, RESULTS, build_tasks, canonical, flags_code, form, paired_keys, run_variant,  # noqa: E402
-                       stored)
+from retrieval import (MAX_TOKENS, RESULTS, build_tasks, canonical, flags_code, form_table, kept_baseline,  # noqa: E402
+                       run_variant)
 from rows import Rows  # noqa: E402
 
 from sglang_shplb.budget import _spend_leftover, eval_curves, invert_curves, make_budgets  # noqa: E402
@@ -142,12 +142,7 @@ def main():
         variants[name] = (["--shplb-budgets", str(path)], json.loads(path.read_text())["checksum"], body, amp)
     tasks = build_tasks(AutoTokenizer.from_pretrained(prepare_model()), args.contexts, args.seeds)
     default = canonical(DEFAULT)
-    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default], tasks, Path("/tmp"))
-    by_form = {}
-    for k, row in base["dense"].items():
-        by_form.setdefault(form(k), []).append(row["score"])
-    kept = [f for f, v in by_form.items() if 100 * sum(v) / len(v) >= args.keep]
-    todo = {k: t for k, t in tasks.items() if form(k) in kept}
+    base, kept, todo = kept_baseline(tasks, default, args.keep)
     todo = dict(sorted(todo.items(), key=lambda kv: -int(kv[0].split("/")[2])))   # longest first: where it lost
     rows = Rows(args.raw)
     if not args.no_run:
@@ -165,22 +160,7 @@ def main():
 
 
 def render(args, kept, todo, raw, default, variants):
-    names = [default, *variants]
-    lines = ["| form | dense | " + " | ".join(f"{n} (−lost +gained)" for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]
-    for f in sorted(kept, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
-        keys = [k for k in todo if form(k) == f]
-        cells = []
-        for n in ("dense", *names):
-            have = [k for k in keys if k in raw[n]]
-            score = 100 * sum(raw[n][k]["score"] for k in have) / max(1, len(have))
-            flips = "" if n == "dense" else " (−{} +{})".format(*paired_keys(raw, n, have)[:2])
-            cells.append(f"{score:.0f}{flips}" + ("" if len(have) == len(keys) else f" ({len(have)} of {len(keys)})"))
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    ran = [k for k in todo if all(k in raw[n] for n in variants)]
-    lines.append(f"| **pooled over the {len(ran)} prompts every column ran**: −lost +gained; Δ 95% paired "
-                 "interval (pt) | | " + " | ".join("−{} +{}; [{:+.1f}, {:+.1f}]".format(*paired_keys(raw, n, ran))
-                                                    for n in names) + " |")
+    lines = form_table(raw, [default, *variants], kept, todo)
     lines += ["", "| layer | " + " | ".join(f"{n}: {ph} a_l (relative), budget (layer mean)" for n, v in
                                              variants.items() for ph in v[3]) + " |",
               "|---|" + "---|" * sum(len(v[3]) for v in variants.values())]

@@ -230,18 +230,18 @@ class Attr:
         by_page = torch.broadcast_to(pins.value, (Hkv, 1, N)).clone()
         by_page.scatter_reduce_(-1, short, fine, "amax")
         order = by_page.argsort(dim=-1, descending=True, stable=True)[..., :C]                   # [Hkv, 1, C]
-        # per-head estimated mass over the listed shortlist (page log-sum-exp of the label logits)
-        q_r = sel.gather_channels(qg[:, 0], self.channels[layer][:, :labels.shape[-1]]) * qg.shape[-1] ** -0.5
-        lg = torch.einsum("hgr,hnpr->hgnp", q_r, labels)                                          # [Hkv, G, N, P]
+        # per-head estimated mass over the listed shortlist (page log-sum-exp of the label logits, or the keys')
         if exact:
             lg = torch.einsum("hgd,hnpd->hgnp", qg[:, 0] * qg.shape[-1] ** -0.5, recovery.page_keys(k, P))
+        else:
+            q_r = sel.gather_channels(qg[:, 0], self.channels[layer][:, :labels.shape[-1]]) * qg.shape[-1] ** -0.5
+            lg = torch.einsum("hgr,hnpr->hgnp", q_r, labels)                                      # [Hkv, G, N, P]
         written = torch.arange(N * P).view(N, P) < int(seq.max())
         lse = lg.masked_fill(~written, float("-inf")).logsumexp(-1)                              # [Hkv, G, N]
         cand = torch.zeros(Hkv, N, dtype=torch.bool).scatter(-1, short[:, 0], listed[:, 0])
         est = lse.masked_fill(~cand.unsqueeze(1), float("-inf")).softmax(-1).mean(1)             # [Hkv, N]
-        if exact:    # forced pages first, then the listed ones by exact mass
-            rank = est.masked_fill(~cand, -1.0).masked_fill(pins.value[:, 0] > 0, float("inf"))
-            order = rank.argsort(dim=-1, descending=True, stable=True)[:, None, :C]
+        if exact:    # THE ranking rule (forced pages first) on the exact mass of the listed pages
+            order = sel.top_pages(est.masked_fill(~cand, -1.0).unsqueeze(1), n_pages, C, self.sink, self.recent, pins)
         held = est.gather(-1, order[:, 0]).cumsum(-1)                                             # [Hkv, C]
         k_p = (held < p).sum(-1, keepdim=True) + 1
         floor = sel.is_forced(torch.arange(N), n_pages, self.sink, self.recent).sum(-1, keepdim=True) if free else kp

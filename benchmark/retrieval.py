@@ -241,6 +241,38 @@ def paired(raw: dict, name: str, f: str, tasks: dict) -> tuple[int, int, float, 
     return paired_keys(raw, name, [k for k in tasks if form(k) == f])
 
 
+def kept_baseline(tasks: dict, default: str, keep: float = 50.0, forms: list[str] | None = None):
+    """For a study served beside retrieval.py's stored rows: ({"dense", default: {task key: row}}, the forms dense
+    answers >= keep % of (only those in `forms`, if given), {task key: task} of those forms)."""
+    base, _ = stored(Rows(RESULTS / "raw" / "retrieval.json"), ["dense", default], tasks, Path("/tmp"))
+    by_form = {}
+    for k, row in base["dense"].items():
+        by_form.setdefault(form(k), []).append(row["score"])
+    kept = [f for f, v in by_form.items() if 100 * sum(v) / len(v) >= keep and (not forms or f in forms)]
+    return base, kept, {k: t for k, t in tasks.items() if form(k) in kept}
+
+
+def form_table(raw: dict, names: list[str], kept: list[str], todo: dict) -> list[str]:
+    """Per kept form: dense's score, then each variant's score (−lost +gained against dense); a last row pooled over
+    the prompts every variant ran, with the paired 95% interval of the mean Δ."""
+    lines = ["| form | dense | " + " | ".join(f"{n} (−lost +gained)" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for f in sorted(kept, key=lambda f: (int(f.rsplit("/", 1)[1]), f)):
+        keys = [k for k in todo if form(k) == f]
+        cells = []
+        for n in ("dense", *names):
+            have = [k for k in keys if k in raw[n]]
+            score = 100 * sum(raw[n][k]["score"] for k in have) / max(1, len(have))
+            flips = "" if n == "dense" else " (−{} +{})".format(*paired_keys(raw, n, have)[:2])
+            cells.append(f"{score:.0f}{flips}" + ("" if len(have) == len(keys) else f" ({len(have)} of {len(keys)})"))
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    ran = [k for k in todo if all(k in raw[n] for n in names)]
+    lines.append(f"| **pooled over the {len(ran)} prompts every column ran**: −lost +gained; Δ 95% paired "
+                 "interval (pt) | | " + " | ".join("−{} +{}; [{:+.1f}, {:+.1f}]".format(*paired_keys(raw, n, ran))
+                                                    for n in names) + " |")
+    return lines
+
+
 def paired_keys(raw: dict, name: str, keys: list[str]) -> tuple[int, int, float, float]:
     """`paired` over any set of prompts (a form, or every kept form pooled); prompts either side lacks are left out."""
     keys = [k for k in keys if k in raw.get(name, {}) and k in raw["dense"]]
