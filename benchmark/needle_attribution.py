@@ -19,6 +19,10 @@ Variants (`--variants`), all on the same prompts:
   nbrM: only the top-M selected free pages (selector order) bring their neighbours j-1 and j+1;
   persistM: the M pages with the most attention weight (exact weights over the selected pages, computed
             anyway) at the previous decode step stay selected (TidalDecode-style position persistence);
+  carryM: the served path's carried pages (carry.py, seeded as carry_seed seeds them after the prefill) at M pages
+          per (layer, KV head); carry2 is what the server runs, `sparse` carries none;
+  shortC: the default selector with a first-stage shortlist of C * k pages (served C = 3): more label rows read,
+          the same pages attended;
   plusM: the selector's top k+M pages (same extra read as the fixes: the control);
   gateM: `sparse`, but a step whose top-1 logit leads the second by less than M is decoded again densely (the
          cache cropped back first): a margin-gated dense fallback; its reads count the fallback's whole context;
@@ -35,6 +39,7 @@ Variants (`--variants`), all on the same prompts:
 """
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -48,6 +53,7 @@ sys.path[:0] = [str(ROOT / "benchmark")]
 
 from sglang_shplb import recovery  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
+from sglang_shplb.carry import next_carry  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 
 
@@ -65,6 +71,7 @@ class Attr:
         self.reads = []                 # (layer, Hkv) tokens read per decode step
         self.kept = []                  # (layer, Hkv) true group mass of the pages read, per decode step
         self.at_mean = {}               # VARIANT@M: mean -> (budgets, BudgetRef) of the default allocation at M
+        self.last_q = {}                # layer -> [Hq, D] the prompt's last query (carryM's seed)
 
     # ---------------------------------------------------------------------------------------------
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kw):
@@ -74,6 +81,7 @@ class Attr:
         sparse_here = self.variant != "dense" and (self.sparse_layers is None or layer in self.sparse_layers)
         if Lq > 1 or Lk <= self.n_prompt or not sparse_here:
             if Lq > 1:
+                self.last_q[layer] = query[0, :, -1]       # carryM's seed (carry_seed: the prompt's last query)
                 return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kw)
             out, probs = self.decode_dense(query[0], key[0], value[0], scaling or module.scaling)
             if self.record is not None and Lk > self.n_prompt:
@@ -124,6 +132,15 @@ class Attr:
                 chosen = self.choose(layer, qg, k, n_pages, kp, seq)
             finally:
                 self.selector = name
+        elif v_name.startswith("short"):  # the default selector with a shortlist of c * k pages (served: c = 3)
+            name = self.selector
+            self.selector = dataclasses.replace(sel.get_selector(name), name=v_name, shortlist=float(v_name[5:]))
+            try:
+                chosen = self.choose(layer, qg, k, n_pages, kp, seq)
+            finally:
+                self.selector = name
+        elif v_name.startswith("carry"):  # the served path: carried pages promoted into the shortlist (carry.py)
+            chosen = self.choose(layer, qg, k, n_pages, kp, seq, self.carried(layer, int(v_name[5:]), k))
         else:
             chosen = self.choose(layer, qg, k, n_pages, kp, seq)                 # [Hkv, 1, K]
         keep = torch.arange(chosen.shape[-1]).view(1, 1, -1) < kp.unsqueeze(-1)
@@ -176,7 +193,7 @@ class Attr:
             self.diagnose(layer, q, k, probs, mask, base, kp, qg, n_pages, seq)
         return out
 
-    def choose(self, layer, qg, k, n_pages, kp, seq):
+    def choose(self, layer, qg, k, n_pages, kp, seq, carry=None):
         rule = sel.get_selector(self.selector)
         Hkv = k.shape[0]
         kmin, kmax = sel.page_minmax(k.float(), self.P)
@@ -186,7 +203,23 @@ class Attr:
         def fine_meta(idx):
             return tuple(t[heads, idx] for t in fine)
         return sel.choose_pages(rule, qg, kmin.unsqueeze(1), kmax.unsqueeze(1), fine_meta, n_pages, kp,
-                                self.sink, self.recent, self.channels[layer].unsqueeze(1), seq)
+                                self.sink, self.recent, self.channels[layer].unsqueeze(1), seq, carry=carry)
+
+    def carried(self, layer, m, k):
+        """carryM: this layer's [Hkv, 1, m] carried pages, seeded at the first decode step as carry_seed.seed seeds
+        them after a prefill (the prompt's last query, the second stage over every prompt page, the best free ones);
+        choose_pages then updates them in place each step. carry2 is what the server runs (carry.CARRIED_PAGES)."""
+        if layer not in self.carry:
+            rule, P, Hkv = sel.get_selector(self.selector), self.P, k.shape[0]
+            labels = recovery.stage2_inputs(rule, k[:, :self.n_prompt].float(), P, self.channels[layer])[0]
+            N = labels.shape[1]
+            q0 = self.last_q[layer].float().view(Hkv, 1, -1, k.shape[-1])
+            stale = (torch.arange(N * P).view(N, P) >= self.n_prompt).expand(Hkv, 1, N, P)
+            fine = sel.key_scores(rule, q0, labels.unsqueeze(1), torch.ones(Hkv, 1, N, dtype=torch.bool),
+                                  self.channels[layer].unsqueeze(1), stale)
+            free = sel.page_pins(torch.full((Hkv, 1), N), N, self.sink, self.recent).free
+            self.carry[layer] = next_carry(torch.arange(N).expand(Hkv, 1, N), fine, free, m)
+        return self.carry[layer]
 
     def budgets_of(self, variant: str):
         """(the variant's rule, its budgets [L, Hkv], BudgetRef): VARIANT@M reads the default allocation (optimal,
@@ -311,7 +344,7 @@ def run(model, attn, ids, cache0, first_tok, steps, feed=None):
     """Decode `steps` tokens from the prefilled cache. feed: teacher-forced tokens (None: greedy).
     Returns the argmax token of every step (the first is the prefill's)."""
     cache = copy.deepcopy(cache0)
-    attn.carry, attn.step, attn.fallbacks = {}, 0, 0
+    attn.carry, attn.step, attn.fallbacks, attn.margins = {}, 0, 0, []
     gate = float(attn.variant[4:]) if attn.variant.startswith("gate") else None
     name = attn.variant
     out = [first_tok]
@@ -324,6 +357,7 @@ def run(model, attn, ids, cache0, first_tok, steps, feed=None):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([[inp]]), past_key_values=cache, use_cache=True).logits[0, -1]
             top2 = logits.topk(2).values
+            attn.margins.append(float(top2[0] - top2[1]))
             if gate is not None and float(top2[0] - top2[1]) < gate:   # unsure: the step again, dense
                 cache.crop(n)
                 attn.variant, attn.fallbacks = "dense", attn.fallbacks + 1
@@ -402,7 +436,8 @@ def main():
         gold = run(model, attn, ids, cache, first, args.steps)
         print("  dense greedy:", repr(tok.decode(gold)), flush=True)
         res = {"doc": d, "value": value, "n_prompt": len(ids), "needle_pos": npos, "gold": gold,
-               "gold_text": tok.decode(gold), "greedy": {}, "teacher": {}, "reads": {}, "kept": {},
+               "gold_text": tok.decode(gold), "gold_margin": attn.margins,
+               "greedy": {}, "teacher": {}, "reads": {}, "kept": {},
                "commands": ["python benchmark/needle_attribution.py " + " ".join(sys.argv[1:])]}
         for v in args.variants:
             attn.variant, attn.sparse_layers = v, None
@@ -456,17 +491,18 @@ def table(args) -> None:
     docs = [json.loads(f.read_text()) for f in sorted(Path(args.out).glob("doc*.json"))]
     docs = [d for d in docs if str(d["doc"]).count("-") == 3]          # retrieval prompts (--tasks)
     variants = list(dict.fromkeys(v for d in docs for v in d["greedy"]))
-    lines = ["| prompt | dense | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 2)]
+    lines = ["| prompt | dense | dense's lead | " + " | ".join(variants) + " |", "|" + "---|" * (len(variants) + 3)]
     scores = {}
     for d in docs:
         task = task_of(tok, d["doc"].replace("-", "/"))
         scores[d["doc"]] = task.score
         cell = lambda text, reads="": f"{task.score(text):.2f} `{text.strip()[:24]!r}`{reads}"   # noqa: E731
-        lines.append(f"| {d['doc']} | {cell(d['gold_text'])} | " + " | ".join(
+        lines.append(f"| {d['doc']} | {cell(d['gold_text'])} | {departure_lead(d)} | " + " | ".join(
             cell(d["greedy"][v], f" ({d['reads'][v]:.0f})") if v in d["greedy"] else "—" for v in variants) + " |")
     kept = {v: sum(v in d["greedy"] and scores[d["doc"]](d["greedy"][v]) >= scores[d["doc"]](d["gold_text"])
                    for d in docs) for v in variants}
-    lines.append(f"| **at dense's score** (of {len(docs)}) | — | " + " | ".join(str(kept[v]) for v in variants) + " |")
+    lines.append(f"| **at dense's score** (of {len(docs)}) | — | — | "
+                 + " | ".join(str(kept[v]) for v in variants) + " |")
     lines += recall_table(docs)
     runs = list(dict.fromkeys(c for d in docs for c in d.get("commands", [])))
     lines += ["", "Runs (then `--table`): " + "; ".join(f"`{c}`" for c in runs)]
@@ -482,10 +518,23 @@ def table(args) -> None:
                  "floor; `keys`: the estimate and the shortlist's order from the full keys, an exact second stage) "
                  "— Twilight's top-p on what the served selector computes; `sparse@M` the served selector "
                  "at the default allocation at mean M; `gateM` the served selector, but a step whose top-1 logit "
-                 "leads the second by less than M runs again densely (its reads count that step's whole context). "
-                 "The prompts: those the default's "
+                 "leads the second by less than M runs again densely (its reads count that step's whole context); "
+                 "`carryM` the served path's carried pages (carry2 is what the server runs: `sparse` carries none), "
+                 "`shortC` the served selector with a shortlist of C·k pages (served: 3), `labelall` its second "
+                 "stage over every page (no shortlist). Dense's lead: its top-1 logit minus its second at the first "
+                 "step where teacher-forced `sparse` departs from dense's answer. The prompts: those the default's "
                  "decode budgets lose through the server with dense prefill (retrieval_attribution.md).", lines,
                  "python benchmark/needle_attribution.py " + " ".join(sys.argv[1:]))
+
+
+def departure_lead(d: dict) -> str:
+    """Dense's top-1 logit lead over its second token at the first step where teacher-forced `sparse` departs from
+    dense's answer (how near a tie the lost token was), and that step."""
+    t = d.get("teacher", {}).get("sparse")
+    if "gold_margin" not in d or not t or all(t):
+        return "—"
+    s = t.index(0)
+    return f"{d['gold_margin'][s]:.2f} (step {s})"
 
 
 def recall_table(docs: list) -> list:
@@ -512,6 +561,7 @@ def save(path: Path, res: dict) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         if old["gold"] == res["gold"]:
+            res.setdefault("gold_margin", old.get("gold_margin"))
             for part in ("greedy", "teacher", "reads", "kept"):
                 res[part] = {**old.get(part, {}), **res.get(part, {})}
             res["commands"] = list(dict.fromkeys(old.get("commands", []) + res.get("commands", [])))

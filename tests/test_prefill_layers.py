@@ -173,3 +173,34 @@ def test_margin_gate_decodes_unsure_steps_densely():
     assert out["dense"] != out["sparse"]            # the random model's sparse answer differs: the gate has a job
     assert out["gate0"] == out["sparse"] and falls["gate0"] == 0
     assert out["gate1e9"] == out["dense"] and falls["gate1e9"] == 12
+
+
+def test_carry_and_shortlist_variants_read_the_served_count():
+    """needle_attribution.py's carryM (the served carried pages), shortC (the shortlist at C·k) and labelall: each
+    reads exactly the served page counts; short3 is the served selector itself; carryM's seed holds M free pages
+    inside the context, chosen from the prompt's last query, and the step updates them."""
+    import torch
+    from needle_attribution import Attr
+
+    from sglang_shplb import selection as sel
+
+    torch.manual_seed(0)
+    Hkv, G, L, D, P = 3, 3, 400, 16, 16
+    q, k, v = torch.randn(Hkv * G, 1, D), torch.randn(Hkv, L, D) * 2, torch.randn(Hkv, L, D)
+    budgets = torch.full((1, Hkv), 0.2, dtype=torch.float64)
+    channels = {0: torch.stack([torch.randperm(D) for _ in range(Hkv)])}
+    attn = Attr(P, 1, 2, budgets, sel.BudgetRef.of(budgets, 25), channels, L - 1)
+    attn.selector = sel.DEFAULT_SELECTOR
+    attn.last_q[0] = torch.randn(Hkv * G, D)
+    outs, reads = {}, {}
+    for name in ("sparse", "short3", "short8", "labelall", "carry2", "carry4"):
+        attn.variant, attn.reads, attn.kept, attn.carry = name, [], [], {}     # run() starts each variant so
+        if name == "carry4":
+            seed = attn.carried(0, 4, k).clone()
+        outs[name] = attn.decode_sparse(0, q, k, v, 0.25)
+        reads[name] = attn.reads[0][1]
+    assert torch.equal(outs["short3"], outs["sparse"])
+    assert all(reads[n] == reads["sparse"] for n in reads)
+    n_pages = (L - 2) // P + 1        # the prompt's pages: L - 1 tokens
+    assert seed.shape == (Hkv, 1, 4) and bool(((seed >= 1) & (seed < n_pages - 2)).all())
+    assert not torch.equal(attn.carry[0], seed)   # the step re-carried its own best shortlisted pages
