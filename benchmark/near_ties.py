@@ -1,14 +1,15 @@
 """Issue 33: how near a tie is dense's own answer on the prompts the default loses? In-process, HF fp32, dense.
 
 The per-form goal counts prompts a variant loses that dense answers. A prompt whose dense answer hangs on a token
-that dense itself barely prefers is lost by any perturbation of the attention, sparse or not. So for each prompt of
-the given forms this reads the prompt and the served dense answer (retrieval.py's stored row, the same server
-answer the goal's table compares against) in one teacher-forced forward pass, and takes at each answer token,
-up to the end of the last expected value the answer contains, dense's lead: its top logit minus its second. A
-prompt's lead is the smallest of those. Per form: the prompts dense answers, how many of them have a lead below
-0.5 and 1 logit, and the lead of each prompt the default loses (retrieval.py's stored default row).
+that dense itself barely prefers can flip under any small change to the attention, sparse or not. So for each prompt of
+the given forms this decodes dense's greedy answer in HF fp32 (the prompt text the server prefills, the same token
+budget; it is the server's dense answer on most prompts, and the table says on how many) and takes at each answer
+token, up to the end of the last expected value the answer contains, dense's lead: its top logit minus its second.
+A prompt's lead is the smallest of those. Per form: the prompts dense answers (the server's stored dense row,
+retrieval.py's), how many of them have a lead below 0.5 and 1 logit, and the lead of each prompt the default loses
+(retrieval.py's stored default row).
 
-Rows (raw/near_ties.json) are keyed by the prompt and the dense answer's text; they depend on the model alone.
+Rows (raw/near_ties.json) are keyed by the prompt and the server's dense answer; they depend on the model alone.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmark/near_ties.py --forms multi_value/L1/4096 variable_track/L0/4096 \
         single_needle/L0/8000 --seeds 20
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmark")]
 
 from common import write_result  # noqa: E402
-from retrieval import RESULTS, build_tasks, canonical, form, kept_baseline  # noqa: E402
+from retrieval import MAX_TOKENS, RESULTS, build_tasks, canonical, form, kept_baseline  # noqa: E402
 from rows import Rows  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
@@ -32,28 +33,34 @@ TIES = (0.5, 1.0)          # logits: a lead below these counts as a near tie
 DEFAULT = "recipe+optimal@0.1"   # retrieval.py's name of the default recipe, whose rows are the baseline
 
 
-def answer_span(tok, output: str, answers) -> tuple[list[int], int]:
-    """The output's tokens and how many of them reach the end of the last expected value it contains (all of them
-    when it contains none)."""
-    enc = tok(output, add_special_tokens=False, return_offsets_mapping=True)
-    ends = [output.find(a) + len(a) for a in answers if a in output]
+def answer_span(tok, ids: list[int], answers) -> int:
+    """How many of the answer's tokens reach the end of the last expected value its text contains (all of them when
+    it contains none)."""
+    text = tok.decode(ids)
+    ends = [text.find(a) + len(a) for a in answers if a in text]
     if not ends:
-        return enc.input_ids, len(enc.input_ids)
-    end = max(ends)
-    return enc.input_ids, next(i + 1 for i, (_, stop) in enumerate(enc.offset_mapping) if stop >= end)
+        return len(ids)
+    return next(i + 1 for i in range(len(ids)) if len(tok.decode(ids[: i + 1])) >= max(ends))
 
 
 @torch.no_grad()
-def leads(model, tok, task, output: str) -> dict:
-    """Dense's lead (top logit minus the second) at each answer token up to the last expected value, teacher-forced
-    on `output`; whether dense's top token is the output's there (HF fp32 against the server's answer)."""
-    prompt = tok(task.prompt(tok), add_special_tokens=False).input_ids
-    ans, span = answer_span(tok, output, task.answers)
-    # only the answer's positions go through the LM head (an 8k x 49k logit matrix would dominate the pass)
-    logits = model(input_ids=torch.tensor([prompt + ans[:span]]), logits_to_keep=span + 1).logits[0, :span]
-    top2 = logits.float().topk(2, -1)
-    lead = (top2.values[:, 0] - top2.values[:, 1]).tolist()
-    return {"leads": lead, "min": min(lead), "agree": (top2.indices[:, 0] == torch.tensor(ans[:span])).tolist()}
+def leads(model, tok, task, max_tokens: int = MAX_TOKENS) -> dict:
+    """HF fp32 dense's greedy answer (as the server decodes it: same prompt text, same token budget) and its lead at
+    each token up to the last expected value: the top logit minus the second."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cur = torch.tensor([tok(task.prompt(tok), add_special_tokens=False).input_ids])
+    ids, lead = [], []
+    for _ in range(max_tokens):
+        top2 = model(input_ids=cur, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].topk(2)
+        ids.append(int(top2.indices[0]))
+        lead.append(float(top2.values[0] - top2.values[1]))
+        if ids[-1] == tok.eos_token_id:
+            break
+        cur = top2.indices[:1].view(1, 1)
+    span = answer_span(tok, ids, task.answers)
+    return {"output": tok.decode(ids, skip_special_tokens=True), "leads": lead[:span], "min": min(lead[:span])}
 
 
 def main():
@@ -78,12 +85,12 @@ def main():
         dense = base["dense"].get(key)
         if dense is None:
             continue
-        cfg = {"bench": "near_ties", "task": key, "dense_output": dense["output"]}
+        cfg = {"bench": "near_ties", "task": key, "dense_output": dense["output"], "max_tokens": MAX_TOKENS}
         got[key] = rows.get(cfg, "hf-fp32")
         if got[key] is None and not args.no_run:
             if model is None:
                 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32, attn_implementation="sdpa").eval()
-            got[key] = leads(model, tok, task, dense["output"])
+            got[key] = leads(model, tok, task)
             rows.put(cfg, "hf-fp32", got[key])
             print(f"{key}: lead {got[key]['min']:.2f}", flush=True)
     write_result(args.out, "How near a tie dense's own answers are, on the forms the default loses 2",
@@ -93,11 +100,13 @@ def main():
 
 def table(base: dict, default: str, kept: list[str], got: dict) -> list[str]:
     dense, ours = base["dense"], base[default]
+    got = {k: g for k, g in got.items() if g is not None}
+    same = lambda k: got[k]["output"].strip() == dense[k]["output"].strip()   # noqa: E731
     lines = ["| form | dense answers | lead < 0.5 | lead < 1 | default lost: each one's lead | default gained |",
              "|---|---|---|---|---|---|"]
     pooled = {"answered": 0, "lost": 0, **{t: [0, 0] for t in TIES}}   # tie -> [prompts, of them lost]
     for f in kept:
-        keys = [k for k in got if form(k) == f and got[k] is not None and k in ours]
+        keys = [k for k in got if form(k) == f and k in ours]
         answered = [k for k in keys if dense[k]["score"] > 0]
         lost = [k for k in answered if ours[k]["score"] < dense[k]["score"]]
         gained = [k for k in keys if ours[k]["score"] > dense[k]["score"]]
@@ -108,16 +117,16 @@ def table(base: dict, default: str, kept: list[str], got: dict) -> list[str]:
             pooled[t][0] += len(ties[t])
             pooled[t][1] += len(set(ties[t]) & set(lost))
         cells = [str(len(answered))] + [str(len(ties[t])) for t in TIES]
-        cells.append(", ".join(f"seed {k.rsplit('/', 1)[1]}: {got[k]['min']:.2f}" for k in lost) or "none")
+        cells.append(", ".join(f"seed {k.rsplit('/', 1)[1]}: {got[k]['min']:.2f}" + ("" if same(k) else "*")
+                               for k in lost) or "none")
         cells.append(str(len(gained)))
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     lines += ["", f"Pooled: {pooled['answered']} prompts dense answers, the default loses {pooled['lost']}. "
               + "; ".join(f"{pooled[t][0]} have a lead below {t} and the default loses {pooled[t][1]} of them, "
                           f"{pooled['lost'] - pooled[t][1]} of the other {pooled['answered'] - pooled[t][0]}"
                           for t in TIES) + ".",
-              "", "HF fp32 takes the server's dense token as its top one at "
-              f"{sum(sum(g['agree']) for g in got.values() if g)} of {sum(len(g['agree']) for g in got.values() if g)}"
-              " answer tokens."]
+              "", f"HF fp32's greedy answer is the server's dense answer on {sum(map(same, got))} of {len(got)} "
+              "prompts (* marks a lost prompt where it is not: its lead is on HF's own path)."]
     return lines
 
 
