@@ -24,13 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmark")]
 
 from common import write_result  # noqa: E402
-from retrieval import MAX_TOKENS, RESULTS, build_tasks, canonical, form, kept_baseline  # noqa: E402
+from retrieval import MAX_TOKENS, RESULTS, build_tasks, canonical, form, kept_baseline, stored  # noqa: E402
 from rows import Rows  # noqa: E402
 
 from sglang_shplb.models import prepare_model  # noqa: E402
 
 TIES = (0.5, 1.0)          # logits: a lead below these counts as a near tie
 DEFAULT = "recipe+optimal@0.1"   # retrieval.py's name of the default recipe, whose rows are the baseline
+# retrieval.py's other stored variants on these forms: decode-only (prefill dense), a 20% prefill, a 12.5% mean
+OTHERS = ("optimal@0.1", "recipe0.2+optimal@0.1", "recipe+optimal@0.125")
 
 
 def answer_span(tok, ids: list[int], answers) -> int:
@@ -68,6 +70,8 @@ def main():
     p.add_argument("--forms", nargs="+", required=True, help="retrieval forms, family/level/context")
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--out", default=str(RESULTS / "near_ties.md"))
+    p.add_argument("--variants", nargs="+", default=list(OTHERS),
+                   help="retrieval.py variants whose stored rows are shown beside the default's")
     p.add_argument("--no-run", action="store_true", help="render the stored rows only")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +82,8 @@ def main():
     tasks = build_tasks(tok, contexts, args.seeds)
     default = canonical(DEFAULT)
     base, kept, todo = kept_baseline(tasks, default, forms=args.forms)
+    names = [default] + [canonical(v) for v in args.variants]
+    base.update(stored(Rows(RESULTS / "raw" / "retrieval.json"), names[1:], todo, Path("/tmp"))[0])
     rows = Rows(RESULTS / "raw" / "near_ties.json")
     model = None
     got = {}
@@ -95,37 +101,39 @@ def main():
             print(f"{key}: lead {got[key]['min']:.2f}", flush=True)
     write_result(args.out, "How near a tie dense's own answers are, on the forms the default loses 2",
                  __doc__.split("\n\n")[1].replace("\n", " ") + " The default is `" + default + "`.",
-                 table(base, default, kept, got), "python benchmark/near_ties.py " + " ".join(sys.argv[1:]))
+                 table(base, names, kept, got), "python benchmark/near_ties.py " + " ".join(sys.argv[1:]))
 
 
-def table(base: dict, default: str, kept: list[str], got: dict) -> list[str]:
-    dense, ours = base["dense"], base[default]
+def table(base: dict, names: list[str], kept: list[str], got: dict) -> list[str]:
+    """Per form: the prompts dense answers, how many hang on a near tie, and per variant the prompts it loses (each
+    one's lead) and gains; then pooled per variant: its losses among the near ties and among the rest."""
+    dense = base["dense"]
     got = {k: g for k, g in got.items() if g is not None}
     same = lambda k: got[k]["output"].strip() == dense[k]["output"].strip()   # noqa: E731
-    lines = ["| form | dense answers | lead < 0.5 | lead < 1 | default lost: each one's lead | default gained |",
-             "|---|---|---|---|---|---|"]
-    pooled = {"answered": 0, "lost": 0, **{t: [0, 0] for t in TIES}}   # tie -> [prompts, of them lost]
+    lines = ["| form | dense answers | lead < 0.5 | lead < 1 | " + " | ".join(
+        f"{n}: −lost (seed: lead) +gained" for n in names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    answered = [k for k in got if dense[k]["score"] > 0]
     for f in kept:
-        keys = [k for k in got if form(k) == f and k in ours]
-        answered = [k for k in keys if dense[k]["score"] > 0]
-        lost = [k for k in answered if ours[k]["score"] < dense[k]["score"]]
-        gained = [k for k in keys if ours[k]["score"] > dense[k]["score"]]
-        ties = {t: [k for k in answered if got[k]["min"] < t] for t in TIES}
-        pooled["answered"] += len(answered)
-        pooled["lost"] += len(lost)
-        for t in TIES:
-            pooled[t][0] += len(ties[t])
-            pooled[t][1] += len(set(ties[t]) & set(lost))
-        cells = [str(len(answered))] + [str(len(ties[t])) for t in TIES]
-        cells.append(", ".join(f"seed {k.rsplit('/', 1)[1]}: {got[k]['min']:.2f}" + ("" if same(k) else "*")
-                               for k in lost) or "none")
-        cells.append(str(len(gained)))
+        mine = [k for k in answered if form(k) == f]
+        cells = [str(len(mine))] + [str(sum(got[k]["min"] < t for k in mine)) for t in TIES]
+        for n in names:
+            keys = [k for k in got if form(k) == f and k in base[n]]
+            lost = [k for k in keys if base[n][k]["score"] < dense[k]["score"]]
+            gained = sum(base[n][k]["score"] > dense[k]["score"] for k in keys)
+            where = ", ".join(f"{k.rsplit('/', 1)[1]}: {got[k]['min']:.2f}" + ("" if same(k) else "*") for k in lost)
+            ran = "" if len(keys) == sum(form(k) == f for k in got) else f" ({len(keys)} prompts ran)"
+            cells.append((f"−{len(lost)} ({where}) +{gained}" if lost else f"−0 +{gained}") + ran)
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Pooled: {pooled['answered']} prompts dense answers, the default loses {pooled['lost']}. "
-              + "; ".join(f"{pooled[t][0]} have a lead below {t} and the default loses {pooled[t][1]} of them, "
-                          f"{pooled['lost'] - pooled[t][1]} of the other {pooled['answered'] - pooled[t][0]}"
-                          for t in TIES) + ".",
-              "", f"HF fp32's greedy answer is the server's dense answer on {sum(map(same, got))} of {len(got)} "
+    lines += ["", "Pooled over these forms, the prompts dense answers that each variant ran: its losses among the "
+              "near ties (lead < 0.5) and among the others.", "", "| variant | prompts | near ties: lost / of | "
+              "the others: lost / of |", "|---|---|---|---|"]
+    for n in names:
+        keys = [k for k in answered if k in base[n]]
+        tie = [k for k in keys if got[k]["min"] < TIES[0]]
+        lost = {k for k in keys if base[n][k]["score"] < dense[k]["score"]}
+        lines.append(f"| {n} | {len(keys)} | {len(lost & set(tie))} / {len(tie)} | "
+                     f"{len(lost - set(tie))} / {len(keys) - len(tie)} |")
+    lines += ["", f"HF fp32's greedy answer is the server's dense answer on {sum(map(same, got))} of {len(got)} "
               "prompts (* marks a lost prompt where it is not: its lead is on HF's own path)."]
     return lines
 
