@@ -41,9 +41,11 @@ serve: install
 	$(PY) -m sglang_shplb.launch_server $(SERVE_ARGS)
 
 # Two workers, one per core, each with one OpenMP thread like the servers it starts (two-thread torch in two
-# workers oversubscribes the cores); a test file stays on one worker, so its servers start once (--dist loadfile).
+# workers oversubscribes the cores); a test file stays on one worker, so its servers start once (--dist loadfile),
+# and the longest files start first (tests/conftest.py: LONGEST_FIRST).
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	--durations=25
 test: install
 	$(PYTEST) $(PYTEST_ARGS)
 

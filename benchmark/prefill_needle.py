@@ -61,6 +61,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8000])
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-list", type=int, nargs="+", help="these seeds instead of 0..--seeds-1")
     p.add_argument("--mean", type=float, default=0.1)
     p.add_argument("--estimates", nargs="+", default=["centre", "oracle"], type=estimate_arg,
                    help=f"prefill estimates: {ESTIMATES}; NAME@A-B uses NAME in layers A..B "
@@ -104,7 +105,7 @@ def main():
             "|---|---|---|" + "---|---|" * len(columns)]
     for ctx in args.contexts:
         for fam in args.families:
-            for seed in range(args.seeds):
+            for seed in args.seed_list or range(args.seeds):
                 task = make_task(fam, LEVELS[fam], pieces, count, ctx, seed)
                 prompt = task.prompt(tok)
                 ids = torch.tensor(tok(prompt, add_special_tokens=False).input_ids)
@@ -148,7 +149,9 @@ def main():
                  "prefill here, whatever its length. "
                  "Issue 12 asks that the needle survive a 10% prefill budget at 7-8k.", rows,
                  f"OMP_NUM_THREADS=1 python benchmark/prefill_needle.py --contexts {' '.join(map(str, args.contexts))} "
-                 f"--seeds {args.seeds} --mean {args.mean} --estimates {' '.join(args.estimates)} "
+                 f"--seeds {args.seeds}"
+                 + (f" --seed-list {' '.join(map(str, args.seed_list))}" if args.seed_list else "")
+                 + f" --mean {args.mean} --estimates {' '.join(args.estimates)} "
                  f"--dense-tails {' '.join(map(str, args.dense_tails))} --families {' '.join(args.families)}"
                  f" --prefill-scales {' '.join(f'{x:g}' for x in args.prefill_scales)}"
                  f" --decode-selectors {' '.join(args.decode_selectors)}"

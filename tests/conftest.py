@@ -21,6 +21,18 @@ def pytest_sessionstart(session):
         prepare_corpus()
 
 
+# `make test` runs whole files on two workers (--dist loadfile --no-loadscope-reorder) in this order: the longest
+# first (their --durations), so that no long server file starts last while the other worker sits idle. xdist's own
+# reorder (most tests first) started the few-test server files last. Other files keep their collection order.
+LONGEST_FIRST = ("test_backend_server.py", "test_gpu_offline.py", "test_serve.py", "test_reliability.py",
+                 "test_sparse_prefill.py", "test_gpu_first_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return prepare_model()
