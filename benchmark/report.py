@@ -37,6 +37,8 @@ STUDIES = {"needle_attribution.md": "why the old default lost a needle mid-answe
                               "the served selector's own estimated top-p, and the default at larger means",
            "near_ties.md": "how near a tie dense's own answer is on the forms the default loses 2 on, and the lead "
                            "of each prompt the default loses",
+           "prefill_needle_8k.md": "the default's two single_needle 8000 losses in-process: the served prefill "
+                                   "estimate against the oracle's pages, at the 10% and a 20% prefill budget",
            "copy_calibration.md": "budgets from a profile of prose plus copy probes (DuoAttention-style), served "
                                   "on the forms the default loses 2 on",
            "attention_cpu_means.md": "decode attention at 8k at the default's allocation at means 0.1-0.2 (what a "
