@@ -53,7 +53,7 @@ sys.path[:0] = [str(ROOT / "benchmark")]
 
 from sglang_shplb import recovery  # noqa: E402
 from sglang_shplb import selection as sel  # noqa: E402
-from sglang_shplb.carry import next_carry  # noqa: E402
+from sglang_shplb.carry_seed import SeedPlan, seed  # noqa: E402
 from sglang_shplb.models import prepare_model  # noqa: E402
 
 
@@ -126,19 +126,11 @@ class Attr:
         elif v_name.startswith("etop"):   # estimated top-p: the served order, cut where the labels' mass reaches p
             chosen, kp, listed_pages = self.estimated_top_p(layer, qg, k, n_pages, kp, seq, v_name[4:])
         elif v_name == "labelall":   # diagnostic: the default's second stage on every page (no page-bound shortlist)
-            name = self.selector
-            self.selector = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
-            try:
-                chosen = self.choose(layer, qg, k, n_pages, kp, seq)
-            finally:
-                self.selector = name
+            rule = sel.Selector("label32_norm_all", "norm", None, 0.0, keys=32, label=True)
+            chosen = self.choose(layer, qg, k, n_pages, kp, seq, rule=rule)
         elif v_name.startswith("short"):  # the default selector with a shortlist of c * k pages (served: c = 3)
-            name = self.selector
-            self.selector = dataclasses.replace(sel.get_selector(name), name=v_name, shortlist=float(v_name[5:]))
-            try:
-                chosen = self.choose(layer, qg, k, n_pages, kp, seq)
-            finally:
-                self.selector = name
+            rule = dataclasses.replace(sel.get_selector(self.selector), name=v_name, shortlist=float(v_name[5:]))
+            chosen = self.choose(layer, qg, k, n_pages, kp, seq, rule=rule)
         elif v_name.startswith("carry"):  # the served path: carried pages promoted into the shortlist (carry.py)
             chosen = self.choose(layer, qg, k, n_pages, kp, seq, self.carried(layer, int(v_name[5:]), k))
         else:
@@ -193,8 +185,9 @@ class Attr:
             self.diagnose(layer, q, k, probs, mask, base, kp, qg, n_pages, seq)
         return out
 
-    def choose(self, layer, qg, k, n_pages, kp, seq, carry=None):
-        rule = sel.get_selector(self.selector)
+    def choose(self, layer, qg, k, n_pages, kp, seq, carry=None, rule=None):
+        """The served selection (`choose_pages`) of this layer's pages; `rule`: another Selector than --selector."""
+        rule = rule or sel.get_selector(self.selector)
         Hkv = k.shape[0]
         kmin, kmax = sel.page_minmax(k.float(), self.P)
         fine = recovery.stage2_inputs(rule, k.float(), self.P, self.channels[layer])
@@ -206,19 +199,24 @@ class Attr:
                                 self.sink, self.recent, self.channels[layer].unsqueeze(1), seq, carry=carry)
 
     def carried(self, layer, m, k):
-        """carryM: this layer's [Hkv, 1, m] carried pages, seeded at the first decode step as carry_seed.seed seeds
-        them after a prefill (the prompt's last query, the second stage over every prompt page, the best free ones);
+        """carryM: this layer's [Hkv, 1, m] carried pages, seeded at the first decode step by the server's own
+        carry_seed.seed over the prompt (its last query, the label cache of every prompt page, one request row);
         choose_pages then updates them in place each step. carry2 is what the server runs (carry.CARRIED_PAGES)."""
         if layer not in self.carry:
-            rule, P, Hkv = sel.get_selector(self.selector), self.P, k.shape[0]
-            labels = recovery.stage2_inputs(rule, k[:, :self.n_prompt].float(), P, self.channels[layer])[0]
-            N = labels.shape[1]
-            q0 = self.last_q[layer].float().view(Hkv, 1, -1, k.shape[-1])
-            stale = (torch.arange(N * P).view(N, P) >= self.n_prompt).expand(Hkv, 1, N, P)
-            fine = sel.key_scores(rule, q0, labels.unsqueeze(1), torch.ones(Hkv, 1, N, dtype=torch.bool),
-                                  self.channels[layer].unsqueeze(1), stale)
-            free = sel.page_pins(torch.full((Hkv, 1), N), N, self.sink, self.recent).free
-            self.carry[layer] = next_carry(torch.arange(N).expand(Hkv, 1, N), fine, free, m)
+            rule, P, n = sel.get_selector(self.selector), self.P, self.n_prompt
+            Hkv, D = k.shape[0], k.shape[-1]
+            N = -(-n // P)
+            channels = self.channels[layer][:, :rule.keys]
+            labels = sel.gather_channels(torch.nn.functional.pad(k[:, :n].float(), (0, 0, 0, N * P - n)), channels)
+            j = torch.arange(N)
+            fill = sel.tokens_in_pages(torch.tensor(n), j, P)
+            plan = SeedPlan(rows=torch.tensor([0]), last=torch.tensor([0]), label_rows=j.view(1, 1, N),
+                            inside=torch.ones(1, 1, N, dtype=torch.bool),
+                            free=sel.page_pins(torch.tensor([N]), N, self.sink, self.recent).free.view(1, 1, N),
+                            stale=(torch.arange(P) >= fill.unsqueeze(-1)).view(1, 1, N, P))
+            carry = torch.full((1, Hkv, m), -1, dtype=torch.long)                # [request rows, Hkv, m]
+            seed(carry, plan, self.last_q[layer].float().view(1, Hkv, -1, D), labels, channels, rule)
+            self.carry[layer] = carry.transpose(0, 1).contiguous()               # [Hkv, 1 (row), m]
         return self.carry[layer]
 
     def budgets_of(self, variant: str):
